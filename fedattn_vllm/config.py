@@ -1,0 +1,191 @@
+"""FedAttnConfig: a session's FedAttn settings, validated once; FedAttnPlan: resolved for a model and N.
+
+Participants are indexed 0..N-1 in prompt order; negative indices count from the end
+(-1 is the last participant, the paper's question holder).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from fedattn_vllm.schedule import Placement, resolve_sync_layers
+from fedattn_vllm.selection import SELECTORS, kept_count
+
+
+class FedAttnConfigError(ValueError):
+    """A FedAttn setting is invalid; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_ratio(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FedAttnConfigError(name, f"must be a number in (0, 1], got {value!r}")
+    if not 0.0 < value <= 1.0:
+        raise FedAttnConfigError(name, f"must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_index(name: str, value: object, n: int | None = None) -> int:
+    if not _is_int(value):
+        raise FedAttnConfigError(name, f"must be a participant index (int), got {value!r}")
+    if n is not None and not -n <= value < n:
+        raise FedAttnConfigError(name, f"participant {value} out of range for {n} participants")
+    return value if n is None else value % n
+
+
+@dataclass(frozen=True, slots=True)
+class FedAttnConfig:
+    """Everything that decides a FedAttn session's semantics besides the segments themselves."""
+
+    sync_interval: int = 4  # H: the uniform schedule syncs layers with l % H == 0
+    placement: Placement = Placement.UNIFORM
+    sync_layers: tuple[int, ...] | None = None  # the layers, with placement="explicit" only
+    kv_share_ratio: float | tuple[float, ...] = 1.0  # fraction of tokens shared, global or per participant
+    kv_selection: str = "random"  # name in fedattn_vllm.selection.SELECTORS
+    local_keep_ratio: float = 1.0  # sparse local computation: fraction of own tokens attended to
+    publisher: int = -1  # the question holder
+    publisher_sync_interval: int | None = None  # H_p < H: the publisher shares more often
+    generators: tuple[int, ...] = (-1,)  # participants that decode an answer
+    seed: int = 0  # seeds every random selection of the session
+
+    def __post_init__(self) -> None:
+        def set_(name: str, value: object) -> None:  # frozen: normalise via object.__setattr__
+            object.__setattr__(self, name, value)
+
+        if not _is_int(self.sync_interval) or self.sync_interval < 1:
+            raise FedAttnConfigError("sync_interval", f"must be an int >= 1, got {self.sync_interval!r}")
+        try:
+            set_("placement", Placement(self.placement))
+        except ValueError:
+            names = ", ".join(p.value for p in Placement)
+            raise FedAttnConfigError("placement", f"unknown {self.placement!r}; one of {names}") from None
+        if self.placement is Placement.EXPLICIT:
+            if self.sync_layers is None or isinstance(self.sync_layers, (str, bytes)):
+                raise FedAttnConfigError("sync_layers", "placement 'explicit' needs a list of layers")
+            layers = tuple(self.sync_layers)
+            if not all(_is_int(l) and l >= 0 for l in layers):
+                raise FedAttnConfigError("sync_layers", f"must be layer indices >= 0, got {layers!r}")
+            if len(set(layers)) != len(layers):
+                raise FedAttnConfigError("sync_layers", f"has duplicates: {layers!r}")
+            set_("sync_layers", tuple(sorted(layers)))
+        elif self.sync_layers is not None:
+            raise FedAttnConfigError("sync_layers", "is only allowed with placement 'explicit'")
+        if isinstance(self.kv_share_ratio, (list, tuple)):
+            if not self.kv_share_ratio:
+                raise FedAttnConfigError("kv_share_ratio", "per-participant list is empty")
+            set_("kv_share_ratio", tuple(_check_ratio("kv_share_ratio", r) for r in self.kv_share_ratio))
+        else:
+            set_("kv_share_ratio", _check_ratio("kv_share_ratio", self.kv_share_ratio))
+        if self.kv_selection not in SELECTORS:
+            raise FedAttnConfigError("kv_selection", f"unknown {self.kv_selection!r}; one of {sorted(SELECTORS)}")
+        set_("local_keep_ratio", _check_ratio("local_keep_ratio", self.local_keep_ratio))
+        _check_index("publisher", self.publisher)
+        if self.publisher_sync_interval is not None:
+            hp = self.publisher_sync_interval
+            if not _is_int(hp) or hp < 1:
+                raise FedAttnConfigError("publisher_sync_interval", f"must be an int >= 1, got {hp!r}")
+            if self.placement is Placement.EXPLICIT:
+                raise FedAttnConfigError("publisher_sync_interval", "needs an interval placement, not 'explicit'")
+        if isinstance(self.generators, (str, bytes)) or not hasattr(self.generators, "__iter__"):
+            raise FedAttnConfigError("generators", f"must be a list of participant indices, got {self.generators!r}")
+        generators = tuple(_check_index("generators", g) for g in self.generators)
+        if not generators:
+            raise FedAttnConfigError("generators", "at least one participant must generate")
+        set_("generators", generators)
+        if not _is_int(self.seed):
+            raise FedAttnConfigError("seed", f"must be an int, got {self.seed!r}")
+
+    def sync_layers_for(self, num_layers: int, interval: int | None = None) -> tuple[int, ...]:
+        """The concrete sync-layer set S for a model of `num_layers` layers."""
+        if not _is_int(num_layers) or num_layers < 1:
+            raise FedAttnConfigError("num_layers", f"must be an int >= 1, got {num_layers!r}")
+        if self.placement is Placement.EXPLICIT and any(l >= num_layers for l in self.sync_layers):
+            raise FedAttnConfigError("sync_layers", f"{self.sync_layers!r} exceed a {num_layers}-layer model")
+        return resolve_sync_layers(num_layers, interval or self.sync_interval, self.placement, self.sync_layers)
+
+    def resolve(self, num_layers: int, num_participants: int) -> FedAttnPlan:
+        """Bind the config to a model depth and a participant count."""
+        n = num_participants
+        if not _is_int(n) or n < 1:
+            raise FedAttnConfigError("participants", f"need at least one participant, got {n!r}")
+        base = frozenset(self.sync_layers_for(num_layers))
+        publisher = _check_index("publisher", self.publisher, n)
+        publish_layers = [base] * n
+        if self.publisher_sync_interval is not None:
+            publish_layers[publisher] = frozenset(self.sync_layers_for(num_layers, self.publisher_sync_interval))
+        if isinstance(self.kv_share_ratio, tuple):
+            if len(self.kv_share_ratio) != n:
+                raise FedAttnConfigError(
+                    "kv_share_ratio", f"has {len(self.kv_share_ratio)} ratios for {n} participants"
+                )
+            share_ratios = self.kv_share_ratio
+        else:
+            share_ratios = (self.kv_share_ratio,) * n
+        generators = tuple(sorted({_check_index("generators", g, n) for g in self.generators}))
+        return FedAttnPlan(
+            config=self,
+            num_layers=num_layers,
+            num_participants=n,
+            publish_layers=tuple(publish_layers),
+            share_ratios=share_ratios,
+            generators=generators,
+            publisher=publisher,
+        )
+
+
+@dataclass(frozen=True)
+class FedAttnPlan:
+    """A config bound to a model depth and N participants: who shares what, where."""
+
+    config: FedAttnConfig
+    num_layers: int
+    num_participants: int
+    publish_layers: tuple[frozenset[int], ...]  # per participant: layers its K/V is shared at
+    share_ratios: tuple[float, ...]  # per participant
+    generators: tuple[int, ...]
+    publisher: int
+    _selection_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @cached_property
+    def sync_layers(self) -> tuple[int, ...]:
+        """Layers at which anyone shares."""
+        return tuple(sorted(frozenset().union(*self.publish_layers)))
+
+    def publishes(self, participant: int, layer: int) -> bool:
+        return layer in self.publish_layers[participant]
+
+    def _select(self, purpose: str, participant: int, layer: int, length: int, ratio: float) -> torch.Tensor | None:
+        count = kept_count(length, ratio)
+        if count == length:
+            return None
+        key = (purpose, participant, layer, length)
+        if key not in self._selection_cache:
+            selector = SELECTORS[self.config.kv_selection]
+            self._selection_cache[key] = selector.select(
+                length, count, seed=self.config.seed, participant=participant, layer=layer, purpose=purpose
+            )
+        return self._selection_cache[key]
+
+    def shared_positions(self, participant: int, layer: int, length: int) -> torch.Tensor | None:
+        """Segment positions whose K/V `participant` shares at a sync `layer` (None: all of them)."""
+        return self._select("share", participant, layer, length, self.share_ratios[participant])
+
+    def kept_positions(self, participant: int, layer: int, length: int) -> torch.Tensor | None:
+        """Sparse local computation: own positions attended to at `layer` (None: all of them)."""
+        return self._select("keep", participant, layer, length, self.config.local_keep_ratio)
+
+    def shared_count(self, participant: int, length: int) -> int:
+        """Tokens `participant` shares at each of its sync layers."""
+        return kept_count(length, self.share_ratios[participant])

@@ -1,0 +1,165 @@
+"""The reference oracle: FedAttn as a plain Hugging Face masked simulation of the spec.
+
+All participants' tokens run through the stock HF decoder layers as one sequence at
+global positions; each layer gets its own attention mask saying which keys a query may
+see (own tokens always; foreign tokens only where their owner shares at that layer).
+Each generator then decodes greedily with a KV cache. Every other mode is judged
+against this module, so it favours obviousness over speed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from fedattn_vllm.config import FedAttnConfig, FedAttnPlan
+
+Tokens = list[int]
+
+
+@dataclass
+class OracleOutput:
+    tokens: dict[int, Tokens]  # generator -> greedy tokens
+    first_logits: dict[int, torch.Tensor]  # generator -> (V,) logits of its first new token
+    prompt_logits: torch.Tensor | None = None  # (L, V), if asked for
+    hidden_states: torch.Tensor | None = None  # (M+1, L, d): embeddings, then each layer's output
+    sync_layers: tuple[int, ...] = field(default=())
+
+
+class _Visibility:
+    """Per-layer key visibility over the prompt tokens, from a plan and the segment lengths."""
+
+    def __init__(self, plan: FedAttnPlan, lengths: list[int]):
+        self.owner = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # (L,)
+        self.plan = plan
+        self.lengths = lengths
+        self.offsets = [sum(lengths[:n]) for n in range(len(lengths))]
+        self._keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _positions_mask(self, participant: int, positions: torch.Tensor | None) -> torch.Tensor:
+        """(L,) bool: the given segment positions of `participant` (None: all of its tokens)."""
+        mask = self.owner == participant
+        if positions is not None:
+            mask = torch.zeros_like(mask)
+            mask[self.offsets[participant] + positions] = True
+        return mask
+
+    def keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L,) bools: keys visible to their owner, and keys visible to other participants."""
+        if layer in self._keys:
+            return self._keys[layer]
+        own = torch.zeros_like(self.owner, dtype=torch.bool)
+        shared = torch.zeros_like(own)
+        for n, length in enumerate(self.lengths):
+            own |= self._positions_mask(n, self.plan.kept_positions(n, layer, length))
+            if self.plan.publishes(n, layer):
+                shared |= self._positions_mask(n, self.plan.shared_positions(n, layer, length))
+        self._keys[layer] = own, shared
+        return own, shared
+
+    def prefill_mask(self, layer: int) -> torch.Tensor:
+        """(L, L) bool [query, key]: causal, own kept tokens, foreign shared tokens, and itself."""
+        own, shared = self.keys(layer)
+        length = self.owner.numel()
+        same = self.owner[:, None] == self.owner[None, :]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        allowed = (same & own[None, :]) | (~same & shared[None, :]) | torch.eye(length, dtype=torch.bool)
+        return causal & allowed
+
+    def decode_mask(self, layer: int, generator: int, num_generated: int) -> torch.Tensor:
+        """(1, L + num_generated) bool: what a generator's new token sees."""
+        own, shared = self.keys(layer)
+        mine = self.owner == generator
+        prompt = (mine & own) | (~mine & shared)
+        return torch.cat([prompt, torch.ones(num_generated, dtype=torch.bool)])[None, :]
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool (Q, K) -> additive float mask (1, 1, Q, K) with -inf where not allowed."""
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))[None, None]
+
+
+class FedAttnOracle:
+    """Runs FedAttn sessions on a Hugging Face Qwen2 / Llama causal LM."""
+
+    def __init__(self, model: PreTrainedModel):
+        text_config = model.config.get_text_config(decoder=True)
+        if any(t != "full_attention" for t in getattr(text_config, "layer_types", None) or []):
+            raise ValueError("the oracle supports full-attention models only (no sliding window)")
+        self.model = model.eval()
+        self.decoder = model.model  # embed_tokens, layers, norm, rotary_emb
+        self.num_layers = len(self.decoder.layers)
+        gen = model.generation_config
+        eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else model.config.eos_token_id
+        self.eos_token_ids = set([eos] if isinstance(eos, int) else eos or [])
+
+    def _layers(self, hidden, positions, masks, cache, hidden_out=None):
+        """Run every decoder layer with its own mask; returns the final-norm hidden states."""
+        position_embeddings = self.decoder.rotary_emb(hidden, positions[None, :])
+        for layer_idx, layer in enumerate(self.decoder.layers):
+            hidden = layer(
+                hidden,
+                attention_mask=_additive(masks(layer_idx), hidden.dtype),
+                position_ids=positions[None, :],
+                past_key_values=cache,
+                use_cache=True,
+                position_embeddings=position_embeddings,
+            )
+            if hidden_out is not None:
+                hidden_out.append(hidden[0])
+        return self.decoder.norm(hidden)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        segments: list[Tokens],
+        config: FedAttnConfig,
+        max_new_tokens: int = 16,
+        *,
+        ignore_eos: bool = False,
+        output_prompt_logits: bool = False,
+        output_hidden_states: bool = False,
+    ) -> OracleOutput:
+        """Prefill all participants' segments, then let each generator decode greedily."""
+        if not segments or any(len(s) == 0 for s in segments):
+            raise ValueError("segments: every participant needs at least one token")
+        plan = config.resolve(self.num_layers, len(segments))
+        lengths = [len(s) for s in segments]
+        vis = _Visibility(plan, lengths)
+        prompt_len = sum(lengths)
+        input_ids = torch.tensor([tok for seg in segments for tok in seg])[None, :]
+
+        cache = DynamicCache(config=self.model.config)
+        hidden = self.decoder.embed_tokens(input_ids)
+        hidden_out = [hidden[0]] if output_hidden_states else None
+        normed = self._layers(hidden, torch.arange(prompt_len), vis.prefill_mask, cache, hidden_out)
+
+        out = OracleOutput(tokens={}, first_logits={}, sync_layers=plan.sync_layers)
+        if output_prompt_logits:
+            out.prompt_logits = self.model.lm_head(normed[0]).float()
+        if output_hidden_states:
+            out.hidden_states = torch.stack(hidden_out)
+
+        for g in plan.generators:
+            last = vis.offsets[g] + lengths[g] - 1
+            logits = self.model.lm_head(normed[0, last]).float()
+            out.first_logits[g] = logits
+            own_cache = copy.deepcopy(cache)
+            tokens: Tokens = []
+            while len(tokens) < max_new_tokens:
+                token = int(logits.argmax())
+                tokens.append(token)
+                if (token in self.eos_token_ids and not ignore_eos) or len(tokens) == max_new_tokens:
+                    break
+                step = len(tokens)  # generated tokens in the cache after this step
+                position = torch.tensor([prompt_len + step - 1])
+                hidden = self.decoder.embed_tokens(torch.tensor([[token]]))
+                normed_step = self._layers(
+                    hidden, position, lambda l: vis.decode_mask(l, g, step), own_cache
+                )
+                logits = self.model.lm_head(normed_step[0, -1]).float()
+            out.tokens[g] = tokens
+        return out
