@@ -1,0 +1,90 @@
+"""The spec's analytic cost model: upload/download bytes, prefill FLOPs and K/V memory per participant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedattn_vllm.config import FedAttnPlan
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    hidden_size: int  # d
+    intermediate_size: int  # d_ff (SwiGLU)
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    bytes_per_element: int
+
+    @classmethod
+    def from_hf_config(cls, config, dtype: torch.dtype | None = None) -> ModelShape:
+        """Read the shape from a Hugging Face config; element size from `dtype` or the config's dtype."""
+        config = config.get_text_config(decoder=True)
+        dtype = dtype or getattr(config, "dtype", None) or torch.bfloat16
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        return cls(
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            bytes_per_element=torch.empty((), dtype=dtype).element_size(),
+        )
+
+    @property
+    def kv_bytes_per_token_layer(self) -> int:
+        """K and V of one token at one layer."""
+        return 2 * self.num_kv_heads * self.head_dim * self.bytes_per_element
+
+    def layer_flops(self, t_q: int, t_kv: int) -> int:
+        """2*T_q*d^2*(2+2r) + 4*T_q*T_kv*d + 6*T_q*d*d_ff, r = KV heads / query heads."""
+        d, r = self.hidden_size, self.num_kv_heads / self.num_heads
+        return round(2 * t_q * d * d * (2 + 2 * r) + 4 * t_q * t_kv * d + 6 * t_q * d * self.intermediate_size)
+
+
+@dataclass(frozen=True)
+class ParticipantCost:
+    tokens: int  # L_n
+    sync_layers: int  # layers at which it publishes
+    upload_bytes: int  # K/V it publishes
+    download_bytes: int  # foreign K/V it needs (earlier participants; everyone if it generates)
+    prefill_flops: int  # attention + MLP over its own tokens
+    kv_cache_bytes: int  # own K/V at every layer + the foreign K/V it holds
+
+
+def participant_costs(shape: ModelShape, plan: FedAttnPlan, lengths: list[int]) -> list[ParticipantCost]:
+    """Modelled costs of one session's prefill for each participant."""
+    assert len(lengths) == plan.num_participants and shape.num_layers == plan.num_layers
+    per_token = shape.kv_bytes_per_token_layer
+    shared = [plan.shared_count(m, lengths[m]) for m in range(len(lengths))]
+    upload = [len(plan.publish_layers[m]) * shared[m] * per_token for m in range(len(lengths))]
+    costs = []
+    for n, length in enumerate(lengths):
+        sources = [m for m in range(len(lengths)) if m != n and (m < n or n in plan.generators)]
+        flops = 0
+        for layer in range(shape.num_layers):
+            # Keys at a sync layer: own tokens plus what the others share there (L when dense).
+            foreign = sum(shared[m] for m in range(len(lengths)) if m != n and plan.publishes(m, layer))
+            flops += shape.layer_flops(length, length + foreign)
+        download = sum(upload[m] for m in sources)
+        costs.append(
+            ParticipantCost(
+                tokens=length,
+                sync_layers=len(plan.publish_layers[n]),
+                upload_bytes=upload[n],
+                download_bytes=download,
+                prefill_flops=flops,
+                kv_cache_bytes=shape.num_layers * length * per_token + download,
+            )
+        )
+    return costs
+
+
+def centralised_prefill_flops(shape: ModelShape, prompt_len: int) -> int:
+    """Ordinary inference on the whole concatenated prompt (the paper's baseline)."""
+    return shape.num_layers * shape.layer_flops(prompt_len, prompt_len)

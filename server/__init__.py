@@ -1,0 +1,1 @@
+"""server: see the README; filled in by later issues."""

@@ -1,0 +1,95 @@
+import dataclasses
+
+import pytest
+
+from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
+from fedattn_vllm.schedule import Placement
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"sync_interval": 0}, "sync_interval"),
+        ({"sync_interval": 2.5}, "sync_interval"),
+        ({"sync_interval": True}, "sync_interval"),
+        ({"placement": "middle"}, "placement"),
+        ({"placement": "explicit"}, "sync_layers"),
+        ({"placement": "explicit", "sync_layers": [1, 1]}, "sync_layers"),
+        ({"placement": "explicit", "sync_layers": [-1]}, "sync_layers"),
+        ({"placement": "explicit", "sync_layers": "0,4"}, "sync_layers"),
+        ({"sync_layers": [0, 4]}, "sync_layers"),
+        ({"kv_share_ratio": 0.0}, "kv_share_ratio"),
+        ({"kv_share_ratio": 1.5}, "kv_share_ratio"),
+        ({"kv_share_ratio": float("nan")}, "kv_share_ratio"),
+        ({"kv_share_ratio": "half"}, "kv_share_ratio"),
+        ({"kv_share_ratio": []}, "kv_share_ratio"),
+        ({"kv_share_ratio": [0.5, 0]}, "kv_share_ratio"),
+        ({"kv_selection": "psychic"}, "kv_selection"),
+        ({"local_keep_ratio": 0}, "local_keep_ratio"),
+        ({"publisher": "last"}, "publisher"),
+        ({"publisher_sync_interval": 0}, "publisher_sync_interval"),
+        ({"placement": "explicit", "sync_layers": [0], "publisher_sync_interval": 2}, "publisher_sync_interval"),
+        ({"generators": []}, "generators"),
+        ({"generators": 3}, "generators"),
+        ({"generators": ["a"]}, "generators"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_each_bad_field_raises_an_error_naming_it(kwargs, field):
+    with pytest.raises(FedAttnConfigError) as info:
+        FedAttnConfig(**kwargs)
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize(
+    "kwargs, depth, n, field",
+    [
+        ({"placement": "explicit", "sync_layers": [0, 6]}, 6, 2, "sync_layers"),
+        ({"kv_share_ratio": [0.5, 0.5]}, 6, 3, "kv_share_ratio"),
+        ({"generators": [3]}, 6, 3, "generators"),
+        ({"generators": [-4]}, 6, 3, "generators"),
+        ({"publisher": 5}, 6, 3, "publisher"),
+        ({}, 6, 0, "participants"),
+        ({}, 0, 2, "num_layers"),
+    ],
+)
+def test_resolve_checks_fields_against_the_model_and_session(kwargs, depth, n, field):
+    with pytest.raises(FedAttnConfigError) as info:
+        FedAttnConfig(**kwargs).resolve(depth, n)
+    assert info.value.field == field
+
+
+def test_defaults_and_normalisation():
+    config = FedAttnConfig(placement="front_half", generators=[0, -1], kv_share_ratio=[1, 0.5])
+    assert config.placement is Placement.FRONT_HALF
+    assert config.generators == (0, -1) and config.kv_share_ratio == (1.0, 0.5)
+    plan = config.resolve(num_layers=8, num_participants=2)
+    assert plan.generators == (0, 1) and plan.publisher == 1
+    assert plan.share_ratios == (1.0, 0.5)
+    default = FedAttnConfig().resolve(24, 4)
+    assert default.generators == (3,) and default.sync_layers == (0, 4, 8, 12, 16, 20)
+
+
+def test_config_is_frozen_and_hashable():
+    config = FedAttnConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.sync_interval = 2
+    assert hash(config) == hash(FedAttnConfig())
+
+
+def test_publisher_shares_on_its_own_interval():
+    plan = FedAttnConfig(sync_interval=4, publisher_sync_interval=2).resolve(12, 3)
+    assert plan.publish_layers[2] == {0, 2, 4, 6, 8, 10}
+    assert plan.publish_layers[0] == plan.publish_layers[1] == {0, 4, 8}
+    assert plan.sync_layers == (0, 2, 4, 6, 8, 10)
+    assert plan.publishes(2, 2) and not plan.publishes(0, 2)
+
+
+def test_plan_selects_shared_and_kept_positions():
+    plan = FedAttnConfig(kv_share_ratio=[1.0, 0.3], local_keep_ratio=0.5, seed=7).resolve(4, 2)
+    assert plan.shared_positions(0, 0, 10) is None  # ratio 1.0: everything
+    shared = plan.shared_positions(1, 0, 10)
+    assert shared.tolist() == sorted(set(shared.tolist())) and len(shared) == 3
+    assert plan.shared_count(1, 10) == 3
+    assert len(plan.kept_positions(0, 1, 10)) == 5

@@ -1,0 +1,56 @@
+import pytest
+import torch
+from transformers import Qwen2Config
+
+from fedattn_vllm.config import FedAttnConfig
+from fedattn_vllm.cost import ModelShape, centralised_prefill_flops, participant_costs
+
+QWEN_05B = Qwen2Config(
+    hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+    num_key_value_heads=2, vocab_size=151936,
+)
+
+
+def test_shape_from_a_hf_config():
+    shape = ModelShape.from_hf_config(QWEN_05B, torch.bfloat16)
+    assert (shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.bytes_per_element) == (24, 2, 64, 2)
+    assert shape.kv_bytes_per_token_layer == 512
+
+
+def test_spec_example_three_kib_per_token_at_h4():
+    shape = ModelShape.from_hf_config(QWEN_05B, torch.bfloat16)
+    plan = FedAttnConfig(sync_interval=4).resolve(24, 2)
+    costs = participant_costs(shape, plan, [100, 10])
+    assert costs[0].upload_bytes == 100 * 3 * 1024  # 6 sync layers x 512 B per token
+    assert costs[1].upload_bytes == 10 * 3 * 1024
+    assert costs[0].download_bytes == 0  # participant 1 never waits for anyone
+    assert costs[1].download_bytes == 100 * 3 * 1024  # the generator needs everyone else's
+    assert costs[0].kv_cache_bytes == 24 * 100 * 512
+
+
+def test_generators_download_from_every_other_participant():
+    shape = ModelShape.from_hf_config(QWEN_05B, torch.float32)  # 1 KiB per token and layer
+    plan = FedAttnConfig(sync_interval=12, generators=[0]).resolve(24, 3)  # layers 0 and 12
+    costs = participant_costs(shape, plan, [1, 2, 4])
+    assert [c.upload_bytes for c in costs] == [2048, 4096, 8192]
+    assert [c.download_bytes for c in costs] == [4096 + 8192, 2048, 2048 + 4096]
+
+
+def test_sparse_sharing_and_publisher_interval_bytes():
+    shape = ModelShape.from_hf_config(QWEN_05B, torch.bfloat16)
+    plan = FedAttnConfig(sync_interval=4, kv_share_ratio=[0.5, 1.0], publisher_sync_interval=2).resolve(24, 2)
+    costs = participant_costs(shape, plan, [10, 10])
+    assert costs[0].upload_bytes == 6 * 5 * 512
+    assert costs[1].upload_bytes == 12 * 10 * 512
+
+
+def test_flops_by_hand():
+    shape = ModelShape(num_layers=2, hidden_size=4, intermediate_size=8, num_heads=2, num_kv_heads=1,
+                       head_dim=2, bytes_per_element=2)
+    # 2*Tq*d^2*(2+2r) + 4*Tq*Tkv*d + 6*Tq*d*dff with d=4, r=0.5, dff=8
+    assert shape.layer_flops(3, 5) == 2 * 3 * 16 * 3 + 4 * 3 * 5 * 4 + 6 * 3 * 4 * 8
+    plan = FedAttnConfig(sync_interval=2).resolve(2, 2)  # layer 0 syncs, layer 1 is local
+    costs = participant_costs(shape, plan, [3, 2])
+    assert costs[0].prefill_flops == shape.layer_flops(3, 5) + shape.layer_flops(3, 3)
+    assert costs[1].prefill_flops == shape.layer_flops(2, 5) + shape.layer_flops(2, 2)
+    assert centralised_prefill_flops(shape, 5) == 2 * shape.layer_flops(5, 5)

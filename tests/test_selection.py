@@ -1,0 +1,29 @@
+import subprocess
+import sys
+
+import pytest
+
+from fedattn_vllm.selection import RandomSelector, derive_seed, kept_count
+
+
+@pytest.mark.parametrize(
+    "length, ratio, count", [(10, 1.0, 10), (10, 0.3, 3), (10, 0.25, 3), (10, 0.01, 1), (1, 0.1, 1), (7, 0.5, 4)]
+)
+def test_kept_count_rounds_up_and_keeps_at_least_one(length, ratio, count):
+    assert kept_count(length, ratio) == count
+
+
+def test_random_selection_is_reproducible_and_fresh_per_layer_and_participant():
+    sel = RandomSelector()
+    pick = lambda **kw: sel.select(100, 30, **{"seed": 0, "participant": 0, "layer": 0, "purpose": "share", **kw}).tolist()
+    first = pick()
+    assert first == pick() and len(set(first)) == 30 and first == sorted(first)
+    assert all(0 <= i < 100 for i in first)
+    assert first != pick(layer=4) and first != pick(participant=1) and first != pick(seed=1)
+    assert first != pick(purpose="keep")
+
+
+def test_seeds_do_not_depend_on_the_process():
+    code = "from fedattn_vllm.selection import derive_seed; print(derive_seed('share', 0, 1, 4))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(other.stdout) == derive_seed("share", 0, 1, 4)
