@@ -1,0 +1,75 @@
+"""The sync-layer math against naive masked softmax attention."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from kernels import gather_tokens, merge_attention, partial_attention
+
+
+def naive(query, key, value, scale, allowed):
+    """Plain masked softmax attention, one head at a time."""
+    group = query.shape[1] // key.shape[1]
+    out = torch.empty_like(query, dtype=torch.float64)
+    for h in range(query.shape[1]):
+        scores = query[:, h].double() @ key[:, h // group].double().T * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[:, h] = torch.softmax(scores, -1) @ value[:, h // group].double()
+    return out
+
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads, kv_heads", [(2, 1), (4, 4), (14, 2), (9, 3)])
+@pytest.mark.parametrize("t_q, t_own, t_foreign", [(1, 1, 1), (1, 9, 30), (7, 7, 5), (5, 12, 0), (16, 16, 40)])
+def test_split_and_merge_equals_attention_over_the_union(dtype, heads, kv_heads, t_q, t_own, t_foreign):
+    d, scale = 64, 64**-0.5
+    q = torch.randn(t_q, heads, d).to(dtype)
+    own_k, own_v = torch.randn(t_own, kv_heads, d).to(dtype), torch.randn(t_own, kv_heads, d).to(dtype)
+    far_k, far_v = torch.randn(t_foreign, kv_heads, d).to(dtype), torch.randn(t_foreign, kv_heads, d).to(dtype)
+    out_own, lse_own = partial_attention(q, own_k, own_v, scale, causal=True)
+    out_far, lse_far = partial_attention(q, far_k, far_v, scale)
+    out, lse = merge_attention(out_far, lse_far, out_own, lse_own)
+    # the foreign keys precede the own ones; the own part is causal
+    causal = torch.ones(t_q, t_own, dtype=torch.bool).tril(t_own - t_q)
+    allowed = torch.cat([torch.ones(t_q, t_foreign, dtype=torch.bool), causal], dim=1)
+    expected = naive(q, torch.cat([far_k, own_k]), torch.cat([far_v, own_v]), scale, allowed)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close(out.double(), expected, **TOL[dtype])
+
+
+def test_lse_is_the_log_partition_function():
+    q, k, v = torch.randn(3, 2, 8), torch.randn(5, 1, 8), torch.randn(5, 1, 8)
+    _, lse = partial_attention(q, k, v, 0.5)
+    scores = torch.einsum("qhd,kd->qhk", q, k[:, 0]) * 0.5
+    assert_close(lse, torch.logsumexp(scores, -1))
+
+
+def test_empty_key_sets_are_neutral_in_a_merge():
+    q, k, v = torch.randn(4, 2, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    out, lse = partial_attention(q, k, v, 0.3)
+    empty_out, empty_lse = partial_attention(q, k[:0], v[:0], 0.3)
+    assert torch.isneginf(empty_lse).all() and (empty_out == 0).all()
+    merged, merged_lse = merge_attention(empty_out, empty_lse, out, lse)
+    assert_close(merged, out) and assert_close(merged_lse, lse)
+    both, both_lse = merge_attention(empty_out, empty_lse, empty_out, empty_lse)
+    assert (both == 0).all() and torch.isneginf(both_lse).all()
+
+
+def test_merge_is_associative_over_three_sets():
+    q = torch.randn(2, 4, 16)
+    parts = [(torch.randn(n, 2, 16), torch.randn(n, 2, 16)) for n in (3, 5, 7)]
+    partials = [partial_attention(q, k, v, 0.25) for k, v in parts]
+    left = merge_attention(*merge_attention(*partials[0], *partials[1]), *partials[2])
+    right = merge_attention(*partials[0], *merge_attention(*partials[1], *partials[2]))
+    whole = partial_attention(q, torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts]), 0.25)
+    assert_close(left[0], whole[0]) and assert_close(right[0], whole[0])
+
+
+def test_gather_tokens():
+    kv = torch.arange(12.0).view(6, 1, 2)
+    assert gather_tokens(kv, None) is kv
+    assert gather_tokens(kv, torch.tensor([1, 4])).flatten().tolist() == [2.0, 3.0, 8.0, 9.0]
