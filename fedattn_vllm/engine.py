@@ -1,0 +1,252 @@
+"""The offline API: `FederatedLLM(model).generate(sessions)` runs FedAttn sessions in one vLLM engine.
+
+Colocated mode: every participant of every session is an ordinary request of this engine
+whose prompt is only its own segment; the in-process K/V exchange couples them at sync
+layers. Many sessions batch together in one call, admitted whole (see `admission`).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fedattn_vllm.admission import EngineCapacity, GangAdmission, SessionDemand
+from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
+from fedattn_vllm.plugin import FEDATTN_ARCHITECTURES
+from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, REGISTRY
+
+# The engine must run in this process (the exchange is in-process) and on the V1 runner.
+_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_V2_MODEL_RUNNER": "0"}
+# Engine arguments FedAttn needs: each segment is computed whole, in one step, at every layer.
+_REQUIRED_ENGINE_ARGS = {"enable_prefix_caching": False, "enable_chunked_prefill": False}
+
+
+class FedAttnSessionError(ValueError):
+    """A session is malformed; `field` names the offending part."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class FedAttnSession:
+    segments: Sequence[str | Sequence[int]]  # participant n's private text or token ids, in prompt order
+    config: FedAttnConfig = field(default_factory=FedAttnConfig)
+    sampling_params: object | None = None  # vllm.SamplingParams for the generators (default: greedy, 64)
+
+
+@dataclass
+class GeneratorOutput:
+    participant: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+@dataclass
+class SessionCost:
+    tokens: list[int]  # segment length per participant
+    sync_layers: tuple[int, ...]
+    published_bytes: list[int]  # measured at the exchange, per participant
+    received_bytes: list[int]
+
+
+@dataclass
+class SessionResult:
+    outputs: dict[int, GeneratorOutput]  # by generator index (empty if the session failed)
+    cost: SessionCost
+    error: str | None = None  # why the session failed; other sessions of the call are unaffected
+
+
+@dataclass
+class _Run:
+    """One session on its way through the engine."""
+
+    session_id: str
+    prompts: list[list[int]]
+    params: list  # SamplingParams per participant
+    plan: object  # FedAttnPlan
+    demand: SessionDemand
+    finished: dict[int, object] = field(default_factory=dict)  # participant -> final RequestOutput
+    error: str | None = None
+
+    def request_id(self, n: int) -> str:
+        return f"{self.session_id}:{n}"
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [self.request_id(n) for n in range(len(self.prompts))]
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or len(self.finished) == len(self.prompts)
+
+
+class FederatedLLM:
+    """A vLLM engine whose requests can be FedAttn participants (colocated mode: all in this process)."""
+
+    def __init__(self, model: str = "default", **engine_args):
+        for name, value in _ENGINE_ENV.items():
+            if os.environ.setdefault(name, value) != value:
+                raise RuntimeError(f"FederatedLLM needs {name}={value} (colocated mode runs the engine in-process)")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        for name, value in _REQUIRED_ENGINE_ARGS.items():
+            if engine_args.get(name, value) != value:
+                raise FedAttnSessionError(name, f"must be {value} for FedAttn (each segment is computed whole)")
+        from transformers import AutoConfig
+        from vllm import LLM
+
+        from fedattn_vllm.models import resolve_model
+        from fedattn_vllm.plugin import register
+
+        register()  # the entry point does this too; the engine lives in this process
+        path = resolve_model(model)
+        hf_config = AutoConfig.from_pretrained(path)
+        arch = (hf_config.architectures or ["?"])[0]
+        if arch not in FEDATTN_ARCHITECTURES:
+            raise FedAttnSessionError("model", f"architecture {arch} is not supported; one of {sorted(FEDATTN_ARCHITECTURES)}")
+        self.num_layers = hf_config.num_hidden_layers
+        args = {"enforce_eager": True, "max_num_batched_tokens": 16384, **engine_args, **_REQUIRED_ENGINE_ARGS}
+        self.llm = LLM(model=str(path), hf_overrides={"architectures": [FEDATTN_ARCHITECTURES[arch]]}, **args)
+        self.engine = self.llm.llm_engine
+        self.tokenizer = self.llm.get_tokenizer()
+        config = self.engine.vllm_config
+        self.max_model_len = config.model_config.max_model_len
+        self.admission = GangAdmission(EngineCapacity(
+            max_batched_tokens=config.scheduler_config.max_num_batched_tokens,
+            max_seqs=config.scheduler_config.max_num_seqs,
+            kv_blocks=config.cache_config.num_gpu_blocks,
+            block_size=config.cache_config.block_size,
+        ))
+
+    def _encode(self, segment: str | Sequence[int], n: int) -> list[int]:
+        if isinstance(segment, str):
+            ids = self.tokenizer(segment, add_special_tokens=False)["input_ids"]
+        else:
+            ids = list(segment)
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(self.tokenizer) for t in ids):
+                raise FedAttnSessionError(f"segments[{n}]", "token ids must be ints in the vocabulary")
+        if not ids:
+            raise FedAttnSessionError(f"segments[{n}]", "is empty")
+        return ids
+
+    def _prepare(self, session: FedAttnSession) -> _Run:
+        """Validate a session and build its requests; nothing is submitted yet."""
+        from vllm import SamplingParams
+
+        if not isinstance(session, FedAttnSession):
+            raise FedAttnSessionError("session", f"expected a FedAttnSession, got {type(session).__name__}")
+        if isinstance(session.segments, (str, bytes)) or not session.segments:
+            raise FedAttnSessionError("segments", "a session needs a list of at least one participant segment")
+        if not isinstance(session.config, FedAttnConfig):
+            raise FedAttnSessionError("config", f"expected a FedAttnConfig, got {type(session.config).__name__}")
+        if session.config.local_keep_ratio != 1.0:
+            raise FedAttnConfigError(
+                "local_keep_ratio", "sparse local computation needs custom paged-attention masks; oracle-only for now"
+            )
+        params = session.sampling_params or SamplingParams(temperature=0.0, max_tokens=64)
+        if not isinstance(params, SamplingParams):
+            raise FedAttnSessionError("sampling_params", f"expected vllm.SamplingParams, got {type(params).__name__}")
+        if params.n != 1:
+            raise FedAttnSessionError("sampling_params.n", "FedAttn generators produce one completion each (n=1)")
+        prompts = [self._encode(s, n) for n, s in enumerate(session.segments)]
+        lengths = [len(p) for p in prompts]
+        plan = session.config.resolve(self.num_layers, len(prompts))
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - sum(lengths)
+        if sum(lengths) + max_tokens > self.max_model_len:
+            raise FedAttnSessionError(
+                "segments", f"{sum(lengths)} prompt tokens + max_tokens={max_tokens} exceed max_model_len={self.max_model_len}"
+            )
+        session_id = f"fedattn-{uuid.uuid4().hex}"
+        metadata = {"session": session_id, "lengths": lengths, "num_layers": self.num_layers,
+                    "config": _config_dict(session.config)}
+        sampling = []
+        for n in range(len(prompts)):
+            # Non-generators only prefill (vLLM samples one token, which is discarded).
+            sp = params.clone() if n in plan.generators else SamplingParams(temperature=0.0, max_tokens=1)
+            sp.max_tokens = sp.max_tokens if n not in plan.generators else max_tokens
+            sp.extra_args = {**(sp.extra_args or {}), METADATA_KEY: {**metadata, "participant": n}}
+            sampling.append(sp)
+        demand = SessionDemand(tuple(lengths), tuple(sp.max_tokens for sp in sampling))
+        if (why := self.admission.why_never(demand)) is not None:
+            raise FedAttnSessionError("segments", f"the session can never fit this engine: {why}")
+        return _Run(session_id, prompts, sampling, plan, demand)
+
+    def generate(self, sessions: Sequence[FedAttnSession], *, use_tqdm: bool = False) -> list[SessionResult]:
+        """Run every session, batched together; one result per session, in order.
+
+        Every session is validated before any runs. A session that fails while running
+        (e.g. its K/V cannot be exchanged) gets `error` set; the others complete.
+        """
+        from tqdm import tqdm
+
+        runs = [self._prepare(s) for s in sessions]
+        pending, active = deque(runs), {}
+        results: dict[str, SessionResult] = {}
+        progress = tqdm(total=len(runs), desc="sessions", disable=not use_tqdm)
+        try:
+            while pending or active:
+                while pending and self.admission.try_admit(pending[0].demand, pending[0].request_ids):
+                    run = pending.popleft()
+                    inputs = self.engine.renderer.render_cmpl([{"prompt_token_ids": p} for p in run.prompts])
+                    for n, (engine_input, sp) in enumerate(zip(inputs, run.params)):
+                        self.engine.add_request(run.request_id(n), engine_input, sp)
+                    active[run.session_id] = run
+                if not active:
+                    raise RuntimeError("admission refused a session that fits an empty engine")  # a bug
+                for output in self.engine.step():
+                    if output.finished:
+                        session_id, n = output.request_id.rsplit(":", 1)
+                        active[session_id].finished[int(n)] = output
+                        self.admission.finished(output.request_id)
+                self.admission.stepped()
+                for session_id, error in REGISTRY.failed(active).items():
+                    active[session_id].error = error
+                for run in [r for r in active.values() if r.done]:
+                    results[run.session_id] = self._finish(run)
+                    del active[run.session_id]
+                    progress.update()
+        finally:
+            progress.close()
+            for run in active.values():  # an exception left these behind
+                self._finish(run)
+        return [results[run.session_id] for run in runs]
+
+    def _finish(self, run: _Run) -> SessionResult:
+        """Abort what is left of the session, free its K/V and account for it."""
+        unfinished = [run.request_id(n) for n in range(len(run.prompts)) if n not in run.finished]
+        if unfinished:
+            self.engine.abort_request(unfinished)
+        for request_id in run.request_ids:
+            self.admission.finished(request_id)
+        stats = REGISTRY.exchange.stats(run.session_id)
+        REGISTRY.release(run.session_id)
+        participants = range(len(run.prompts))
+        cost = SessionCost(
+            tokens=list(run.demand.prompt_tokens),
+            sync_layers=run.plan.sync_layers,
+            published_bytes=[stats.published_bytes.get(n, 0) for n in participants],
+            received_bytes=[stats.received_bytes.get(n, 0) for n in participants],
+        )
+        if run.error is not None:
+            return SessionResult(outputs={}, cost=cost, error=run.error)
+        outputs = {}
+        for g in run.plan.generators:
+            completion = run.finished[g].outputs[0]
+            outputs[g] = GeneratorOutput(g, completion.text, list(completion.token_ids), completion.finish_reason)
+        return SessionResult(outputs=outputs, cost=cost)
+
+
+def _config_dict(config: FedAttnConfig) -> dict:
+    """The config as plain msgpack-able values (it travels in SamplingParams.extra_args)."""
+    from dataclasses import fields
+
+    out = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = value.value if hasattr(value, "value") else (list(value) if isinstance(value, tuple) else value)
+    return out

@@ -1,0 +1,101 @@
+"""The K/V exchange: the only coupling between a session's participants.
+
+A participant publishes its (possibly sparse) sync-layer K/V once per layer and reads
+what it may see. Transports differ by deployment; this module holds the interface and
+the in-process one (colocated mode). Bytes are counted here, where tensors move.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+KV = tuple[torch.Tensor, torch.Tensor]  # (T, H_kv, D) keys and values
+
+
+class KVExchangeError(RuntimeError):
+    """Foreign K/V that a participant needs is not (or no longer) available."""
+
+
+@dataclass
+class ExchangeStats:
+    published_bytes: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    received_bytes: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class KVExchange(ABC):
+    @abstractmethod
+    def publish(self, session: str, participant: int, layer: int, kv: KV) -> None:
+        """Make `participant`'s K/V at `layer` available to its session (once per layer)."""
+
+    @abstractmethod
+    def fetch(self, session: str, viewer: int, source: int, layer: int) -> KV:
+        """`source`'s K/V at `layer`, read by `viewer`; raises KVExchangeError if absent."""
+
+    @abstractmethod
+    def has(self, session: str, source: int, layer: int) -> bool: ...
+
+    @abstractmethod
+    def stats(self, session: str) -> ExchangeStats: ...
+
+    @abstractmethod
+    def release(self, session: str) -> None:
+        """Free everything the session published (idempotent)."""
+
+
+def _nbytes(kv: KV) -> int:
+    return sum(t.numel() * t.element_size() for t in kv)
+
+
+class InProcessKVExchange(KVExchange):
+    """Every participant lives in this process (one engine): K/V are shared by reference."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kv: dict[str, dict[tuple[int, int], KV]] = {}
+        self._stats: dict[str, ExchangeStats] = {}
+        self._seen: dict[str, set[tuple[int, int, int]]] = {}  # (viewer, source, layer) already counted
+
+    def publish(self, session: str, participant: int, layer: int, kv: KV) -> None:
+        with self._lock:
+            store = self._kv.setdefault(session, {})
+            if (participant, layer) in store:
+                raise KVExchangeError(f"session {session}: participant {participant} published layer {layer} twice")
+            store[participant, layer] = kv
+            self._stats.setdefault(session, ExchangeStats()).published_bytes[participant] += _nbytes(kv)
+
+    def has(self, session: str, source: int, layer: int) -> bool:
+        with self._lock:
+            return (source, layer) in self._kv.get(session, {})
+
+    def fetch(self, session: str, viewer: int, source: int, layer: int) -> KV:
+        with self._lock:
+            kv = self._kv.get(session, {}).get((source, layer))
+            if kv is None:
+                raise KVExchangeError(
+                    f"session {session}: participant {viewer} needs participant {source}'s K/V at layer {layer}, "
+                    "which has not been published"
+                )
+            seen = self._seen.setdefault(session, set())
+            if (viewer, source, layer) not in seen:  # a receiver downloads each layer once
+                seen.add((viewer, source, layer))
+                self._stats.setdefault(session, ExchangeStats()).received_bytes[viewer] += _nbytes(kv)
+            return kv
+
+    def stats(self, session: str) -> ExchangeStats:
+        with self._lock:
+            return self._stats.get(session, ExchangeStats())
+
+    def release(self, session: str) -> None:
+        with self._lock:
+            self._kv.pop(session, None)
+            self._stats.pop(session, None)
+            self._seen.pop(session, None)
+
+    def live_sessions(self) -> int:
+        with self._lock:
+            return len(self._kv)

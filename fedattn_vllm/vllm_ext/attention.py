@@ -1,0 +1,86 @@
+"""The sync-layer hook: vLLM's attention impl plus FedAttn's foreign K/V, merged exactly by log-sum-exp.
+
+Every attention impl of a FedAttn model becomes a subclass of its backend's impl. The
+stock forward runs first (it caches K/V and attends over the request's own tokens, which
+is all a local layer needs). At a layer where a participant sees foreign K/V, its rows are
+recomputed as attention over its own K/V merged with attention over the foreign K/V.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fedattn_vllm.exchange import KVExchangeError
+from fedattn_vllm.vllm_ext.batch import FedAttnBatch, ParticipantRows, current_batch
+from fedattn_vllm.vllm_ext.sessions import REGISTRY
+from kernels import gather_tokens, merge_attention, partial_attention
+
+
+def apply_sync_layer(
+    batch: FedAttnBatch, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    output: torch.Tensor, scale: float,
+) -> None:
+    """Publish this layer's K/V, then overwrite the rows that see foreign K/V.
+
+    query/output (T, H, D), key/value (T, H_kv, D): post-RoPE, rows as in `batch`.
+    """
+    # Pass 1: publish, so a participant later in this same batch finds its predecessors.
+    for e in batch.entries:
+        if e.prefill and e.session.plan.publishes(e.participant, layer):
+            _isolated(e, _publish, layer, key, value)
+    # Pass 2: attention over own + foreign K/V for the rows that see any.
+    for e in batch.entries:
+        _isolated(e, _attend, layer, query, key, value, output, scale)
+
+
+def _isolated(entry: ParticipantRows, step, *args) -> None:
+    """Run one participant's step; an exchange error fails its session only, never the engine."""
+    if entry.session.error is not None:
+        return
+    try:
+        step(entry, *args)
+    except KVExchangeError as error:
+        entry.session.fail(str(error))
+
+
+def _publish(e: ParticipantRows, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    state, n = e.session, e.participant
+    shared = state.plan.shared_positions(n, layer, state.lengths[n])
+    kv = (gather_tokens(key[e.rows], shared).clone(), gather_tokens(value[e.rows], shared).clone())
+    REGISTRY.exchange.publish(state.session_id, n, layer, kv)
+
+
+def _attend(e: ParticipantRows, layer: int, query, key, value, output, scale: float) -> None:
+    state, n = e.session, e.participant
+    own = (key[e.rows], value[e.rows])
+    if state.keeps_own(n, layer):
+        own = state.append_own(n, layer, (own[0].clone(), own[1].clone()))
+    sources = state.sources(n, layer, e.prefill)
+    if not sources:
+        return
+    foreign = [REGISTRY.exchange.fetch(state.session_id, n, m, layer) for m in sources]
+    foreign_k = torch.cat([k for k, _ in foreign])  # (sum of shared counts, H_kv, D)
+    foreign_v = torch.cat([v for _, v in foreign])
+    q = query[e.rows]
+    out_own, lse_own = partial_attention(q, own[0], own[1], scale, causal=True)
+    out_far, lse_far = partial_attention(q, foreign_k, foreign_v, scale)
+    output[e.rows] = merge_attention(out_far, lse_far, out_own, lse_own)[0].to(output.dtype)
+
+
+@functools.cache
+def fedattn_impl_class(base: type) -> type:
+    """`base` (a vLLM attention impl) whose forward adds the sync-layer step; instances set `fedattn_layer`.
+
+    A direct subclass, so an impl's class can be swapped in place (same object layout).
+    """
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        result = base.forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        batch = current_batch()
+        if batch is not None and attn_metadata is not None:  # warm-up / profile runs have neither
+            apply_sync_layer(batch, self.fedattn_layer, query, key, value, output, self.scale)
+        return result
+
+    return type(f"FedAttn{base.__name__}", (base,), {"forward": forward})

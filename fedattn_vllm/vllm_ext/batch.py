@@ -1,0 +1,97 @@
+"""Which rows of a vLLM batch belong to which FedAttn participant; global positions.
+
+Built once per forward from the model runner (the only place that knows the request
+order) and made current for the duration of the model call.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, REGISTRY, SessionState
+
+_current: FedAttnBatch | None = None
+
+
+@dataclass(frozen=True)
+class ParticipantRows:
+    session: SessionState
+    participant: int
+    rows: slice  # token rows of this request in the flattened batch
+    local_start: int  # the request's own position of its first row
+    prefill: bool  # the rows are the whole segment (else: one generated token)
+
+
+@dataclass(frozen=True)
+class FedAttnBatch:
+    entries: list[ParticipantRows]
+
+    @classmethod
+    def from_runner(cls, runner) -> FedAttnBatch | None:
+        """The batch's participant requests (None when it has none)."""
+        batch = runner.input_batch
+        starts = runner.query_start_loc.np
+        entries = []
+        for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
+            params = runner.requests[req_id].sampling_params
+            metadata = (params.extra_args or {}).get(METADATA_KEY) if params is not None else None
+            if metadata is None:
+                continue
+            state = REGISTRY.get_or_create(metadata)
+            n = metadata["participant"]
+            start, end = int(starts[i]), int(starts[i + 1])
+            local_start = int(batch.num_computed_tokens_cpu[i])
+            prefill = local_start < state.lengths[n]
+            if prefill and (local_start, end - start) != (0, state.lengths[n]):
+                # A segment split across steps (chunked prefill, prefix caching) or recomputed after a
+                # preemption: its sync layers cannot be reproduced, so the session fails (the engine lives on).
+                state.fail(f"participant {n}'s segment was not computed whole in one step (preempted or chunked)")
+            if state.error is not None:
+                continue
+            entries.append(ParticipantRows(state, n, slice(start, end), local_start, prefill))
+        return cls(entries) if entries else None
+
+    def global_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Segment tokens at offset_n + i, generated tokens at L, L+1, ... (out of place)."""
+        positions = positions.clone()
+        for e in self.entries:
+            local = positions[e.rows]
+            length, offset = e.session.lengths[e.participant], e.session.offset(e.participant)
+            positions[e.rows] = torch.where(local < length, local + offset, local - length + e.session.prompt_len)
+        return positions
+
+
+def current_batch() -> FedAttnBatch | None:
+    return _current
+
+
+@contextmanager
+def active(batch: FedAttnBatch):
+    global _current
+    _current = batch
+    try:
+        yield
+    finally:
+        _current = None
+
+
+def install_runner_hook() -> None:
+    """Wrap the model runner's `_model_forward` (meant for overriding) once per process."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._model_forward
+    if getattr(original, "_fedattn", False):
+        return
+
+    def _model_forward(self, input_ids=None, positions=None, *args, **kwargs):
+        batch = FedAttnBatch.from_runner(self)
+        if batch is None:
+            return original(self, input_ids, positions, *args, **kwargs)
+        with active(batch):
+            return original(self, input_ids, batch.global_positions(positions), *args, **kwargs)
+
+    _model_forward._fedattn = True
+    GPUModelRunner._model_forward = _model_forward

@@ -1,0 +1,36 @@
+"""FedAttn model classes: stock vLLM Qwen2 / Llama whose attention impls carry the sync-layer hook.
+
+One generic mixin; each supported architecture is a one-line subclass registered by
+"module:Class" string in `fedattn_vllm.plugin`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from vllm.model_executor.layers.attention.attention import Attention
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+
+from fedattn_vllm.vllm_ext.attention import fedattn_impl_class
+from fedattn_vllm.vllm_ext.batch import install_runner_hook
+
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+class FedAttnModelMixin:
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        install_runner_hook()
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.impl.__class__ = fedattn_impl_class(type(module.impl))
+                module.impl.fedattn_layer = int(_LAYER_INDEX.search(module.layer_name).group(1))
+
+
+class FedAttnQwen2ForCausalLM(FedAttnModelMixin, Qwen2ForCausalLM):
+    pass
+
+
+class FedAttnLlamaForCausalLM(FedAttnModelMixin, LlamaForCausalLM):
+    pass
