@@ -6,20 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import json
-from importlib import resources
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedattn_vllm import FedAttnConfig, FedAttnOracle
+from fedattn_vllm import FedAttnConfig, FedAttnOracle, gsm8k
 from fedattn_vllm.models import resolve_model
-from fedattn_vllm.partition import split_prompt
-
-
-def _rows(name: str) -> list[dict]:
-    text = resources.files("fedattn_vllm.data").joinpath(name).read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def main() -> None:
@@ -35,20 +27,12 @@ def main() -> None:
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager")
-    shots = _rows("gsm8k_cot_exemplars.jsonl")[: args.shots]
-    problem = _rows("gsm8k_test.jsonl")[args.index]
-    exemplars = [
-        tokenizer(f"Question: {e['question']}\nLet's think step by step\n{e['rationale']}\n"
-                  f"The answer is {e['answer']}\n\n", add_special_tokens=False)["input_ids"]
-        for e in shots
-    ]
-    question = tokenizer(f"Question: {problem['question']}\nLet's think step by step\n",
-                         add_special_tokens=False)["input_ids"]
-    segments = split_prompt(exemplars, question, args.participants, args.policy)
+    problem = gsm8k.problems()[args.index]
+    segments = gsm8k.segments(tokenizer, problem, args.shots, args.participants, args.policy)
     out = FedAttnOracle(model).generate(segments, FedAttnConfig(sync_interval=args.sync_interval), 256)
     print("segment lengths:", [len(s) for s in segments])
     print(tokenizer.decode(out.tokens[len(segments) - 1], skip_special_tokens=True))
-    print("reference answer:", problem["answer"].split("####")[-1].strip())
+    print("reference answer:", gsm8k.reference_answer(problem))
 
 
 if __name__ == "__main__":

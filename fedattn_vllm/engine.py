@@ -32,6 +32,10 @@ class FedAttnSessionError(ValueError):
         self.field = field
 
 
+class FedAttnEngineError(FedAttnSessionError):
+    """An engine argument FedAttn cannot run with; `field` names it."""
+
+
 @dataclass
 class FedAttnSession:
     segments: Sequence[str | Sequence[int]]  # participant n's private text or token ids, in prompt order
@@ -96,7 +100,7 @@ class FederatedLLM:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         for name, value in _REQUIRED_ENGINE_ARGS.items():
             if engine_args.get(name, value) != value:
-                raise FedAttnSessionError(name, f"must be {value} for FedAttn (each segment is computed whole)")
+                raise FedAttnEngineError(name, f"must be {value} for FedAttn (each segment is computed whole)")
         from transformers import AutoConfig
         from vllm import LLM
 
@@ -108,7 +112,7 @@ class FederatedLLM:
         hf_config = AutoConfig.from_pretrained(path)
         arch = (hf_config.architectures or ["?"])[0]
         if arch not in FEDATTN_ARCHITECTURES:
-            raise FedAttnSessionError("model", f"architecture {arch} is not supported; one of {sorted(FEDATTN_ARCHITECTURES)}")
+            raise FedAttnEngineError("model", f"architecture {arch} is not supported; one of {sorted(FEDATTN_ARCHITECTURES)}")
         self.num_layers = hf_config.num_hidden_layers
         args = {"enforce_eager": True, "max_num_batched_tokens": 16384, **engine_args, **_REQUIRED_ENGINE_ARGS}
         self.llm = LLM(model=str(path), hf_overrides={"architectures": [FEDATTN_ARCHITECTURES[arch]]}, **args)

@@ -1,0 +1,207 @@
+"""FedAttn inside vLLM (colocated) against the reference oracle and plain vLLM, on the tiny random models (fp32)."""
+
+from __future__ import annotations
+
+import gc
+import random
+import weakref
+
+import psutil
+import pytest
+import torch
+from conftest import plain_engine
+from vllm import SamplingParams
+
+from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
+from fedattn_vllm.cost import ModelShape, participant_costs
+from fedattn_vllm.engine import FedAttnEngineError, FederatedLLM, FedAttnSession, FedAttnSessionError
+from fedattn_vllm.exchange import InProcessKVExchange, KVExchangeError
+from fedattn_vllm.schedule import Placement
+from fedattn_vllm.vllm_ext.sessions import REGISTRY
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def random_tokens(rng: random.Random, vocab: int, length: int) -> list[int]:
+    return [rng.randrange(3, vocab) for _ in range(length)]
+
+
+def random_case(rng: random.Random, vocab: int, num_layers: int) -> tuple[list[list[int]], FedAttnConfig, int]:
+    """Segments, config and max_tokens for one randomised session of the grid."""
+    n = rng.randint(1, 4)
+    lengths = [rng.choice([1, 2, rng.randint(1, 12), rng.randint(10, 40)]) for _ in range(n)]
+    placement = rng.choice(list(Placement))
+    options: dict = {"placement": placement, "sync_interval": rng.randint(1, 4), "seed": rng.randrange(1000)}
+    if placement is Placement.EXPLICIT:
+        options["sync_layers"] = rng.sample(range(num_layers), rng.randint(0, num_layers))
+    elif rng.random() < 0.3:
+        options["publisher_sync_interval"] = rng.randint(1, 3)
+        options["publisher"] = rng.randrange(-n, n)
+    ratio = rng.choice(["dense", "global", "per participant"])
+    if ratio == "global":
+        options["kv_share_ratio"] = rng.choice([0.1, 0.3, 0.5, 0.75])
+    elif ratio == "per participant":
+        options["kv_share_ratio"] = tuple(rng.choice([0.2, 0.5, 1.0]) for _ in range(n))
+    options["generators"] = tuple(rng.sample(range(n), rng.randint(1, n)))
+    # At least two tokens, so every generator decodes once and reads everyone's K/V (as the cost model counts).
+    return [random_tokens(rng, vocab, length) for length in lengths], FedAttnConfig(**options), rng.randint(2, 10)
+
+
+def test_randomised_grid_matches_the_oracle_token_for_token_and_bytes_match_the_cost_model(tiny_engine):
+    rng = random.Random(f"grid-{tiny_engine.name}")
+    llm, oracle = tiny_engine.llm, tiny_engine.oracle
+    cases = [random_case(rng, len(tiny_engine.tokenizer), llm.num_layers) for _ in range(40)]
+    results = llm.generate([FedAttnSession(segments, config, greedy(max_tokens)) for segments, config, max_tokens in cases])
+    shape = ModelShape.from_hf_config(tiny_engine.hf.config, torch.float32)
+    for (segments, config, max_tokens), result in zip(cases, results):
+        case = f"lengths={[len(s) for s in segments]} {config}"
+        expected = oracle.generate(segments, config, max_tokens, ignore_eos=True)
+        assert result.error is None, case
+        assert {g: out.token_ids for g, out in result.outputs.items()} == expected.tokens, case
+        costs = participant_costs(shape, config.resolve(llm.num_layers, len(segments)), [len(s) for s in segments])
+        assert result.cost.published_bytes == [c.upload_bytes for c in costs], case
+        assert result.cost.received_bytes == [c.download_bytes for c in costs], case
+        assert result.cost.tokens == [len(s) for s in segments]
+        assert result.cost.sync_layers == expected.sync_layers
+
+
+def test_h1_and_n1_equal_plain_vllm_on_the_concatenated_prompt(tiny_engine):
+    rng = random.Random(f"plain-{tiny_engine.name}")
+    vocab = len(tiny_engine.tokenizer)
+    prompts = [random_tokens(rng, vocab, rng.randint(8, 60)) for _ in range(6)]
+    plain = plain_engine(tiny_engine.name).generate([{"prompt_token_ids": p} for p in prompts], greedy(16),
+                                                    use_tqdm=False)
+    sessions, expected = [], []
+    for prompt, out in zip(prompts, plain):
+        cuts = sorted(rng.sample(range(1, len(prompt)), rng.randint(1, 3)))
+        bounds = [0, *cuts, len(prompt)]
+        split = [prompt[a:b] for a, b in zip(bounds, bounds[1:])]
+        sessions.append(FedAttnSession(split, FedAttnConfig(sync_interval=1), greedy(16)))  # H = 1
+        sessions.append(FedAttnSession([prompt], FedAttnConfig(sync_interval=rng.randint(2, 4)), greedy(16)))  # N = 1
+        expected += [list(out.outputs[0].token_ids)] * 2
+    results = tiny_engine.llm.generate(sessions)
+    assert [r.outputs[len(s.segments) - 1].token_ids for r, s in zip(results, sessions)] == expected
+
+
+def test_plain_requests_in_a_fedattn_engine_are_untouched(tiny_engine):
+    prompt = random_tokens(random.Random(5), len(tiny_engine.tokenizer), 30)
+    mine = tiny_engine.llm.llm.generate([{"prompt_token_ids": prompt}], greedy(12), use_tqdm=False)
+    stock = plain_engine(tiny_engine.name).generate([{"prompt_token_ids": prompt}], greedy(12), use_tqdm=False)
+    assert mine[0].outputs[0].token_ids == stock[0].outputs[0].token_ids
+
+
+def test_sessions_wider_than_one_step_are_admitted_whole_and_interleave_with_decodes(tiny_engine):
+    """Budget 256 tokens/step: 12 sessions of ~150 tokens enter over many steps, next to running decodes."""
+    rng = random.Random(3)
+    vocab = len(tiny_engine.tokenizer)
+    cases = [[random_tokens(rng, vocab, rng.randint(20, 60)) for _ in range(3)] for _ in range(12)]
+    config = FedAttnConfig(sync_interval=2, generators=(0, 2))  # participant 0 decodes over later ones' K/V
+    results = tiny_engine.llm.generate([FedAttnSession(c, config, greedy(8)) for c in cases])
+    for segments, result in zip(cases, results):
+        assert {g: o.token_ids for g, o in result.outputs.items()} == \
+            tiny_engine.oracle.generate(segments, config, 8, ignore_eos=True).tokens
+
+
+BAD_SESSIONS = [
+    ("segments", FedAttnSessionError, lambda: FedAttnSession([])),
+    ("segments", FedAttnSessionError, lambda: FedAttnSession("one string")),
+    ("segments[1]", FedAttnSessionError, lambda: FedAttnSession([[5, 6], []])),
+    ("segments[0]", FedAttnSessionError, lambda: FedAttnSession([[5, 10**6]])),
+    ("segments[0]", FedAttnSessionError, lambda: FedAttnSession([[5, -1]])),
+    ("segments[1]", FedAttnSessionError, lambda: FedAttnSession([[5], [True]])),
+    ("segments", FedAttnSessionError, lambda: FedAttnSession([[5] * 300])),  # > max_model_len
+    ("segments", FedAttnSessionError, lambda: FedAttnSession([[5] * 20], sampling_params=greedy(250))),
+    ("config", FedAttnSessionError, lambda: FedAttnSession([[5]], config={"sync_interval": 2})),
+    ("sampling_params", FedAttnSessionError, lambda: FedAttnSession([[5]], sampling_params="greedy")),
+    ("sampling_params.n", FedAttnSessionError, lambda: FedAttnSession([[5]], sampling_params=SamplingParams(n=2))),
+    ("local_keep_ratio", FedAttnConfigError, lambda: FedAttnSession([[5], [6]], FedAttnConfig(local_keep_ratio=0.5))),
+    ("publisher", FedAttnConfigError, lambda: FedAttnSession([[5], [6]], FedAttnConfig(publisher=2))),
+    ("generators", FedAttnConfigError, lambda: FedAttnSession([[5], [6]], FedAttnConfig(generators=(3,)))),
+    ("kv_share_ratio", FedAttnConfigError, lambda: FedAttnSession([[5], [6]], FedAttnConfig(kv_share_ratio=(1.0,) * 3))),
+    ("sync_layers", FedAttnConfigError,
+     lambda: FedAttnSession([[5], [6]], FedAttnConfig(placement="explicit", sync_layers=[9]))),
+]
+
+
+@pytest.mark.parametrize("field,error,make", BAD_SESSIONS, ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(BAD_SESSIONS)])
+def test_bad_sessions_raise_typed_errors_naming_the_field_before_anything_runs(tiny_engine, field, error, make):
+    good = FedAttnSession([[5, 6, 7], [8, 9]], FedAttnConfig(sync_interval=2), greedy(3))
+    with pytest.raises(error) as raised:
+        tiny_engine.llm.generate([good, make()])
+    assert raised.value.field == field
+    assert not tiny_engine.llm.engine.has_unfinished_requests() and len(REGISTRY) == 0
+    assert tiny_engine.llm.generate([good])[0].error is None  # the engine is fine
+
+
+@pytest.mark.parametrize("arg", ["enable_prefix_caching", "enable_chunked_prefill"])
+def test_chunked_prefill_and_prefix_caching_are_refused_and_off(tiny_engine, arg):
+    with pytest.raises(FedAttnEngineError) as raised:
+        FederatedLLM(tiny_engine.name, **{arg: True})
+    assert raised.value.field == arg
+    config = tiny_engine.llm.engine.vllm_config
+    assert not config.cache_config.enable_prefix_caching and not config.scheduler_config.enable_chunked_prefill
+
+
+@pytest.fixture
+def published(monkeypatch):
+    """Weak references to every tensor published to the exchange during the test."""
+    refs: list[weakref.ref] = []
+    original = InProcessKVExchange.publish
+
+    def publish(self, session, participant, layer, kv):
+        refs.extend(weakref.ref(t) for t in kv)
+        original(self, session, participant, layer, kv)
+
+    monkeypatch.setattr(InProcessKVExchange, "publish", publish)
+    return refs
+
+
+def assert_nothing_left(refs: list[weakref.ref]) -> None:
+    gc.collect()
+    assert len(REGISTRY) == 0 and REGISTRY.exchange.live_sessions() == 0
+    assert refs and all(ref() is None for ref in refs), "published K/V outlived its session"
+
+
+def test_a_failing_session_fails_alone_and_leaves_no_kv(tiny_engine, published, monkeypatch):
+    """Fault injection at the exchange: the 4-participant session loses participant 1's K/V at layer 2."""
+    original = InProcessKVExchange.fetch
+
+    def fetch(self, session, viewer, source, layer):
+        if source == 1 and layer == 2 and len(REGISTRY._sessions[session].lengths) == 4:
+            raise KVExchangeError(f"participant {source}'s K/V at layer {layer} was lost")
+        return original(self, session, viewer, source, layer)
+
+    monkeypatch.setattr(InProcessKVExchange, "fetch", fetch)
+    rng = random.Random(11)
+    vocab, config = len(tiny_engine.tokenizer), FedAttnConfig(sync_interval=2)
+    healthy = [[random_tokens(rng, vocab, 9) for _ in range(2)] for _ in range(3)]
+    victim = [random_tokens(rng, vocab, 5) for _ in range(4)]
+    results = tiny_engine.llm.generate([FedAttnSession(s, config, greedy(6)) for s in [healthy[0], victim, *healthy[1:]]])
+    assert "was lost" in results[1].error and results[1].outputs == {}
+    for segments, result in zip(healthy, [results[0], *results[2:]]):
+        assert result.error is None
+        assert result.outputs[1].token_ids == tiny_engine.oracle.generate(segments, config, 6, ignore_eos=True).tokens[1]
+    assert_nothing_left(published)
+
+
+def test_memory_returns_to_baseline_after_100_sessions(tiny_engine, published):
+    rng = random.Random(7)
+    vocab = len(tiny_engine.tokenizer)
+
+    def batch() -> list[FedAttnSession]:
+        return [FedAttnSession([random_tokens(rng, vocab, rng.randint(1, 30)) for _ in range(rng.randint(1, 4))],
+                               FedAttnConfig(sync_interval=rng.randint(1, 3), generators=(0, -1)), greedy(4))
+                for _ in range(100)]
+
+    tiny_engine.llm.generate(batch())  # warm-up: allocator pools, caches
+    assert_nothing_left(published)
+    process = psutil.Process()
+    baseline = process.memory_info().rss
+    results = tiny_engine.llm.generate(batch())
+    assert all(r.error is None for r in results)
+    assert_nothing_left(published)
+    growth = process.memory_info().rss - baseline
+    print(f"\nRSS growth over 100 sessions: {growth / 2**20:.1f} MiB")
+    assert growth < 32 * 2**20
