@@ -1,14 +1,22 @@
 """fedattn-vllm: Federated Attention for vLLM (engine-side library)."""
 
+from importlib import import_module
+
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError, FedAttnPlan
 from fedattn_vllm.schedule import Placement
 
-__all__ = ["FedAttnConfig", "FedAttnConfigError", "FedAttnOracle", "FedAttnPlan", "Placement"]
+# Heavier names load on first use: importing the package must stay cheap (vLLM plugin processes).
+_LAZY = {
+    "FedAttnOracle": "fedattn_vllm.oracle",
+    "FederatedLLM": "fedattn_vllm.engine",
+    "FedAttnSession": "fedattn_vllm.engine",
+    "FedAttnSessionError": "fedattn_vllm.engine",
+}
+
+__all__ = ["FedAttnConfig", "FedAttnConfigError", "FedAttnPlan", "Placement", *_LAZY]
 
 
 def __getattr__(name: str):
-    if name == "FedAttnOracle":  # lazy: importing the package must stay cheap (vLLM plugin processes)
-        from fedattn_vllm.oracle import FedAttnOracle
-
-        return FedAttnOracle
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(name)

@@ -1,9 +1,10 @@
 """`python -m fedattn_vllm.demo`: three parties jointly answer a question none could answer alone.
 
-Runs the reference oracle offline on the default model and prints each party's segment
+Runs FedAttn inside a vLLM engine (colocated: every party is a request of one engine whose
+prompt is only its own segment) on the default model, and prints each party's segment
 length, the answer without any sync layer, with FedAttn at the chosen sync interval and
 with every layer synced (H = 1, identical to centralised inference), and the K/V bytes
-each party would exchange.
+each party published and received, measured at the exchange.
 """
 
 from __future__ import annotations
@@ -27,43 +28,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="default", help="model name, alias or local HF directory")
     parser.add_argument("--sync-interval", type=int, default=4, help="H: sync every H-th layer")
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
     args = parser.parse_args(argv)
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import SamplingParams
 
     from fedattn_vllm.config import FedAttnConfig
-    from fedattn_vllm.cost import ModelShape, participant_costs
-    from fedattn_vllm.models import resolve_model
-    from fedattn_vllm.oracle import FedAttnOracle
+    from fedattn_vllm.engine import FederatedLLM, FedAttnSession
     from fedattn_vllm.prompting import encode_segments
 
-    path = resolve_model(args.model)
-    dtype = getattr(torch, args.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
-    oracle = FedAttnOracle(model)
-    segments = encode_segments(tokenizer, PARTIES, chat=True)
-    shape = ModelShape.from_hf_config(model.config, dtype)
-
-    print(f"model: {path.name} ({shape.num_layers} layers, {args.dtype}); {len(PARTIES)} parties")
+    llm = FederatedLLM(args.model, dtype=args.dtype, max_model_len=2048, seed=0)
+    segments = encode_segments(llm.tokenizer, PARTIES, chat=True)
+    print(f"model: {args.model} ({llm.num_layers} layers, {args.dtype}); {len(PARTIES)} parties")
     for n, seg in enumerate(segments):
         print(f"  party {n + 1}: {len(seg)} tokens of private text")
-    for label, config in [
-        ("no sync layers (each party alone)", FedAttnConfig(placement="explicit", sync_layers=())),
-        (f"FedAttn H={args.sync_interval}", FedAttnConfig(sync_interval=args.sync_interval)),
-        ("FedAttn H=1 (= centralised)", FedAttnConfig(sync_interval=1)),
-    ]:
-        started = time.perf_counter()
-        out = oracle.generate(segments, config, args.max_new_tokens)
-        answer = tokenizer.decode(out.tokens[len(segments) - 1], skip_special_tokens=True).strip()
-        elapsed = time.perf_counter() - started
-        plan = config.resolve(shape.num_layers, len(segments))
-        print(f"\n{label}: {len(plan.sync_layers)} sync layers {list(plan.sync_layers)} ({elapsed:.1f} s)")
-        print(f"  answer (party {len(segments)}): {answer!r}")
-        for n, cost in enumerate(participant_costs(shape, plan, [len(s) for s in segments])):
-            print(f"  party {n + 1}: uploads {_bytes(cost.upload_bytes)}, downloads {_bytes(cost.download_bytes)}")
+    runs = {
+        "no sync layers (each party alone)": FedAttnConfig(placement="explicit", sync_layers=()),
+        f"FedAttn H={args.sync_interval}": FedAttnConfig(sync_interval=args.sync_interval),
+        "FedAttn H=1 (= centralised)": FedAttnConfig(sync_interval=1),
+    }
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
+    started = time.perf_counter()
+    results = llm.generate([FedAttnSession(segments, config, params) for config in runs.values()])
+    print(f"\nthree sessions answered together in {time.perf_counter() - started:.1f} s")
+    for label, result in zip(runs, results):
+        print(f"\n{label}: {len(result.cost.sync_layers)} sync layers {list(result.cost.sync_layers)}")
+        print(f"  answer (party {len(segments)}): {result.outputs[len(segments) - 1].text.strip()!r}")
+        for n, (up, down) in enumerate(zip(result.cost.published_bytes, result.cost.received_bytes)):
+            print(f"  party {n + 1}: published {_bytes(up)}, received {_bytes(down)}")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ class GeneratorOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    logprobs: list | None = None  # vLLM's per-token {token id: Logprob}, when sampling_params asked for them
 
 
 @dataclass
@@ -241,7 +242,8 @@ class FederatedLLM:
         outputs = {}
         for g in run.plan.generators:
             completion = run.finished[g].outputs[0]
-            outputs[g] = GeneratorOutput(g, completion.text, list(completion.token_ids), completion.finish_reason)
+            outputs[g] = GeneratorOutput(g, completion.text, list(completion.token_ids), completion.finish_reason,
+                                         completion.logprobs)
         return SessionResult(outputs=outputs, cost=cost)
 
 

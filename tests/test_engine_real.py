@@ -1,0 +1,39 @@
+"""FedAttn in vLLM against the oracle on the real default model (Qwen2.5-Coder-0.5B-Instruct, fp32)."""
+
+import pytest
+import torch
+from conftest import federated_engine
+from vllm import SamplingParams
+
+from fedattn_vllm import gsm8k
+from fedattn_vllm.config import FedAttnConfig
+from fedattn_vllm.engine import FedAttnSession
+from fedattn_vllm.oracle import FedAttnOracle
+
+pytestmark = pytest.mark.slow
+
+PROBLEMS, SHOTS, PARTICIPANTS, NEW_TOKENS, TOP = 10, 4, 4, 64, 20
+
+
+def test_gsm8k_tokex_n4_h4_first_64_tokens_match_the_oracle(real_model):
+    model, tokenizer = real_model
+    llm = federated_engine("default", dtype="float32", max_model_len=2048, max_num_batched_tokens=16384, seed=0)
+    config = FedAttnConfig(sync_interval=4)
+    problems = gsm8k.problems()[:PROBLEMS]
+    prompts = [gsm8k.segments(tokenizer, p, SHOTS, PARTICIPANTS, "TokEx") for p in problems]
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=TOP)
+    results = llm.generate([FedAttnSession(segments, config, params) for segments in prompts])
+    oracle = FedAttnOracle(model)
+    identical, largest_gap = 0, 0.0
+    for segments, result in zip(prompts, results):
+        expected = oracle.generate(segments, config, NEW_TOKENS, ignore_eos=True)
+        generated = result.outputs[PARTICIPANTS - 1]
+        identical += generated.token_ids == expected.tokens[PARTICIPANTS - 1]
+        # First-token log-probabilities (logits up to a shared constant) over vLLM's top 20.
+        reference = torch.log_softmax(expected.first_logits[PARTICIPANTS - 1], dim=-1)
+        first = generated.logprobs[0]
+        largest_gap = max(largest_gap, max(abs(lp.logprob - reference[t].item()) for t, lp in first.items()))
+    print(f"\n{identical}/{PROBLEMS} identical for {NEW_TOKENS} tokens; "
+          f"largest first-token log-prob difference {largest_gap:.2e}")
+    assert identical >= PROBLEMS - 1
+    assert largest_gap < 1e-2
