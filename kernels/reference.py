@@ -17,20 +17,24 @@ def partial_attention(
     causal: the queries are the last T_q of the T_k keys (query i sees keys <= T_k - T_q + i).
     Returns out (T_q, H, D) and lse (T_q, H) fp32; a query with no keys gets out 0, lse -inf.
     """
-    t_q, heads, _ = query.shape
+    t_q, heads, dim = query.shape
     t_k, kv_heads, _ = key.shape
     group = heads // kv_heads
-    q = query.float().transpose(0, 1)  # (H, T_q, D)
-    k = key.float().transpose(0, 1).repeat_interleave(group, dim=0)  # (H, T_k, D)
-    v = value.float().transpose(0, 1).repeat_interleave(group, dim=0)
-    scores = torch.matmul(q, k.transpose(1, 2)) * scale  # (H, T_q, T_k)
-    if causal:
+    # Query heads grouped under their KV head (GQA): keys/values are never expanded or copied.
+    q = query.float().view(t_q, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, group * t_q, dim)
+    k = key.float().permute(1, 2, 0)  # (H_kv, D, T_k)
+    v = value.float().transpose(0, 1)  # (H_kv, T_k, D)
+    scores = torch.bmm(q * scale, k).view(kv_heads, group, t_q, t_k)
+    if causal and t_q > 1:  # a single query is the newest token: it sees every key
         allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device).tril(t_k - t_q)
         scores = scores.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # (H, T_q)
-    weights = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)  # empty rows: -inf - -inf
-    out = torch.matmul(weights, v)  # (H, T_q, D)
-    return out.transpose(0, 1).to(query.dtype), lse.transpose(0, 1).contiguous()
+    lse = torch.logsumexp(scores, dim=-1)  # (H_kv, G, T_q)
+    weights = torch.exp(scores - lse.unsqueeze(-1))
+    if t_k == 0 or (causal and t_k < t_q):  # rows without keys: -inf - -inf
+        weights = weights.nan_to_num(0.0)
+    out = torch.bmm(weights.view(kv_heads, group * t_q, t_k), v).view(kv_heads, group, t_q, dim)
+    out = out.permute(2, 0, 1, 3).reshape(t_q, heads, dim)
+    return out.to(query.dtype), lse.permute(2, 0, 1).reshape(t_q, heads)
 
 
 def merge_attention(

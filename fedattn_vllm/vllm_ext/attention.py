@@ -54,18 +54,23 @@ def _publish(e: ParticipantRows, layer: int, key: torch.Tensor, value: torch.Ten
 
 def _attend(e: ParticipantRows, layer: int, query, key, value, output, scale: float) -> None:
     state, n = e.session, e.participant
-    own = (key[e.rows], value[e.rows])
-    if state.keeps_own(n, layer):
-        own = state.append_own(n, layer, (own[0].clone(), own[1].clone()))
-    sources = state.sources(n, layer, e.prefill)
-    if not sources:
+    own, q = (key[e.rows], value[e.rows]), query[e.rows]
+
+    def fetch(source: int):
+        return REGISTRY.exchange.fetch(state.session_id, n, source, layer)
+
+    if not e.prefill:  # a generator's token: one softmax over foreign + own keys (or stock, if no foreign)
+        if state.decodes_over_foreign(n, layer):
+            keys, values = state.decode_keys(n, layer, own, fetch)
+            output[e.rows] = partial_attention(q, keys, values, scale)[0].to(output.dtype)
         return
-    foreign = [REGISTRY.exchange.fetch(state.session_id, n, m, layer) for m in sources]
-    foreign_k = torch.cat([k for k, _ in foreign])  # (sum of shared counts, H_kv, D)
-    foreign_v = torch.cat([v for _, v in foreign])
-    q = query[e.rows]
+    if state.decodes_over_foreign(n, layer):
+        state.prompt_kv[n, layer] = (own[0].clone(), own[1].clone())
+    foreign = state.foreign(n, layer, True, fetch)
+    if foreign is None:
+        return
     out_own, lse_own = partial_attention(q, own[0], own[1], scale, causal=True)
-    out_far, lse_far = partial_attention(q, foreign_k, foreign_v, scale)
+    out_far, lse_far = partial_attention(q, foreign[0], foreign[1], scale)
     output[e.rows] = merge_attention(out_far, lse_far, out_own, lse_own)[0].to(output.dtype)
 
 

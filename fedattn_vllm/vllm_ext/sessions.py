@@ -13,19 +13,48 @@ from fedattn_vllm.exchange import KV, InProcessKVExchange, KVExchange
 METADATA_KEY = "fedattn"  # SamplingParams.extra_args[METADATA_KEY] marks a participant request
 
 
+class GrowingKV:
+    """Append-only keys and values (T, H_kv, D) with amortised O(1) appends (capacity doubles)."""
+
+    def __init__(self, like: KV):
+        """Empty, with room for twice `like`'s rows (its dtype, device and head shape)."""
+        self._k, self._v = (t.new_empty((max(2 * t.shape[0], 16), *t.shape[1:])) for t in like)
+        self.size = 0
+
+    def append(self, kv: KV) -> KV:
+        """Add this step's rows; returns views of everything so far."""
+        end = self.size + kv[0].shape[0]
+        if end > self._k.shape[0]:
+            capacity = max(2 * self._k.shape[0], end)
+            self._k, self._v = (
+                torch.cat([t[: self.size], t.new_empty((capacity - self.size, *t.shape[1:]))]) for t in (self._k, self._v)
+            )
+        self._k[self.size : end], self._v[self.size : end] = kv
+        self.size = end
+        return self._k[:end], self._v[:end]
+
+    @property
+    def nbytes(self) -> int:
+        return self._k.nbytes + self._v.nbytes
+
+
 @dataclass
 class SessionState:
     session_id: str
     plan: FedAttnPlan
     lengths: list[int]
-    own_kv: dict[tuple[int, int], KV] = field(default_factory=dict)  # (generator, layer) -> K/V so far
+    # (generator, layer) -> its own segment's K/V, kept from its prefill to its first decode step
+    prompt_kv: dict[tuple[int, int], KV] = field(default_factory=dict)
+    # (generator, layer) -> every key/value its decode attends over: foreign, own segment, generated so far
+    decode_kv: dict[tuple[int, int], GrowingKV] = field(default_factory=dict)
     error: str | None = None  # set when the session failed; its rows are then left alone
 
     def fail(self, message: str) -> None:
         """Mark the session failed (first error wins) and drop its K/V; the driver aborts its requests."""
         if self.error is None:
             self.error = message
-        self.own_kv.clear()
+        self.prompt_kv.clear()
+        self.decode_kv.clear()
 
     @property
     def prompt_len(self) -> int:
@@ -41,17 +70,33 @@ class SessionState:
             if m != participant and self.plan.publishes(m, layer) and (m < participant or not prefill)
         ]
 
-    def keeps_own(self, participant: int, layer: int) -> bool:
-        """Whether a generator must keep its own K/V at `layer` for its decode steps."""
+    def decodes_over_foreign(self, participant: int, layer: int) -> bool:
+        """Whether `participant` generates and its decode sees foreign K/V at `layer`."""
         return participant in self.plan.generators and bool(self.sources(participant, layer, prefill=False))
 
-    def append_own(self, participant: int, layer: int, kv: KV) -> KV:
-        """Own K/V at `layer` up to and including `kv` (this step's tokens)."""
-        previous = self.own_kv.get((participant, layer))
-        if previous is not None:
-            kv = (torch.cat([previous[0], kv[0]]), torch.cat([previous[1], kv[1]]))
-        self.own_kv[participant, layer] = kv
-        return kv
+    def foreign(self, participant: int, layer: int, prefill: bool, fetch) -> KV | None:
+        """Foreign K/V `participant` attends to at `layer`, concatenated in participant order (None: none).
+
+        fetch(source) -> KV reads the exchange.
+        """
+        parts = [fetch(m) for m in self.sources(participant, layer, prefill)]
+        if not parts:
+            return None
+        return torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])  # (sum of shared, H_kv, D)
+
+    def decode_keys(self, participant: int, layer: int, kv: KV, fetch) -> KV:
+        """Keys/values a generator's new tokens `kv` attend to at `layer`: foreign + own, this step's included.
+
+        Built once at the first decode step (the foreign set never changes after prefill), then grown.
+        """
+        grown = self.decode_kv.get((participant, layer))
+        if grown is None:
+            foreign = self.foreign(participant, layer, False, fetch)
+            own = self.prompt_kv.pop((participant, layer))
+            start = (torch.cat([foreign[0], own[0]]), torch.cat([foreign[1], own[1]]))
+            grown = self.decode_kv[participant, layer] = GrowingKV(start)
+            grown.append(start)
+        return grown.append(kv)
 
 
 class SessionRegistry:

@@ -1,0 +1,58 @@
+"""The batch table (pure logic, on a stand-in for vLLM's model runner state): rows, global positions, split segments."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from vllm import SamplingParams
+
+from fedattn_vllm.config import FedAttnConfig
+from fedattn_vllm.engine import _config_dict
+from fedattn_vllm.vllm_ext.batch import FedAttnBatch
+from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, REGISTRY
+
+LENGTHS = [4, 3, 5]
+
+
+def runner(rows: list[tuple[str, int | None, int, int]]):
+    """rows: (request id, participant or None for a plain request, computed tokens, scheduled tokens)."""
+    requests, starts, computed = {}, [0], []
+    for req_id, participant, done, scheduled in rows:
+        extra = None
+        if participant is not None:
+            extra = {METADATA_KEY: {"session": "s", "participant": participant, "lengths": LENGTHS, "num_layers": 6,
+                                    "config": _config_dict(FedAttnConfig(sync_interval=2))}}
+        requests[req_id] = SimpleNamespace(sampling_params=SamplingParams(extra_args=extra))
+        starts.append(starts[-1] + scheduled)
+        computed.append(done)
+    input_batch = SimpleNamespace(req_ids=[r[0] for r in rows], num_reqs=len(rows),
+                                  num_computed_tokens_cpu=np.array(computed))
+    return SimpleNamespace(input_batch=input_batch, query_start_loc=SimpleNamespace(np=np.array(starts)),
+                           requests=requests)
+
+
+@pytest.fixture(autouse=True)
+def _clean_registry():
+    yield
+    REGISTRY.release("s")
+
+
+def test_rows_and_global_positions_of_a_mixed_batch():
+    # plain request (2 tokens), participant 2 prefilling, participant 0 decoding its 3rd generated token
+    batch = FedAttnBatch.from_runner(runner([("plain", None, 0, 2), ("p2", 2, 0, 5), ("p0", 0, 6, 1)]))
+    assert [(e.participant, e.rows, e.prefill) for e in batch.entries] == [(2, slice(2, 7), True), (0, slice(7, 8), False)]
+    positions = torch.tensor([0, 1, 0, 1, 2, 3, 4, 6])
+    # participant 2 starts at offset 4 + 3 = 7; participant 0's local position 6 = L_0 + 2 -> L + 2 = 14
+    assert batch.global_positions(positions).tolist() == [0, 1, 7, 8, 9, 10, 11, 14]
+
+
+def test_a_batch_without_participants_is_left_alone():
+    assert FedAttnBatch.from_runner(runner([("plain", None, 0, 3)])) is None
+
+
+@pytest.mark.parametrize("done,scheduled", [(0, 2), (2, 3), (0, 6)], ids=["chunk", "rest-of-chunk", "recompute"])
+def test_a_segment_not_computed_whole_fails_its_session_instead_of_computing_something_else(done, scheduled):
+    batch = FedAttnBatch.from_runner(runner([("p2", 2, done, scheduled)]))
+    assert batch is None
+    assert "not computed whole" in REGISTRY.failed(["s"])["s"]
