@@ -37,9 +37,6 @@ class KVExchange(ABC):
         """`source`'s K/V at `layer`, read by `viewer`; raises KVExchangeError if absent."""
 
     @abstractmethod
-    def has(self, session: str, source: int, layer: int) -> bool: ...
-
-    @abstractmethod
     def stats(self, session: str) -> ExchangeStats: ...
 
     @abstractmethod
@@ -67,10 +64,6 @@ class InProcessKVExchange(KVExchange):
                 raise KVExchangeError(f"session {session}: participant {participant} published layer {layer} twice")
             store[participant, layer] = kv
             self._stats.setdefault(session, ExchangeStats()).published_bytes[participant] += _nbytes(kv)
-
-    def has(self, session: str, source: int, layer: int) -> bool:
-        with self._lock:
-            return (source, layer) in self._kv.get(session, {})
 
     def fetch(self, session: str, viewer: int, source: int, layer: int) -> KV:
         with self._lock:

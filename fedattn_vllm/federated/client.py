@@ -1,0 +1,131 @@
+"""Clients of the coordinator: the orchestrator's session admin and an engine's networked K/V exchange."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import defaultdict
+
+import zmq
+
+from fedattn_vllm.config import FedAttnPlan
+from fedattn_vllm.exchange import KV, ExchangeStats, KVExchange, KVExchangeError
+from fedattn_vllm.federated.wire import decode, encode
+
+
+class CoordinatorError(KVExchangeError):
+    """The coordinator refused a request or did not answer; `code` says which."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class CoordinatorConnection:
+    """Synchronous request/reply over one DEALER socket (use one per thread)."""
+
+    def __init__(self, endpoint: str, *, timeout_s: float = 30.0):
+        self._context = zmq.Context.instance()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(endpoint)
+        self.timeout_s = timeout_s
+        self._counter = 0
+
+    def call(self, header: dict, kv: KV | None = None, *, timeout_s: float | None = None) -> tuple[dict, KV | None]:
+        """Send one request and wait for its reply; raises CoordinatorError on refusal or timeout."""
+        self._counter += 1
+        request_id = self._counter.to_bytes(8, "little")
+        self._socket.send_multipart([request_id, *encode(header, kv)], copy=False)
+        timeout_ms = int(1000 * (self.timeout_s if timeout_s is None else timeout_s))
+        while self._socket.poll(timeout_ms):
+            reply_id, *frames = self._socket.recv_multipart(copy=False)
+            if reply_id.bytes != request_id:
+                continue  # the late answer to a request that already timed out
+            reply, payload = decode(frames)
+            if not reply.get("ok"):
+                raise CoordinatorError(reply.get("code", "error"), reply.get("error", "refused"))
+            return reply, payload
+        raise CoordinatorError("unreachable", f"no answer from the coordinator within {timeout_ms / 1000:.1f} s")
+
+    def close(self) -> None:
+        self._socket.close(0)
+
+
+class SessionAdmin:
+    """The orchestrator's side: opens sessions (getting per-participant credentials), reads counters, closes."""
+
+    def __init__(self, endpoint: str, admin_key: bytes, *, timeout_s: float = 30.0):
+        self._connection = CoordinatorConnection(endpoint, timeout_s=timeout_s)
+        self._key = admin_key
+
+    def open(self, session: str, plan: FedAttnPlan) -> list[bytes]:
+        reply, _ = self._connection.call({
+            "op": "open", "admin_key": self._key, "session": session,
+            "publish_layers": [sorted(layers) for layers in plan.publish_layers], "generators": list(plan.generators),
+        })
+        return list(reply["credentials"])
+
+    def stats(self, session: str) -> dict:
+        reply, _ = self._connection.call({"op": "stats", "admin_key": self._key, "session": session})
+        return {"wire_bytes": reply["wire_bytes"], "payload_bytes": reply["payload_bytes"]}
+
+    def close(self, session: str) -> None:
+        self._connection.call({"op": "close", "admin_key": self._key, "session": session})
+
+
+class NetworkKVExchange(KVExchange):
+    """An engine's exchange: its participants publish and fetch through the coordinator.
+
+    The engine knows only the credentials of the participants it hosts (`join`). A fetch
+    waits up to `wait_s` for K/V not yet published (pipelined prefill), then fails.
+    """
+
+    def __init__(self, endpoint: str, *, wait_s: float = 60.0):
+        self.endpoint = endpoint
+        self.wait_s = wait_s
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._credentials: dict[tuple[str, int], bytes] = {}
+        self._stats: dict[str, ExchangeStats] = defaultdict(ExchangeStats)
+
+    def _connection(self) -> CoordinatorConnection:
+        if getattr(self._local, "pid", None) != os.getpid():  # one socket per thread and process
+            self._local.connection, self._local.pid = CoordinatorConnection(self.endpoint), os.getpid()
+        return self._local.connection
+
+    def join(self, session: str, participant: int, credential: bytes) -> None:
+        with self._lock:
+            self._credentials[session, participant] = credential
+
+    def _credential(self, session: str, participant: int) -> bytes:
+        with self._lock:
+            credential = self._credentials.get((session, participant))
+        if credential is None:
+            raise KVExchangeError(f"session {session}: participant {participant} is not hosted by this engine")
+        return credential
+
+    def publish(self, session: str, participant: int, layer: int, kv: KV) -> None:
+        header = {"op": "publish", "session": session, "participant": participant, "layer": layer,
+                  "credential": self._credential(session, participant)}
+        self._connection().call(header, kv)
+        with self._lock:
+            self._stats[session].published_bytes[participant] += sum(t.nbytes for t in kv)
+
+    def fetch(self, session: str, viewer: int, source: int, layer: int) -> KV:
+        header = {"op": "fetch", "session": session, "participant": viewer, "source": source, "layer": layer,
+                  "credential": self._credential(session, viewer), "wait_s": self.wait_s}
+        _, kv = self._connection().call(header, timeout_s=self.wait_s + 5.0)
+        with self._lock:
+            self._stats[session].received_bytes[viewer] += sum(t.nbytes for t in kv)
+        return kv
+
+    def stats(self, session: str) -> ExchangeStats:
+        with self._lock:
+            return self._stats.get(session, ExchangeStats())
+
+    def release(self, session: str) -> None:
+        with self._lock:
+            self._stats.pop(session, None)
+            for key in [k for k in self._credentials if k[0] == session]:
+                del self._credentials[key]
