@@ -28,6 +28,25 @@ class ExchangeStats:
 
 
 class KVExchange(ABC):
+    """Subclasses call `_count_published` / `_count_received` where tensors move."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats: dict[str, ExchangeStats] = {}
+
+    def _count_published(self, session: str, participant: int, kv: KV) -> None:
+        with self._lock:
+            self._stats.setdefault(session, ExchangeStats()).published_bytes[participant] += kv_nbytes(kv)
+
+    def _count_received(self, session: str, viewer: int, kv: KV) -> None:
+        with self._lock:
+            self._stats.setdefault(session, ExchangeStats()).received_bytes[viewer] += kv_nbytes(kv)
+
+    def stats(self, session: str) -> ExchangeStats:
+        """K/V payload bytes each participant published and received in `session` (through this exchange)."""
+        with self._lock:
+            return self._stats.get(session, ExchangeStats())
+
     @abstractmethod
     def publish(self, session: str, participant: int, layer: int, kv: KV) -> None:
         """Make `participant`'s K/V at `layer` available to its session (once per layer)."""
@@ -37,14 +56,11 @@ class KVExchange(ABC):
         """`source`'s K/V at `layer`, read by `viewer`; raises KVExchangeError if absent."""
 
     @abstractmethod
-    def stats(self, session: str) -> ExchangeStats: ...
-
-    @abstractmethod
     def release(self, session: str) -> None:
         """Free everything the session published (idempotent)."""
 
 
-def _nbytes(kv: KV) -> int:
+def kv_nbytes(kv: KV) -> int:
     return sum(t.numel() * t.element_size() for t in kv)
 
 
@@ -52,9 +68,8 @@ class InProcessKVExchange(KVExchange):
     """Every participant lives in this process (one engine): K/V are shared by reference."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        super().__init__()
         self._kv: dict[str, dict[tuple[int, int], KV]] = {}
-        self._stats: dict[str, ExchangeStats] = {}
         self._seen: dict[str, set[tuple[int, int, int]]] = {}  # (viewer, source, layer) already counted
 
     def publish(self, session: str, participant: int, layer: int, kv: KV) -> None:
@@ -63,7 +78,7 @@ class InProcessKVExchange(KVExchange):
             if (participant, layer) in store:
                 raise KVExchangeError(f"session {session}: participant {participant} published layer {layer} twice")
             store[participant, layer] = kv
-            self._stats.setdefault(session, ExchangeStats()).published_bytes[participant] += _nbytes(kv)
+        self._count_published(session, participant, kv)
 
     def fetch(self, session: str, viewer: int, source: int, layer: int) -> KV:
         with self._lock:
@@ -74,14 +89,11 @@ class InProcessKVExchange(KVExchange):
                     "which has not been published"
                 )
             seen = self._seen.setdefault(session, set())
-            if (viewer, source, layer) not in seen:  # a receiver downloads each layer once
-                seen.add((viewer, source, layer))
-                self._stats.setdefault(session, ExchangeStats()).received_bytes[viewer] += _nbytes(kv)
-            return kv
-
-    def stats(self, session: str) -> ExchangeStats:
-        with self._lock:
-            return self._stats.get(session, ExchangeStats())
+            first = (viewer, source, layer) not in seen  # a receiver downloads each layer once
+            seen.add((viewer, source, layer))
+        if first:
+            self._count_received(session, viewer, kv)
+        return kv
 
     def release(self, session: str) -> None:
         with self._lock:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import defaultdict
 
 import zmq
 
 from fedattn_vllm.config import FedAttnPlan
-from fedattn_vllm.exchange import KV, ExchangeStats, KVExchange, KVExchangeError
+from fedattn_vllm.exchange import KV, KVExchange, KVExchangeError
 from fedattn_vllm.federated.wire import decode, encode
 
 
@@ -82,12 +81,11 @@ class NetworkKVExchange(KVExchange):
     """
 
     def __init__(self, endpoint: str, *, wait_s: float = 60.0):
+        super().__init__()
         self.endpoint = endpoint
         self.wait_s = wait_s
         self._local = threading.local()
-        self._lock = threading.Lock()
         self._credentials: dict[tuple[str, int], bytes] = {}
-        self._stats: dict[str, ExchangeStats] = defaultdict(ExchangeStats)
 
     def _connection(self) -> CoordinatorConnection:
         if getattr(self._local, "pid", None) != os.getpid():  # one socket per thread and process
@@ -109,20 +107,14 @@ class NetworkKVExchange(KVExchange):
         header = {"op": "publish", "session": session, "participant": participant, "layer": layer,
                   "credential": self._credential(session, participant)}
         self._connection().call(header, kv)
-        with self._lock:
-            self._stats[session].published_bytes[participant] += sum(t.nbytes for t in kv)
+        self._count_published(session, participant, kv)
 
     def fetch(self, session: str, viewer: int, source: int, layer: int) -> KV:
         header = {"op": "fetch", "session": session, "participant": viewer, "source": source, "layer": layer,
                   "credential": self._credential(session, viewer), "wait_s": self.wait_s}
         _, kv = self._connection().call(header, timeout_s=self.wait_s + 5.0)
-        with self._lock:
-            self._stats[session].received_bytes[viewer] += sum(t.nbytes for t in kv)
+        self._count_received(session, viewer, kv)
         return kv
-
-    def stats(self, session: str) -> ExchangeStats:
-        with self._lock:
-            return self._stats.get(session, ExchangeStats())
 
     def release(self, session: str) -> None:
         with self._lock:
