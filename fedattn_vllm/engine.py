@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fedattn_vllm.admission import EngineCapacity, GangAdmission, SessionDemand
-from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
+from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError, FedAttnPlan
 from fedattn_vllm.plugin import FEDATTN_ARCHITECTURES
 from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, REGISTRY
 
@@ -74,7 +74,7 @@ class _Run:
     session_id: str
     prompts: list[list[int]]
     params: list  # SamplingParams per participant
-    plan: object  # FedAttnPlan
+    plan: FedAttnPlan
     demand: SessionDemand
     finished: dict[int, object] = field(default_factory=dict)  # participant -> final RequestOutput
     error: str | None = None
@@ -171,9 +171,11 @@ class FederatedLLM:
                     "config": _config_dict(session.config)}
         sampling = []
         for n in range(len(prompts)):
-            # Non-generators only prefill (vLLM samples one token, which is discarded).
-            sp = params.clone() if n in plan.generators else SamplingParams(temperature=0.0, max_tokens=1)
-            sp.max_tokens = sp.max_tokens if n not in plan.generators else max_tokens
+            if n in plan.generators:
+                sp = params.clone()
+                sp.max_tokens = max_tokens
+            else:  # only prefills (vLLM samples one token, which is discarded)
+                sp = SamplingParams(temperature=0.0, max_tokens=1)
             sp.extra_args = {**(sp.extra_args or {}), METADATA_KEY: {**metadata, "participant": n}}
             sampling.append(sp)
         demand = SessionDemand(tuple(lengths), tuple(sp.max_tokens for sp in sampling))

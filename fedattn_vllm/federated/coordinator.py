@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from fedattn_vllm.exchange import kv_nbytes
 from fedattn_vllm.federated.wire import KV, WireError, decode, encode, message_bytes
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ class Coordinator:
             raise Refused("conflict", f"participant {n} already published layer {layer}")
         session.kv[n, layer] = kv
         session.wire_bytes[n, "up"] += size
-        session.payload_bytes[n, "up"] += sum(t.nbytes for t in kv)
+        session.payload_bytes[n, "up"] += kv_nbytes(kv)
         self._wake(str(header["session"]), n, layer)
         return encode({"ok": True})
 
@@ -207,7 +208,7 @@ class Coordinator:
         kv = session.kv[source, layer]
         frames = encode({"ok": True}, kv)
         session.wire_bytes[viewer, "down"] += message_bytes(frames)
-        session.payload_bytes[viewer, "down"] += sum(t.nbytes for t in kv)
+        session.payload_bytes[viewer, "down"] += kv_nbytes(kv)
         return frames
 
     def _wake(self, session_id: str, source: int, layer: int) -> None:

@@ -3,7 +3,8 @@
 Every attention impl of a FedAttn model becomes a subclass of its backend's impl. The
 stock forward runs first (it caches K/V and attends over the request's own tokens, which
 is all a local layer needs). At a layer where a participant sees foreign K/V, its rows are
-recomputed as attention over its own K/V merged with attention over the foreign K/V.
+recomputed: in prefill as attention over its own K/V (causal) merged with attention over
+the foreign K/V; in a generator's decode as one softmax over foreign + own K/V.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def apply_sync_layer(
             _isolated(e, _publish, layer, key, value)
     # Pass 2: attention over own + foreign K/V for the rows that see any.
     for e in batch.entries:
-        _isolated(e, _attend, layer, query, key, value, output, scale)
+        if layer in e.session.plan.sync_layers:  # elsewhere nobody in the session shares: stock output stands
+            _isolated(e, _attend, layer, query, key, value, output, scale)
 
 
 def _isolated(entry: ParticipantRows, step, *args) -> None:

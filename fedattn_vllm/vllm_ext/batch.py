@@ -21,7 +21,6 @@ class ParticipantRows:
     session: SessionState
     participant: int
     rows: slice  # token rows of this request in the flattened batch
-    local_start: int  # the request's own position of its first row
     prefill: bool  # the rows are the whole segment (else: one generated token)
 
 
@@ -51,7 +50,7 @@ class FedAttnBatch:
                 state.fail(f"participant {n}'s segment was not computed whole in one step (preempted or chunked)")
             if state.error is not None:
                 continue
-            entries.append(ParticipantRows(state, n, slice(start, end), local_start, prefill))
+            entries.append(ParticipantRows(state, n, slice(start, end), prefill))
         return cls(entries) if entries else None
 
     def global_positions(self, positions: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,8 @@ class FedAttnModelMixin:
 
 
 class FedAttnQwen2ForCausalLM(FedAttnModelMixin, Qwen2ForCausalLM):
-    pass
+    """vLLM's Qwen2 with the sync-layer hook in every attention layer."""
 
 
 class FedAttnLlamaForCausalLM(FedAttnModelMixin, LlamaForCausalLM):
-    pass
+    """vLLM's Llama with the sync-layer hook in every attention layer."""

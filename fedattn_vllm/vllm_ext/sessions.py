@@ -33,10 +33,6 @@ class GrowingKV:
         self.size = end
         return self._k[:end], self._v[:end]
 
-    @property
-    def nbytes(self) -> int:
-        return self._k.nbytes + self._v.nbytes
-
 
 @dataclass
 class SessionState:
