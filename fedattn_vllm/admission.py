@@ -37,13 +37,19 @@ class SessionDemand:
 
 
 class GangAdmission:
-    """Books what admitted requests hold; answers whether a whole session fits the next step."""
+    """Books what admitted requests hold; answers whether a whole session fits the next step.
+
+    A session is first reserved (its blocks and sequence slots held, its prompt tokens
+    counted against every step's budget) and then started (its requests handed to vLLM);
+    its prompt stops counting once a step has run after the start. Colocated mode starts
+    at once (`try_admit`); federated engines start when every engine of the session has
+    reserved its part.
+    """
 
     def __init__(self, capacity: EngineCapacity):
         self.capacity = capacity
         self._blocks: dict[str, int] = {}  # live request id -> reserved blocks
-        self._new_tokens = 0  # prompt tokens admitted since the last engine step
-        self._new_requests = 0
+        self._unprefilled: dict[object, tuple[int, int, bool]] = {}  # key -> (prompt tokens, requests, started)
 
     def why_never(self, demand: SessionDemand) -> str | None:
         """Why the session could not run even in an empty engine (None: it can)."""
@@ -56,26 +62,44 @@ class GangAdmission:
             return f"needs {sum(demand.blocks(cap.block_size))} K/V blocks, the cache has {cap.kv_blocks}"
         return None
 
-    def try_admit(self, demand: SessionDemand, request_ids: list[str]) -> bool:
-        """Reserve room for the session's requests if the next step can prefill all of them."""
+    def try_reserve(self, key: object, demand: SessionDemand, request_ids: list[str]) -> bool:
+        """Hold room for the session's requests if one step can prefill them beside everything else held."""
         cap = self.capacity
-        decoding = len(self._blocks) - self._new_requests  # one token each next step
-        tokens = sum(demand.prompt_tokens) + self._new_tokens + decoding
+        prompt_tokens = sum(t for t, _, _ in self._unprefilled.values())
+        unprefilled = sum(r for _, r, _ in self._unprefilled.values())
+        decoding = len(self._blocks) - unprefilled  # one token each per step
         blocks = demand.blocks(cap.block_size)
         fits = (
-            tokens <= cap.max_batched_tokens
+            sum(demand.prompt_tokens) + prompt_tokens + decoding <= cap.max_batched_tokens
             and demand.requests + len(self._blocks) <= cap.max_seqs
             and sum(blocks) + sum(self._blocks.values()) <= cap.kv_blocks
         )
         if fits:
             self._blocks.update(zip(request_ids, blocks))
-            self._new_tokens += sum(demand.prompt_tokens)
-            self._new_requests += demand.requests
+            self._unprefilled[key] = (sum(demand.prompt_tokens), demand.requests, False)
         return fits
 
+    def start(self, key: object) -> None:
+        """The reserved session's requests were handed to the engine; the next step prefills them."""
+        tokens, requests, _ = self._unprefilled[key]
+        self._unprefilled[key] = (tokens, requests, True)
+
+    def try_admit(self, key: object, demand: SessionDemand, request_ids: list[str]) -> bool:
+        """Reserve and start at once."""
+        if not self.try_reserve(key, demand, request_ids):
+            return False
+        self.start(key)
+        return True
+
     def stepped(self) -> None:
-        """The engine ran a step: everything admitted before it is prefilled."""
-        self._new_tokens = self._new_requests = 0
+        """The engine ran a step: every started session is prefilled."""
+        self._unprefilled = {k: v for k, v in self._unprefilled.items() if not v[2]}
+
+    def cancel(self, key: object, request_ids: list[str]) -> None:
+        """Drop a session's reservation and requests, whatever stage it reached."""
+        self._unprefilled.pop(key, None)
+        for request_id in request_ids:
+            self._blocks.pop(request_id, None)
 
     def finished(self, request_id: str) -> None:
         self._blocks.pop(request_id, None)

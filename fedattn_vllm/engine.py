@@ -69,13 +69,16 @@ class SessionResult:
 
 @dataclass
 class _Run:
-    """One session on its way through the engine."""
+    """One session's participants hosted by this engine, on their way through it."""
 
     session_id: str
-    prompts: list[list[int]]
-    params: list  # SamplingParams per participant
+    prompts: dict[int, list[int]]  # hosted participant -> its segment's token ids
+    num_participants: int
+    config: FedAttnConfig
+    sampling: object  # the generators' SamplingParams
     plan: FedAttnPlan
-    demand: SessionDemand
+    demand: SessionDemand  # of the hosted participants, in `prompts` order
+    started: bool = False
     finished: dict[int, object] = field(default_factory=dict)  # participant -> final RequestOutput
     error: str | None = None
 
@@ -84,7 +87,7 @@ class _Run:
 
     @property
     def request_ids(self) -> list[str]:
-        return [self.request_id(n) for n in range(len(self.prompts))]
+        return [self.request_id(n) for n in self.prompts]
 
     @property
     def done(self) -> bool:
@@ -92,12 +95,17 @@ class _Run:
 
 
 class FederatedLLM:
-    """A vLLM engine whose requests can be FedAttn participants (colocated mode: all in this process)."""
+    """A vLLM engine whose requests can be FedAttn participants.
+
+    Colocated mode: `generate` runs whole sessions here. Federated mode: an engine server
+    drives the same engine with only its own participants (`plan_run`, `reserve`, `start`,
+    `step`, `finish`), their K/V exchanged over the network.
+    """
 
     def __init__(self, model: str = "default", **engine_args):
         for name, value in _ENGINE_ENV.items():
             if os.environ.setdefault(name, value) != value:
-                raise RuntimeError(f"FederatedLLM needs {name}={value} (colocated mode runs the engine in-process)")
+                raise RuntimeError(f"FederatedLLM needs {name}={value} (the K/V exchange runs in the engine's process)")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         for name, value in _REQUIRED_ENGINE_ARGS.items():
             if engine_args.get(name, value) != value:
@@ -114,6 +122,7 @@ class FederatedLLM:
         arch = (hf_config.architectures or ["?"])[0]
         if arch not in FEDATTN_ARCHITECTURES:
             raise FedAttnEngineError("model", f"architecture {arch} is not supported; one of {sorted(FEDATTN_ARCHITECTURES)}")
+        self.model_path = str(path)
         self.num_layers = hf_config.num_hidden_layers
         args = {"enforce_eager": True, "max_num_batched_tokens": 16384, **engine_args, **_REQUIRED_ENGINE_ARGS}
         self.llm = LLM(model=str(path), hf_overrides={"architectures": [FEDATTN_ARCHITECTURES[arch]]}, **args)
@@ -127,10 +136,14 @@ class FederatedLLM:
             kv_blocks=config.cache_config.num_gpu_blocks,
             block_size=config.cache_config.block_size,
         ))
+        self._active: dict[str, _Run] = {}  # started sessions
 
-    def _encode(self, segment: str | Sequence[int], n: int) -> list[int]:
+    def encode(self, segment: str | Sequence[int], n: int) -> list[int]:
+        """Participant n's segment as token ids (text is tokenized without special tokens)."""
         if isinstance(segment, str):
             ids = self.tokenizer(segment, add_special_tokens=False)["input_ids"]
+        elif isinstance(segment, (bytes, dict)) or not isinstance(segment, Sequence):
+            raise FedAttnSessionError(f"segments[{n}]", "must be text or a list of token ids")
         else:
             ids = list(segment)
             if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(self.tokenizer) for t in ids):
@@ -139,49 +152,104 @@ class FederatedLLM:
             raise FedAttnSessionError(f"segments[{n}]", "is empty")
         return ids
 
-    def _prepare(self, session: FedAttnSession) -> _Run:
-        """Validate a session and build its requests; nothing is submitted yet."""
+    def plan_run(self, session_id: str, prompts: dict[int, list[int]], num_participants: int, config: FedAttnConfig,
+                 sampling_params=None) -> _Run:
+        """Validate this engine's part of a session (its participants' token ids); nothing is submitted yet."""
         from vllm import SamplingParams
 
-        if not isinstance(session, FedAttnSession):
-            raise FedAttnSessionError("session", f"expected a FedAttnSession, got {type(session).__name__}")
-        if isinstance(session.segments, (str, bytes)) or not session.segments:
-            raise FedAttnSessionError("segments", "a session needs a list of at least one participant segment")
-        if not isinstance(session.config, FedAttnConfig):
-            raise FedAttnSessionError("config", f"expected a FedAttnConfig, got {type(session.config).__name__}")
-        if session.config.local_keep_ratio != 1.0:
+        if not isinstance(config, FedAttnConfig):
+            raise FedAttnSessionError("config", f"expected a FedAttnConfig, got {type(config).__name__}")
+        if config.local_keep_ratio != 1.0:
             raise FedAttnConfigError(
                 "local_keep_ratio", "sparse local computation needs custom paged-attention masks; oracle-only for now"
             )
-        params = session.sampling_params or SamplingParams(temperature=0.0, max_tokens=64)
+        params = sampling_params or SamplingParams(temperature=0.0, max_tokens=64)
         if not isinstance(params, SamplingParams):
             raise FedAttnSessionError("sampling_params", f"expected vllm.SamplingParams, got {type(params).__name__}")
         if params.n != 1:
             raise FedAttnSessionError("sampling_params.n", "FedAttn generators produce one completion each (n=1)")
-        prompts = [self._encode(s, n) for n, s in enumerate(session.segments)]
-        lengths = [len(p) for p in prompts]
-        plan = session.config.resolve(self.num_layers, len(prompts))
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - sum(lengths)
+        plan = config.resolve(self.num_layers, num_participants)
+        hosted = sorted(prompts)
+        own = sum(len(prompts[n]) for n in hosted)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - own  # a bound
+        demand = SessionDemand(tuple(len(prompts[n]) for n in hosted),
+                               tuple(max_tokens if n in plan.generators else 1 for n in hosted))
+        if (why := self.admission.why_never(demand)) is not None:
+            raise FedAttnSessionError("segments", f"the session can never fit this engine: {why}")
+        return _Run(session_id, {n: prompts[n] for n in hosted}, num_participants, config, params, plan, demand)
+
+    def _participant_params(self, run: _Run, lengths: list[int]) -> dict[int, object]:
+        """Each hosted participant's SamplingParams, carrying the session's metadata; checks the lengths."""
+        from vllm import SamplingParams
+
+        if len(lengths) != run.num_participants or any(lengths[n] != len(p) for n, p in run.prompts.items()):
+            raise FedAttnSessionError("lengths", f"{lengths} do not match this engine's segments")
+        max_tokens = run.sampling.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_model_len - sum(lengths)
         if sum(lengths) + max_tokens > self.max_model_len:
             raise FedAttnSessionError(
                 "segments", f"{sum(lengths)} prompt tokens + max_tokens={max_tokens} exceed max_model_len={self.max_model_len}"
             )
-        session_id = f"fedattn-{uuid.uuid4().hex}"
-        metadata = {"session": session_id, "lengths": lengths, "num_layers": self.num_layers,
-                    "config": _config_dict(session.config)}
-        sampling = []
-        for n in range(len(prompts)):
-            if n in plan.generators:
-                sp = params.clone()
+        metadata = {"session": run.session_id, "lengths": list(lengths), "num_layers": self.num_layers,
+                    "config": _config_dict(run.config)}
+        params = {}
+        for n in run.prompts:
+            if n in run.plan.generators:
+                sp = run.sampling.clone()
                 sp.max_tokens = max_tokens
             else:  # only prefills (vLLM samples one token, which is discarded)
                 sp = SamplingParams(temperature=0.0, max_tokens=1)
             sp.extra_args = {**(sp.extra_args or {}), METADATA_KEY: {**metadata, "participant": n}}
-            sampling.append(sp)
-        demand = SessionDemand(tuple(lengths), tuple(sp.max_tokens for sp in sampling))
-        if (why := self.admission.why_never(demand)) is not None:
-            raise FedAttnSessionError("segments", f"the session can never fit this engine: {why}")
-        return _Run(session_id, prompts, sampling, plan, demand)
+            params[n] = sp
+        return params
+
+    def _prepare(self, session: FedAttnSession) -> tuple[_Run, list[int]]:
+        """Validate a whole session for colocated mode; nothing is submitted yet."""
+        if not isinstance(session, FedAttnSession):
+            raise FedAttnSessionError("session", f"expected a FedAttnSession, got {type(session).__name__}")
+        if isinstance(session.segments, (str, bytes)) or not session.segments:
+            raise FedAttnSessionError("segments", "a session needs a list of at least one participant segment")
+        prompts = {n: self.encode(s, n) for n, s in enumerate(session.segments)}
+        run = self.plan_run(f"fedattn-{uuid.uuid4().hex}", prompts, len(prompts), session.config,
+                            session.sampling_params)
+        lengths = [len(prompts[n]) for n in range(len(prompts))]
+        self._participant_params(run, lengths)  # validates the total length
+        return run, lengths
+
+    # -- driving the engine ------------------------------------------------------------------
+    def reserve(self, run: _Run) -> bool:
+        """Hold room for the run if the next step can prefill it beside everything held (gang admission)."""
+        return self.admission.try_reserve(run.session_id, run.demand, run.request_ids)
+
+    def start(self, run: _Run, lengths: list[int]) -> None:
+        """Hand a reserved run's requests to vLLM; `lengths` are every participant's segment lengths."""
+        params = self._participant_params(run, lengths)
+        inputs = self.engine.renderer.render_cmpl([{"prompt_token_ids": p} for p in run.prompts.values()])
+        for (n, sp), engine_input in zip(params.items(), inputs):
+            self.engine.add_request(run.request_id(n), engine_input, sp)
+        self.admission.start(run.session_id)
+        run.started = True
+        self._active[run.session_id] = run
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._active)
+
+    def step(self) -> list[_Run]:
+        """One engine step; returns the runs that completed or failed in it (finish them next)."""
+        for output in self.engine.step():
+            if output.finished:
+                session_id, n = output.request_id.rsplit(":", 1)
+                self._active[session_id].finished[int(n)] = output
+                self.admission.finished(output.request_id)
+        self.admission.stepped()
+        for session_id, error in REGISTRY.failed(self._active).items():
+            self._active[session_id].error = error
+        done = [run for run in self._active.values() if run.done]
+        for run in done:
+            del self._active[run.session_id]
+        return done
 
     def generate(self, sessions: Sequence[FedAttnSession], *, use_tqdm: bool = False) -> list[SessionResult]:
         """Run every session, batched together; one result per session, in order.
@@ -191,50 +259,41 @@ class FederatedLLM:
         """
         from tqdm import tqdm
 
-        runs = [self._prepare(s) for s in sessions]
-        pending, active = deque(runs), {}
+        if self._active:
+            raise RuntimeError("generate() is not reentrant: this engine is already running sessions")
+        prepared = [self._prepare(s) for s in sessions]
+        pending = deque(prepared)
         results: dict[str, SessionResult] = {}
-        progress = tqdm(total=len(runs), desc="sessions", disable=not use_tqdm)
+        progress = tqdm(total=len(prepared), desc="sessions", disable=not use_tqdm)
         try:
-            while pending or active:
-                while pending and self.admission.try_admit(pending[0].demand, pending[0].request_ids):
-                    run = pending.popleft()
-                    inputs = self.engine.renderer.render_cmpl([{"prompt_token_ids": p} for p in run.prompts])
-                    for n, (engine_input, sp) in enumerate(zip(inputs, run.params)):
-                        self.engine.add_request(run.request_id(n), engine_input, sp)
-                    active[run.session_id] = run
-                if not active:
+            while pending or self._active:
+                while pending and self.reserve(pending[0][0]):
+                    run, lengths = pending.popleft()
+                    self.start(run, lengths)
+                if not self._active:
                     raise RuntimeError("admission refused a session that fits an empty engine")  # a bug
-                for output in self.engine.step():
-                    if output.finished:
-                        session_id, n = output.request_id.rsplit(":", 1)
-                        active[session_id].finished[int(n)] = output
-                        self.admission.finished(output.request_id)
-                self.admission.stepped()
-                for session_id, error in REGISTRY.failed(active).items():
-                    active[session_id].error = error
-                for run in [r for r in active.values() if r.done]:
-                    results[run.session_id] = self._finish(run)
-                    del active[run.session_id]
+                for run in self.step():
+                    results[run.session_id] = self.finish(run)
                     progress.update()
         finally:
             progress.close()
-            for run in active.values():  # an exception left these behind
-                self._finish(run)
-        return [results[run.session_id] for run in runs]
+            for run in list(self._active.values()):  # an exception left these behind
+                self.finish(run)
+        return [results[run.session_id] for run, _ in prepared]
 
-    def _finish(self, run: _Run) -> SessionResult:
-        """Abort what is left of the session, free its K/V and account for it."""
-        unfinished = [run.request_id(n) for n in range(len(run.prompts)) if n not in run.finished]
-        if unfinished:
+    def finish(self, run: _Run, error: str | None = None) -> SessionResult:
+        """Abort what is left of the run (started or only reserved), free its K/V and account for it."""
+        run.error = run.error or error
+        self._active.pop(run.session_id, None)
+        unfinished = [run.request_id(n) for n in run.prompts if n not in run.finished]
+        if run.started and unfinished:
             self.engine.abort_request(unfinished)
-        for request_id in run.request_ids:
-            self.admission.finished(request_id)
+        self.admission.cancel(run.session_id, run.request_ids)
         stats = REGISTRY.exchange.stats(run.session_id)
         REGISTRY.release(run.session_id)
-        participants = range(len(run.prompts))
+        participants = range(run.num_participants)
         cost = SessionCost(
-            tokens=list(run.demand.prompt_tokens),
+            tokens=[len(run.prompts.get(n, ())) for n in participants],
             sync_layers=run.plan.sync_layers,
             published_bytes=[stats.published_bytes.get(n, 0) for n in participants],
             received_bytes=[stats.received_bytes.get(n, 0) for n in participants],
@@ -243,9 +302,10 @@ class FederatedLLM:
             return SessionResult(outputs={}, cost=cost, error=run.error)
         outputs = {}
         for g in run.plan.generators:
-            completion = run.finished[g].outputs[0]
-            outputs[g] = GeneratorOutput(g, completion.text, list(completion.token_ids), completion.finish_reason,
-                                         completion.logprobs)
+            if g in run.finished:
+                completion = run.finished[g].outputs[0]
+                outputs[g] = GeneratorOutput(g, completion.text, list(completion.token_ids), completion.finish_reason,
+                                             completion.logprobs)
         return SessionResult(outputs=outputs, cost=cost)
 
 

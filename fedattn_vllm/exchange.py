@@ -70,7 +70,6 @@ class InProcessKVExchange(KVExchange):
     def __init__(self) -> None:
         super().__init__()
         self._kv: dict[str, dict[tuple[int, int], KV]] = {}
-        self._seen: dict[str, set[tuple[int, int, int]]] = {}  # (viewer, source, layer) already counted
 
     def publish(self, session: str, participant: int, layer: int, kv: KV) -> None:
         with self._lock:
@@ -88,18 +87,13 @@ class InProcessKVExchange(KVExchange):
                     f"session {session}: participant {viewer} needs participant {source}'s K/V at layer {layer}, "
                     "which has not been published"
                 )
-            seen = self._seen.setdefault(session, set())
-            first = (viewer, source, layer) not in seen  # a receiver downloads each layer once
-            seen.add((viewer, source, layer))
-        if first:
-            self._count_received(session, viewer, kv)
+        self._count_received(session, viewer, kv)
         return kv
 
     def release(self, session: str) -> None:
         with self._lock:
             self._kv.pop(session, None)
             self._stats.pop(session, None)
-            self._seen.pop(session, None)
 
     def live_sessions(self) -> int:
         with self._lock:

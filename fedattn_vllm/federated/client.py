@@ -77,24 +77,32 @@ class NetworkKVExchange(KVExchange):
     """An engine's exchange: its participants publish and fetch through the coordinator.
 
     The engine knows only the credentials of the participants it hosts (`join`). A fetch
-    waits up to `wait_s` for K/V not yet published (pipelined prefill), then fails.
+    waits up to the session's `wait_s` for K/V not yet published (pipelined prefill), then fails.
     """
 
     def __init__(self, endpoint: str, *, wait_s: float = 60.0):
         super().__init__()
         self.endpoint = endpoint
-        self.wait_s = wait_s
+        self.wait_s = wait_s  # unless the session sets its own
         self._local = threading.local()
         self._credentials: dict[tuple[str, int], bytes] = {}
+        self._wait_s: dict[str, float] = {}
 
     def _connection(self) -> CoordinatorConnection:
         if getattr(self._local, "pid", None) != os.getpid():  # one socket per thread and process
             self._local.connection, self._local.pid = CoordinatorConnection(self.endpoint), os.getpid()
         return self._local.connection
 
-    def join(self, session: str, participant: int, credential: bytes) -> None:
+    def join(self, session: str, participant: int, credential: bytes, *, wait_s: float | None = None) -> None:
         with self._lock:
             self._credentials[session, participant] = credential
+            if wait_s is not None:
+                self._wait_s[session] = wait_s
+
+    def joined_sessions(self) -> int:
+        """Sessions this engine holds credentials for."""
+        with self._lock:
+            return len({session for session, _ in self._credentials})
 
     def _credential(self, session: str, participant: int) -> bytes:
         with self._lock:
@@ -110,14 +118,17 @@ class NetworkKVExchange(KVExchange):
         self._count_published(session, participant, kv)
 
     def fetch(self, session: str, viewer: int, source: int, layer: int) -> KV:
+        with self._lock:
+            wait_s = self._wait_s.get(session, self.wait_s)
         header = {"op": "fetch", "session": session, "participant": viewer, "source": source, "layer": layer,
-                  "credential": self._credential(session, viewer), "wait_s": self.wait_s}
-        _, kv = self._connection().call(header, timeout_s=self.wait_s + 5.0)
+                  "credential": self._credential(session, viewer), "wait_s": wait_s}
+        _, kv = self._connection().call(header, timeout_s=wait_s + 5.0)
         self._count_received(session, viewer, kv)
         return kv
 
     def release(self, session: str) -> None:
         with self._lock:
             self._stats.pop(session, None)
+            self._wait_s.pop(session, None)
             for key in [k for k in self._credentials if k[0] == session]:
                 del self._credentials[key]

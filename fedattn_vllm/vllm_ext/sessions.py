@@ -43,6 +43,8 @@ class SessionState:
     prompt_kv: dict[tuple[int, int], KV] = field(default_factory=dict)
     # (generator, layer) -> every key/value its decode attends over: foreign, own segment, generated so far
     decode_kv: dict[tuple[int, int], GrowingKV] = field(default_factory=dict)
+    # (generator, source, layer) -> foreign K/V fetched in prefill, kept for its first decode step
+    kept_foreign: dict[tuple[int, int, int], KV] = field(default_factory=dict)
     error: str | None = None  # set when the session failed; its rows are then left alone
 
     def fail(self, message: str) -> None:
@@ -51,6 +53,7 @@ class SessionState:
             self.error = message
         self.prompt_kv.clear()
         self.decode_kv.clear()
+        self.kept_foreign.clear()
 
     @property
     def prompt_len(self) -> int:
@@ -73,9 +76,16 @@ class SessionState:
     def foreign(self, participant: int, layer: int, prefill: bool, fetch) -> KV | None:
         """Foreign K/V `participant` attends to at `layer`, concatenated in participant order (None: none).
 
-        fetch(source) -> KV reads the exchange.
+        fetch(source) -> KV reads the exchange; each source is fetched once per layer (a generator
+        keeps what it fetched in prefill for its decode).
         """
-        parts = [fetch(m) for m in self.sources(participant, layer, prefill)]
+        keep = prefill and self.decodes_over_foreign(participant, layer)
+        parts = []
+        for m in self.sources(participant, layer, prefill):
+            kv = self.kept_foreign.pop((participant, m, layer), None) or fetch(m)
+            if keep:
+                self.kept_foreign[participant, m, layer] = kv
+            parts.append(kv)
         if not parts:
             return None
         return torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])  # (sum of shared, H_kv, D)

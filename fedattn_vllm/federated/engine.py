@@ -1,0 +1,210 @@
+"""A federated engine: one vLLM engine hosting some participants' segments, driven by the orchestrator.
+
+    python -m fedattn_vllm.federated.engine --model default --coordinator tcp://10.0.0.1:5557 \\
+        --bind tcp://0.0.0.0:5560
+
+Control messages (msgpack headers on a ZeroMQ ROUTER socket; docs/federated.md lists them):
+the orchestrator `submit`s the part of a session this engine hosts (segments, the hosted
+participants' coordinator credentials, config, sampling), then says `go` with every
+participant's segment length, or `abort`. The engine answers `ready` once it has
+reserved room for a submitted session (strictly in submission order: the deadlock-freedom
+rule in docs/federated.md), `done` when its participants finish or fail, and `alive`
+every second while it holds work. Segments never leave this process; only sync-layer
+K/V does, through the coordinator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import logging
+import os
+import time
+from collections import deque
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
+from fedattn_vllm.engine import FedAttnSessionError, FederatedLLM, _Run
+from fedattn_vllm.federated.client import NetworkKVExchange
+from fedattn_vllm.federated.wire import WireError, decode, encode
+from fedattn_vllm.vllm_ext.sessions import REGISTRY
+
+log = logging.getLogger(__name__)
+HEARTBEAT_S = 1.0
+
+
+class EngineServer:
+    """Serves one FederatedLLM to the orchestrator; `serve_forever` runs the engine loop."""
+
+    def __init__(self, llm: FederatedLLM, bind: str, coordinator: str, *, control_key: bytes | None = None):
+        self.llm = llm
+        self.exchange = NetworkKVExchange(coordinator)
+        REGISTRY.exchange = self.exchange  # this process's sync-layer hook publishes and fetches through it
+        self._control_key = control_key
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(bind)
+        self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._queue: deque[tuple[bytes, _Run]] = deque()  # submitted, waiting for room, in submission order
+        self._runs: dict[str, tuple[bytes, _Run]] = {}  # reserved or running
+        self._last_beat = 0.0
+        self._stop = False
+
+    # -- the loop ----------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        try:
+            while not self._stop:
+                self._receive(timeout_ms=0 if self.llm.busy else 100)
+                self._reserve_in_order()
+                if self.llm.busy:
+                    for run in self.llm.step():
+                        self._done(run)
+                self._heartbeat()
+        finally:
+            for _, run in list(self._runs.values()) + list(self._queue):
+                self.llm.finish(run, "engine shutting down")
+            self._socket.close(0)
+            self._context.term()
+
+    def _receive(self, timeout_ms: int) -> None:
+        if not self._socket.poll(timeout_ms):
+            return
+        while self._socket.poll(0):
+            identity, *frames = self._socket.recv_multipart()
+            try:
+                header, _ = decode(frames)
+                self._handle(identity, header)
+            except (WireError, KeyError, TypeError, ValueError) as error:
+                self._send(identity, {"event": "error", "error": f"malformed control message: {error!r}"})
+
+    def _send(self, identity: bytes, header: dict) -> None:
+        self._socket.send_multipart([identity, *encode(header)])
+
+    def _handle(self, identity: bytes, header: dict) -> None:
+        if self._control_key is not None and not hmac.compare_digest(bytes(header.get("key", b"")), self._control_key):
+            self._send(identity, {"event": "error", "error": "bad control key"})
+            return
+        op = header.get("op")
+        if op == "submit":
+            self._submit(identity, header)
+        elif op == "go":
+            self._go(str(header["session"]), list(header["lengths"]))
+        elif op == "abort":
+            self._abort(str(header["session"]))
+        elif op == "info":
+            self._send(identity, {"event": "info", "ref": header.get("ref"), "num_layers": self.llm.num_layers,
+                                  "model": Path(self.llm.model_path).name, "max_model_len": self.llm.max_model_len,
+                                  "pid": os.getpid()})
+        elif op == "status":
+            self._send(identity, {"event": "status", "ref": header.get("ref"), **self.status()})
+        elif op == "shutdown":
+            self._stop = True
+        else:
+            self._send(identity, {"event": "error", "error": f"unknown op {op!r}"})
+
+    # -- sessions ----------------------------------------------------------------------------
+    def _submit(self, identity: bytes, header: dict) -> None:
+        from vllm import SamplingParams
+
+        session_id = str(header["session"])
+        try:
+            if session_id in self._runs or any(run.session_id == session_id for _, run in self._queue):
+                raise FedAttnSessionError("session", f"{session_id} was already submitted")
+            config = FedAttnConfig(**header["config"])
+            try:
+                sampling = msgspec.msgpack.decode(header["sampling"], type=SamplingParams)
+            except msgspec.DecodeError as error:
+                raise FedAttnSessionError("sampling_params", str(error)) from None
+            prompts = {int(n): self.llm.encode(segment, int(n)) for n, segment in header["segments"].items()}
+            run = self.llm.plan_run(session_id, prompts, int(header["num_participants"]), config, sampling)
+        except (FedAttnSessionError, FedAttnConfigError) as error:
+            self._send(identity, {"event": "done", "session": session_id, "error": str(error),
+                                  "field": getattr(error, "field", None)})
+            return
+        for n, credential in header["credentials"].items():
+            self.exchange.join(session_id, int(n), credential, wait_s=float(header["wait_s"]))
+        self._queue.append((identity, run))
+
+    def _reserve_in_order(self) -> None:
+        """Reserve queued sessions strictly in submission order (never overtake: see the ordering rule)."""
+        while self._queue and self.llm.reserve(self._queue[0][1]):
+            identity, run = self._queue.popleft()
+            self._runs[run.session_id] = (identity, run)
+            self._send(identity, {"event": "ready", "session": run.session_id,
+                                  "lengths": {n: len(p) for n, p in run.prompts.items()}})
+
+    def _go(self, session_id: str, lengths: list[int]) -> None:
+        if session_id not in self._runs:
+            return  # aborted meanwhile
+        _, run = self._runs[session_id]
+        try:
+            self.llm.start(run, lengths)
+        except FedAttnSessionError as error:
+            run.error = str(error)
+            self._done(run)
+
+    def _abort(self, session_id: str) -> None:
+        """Drop the session wherever it is; its K/V and credentials go with it."""
+        for entry in [e for e in self._queue if e[1].session_id == session_id]:
+            self._queue.remove(entry)
+            self.llm.finish(entry[1], "aborted")
+        if session_id in self._runs:
+            _, run = self._runs.pop(session_id)
+            self.llm.finish(run, "aborted")
+        REGISTRY.release(session_id)  # also what a request of it may have left in this worker
+
+    def _done(self, run: _Run) -> None:
+        identity, _ = self._runs.pop(run.session_id)
+        result = self.llm.finish(run, run.error)
+        cost = result.cost
+        self._send(identity, {
+            "event": "done", "session": run.session_id, "error": result.error,
+            "outputs": {g: {"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason}
+                        for g, o in result.outputs.items()},
+            "published_bytes": {n: cost.published_bytes[n] for n in run.prompts},
+            "received_bytes": {n: cost.received_bytes[n] for n in run.prompts},
+        })
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self._last_beat < HEARTBEAT_S:
+            return
+        self._last_beat = now
+        for identity in {identity for identity, _ in [*self._queue, *self._runs.values()]}:
+            self._send(identity, {"event": "alive"})
+
+    def status(self) -> dict:
+        """What this engine holds: queued and reserved sessions, worker session state, credentials, requests."""
+        return {"queued": len(self._queue), "runs": len(self._runs), "sessions": len(REGISTRY),
+                "credentials": self.exchange.joined_sessions(), "requests": self.llm.admission.live_requests,
+                "unfinished": self.llm.engine.get_num_unfinished_requests()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedattn_vllm.federated.engine", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default", help="model alias, local directory or hub id")
+    parser.add_argument("--coordinator", required=True, help="the coordinator's ZeroMQ endpoint")
+    parser.add_argument("--bind", default="tcp://127.0.0.1:*", help="control endpoint for the orchestrator")
+    parser.add_argument("--engine-args", default="{}", help="vLLM engine arguments as a JSON object")
+    parser.add_argument("--ready-file", type=Path, help="write the bound endpoint here once serving")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    key = os.environ.get("FEDATTN_ENGINE_KEY")
+    llm = FederatedLLM(args.model, **json.loads(args.engine_args))
+    server = EngineServer(llm, args.bind, args.coordinator, control_key=key.encode() if key else None)
+    log.info("fedattn engine serving %s on %s", Path(llm.model_path).name, server.endpoint)
+    if args.ready_file:
+        tmp = args.ready_file.with_suffix(".tmp")
+        tmp.write_text(server.endpoint)
+        tmp.rename(args.ready_file)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
