@@ -56,8 +56,10 @@ class GeneratorOutput:
 class SessionCost:
     tokens: list[int]  # segment length per participant
     sync_layers: tuple[int, ...]
-    published_bytes: list[int]  # measured at the exchange, per participant
+    published_bytes: list[int]  # K/V payload measured at the exchange, per participant
     received_bytes: list[int]
+    published_wire_bytes: list[int] | None = None  # federated: whole messages on the wire (payload + framing)
+    received_wire_bytes: list[int] | None = None
 
 
 @dataclass
@@ -65,6 +67,8 @@ class SessionResult:
     outputs: dict[int, GeneratorOutput]  # by generator index (empty if the session failed)
     cost: SessionCost
     error: str | None = None  # why the session failed; other sessions of the call are unaffected
+    error_field: str | None = None  # the offending input, when the session was refused for one
+    wall_s: float | None = None  # federated: from submission to the last participant's completion
 
 
 @dataclass

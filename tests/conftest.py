@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for a hub
@@ -16,7 +17,9 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
+from fedattn_vllm.config import FedAttnConfig
 from fedattn_vllm.models import resolve_model
+from fedattn_vllm.schedule import Placement
 
 hf_logging.disable_progress_bar()
 
@@ -74,3 +77,34 @@ def tiny_engine(request):
     model, tokenizer = load_hf(request.param)
     return SimpleNamespace(name=request.param, llm=federated_engine(request.param),
                            oracle=FedAttnOracle(model), hf=model, tokenizer=tokenizer)
+
+
+def greedy(max_tokens: int):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def random_tokens(rng: random.Random, vocab: int, length: int) -> list[int]:
+    return [rng.randrange(3, vocab) for _ in range(length)]
+
+
+def random_case(rng: random.Random, vocab: int, num_layers: int) -> tuple[list[list[int]], FedAttnConfig, int]:
+    """Segments, config and max_tokens for one randomised session of the grid."""
+    n = rng.randint(1, 4)
+    lengths = [rng.choice([1, 2, rng.randint(1, 12), rng.randint(10, 40)]) for _ in range(n)]
+    placement = rng.choice(list(Placement))
+    options: dict = {"placement": placement, "sync_interval": rng.randint(1, 4), "seed": rng.randrange(1000)}
+    if placement is Placement.EXPLICIT:
+        options["sync_layers"] = rng.sample(range(num_layers), rng.randint(0, num_layers))
+    elif rng.random() < 0.3:
+        options["publisher_sync_interval"] = rng.randint(1, 3)
+        options["publisher"] = rng.randrange(-n, n)
+    ratio = rng.choice(["dense", "global", "per participant"])
+    if ratio == "global":
+        options["kv_share_ratio"] = rng.choice([0.1, 0.3, 0.5, 0.75])
+    elif ratio == "per participant":
+        options["kv_share_ratio"] = tuple(rng.choice([0.2, 0.5, 1.0]) for _ in range(n))
+    options["generators"] = tuple(rng.sample(range(n), rng.randint(1, n)))
+    # At least two tokens, so every generator decodes once and reads everyone's K/V (as the cost model counts).
+    return [random_tokens(rng, vocab, length) for length in lengths], FedAttnConfig(**options), rng.randint(2, 10)

@@ -21,6 +21,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import zmq
 
@@ -243,11 +244,19 @@ def _by_participant(counts: dict[tuple[int, str], int]) -> dict[str, dict[int, i
     return rows
 
 
+def write_ready_file(path: Path, endpoint: str) -> None:
+    """Publish the bound endpoint atomically (a launcher polls for the file)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(endpoint)
+    tmp.rename(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fedattn_vllm.federated.coordinator", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bind", default="tcp://127.0.0.1:5557", help="ZeroMQ endpoint to listen on")
     parser.add_argument("--session-ttl-s", type=float, default=600.0, help="free sessions idle this long")
+    parser.add_argument("--ready-file", type=Path, help="write the bound endpoint here once listening")
     args = parser.parse_args(argv)
     key = os.environ.get("FEDATTN_ADMIN_KEY")
     if not key:
@@ -255,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     coordinator = Coordinator(args.bind, key.encode(), session_ttl_s=args.session_ttl_s)
     log.info("coordinator listening on %s", coordinator.endpoint)
+    if args.ready_file:
+        write_ready_file(args.ready_file, coordinator.endpoint)
     coordinator.serve_forever()
 
 

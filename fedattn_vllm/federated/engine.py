@@ -30,6 +30,7 @@ import zmq
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
 from fedattn_vllm.engine import FedAttnSessionError, FederatedLLM, _Run
 from fedattn_vllm.federated.client import NetworkKVExchange
+from fedattn_vllm.federated.coordinator import write_ready_file
 from fedattn_vllm.federated.wire import WireError, decode, encode
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
 
@@ -52,6 +53,7 @@ class EngineServer:
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._queue: deque[tuple[bytes, _Run]] = deque()  # submitted, waiting for room, in submission order
         self._runs: dict[str, tuple[bytes, _Run]] = {}  # reserved or running
+        self._waves: deque[list[dict]] = deque()  # go'd sessions, one wave started per engine step
         self._last_beat = 0.0
         self._stop = False
 
@@ -59,8 +61,9 @@ class EngineServer:
     def serve_forever(self) -> None:
         try:
             while not self._stop:
-                self._receive(timeout_ms=0 if self.llm.busy else 100)
+                self._receive(timeout_ms=0 if self.llm.busy or self._waves else 100)
                 self._reserve_in_order()
+                self._start_wave()
                 if self.llm.busy:
                     for run in self.llm.step():
                         self._done(run)
@@ -93,7 +96,7 @@ class EngineServer:
         if op == "submit":
             self._submit(identity, header)
         elif op == "go":
-            self._go(str(header["session"]), list(header["lengths"]))
+            self._waves.append(list(header["sessions"]))
         elif op == "abort":
             self._abort(str(header["session"]))
         elif op == "info":
@@ -135,18 +138,25 @@ class EngineServer:
         while self._queue and self.llm.reserve(self._queue[0][1]):
             identity, run = self._queue.popleft()
             self._runs[run.session_id] = (identity, run)
+            log.debug("session %s reserved (participants %s)", run.session_id, list(run.prompts))
             self._send(identity, {"event": "ready", "session": run.session_id,
                                   "lengths": {n: len(p) for n, p in run.prompts.items()}})
 
-    def _go(self, session_id: str, lengths: list[int]) -> None:
-        if session_id not in self._runs:
-            return  # aborted meanwhile
-        _, run = self._runs[session_id]
-        try:
-            self.llm.start(run, lengths)
-        except FedAttnSessionError as error:
-            run.error = str(error)
-            self._done(run)
+    def _start_wave(self) -> None:
+        """Hand the next wave of go'd sessions to vLLM: exactly one wave per step (the ordering rule)."""
+        if not self._waves:
+            return
+        for item in self._waves.popleft():
+            session_id = str(item["session"])
+            if session_id not in self._runs:
+                continue  # aborted meanwhile
+            _, run = self._runs[session_id]
+            try:
+                self.llm.start(run, list(item["lengths"]))
+                log.debug("session %s started", session_id)
+            except FedAttnSessionError as error:
+                run.error = str(error)
+                self._done(run)
 
     def _abort(self, session_id: str) -> None:
         """Drop the session wherever it is; its K/V and credentials go with it."""
@@ -161,6 +171,7 @@ class EngineServer:
     def _done(self, run: _Run) -> None:
         identity, _ = self._runs.pop(run.session_id)
         result = self.llm.finish(run, run.error)
+        log.debug("session %s done%s", run.session_id, f": {result.error}" if result.error else "")
         cost = result.cost
         self._send(identity, {
             "event": "done", "session": run.session_id, "error": result.error,
@@ -194,15 +205,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engine-args", default="{}", help="vLLM engine arguments as a JSON object")
     parser.add_argument("--ready-file", type=Path, help="write the bound endpoint here once serving")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    logging.basicConfig(level=os.environ.get("FEDATTN_LOG_LEVEL", "INFO"))
     key = os.environ.get("FEDATTN_ENGINE_KEY")
     llm = FederatedLLM(args.model, **json.loads(args.engine_args))
     server = EngineServer(llm, args.bind, args.coordinator, control_key=key.encode() if key else None)
     log.info("fedattn engine serving %s on %s", Path(llm.model_path).name, server.endpoint)
     if args.ready_file:
-        tmp = args.ready_file.with_suffix(".tmp")
-        tmp.write_text(server.endpoint)
-        tmp.rename(args.ready_file)
+        write_ready_file(args.ready_file, server.endpoint)
     server.serve_forever()
 
 

@@ -1,0 +1,318 @@
+"""The orchestrator: runs FedAttn sessions across federated engines, each holding only its participants.
+
+    cluster = FederatedCluster(["tcp://a:5560", "tcp://b:5560"], "tcp://c:5557", admin_key)
+    results = cluster.generate(sessions, placement=[[0, 1], ...])  # participant n of session i on engine placement[i][n]
+
+For each session it opens the coordinator session (one credential per participant), sends
+each engine only its own participants' segments and credentials, says `go` once every
+engine has reserved room (pipelined: all at once; serial: one after another), and
+assembles the generators' outputs with the bytes the coordinator counted. A session fails,
+alone, when an engine reports an error, dies, or goes silent for `timeout_s`; its K/V is
+then freed everywhere (coordinator close, engine aborts).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+import zmq
+
+from fedattn_vllm.config import FedAttnPlan
+from fedattn_vllm.engine import FedAttnSession, FedAttnSessionError, GeneratorOutput, SessionCost, SessionResult
+from fedattn_vllm.engine import _config_dict
+from fedattn_vllm.federated.client import CoordinatorError, SessionAdmin
+from fedattn_vllm.federated.wire import decode, encode
+
+
+class EngineUnavailable(RuntimeError):
+    """An engine did not answer the orchestrator."""
+
+
+class EngineLink:
+    """The orchestrator's connection to one engine: commands out, events in."""
+
+    def __init__(self, endpoint: str, *, control_key: bytes | None = None):
+        self.endpoint = endpoint
+        self._key = control_key
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self.backlog: deque[dict] = deque()  # events that arrived while waiting for a reply
+        self._refs = itertools.count()
+
+    def send(self, header: dict) -> None:
+        if self._key is not None:
+            header = {**header, "key": self._key}
+        self.socket.send_multipart(encode(header))
+
+    def receive(self) -> list[dict]:
+        """Every event waiting (never blocks)."""
+        events = list(self.backlog)
+        self.backlog.clear()
+        while self.socket.poll(0):
+            events.append(decode(self.socket.recv_multipart())[0])
+        return events
+
+    def request(self, op: str, timeout_s: float) -> dict:
+        """Send `op` and wait for its reply; other events are kept for `receive`."""
+        ref = next(self._refs)
+        self.send({"op": op, "ref": ref})
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0 and self.socket.poll(int(left * 1000) + 1):
+            event = decode(self.socket.recv_multipart())[0]
+            if event.get("ref") == ref:
+                return event
+            self.backlog.append(event)
+        raise EngineUnavailable(f"engine {self.endpoint} did not answer {op!r} within {timeout_s:.0f} s")
+
+    def close(self) -> None:
+        self.socket.close(0)
+
+
+@dataclass
+class _Flight:
+    """One session between submission and its result."""
+
+    session_id: str
+    plan: FedAttnPlan
+    hosts: dict[int, list[int]]  # engine -> the participants it hosts
+    started: float = field(default_factory=time.monotonic)
+    lengths: dict[int, int] = field(default_factory=dict)
+    ready: set[int] = field(default_factory=set)
+    done: set[int] = field(default_factory=set)
+    outputs: dict[int, GeneratorOutput] = field(default_factory=dict)
+    serial_order: list[int] = field(default_factory=list)  # engines still to start (serial mode)
+    error: str | None = None
+    error_field: str | None = None
+    result: SessionResult | None = None
+
+
+class FederatedCluster:
+    """Runs sessions on federated engines through one coordinator (one orchestrator per pool of engines)."""
+
+    def __init__(self, engines: Sequence[str], coordinator: str, admin_key: bytes, *, control_key: bytes | None = None,
+                 timeout_s: float = 60.0, processes: Sequence | None = None):
+        """`timeout_s`: how long a participant waits for a peer's K/V before its session fails.
+
+        An engine blocked in such a wait sends nothing meanwhile, so an engine is declared
+        stalled (its sessions failed) only after `2 * timeout_s + 5` s of silence while it owes
+        work. `processes` (optional, one per engine): local engine processes, so a death is
+        noticed at once.
+        """
+        if not engines:
+            raise ValueError("engines: at least one engine endpoint")
+        self.links = [EngineLink(endpoint, control_key=control_key) for endpoint in engines]
+        self.processes = list(processes) if processes is not None else None
+        self.timeout_s = timeout_s
+        self.silence_s = 2 * timeout_s + 5.0
+        self.admin = SessionAdmin(coordinator, admin_key)
+        infos = [link.request("info", timeout_s) for link in self.links]
+        models = {(info["model"], info["num_layers"]) for info in infos}
+        if len(models) != 1:
+            raise ValueError(f"engines serve different models: {sorted(models)}")
+        self.model, self.num_layers = models.pop()
+        self.engine_pids = [info["pid"] for info in infos]
+        self._last_heard = [time.monotonic()] * len(engines)
+        self._outstanding: list[set[str]] = [set() for _ in engines]  # sessions each engine still owes
+        self._wave: dict[int, list[dict]] = {}  # engine -> sessions to start in the next wave
+
+    # -- validation ------------------------------------------------------------------------
+    def _check(self, i: int, session: FedAttnSession, placement: Sequence[int] | None, pipelined: bool):
+        if not isinstance(session, FedAttnSession):
+            raise FedAttnSessionError(f"sessions[{i}]", f"expected a FedAttnSession, got {type(session).__name__}")
+        if isinstance(session.segments, (str, bytes)) or not session.segments:
+            raise FedAttnSessionError("segments", "a session needs a list of at least one participant segment")
+        n = len(session.segments)
+        for p, segment in enumerate(session.segments):
+            if not isinstance(segment, str) and not (
+                isinstance(segment, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in segment)
+            ):
+                raise FedAttnSessionError(f"segments[{p}]", "must be text or a list of token ids")
+        plan = session.config.resolve(self.num_layers, n)
+        engines = list(placement) if placement is not None else [p % len(self.links) for p in range(n)]
+        if len(engines) != n or not all(isinstance(e, int) and 0 <= e < len(self.links) for e in engines):
+            raise FedAttnSessionError(f"placement[{i}]", f"one engine index in 0..{len(self.links) - 1} per participant")
+        if not pipelined and (len(set(engines)) != n or plan.generators != (n - 1,)):
+            raise FedAttnSessionError(f"placement[{i}]", "serial mode runs one participant per engine, the last generating")
+        hosts: dict[int, list[int]] = {}
+        for participant, engine in enumerate(engines):
+            hosts.setdefault(engine, []).append(participant)
+        return plan, hosts
+
+    # -- running ---------------------------------------------------------------------------
+    def generate(self, sessions: Sequence[FedAttnSession], placement: Sequence[Sequence[int]] | None = None, *,
+                 pipelined: bool = True) -> list[SessionResult]:
+        """Run every session; one result per session, in order. A failed session has `error` set."""
+        from vllm import SamplingParams
+
+        if placement is not None and len(placement) != len(sessions):
+            raise FedAttnSessionError("placement", "one engine assignment per session")
+        checked = [self._check(i, s, placement[i] if placement else None, pipelined) for i, s in enumerate(sessions)]
+        for s in sessions:
+            if s.sampling_params is not None and not isinstance(s.sampling_params, SamplingParams):
+                raise FedAttnSessionError("sampling_params", f"expected vllm.SamplingParams, got "
+                                          f"{type(s.sampling_params).__name__}")
+        flights: dict[str, _Flight] = {}
+        order = []
+        try:
+            for session, (plan, hosts) in zip(sessions, checked):  # submission order is the global session order
+                flight = self._submit(session, plan, hosts, pipelined)
+                flights[flight.session_id] = flight
+                order.append(flight.session_id)
+            poller = zmq.Poller()
+            for link in self.links:
+                poller.register(link.socket, zmq.POLLIN)
+            while any(f.result is None for f in flights.values()):
+                poller.poll(100)
+                for e, link in enumerate(self.links):
+                    for event in link.receive():
+                        self._on_event(e, event, flights)
+                self._send_wave()
+                self._check_engines(flights)
+        finally:
+            for flight in flights.values():  # an exception left these behind
+                if flight.result is None:
+                    self._fail(flight, "the orchestrator stopped")
+        return [flights[s].result for s in order]
+
+    def _submit(self, session: FedAttnSession, plan: FedAttnPlan, hosts: dict[int, list[int]], pipelined: bool):
+        session_id = f"fedattn-{uuid.uuid4().hex}"
+        credentials = self.admin.open(session_id, plan)
+        flight = _Flight(session_id, plan, hosts)
+        if not pipelined:
+            flight.serial_order = sorted(hosts, key=lambda e: hosts[e][0])
+        sampling = msgspec.msgpack.encode(session.sampling_params) if session.sampling_params is not None else None
+        for engine, participants in hosts.items():
+            if not self._outstanding[engine]:
+                self._last_heard[engine] = time.monotonic()  # its silence counts from now
+            self._outstanding[engine].add(session_id)
+            self.links[engine].send({
+                "op": "submit", "session": session_id, "num_participants": len(session.segments),
+                "segments": {n: _plain(session.segments[n]) for n in participants},
+                "credentials": {n: credentials[n] for n in participants},
+                "config": _config_dict(session.config), "sampling": sampling or msgspec.msgpack.encode(None),
+                "wait_s": self.timeout_s,
+            })
+        return flight
+
+    def _on_event(self, engine: int, event: dict, flights: dict[str, _Flight]) -> None:
+        self._last_heard[engine] = time.monotonic()
+        flight = flights.get(event.get("session"))
+        if flight is None or flight.result is not None:
+            return  # heartbeats, and late news of sessions already settled
+        kind = event.get("event")
+        if kind == "ready":
+            flight.ready.add(engine)
+            flight.lengths.update({int(n): length for n, length in event["lengths"].items()})
+            if len(flight.ready) == len(flight.hosts):
+                for e in (flight.serial_order[:1] if flight.serial_order else flight.hosts):
+                    self._go(flight, e)
+        elif kind == "done":
+            self._outstanding[engine].discard(flight.session_id)
+            if event.get("error"):
+                flight.error_field = event.get("field")
+                self._fail(flight, f"engine {engine}: {event['error']}")
+                return
+            flight.done.add(engine)
+            for g, out in event["outputs"].items():
+                flight.outputs[int(g)] = GeneratorOutput(int(g), out["text"], list(out["token_ids"]),
+                                                         out["finish_reason"])
+            if flight.serial_order:
+                flight.serial_order.pop(0)
+                if flight.serial_order:
+                    self._go(flight, flight.serial_order[0])
+            if len(flight.done) == len(flight.hosts):
+                self._complete(flight)
+
+    def _go(self, flight: _Flight, engine: int) -> None:
+        """Start the session on `engine` with the next wave."""
+        lengths = [flight.lengths[n] for n in range(len(flight.lengths))]
+        self._wave.setdefault(engine, []).append({"session": flight.session_id, "lengths": lengths})
+
+    def _send_wave(self) -> None:
+        """One `go` per engine for every session that became startable since the last wave.
+
+        Every engine starts the waves it receives in this order, one per engine step, so a
+        session's participants begin in the same wave everywhere (docs/federated.md).
+        """
+        for engine, sessions in self._wave.items():
+            self.links[engine].send({"op": "go", "sessions": sessions})
+        self._wave.clear()
+
+    def _check_engines(self, flights: dict[str, _Flight]) -> None:
+        """Fail the sessions of an engine that died or has been silent for `timeout_s` while owing work."""
+        now = time.monotonic()
+        for e, owed in enumerate(self._outstanding):
+            if not owed:
+                continue
+            process = self.processes[e] if self.processes else None
+            if process is not None and process.poll() is not None:
+                why = f"engine {e} exited (code {process.returncode})"
+            elif now - self._last_heard[e] > self.silence_s:
+                why = f"engine {e} sent nothing for {self.silence_s:.0f} s (stalled or unreachable)"
+            else:
+                continue
+            for session_id in list(owed):
+                if session_id in flights and flights[session_id].result is None:
+                    self._fail(flights[session_id], why)
+            owed.clear()
+
+    def _complete(self, flight: _Flight) -> None:
+        stats = self.admin.stats(flight.session_id)
+        self._close(flight)
+        flight.result = SessionResult(outputs=dict(sorted(flight.outputs.items())), cost=self._cost(flight, stats),
+                                      wall_s=time.monotonic() - flight.started)
+
+    def _fail(self, flight: _Flight, why: str) -> None:
+        """Settle the session as failed and free it everywhere: coordinator first (waiters fail fast), then engines."""
+        try:
+            stats = self.admin.stats(flight.session_id)
+        except CoordinatorError:
+            stats = None
+        self._close(flight)
+        for e in flight.hosts:
+            if e not in flight.done:
+                self.links[e].send({"op": "abort", "session": flight.session_id})
+            self._outstanding[e].discard(flight.session_id)
+        flight.result = SessionResult(outputs={}, cost=self._cost(flight, stats), error=why,
+                                      error_field=flight.error_field, wall_s=time.monotonic() - flight.started)
+
+    def _close(self, flight: _Flight) -> None:
+        try:
+            self.admin.close(flight.session_id)
+        except CoordinatorError:
+            pass  # already gone (expired); nothing of it is left there
+
+    def _cost(self, flight: _Flight, stats: dict | None) -> SessionCost:
+        n = sum(len(p) for p in flight.hosts.values())
+        stats = stats or {"wire_bytes": {"up": {}, "down": {}}, "payload_bytes": {"up": {}, "down": {}}}
+
+        def column(kind: str, direction: str) -> list[int]:
+            counts = {int(k): v for k, v in stats[kind][direction].items()}
+            return [counts.get(p, 0) for p in range(n)]
+
+        return SessionCost(
+            tokens=[flight.lengths.get(p, 0) for p in range(n)], sync_layers=flight.plan.sync_layers,
+            published_bytes=column("payload_bytes", "up"), received_bytes=column("payload_bytes", "down"),
+            published_wire_bytes=column("wire_bytes", "up"), received_wire_bytes=column("wire_bytes", "down"),
+        )
+
+    # -- management ------------------------------------------------------------------------
+    def status(self, engines: Sequence[int] | None = None) -> list[dict]:
+        """Each engine's holdings (queued/reserved sessions, worker state, credentials, requests)."""
+        return [self.links[e].request("status", self.timeout_s) for e in (engines or range(len(self.links)))]
+
+    def close(self) -> None:
+        for link in self.links:
+            link.close()
+
+
+def _plain(segment):
+    """A segment as msgpack-able data: text stays text, token ids become a list."""
+    return segment if isinstance(segment, str) else list(segment)

@@ -1,0 +1,98 @@
+"""A federated deployment on this machine: a coordinator and engine processes on loopback.
+
+    with LocalCluster("default", engines=3) as local:
+        results = local.cluster.generate(sessions, placement)
+
+Every engine is its own OS process with its own vLLM engine; they talk only through the
+coordinator, exactly as on separate machines. Fresh random keys guard the coordinator's
+admin operations and the engines' control sockets. Process logs go to `log_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fedattn_vllm.federated.cluster import FederatedCluster
+
+
+class LaunchError(RuntimeError):
+    """A coordinator or engine process did not come up."""
+
+
+class LocalCluster:
+    def __init__(self, model: str = "default", engines: int = 2, *, engine_args: dict | None = None,
+                 timeout_s: float = 60.0, start_timeout_s: float = 600.0, log_dir: str | Path | None = None,
+                 env: dict[str, str] | None = None, coordinator: tuple[str, bytes] | None = None):
+        """`coordinator`: (endpoint, admin key) of a running coordinator to use instead of starting one."""
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="fedattn-cluster-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        admin_key = coordinator[1] if coordinator else secrets.token_hex(16).encode()
+        control_key = secrets.token_hex(16)
+        self._env = {**os.environ, **(env or {}), "FEDATTN_ADMIN_KEY": admin_key.decode(),
+                     "FEDATTN_ENGINE_KEY": control_key}
+        self.processes: list[subprocess.Popen] = []
+        try:
+            if coordinator:
+                self.coordinator_endpoint = coordinator[0]
+            else:
+                process = self._launch("coordinator", ["fedattn_vllm.federated.coordinator", "--bind", "tcp://127.0.0.1:*"])
+                self.coordinator_endpoint = self._await_ready(process, "coordinator", start_timeout_s)
+            args = ["fedattn_vllm.federated.engine", "--model", model, "--coordinator", self.coordinator_endpoint,
+                    "--engine-args", json.dumps(engine_args or {})]
+            engine_processes = [self._launch(f"engine{e}", args) for e in range(engines)]
+            endpoints = [self._await_ready(p, f"engine{e}", start_timeout_s) for e, p in enumerate(engine_processes)]
+            self.cluster = FederatedCluster(endpoints, self.coordinator_endpoint, admin_key,
+                                            control_key=control_key.encode(), timeout_s=timeout_s,
+                                            processes=engine_processes)
+        except BaseException:
+            self.close()
+            raise
+        self.engine_processes = engine_processes
+
+    def _launch(self, name: str, module_args: list[str]) -> subprocess.Popen:
+        ready = self.log_dir / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            process = subprocess.Popen([sys.executable, "-m", *module_args, "--ready-file", str(ready)],
+                                       stdout=log, stderr=subprocess.STDOUT, env=self._env, start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def _await_ready(self, process: subprocess.Popen, name: str, timeout_s: float) -> str:
+        ready = self.log_dir / f"{name}.ready"
+        deadline = time.monotonic() + timeout_s
+        while not ready.exists():
+            if process.poll() is not None:
+                raise LaunchError(f"{name} exited with code {process.returncode}; see {self.log_dir / f'{name}.log'}")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"{name} not ready after {timeout_s:.0f} s; see {self.log_dir / f'{name}.log'}")
+            time.sleep(0.2)
+        return ready.read_text()
+
+    def close(self) -> None:
+        """Stop every process (the engines free their sessions on the way out)."""
+        if hasattr(self, "cluster"):
+            self.cluster.close()
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

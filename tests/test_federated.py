@@ -1,0 +1,245 @@
+"""Federated mode: engine processes each holding only their participants, K/V through a coordinator.
+
+One 3-engine cluster (tiny random Qwen2, fp32) serves the module; its coordinator runs in
+this process and records every frame it receives, and every control message the
+orchestrator sends is recorded too, so the privacy tests assert on what actually moved.
+The fault tests come last: they stop and kill engines.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import msgspec
+import pytest
+import torch
+from conftest import TINY_ENGINE_ARGS, federated_engine, greedy, random_case, random_tokens
+
+from fedattn_vllm.config import FedAttnConfig
+from fedattn_vllm.cost import ModelShape, participant_costs
+from fedattn_vllm.engine import FedAttnSession, FedAttnSessionError
+from fedattn_vllm.federated.coordinator import Coordinator
+from fedattn_vllm.federated.local import LocalCluster
+from fedattn_vllm.federated.wire import decode
+
+MODEL = "tiny-qwen2"
+TIMEOUT_S = 6.0
+ADMIN_KEY = b"federated-test-admin"
+VOCAB = 256  # the tiny tokenizer's ids are all valid below this
+
+
+class RecordingCoordinator(Coordinator):
+    """The real coordinator, keeping a copy of every message it receives."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.received: list[tuple[dict, bytes]] = []  # (header, all frames' bytes)
+
+    def _handle(self, identity, request_id, frames):
+        raw = b"".join(bytes(f.buffer if hasattr(f, "buffer") else f) for f in frames)
+        self.received.append((decode(frames)[0], raw))
+        super()._handle(identity, request_id, frames)
+
+
+@pytest.fixture(scope="module")
+def coordinator():
+    server = RecordingCoordinator("tcp://127.0.0.1:*", ADMIN_KEY)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.stop()
+    thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def local(coordinator, tmp_path_factory):
+    with LocalCluster(MODEL, engines=3, engine_args=TINY_ENGINE_ARGS, timeout_s=TIMEOUT_S,
+                      log_dir=tmp_path_factory.mktemp("cluster"), coordinator=(coordinator.endpoint, ADMIN_KEY)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def colocated():
+    return federated_engine(MODEL)
+
+
+@pytest.fixture
+def sent(local, monkeypatch):
+    """Every control message the orchestrator sends, as (engine index, header)."""
+    messages: list[tuple[int, dict]] = []
+    for e, link in enumerate(local.cluster.links):
+        original = link.send
+
+        def send(header, e=e, original=original):
+            messages.append((e, header))
+            original(header)
+
+        monkeypatch.setattr(link, "send", send)
+    return messages
+
+
+def tokens(result) -> dict[int, list[int]]:
+    assert result.error is None, result.error
+    return {g: out.token_ids for g, out in result.outputs.items()}
+
+
+def assert_all_freed(local, coordinator, engines=(0, 1, 2), deadline_s: float = 15.0) -> None:
+    """Nothing of any session is left on any engine or at the coordinator (aborts are asynchronous)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        held = [{k: v for k, v in s.items() if k not in ("event", "ref") and v} for s in local.cluster.status(engines)]
+        if not any(held) and not coordinator.sessions:
+            return
+        assert time.monotonic() < deadline, f"left behind: engines {held}, coordinator {list(coordinator.sessions)}"
+        time.sleep(0.2)
+
+
+def test_federated_tokens_equal_colocated_and_payload_bytes_equal_the_cost_model(local, colocated):
+    rng = random.Random("federated-grid")
+    cases = [random_case(rng, len(colocated.tokenizer), colocated.num_layers) for _ in range(24)]
+    sessions = [FedAttnSession(segments, config, greedy(max_tokens)) for segments, config, max_tokens in cases]
+    placement = [[rng.randrange(3) for _ in s.segments] for s in sessions]
+    federated = local.cluster.generate(sessions, placement)
+    expected = colocated.generate(sessions)
+    shape = ModelShape.from_hf_config(_hf_config(colocated), torch.float32)
+    payload = wire = 0
+    for (segments, config, _), result, reference in zip(cases, federated, expected):
+        case = f"lengths={[len(s) for s in segments]} {config}"
+        assert tokens(result) == tokens(reference), case
+        costs = participant_costs(shape, config.resolve(colocated.num_layers, len(segments)), [len(s) for s in segments])
+        assert result.cost.published_bytes == [c.upload_bytes for c in costs], case
+        assert result.cost.received_bytes == [c.download_bytes for c in costs], case
+        for up, down, up_wire, down_wire in zip(result.cost.published_bytes, result.cost.received_bytes,
+                                                result.cost.published_wire_bytes, result.cost.received_wire_bytes):
+            messages = len(result.cost.sync_layers) * len(segments)  # a bound on one participant's messages
+            assert 0 <= up_wire - up <= 160 * messages and 0 <= down_wire - down <= 64 * messages, case
+            payload, wire = payload + up + down, wire + up_wire + down_wire
+    print(f"\nframing overhead on the tiny model's small K/V: {100 * (wire - payload) / payload:.2f}% "
+          f"({wire - payload} of {payload} bytes)")
+
+
+def _hf_config(llm):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(llm.model_path)
+
+
+def test_sessions_crossing_shared_engines_all_complete(local, colocated):
+    """8 sessions over 3 engines in crossing orders, bigger together than one step: no deadlock."""
+    rng = random.Random("crossing")
+    vocab = len(colocated.tokenizer)
+    orders = [[0, 1, 2], [2, 1, 0], [1, 2, 0], [0, 2, 1], [2, 0, 1], [1, 0, 2], [2, 2, 0, 1], [1, 0, 0, 2]]
+    sessions = [
+        FedAttnSession([random_tokens(rng, vocab, rng.randint(30, 60)) for _ in order],
+                       FedAttnConfig(sync_interval=rng.randint(1, 3), generators=rng.choice([(-1,), (0,), (0, -1)])),
+                       greedy(6))
+        for order in orders
+    ]
+    federated = local.cluster.generate(sessions, orders)
+    assert [tokens(r) for r in federated] == [tokens(r) for r in colocated.generate(sessions)]
+
+
+def test_no_text_or_token_ids_reach_the_coordinator_or_foreign_engines(local, coordinator, colocated, sent):
+    rng = random.Random("privacy")
+    texts = ["the vault code is 4417 and only alice knows it", "bob's salary is ninety thousand per annum",
+             "carol asks: what is the vault code"]
+    ids = [random_tokens(rng, len(colocated.tokenizer), 24) for _ in range(3)]
+    placement = [[0, 1, 2], [2, 0, 1]]
+    coordinator.received.clear()
+    results = local.cluster.generate([FedAttnSession(texts, FedAttnConfig(sync_interval=1), greedy(4)),
+                                      FedAttnSession(ids, FedAttnConfig(sync_interval=2), greedy(4))], placement)
+    assert all(r.error is None for r in results)
+    secrets = [[t.encode() for t in texts], [msgspec.msgpack.encode(i) for i in ids]]
+    # The coordinator: only protocol fields, never a segment's bytes.
+    allowed = {"op", "session", "participant", "source", "layer", "credential", "wait_s", "dtype", "shape",
+               "admin_key", "publish_layers", "generators"}
+    assert coordinator.received
+    for header, raw in coordinator.received:
+        assert set(header) <= allowed, set(header) - allowed
+        assert not any(secret in raw for session in secrets for secret in session)
+    # Each engine: segments only of the participants it hosts, and no trace of anyone else's.
+    submits = [(e, h) for e, h in sent if h["op"] == "submit"]
+    assert len(submits) == 6
+    for e, header in submits:
+        s = 0 if isinstance(header["segments"][next(iter(header["segments"]))], str) else 1
+        hosted = {n for n, engine in enumerate(placement[s]) if engine == e}
+        assert set(header["segments"]) == hosted and set(header["credentials"]) == hosted
+        raw = msgspec.msgpack.encode(header)
+        assert not any(secrets[s][n] in raw for n in range(3) if n not in hosted)
+
+
+def test_bad_input_is_refused_with_the_field_named_and_other_sessions_complete(local, colocated):
+    good = FedAttnSession([[5, 6, 7], [8, 9]], FedAttnConfig(sync_interval=2), greedy(3))
+    with pytest.raises(FedAttnSessionError) as raised:
+        local.cluster.generate([good], placement=[[0, 3]])
+    assert raised.value.field == "placement[0]"
+    with pytest.raises(FedAttnSessionError) as raised:
+        local.cluster.generate([FedAttnSession([[5], b"xyz"])])
+    assert raised.value.field == "segments[1]"
+    bad = FedAttnSession([[5, 6], [10**6]], FedAttnConfig(sync_interval=2), greedy(3))  # out of vocabulary
+    results = local.cluster.generate([good, bad, good], placement=[[0, 1], [2, 1], [1, 2]])
+    assert results[1].error_field == "segments[1]" and "vocabulary" in results[1].error
+    assert tokens(results[0]) == tokens(results[2]) == tokens(colocated.generate([good])[0])
+
+
+def _stop_on_ready(local, monkeypatch, engine: int, resume_after_s: float | None) -> None:
+    """SIGSTOP `engine` the moment it reports a session reserved (so its peers start and wait on it)."""
+    original = local.cluster._on_event
+    pid = local.cluster.engine_pids[engine]
+
+    def on_event(e, event, flights):
+        if e == engine and event.get("event") == "ready":
+            os.kill(pid, signal.SIGSTOP)
+            if resume_after_s is not None:
+                threading.Timer(resume_after_s, os.kill, (pid, signal.SIGCONT)).start()
+        original(e, event, flights)
+
+    monkeypatch.setattr(local.cluster, "_on_event", on_event)
+
+
+def test_a_slow_peer_within_the_timeout_only_delays_its_session(local, colocated, monkeypatch):
+    session = FedAttnSession([random_tokens(random.Random(1), VOCAB, 30) for _ in range(3)],
+                             FedAttnConfig(sync_interval=2), greedy(5))
+    _stop_on_ready(local, monkeypatch, engine=2, resume_after_s=TIMEOUT_S / 3)
+    [result] = local.cluster.generate([session], placement=[[2, 0, 1]])
+    assert tokens(result) == tokens(colocated.generate([session])[0])
+    assert result.wall_s >= TIMEOUT_S / 3
+
+
+def test_a_peer_slower_than_the_timeout_fails_its_session_alone_and_everything_is_freed(
+        local, coordinator, colocated, monkeypatch):
+    """Engines 0 and 1 block in a K/V fetch on the stopped engine 2 until the timeout; then all recover."""
+    rng = random.Random(2)
+    victim = FedAttnSession([random_tokens(rng, VOCAB, 20) for _ in range(3)], FedAttnConfig(sync_interval=1), greedy(4))
+    bystander = FedAttnSession([random_tokens(rng, VOCAB, 20) for _ in range(2)], FedAttnConfig(sync_interval=1), greedy(4))
+    _stop_on_ready(local, monkeypatch, engine=2, resume_after_s=TIMEOUT_S * 2)
+    started = time.monotonic()
+    results = local.cluster.generate([victim, bystander], placement=[[2, 0, 1], [0, 1]])
+    assert results[0].error and ("did not arrive in time" in results[0].error or "sent nothing" in results[0].error)
+    assert time.monotonic() - started < TIMEOUT_S * 2
+    assert tokens(results[1]) == tokens(colocated.generate([bystander])[0])
+    time.sleep(TIMEOUT_S * 2 - (time.monotonic() - started) + 0.5)  # engine 2 resumes and learns of the abort
+    assert_all_freed(local, coordinator)
+    monkeypatch.undo()
+    again = local.cluster.generate([victim], placement=[[2, 0, 1]])[0]
+    assert tokens(again) == tokens(colocated.generate([victim])[0])
+
+
+def test_a_killed_engine_fails_its_sessions_while_the_others_complete(local, coordinator, colocated):
+    """Last: engine 2 is stopped before it can publish, then killed mid-session."""
+    rng = random.Random(3)
+    victim = FedAttnSession([random_tokens(rng, VOCAB, 20) for _ in range(3)], FedAttnConfig(sync_interval=1), greedy(4))
+    bystander = FedAttnSession([random_tokens(rng, VOCAB, 20) for _ in range(2)], FedAttnConfig(sync_interval=1), greedy(4))
+    process = local.engine_processes[2]
+    os.kill(process.pid, signal.SIGSTOP)
+    threading.Timer(1.0, process.kill).start()
+    started = time.monotonic()
+    results = local.cluster.generate([victim, bystander], placement=[[0, 2, 1], [1, 0]])
+    assert "engine 2 exited" in results[0].error and time.monotonic() - started < TIMEOUT_S
+    assert tokens(results[1]) == tokens(colocated.generate([bystander])[0])
+    assert_all_freed(local, coordinator, engines=(0, 1))
+    assert tokens(local.cluster.generate([bystander], placement=[[0, 1]])[0]) == tokens(results[1])
