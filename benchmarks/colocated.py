@@ -40,18 +40,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sync-interval", type=int, nargs="+", default=[1, 4], help="H values to run")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--kv-cache-gib", default="2")
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/colocated.json"))
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", args.kv_cache_gib)
     from vllm import LLM, SamplingParams
 
     path = resolve_model(args.model)
-    engine_args = {"dtype": args.dtype, "max_model_len": 4096, "max_num_batched_tokens": 8192, "seed": 0}
+    engine_args = {"dtype": args.dtype, "max_model_len": 4096, "max_num_batched_tokens": 8192, "seed": 0,
+                   "kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)}
     federated = FederatedLLM(args.model, **engine_args)
     plain = LLM(model=str(path), enforce_eager=True, enable_prefix_caching=False, enable_chunked_prefill=False,
                 **engine_args)

@@ -20,6 +20,7 @@ from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, REGISTRY
 
 # The engine must run in this process (the exchange is in-process) and on the V1 runner.
 _ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_V2_MODEL_RUNNER": "0"}
+DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30  # vLLM's CPU default sizes the cache from free memory; several engines share it
 # Engine arguments FedAttn needs: each segment is computed whole, in one step, at every layer.
 _REQUIRED_ENGINE_ARGS = {"enable_prefix_caching": False, "enable_chunked_prefill": False}
 
@@ -110,7 +111,6 @@ class FederatedLLM:
         for name, value in _ENGINE_ENV.items():
             if os.environ.setdefault(name, value) != value:
                 raise RuntimeError(f"FederatedLLM needs {name}={value} (the K/V exchange runs in the engine's process)")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         for name, value in _REQUIRED_ENGINE_ARGS.items():
             if engine_args.get(name, value) != value:
                 raise FedAttnEngineError(name, f"must be {value} for FedAttn (each segment is computed whole)")
@@ -129,6 +129,8 @@ class FederatedLLM:
         self.model_path = str(path)
         self.num_layers = hf_config.num_hidden_layers
         args = {"enforce_eager": True, "max_num_batched_tokens": 16384, **engine_args, **_REQUIRED_ENGINE_ARGS}
+        if _on_cpu() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            args.setdefault("kv_cache_memory_bytes", DEFAULT_CPU_KV_CACHE_BYTES)
         self.llm = LLM(model=str(path), hf_overrides={"architectures": [FEDATTN_ARCHITECTURES[arch]]}, **args)
         self.engine = self.llm.llm_engine
         self.tokenizer = self.llm.get_tokenizer()
@@ -311,6 +313,12 @@ class FederatedLLM:
                 outputs[g] = GeneratorOutput(g, completion.text, list(completion.token_ids), completion.finish_reason,
                                              completion.logprobs)
         return SessionResult(outputs=outputs, cost=cost)
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def _config_dict(config: FedAttnConfig) -> dict:

@@ -11,7 +11,6 @@ import random
 from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for a hub
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine; tests hold several
 
 import pytest
 import torch
@@ -50,7 +49,12 @@ def real_model():
 
 
 # Tiny engines: a budget smaller than a batch of sessions, so admission mixes prefill and decode.
-TINY_ENGINE_ARGS = {"dtype": "float32", "max_model_len": 256, "max_num_batched_tokens": 256, "seed": 0}
+# Small K/V caches: a test run holds several engines at once (in this process and in cluster processes).
+TINY_ENGINE_ARGS = {"dtype": "float32", "max_model_len": 256, "max_num_batched_tokens": 256, "seed": 0,
+                    "kv_cache_memory_bytes": 64 << 20}
+# The real default model, fp32, as the slow tests run it (one engine, shared by them).
+REAL_ENGINE_ARGS = {"dtype": "float32", "max_model_len": 2048, "max_num_batched_tokens": 16384, "seed": 0,
+                    "kv_cache_memory_bytes": 512 << 20}
 
 
 @functools.cache

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import federated_engine
+from conftest import REAL_ENGINE_ARGS, federated_engine
 from vllm import SamplingParams
 
 from fedattn_vllm import gsm8k
@@ -17,7 +17,7 @@ PROBLEMS, SHOTS, PARTICIPANTS, NEW_TOKENS, TOP = 10, 4, 4, 64, 20
 
 def test_gsm8k_tokex_n4_h4_first_64_tokens_match_the_oracle(real_model):
     model, tokenizer = real_model
-    llm = federated_engine("default", dtype="float32", max_model_len=2048, max_num_batched_tokens=16384, seed=0)
+    llm = federated_engine("default", **REAL_ENGINE_ARGS)
     config = FedAttnConfig(sync_interval=4)
     problems = gsm8k.problems()[:PROBLEMS]
     prompts = [gsm8k.segments(tokenizer, p, SHOTS, PARTICIPANTS, "TokEx") for p in problems]

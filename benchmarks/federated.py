@@ -1,0 +1,155 @@
+"""Time to first token: centralised vs. federated pipelined vs. federated serial, one run, same prompts.
+
+    .venv/bin/python benchmarks/federated.py --problems 4 --shots 4 --participants 4 --rounds 3
+
+A local cluster of N engine processes (one per participant) and a coordinator, on loopback.
+Each GSM8K prompt (TokEx split) runs one session at a time, modes interleaved round by round:
+  centralised  the whole prompt as one participant on engine 0 (plain inference);
+  pipelined    all participants start at once; participant n waits at a sync layer only
+               for 1..n-1's K/V of that layer;
+  serial       participant n starts when n-1 has finished.
+Reported: median TTFT (max_tokens=1), each engine's CPU time per session (its participant's
+compute), bytes on the wire. This machine's cores are shared by all engines, so the wall
+clock of the federated modes is inflated; the projection to one machine per participant
+replays the measured compute layer by layer (participant n finishes layer l at
+max(own layer l-1, every earlier sharer's layer l) + c_n / L, plus the layer's transfer
+time at --link-gbps and --rtt-ms) and says what N machines would give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import psutil
+
+from fedattn_vllm import gsm8k
+from fedattn_vllm.config import FedAttnConfig, FedAttnPlan
+from fedattn_vllm.engine import FedAttnSession
+from fedattn_vllm.federated.local import LocalCluster
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--problems", type=int, default=4)
+    parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--participants", type=int, default=4)
+    parser.add_argument("--sync-interval", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--link-gbps", type=float, default=1.0, help="projection: link bandwidth per machine")
+    parser.add_argument("--rtt-ms", type=float, default=1.0, help="projection: round trip to the coordinator")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/federated.json"))
+    return parser.parse_args()
+
+
+def cpu_seconds(pids: list[int]) -> list[float]:
+    return [sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids]
+
+
+def projected_pipelined_s(compute: list[float], plan: FedAttnPlan, layer_bytes: list[int], num_layers: int,
+                          link_gbps: float, rtt_ms: float) -> float:
+    """TTFT with one machine per participant: per-layer compute c_n / L, waits on earlier sharers' layers."""
+    finished = [0.0] * len(compute)
+    for layer in range(num_layers):
+        for n in range(len(compute)):  # in order: n's wait depends on 1..n-1 at this layer
+            start = finished[n]
+            sources = [m for m in range(n) if plan.publishes(m, layer)]
+            if layer in plan.sync_layers and sources:
+                fetched = sum(layer_bytes[m] for m in sources)
+                start = max(start, *(finished[m] for m in sources)) + rtt_ms / 1e3 + 8 * fetched / (link_gbps * 1e9)
+            finished[n] = start + compute[n] / num_layers
+    return finished[-1]
+
+
+def main() -> None:
+    args = parse_args()
+    engine_args = {"dtype": args.dtype, "max_model_len": 4096, "max_num_batched_tokens": 8192, "seed": 0,
+                   "kv_cache_memory_bytes": 512 << 20}
+    config = FedAttnConfig(sync_interval=args.sync_interval)
+    n = args.participants
+    print(f"starting a coordinator and {n} engines ...", flush=True)
+    with LocalCluster(args.model, engines=n, engine_args=engine_args, timeout_s=300) as local:
+        from transformers import AutoTokenizer
+        from vllm import SamplingParams
+
+        cluster = local.cluster
+        tokenizer = AutoTokenizer.from_pretrained(local_model_path(args.model))
+        first_token = SamplingParams(temperature=0.0, max_tokens=1)
+        prompts = [gsm8k.segments(tokenizer, p, args.shots, n, "TokEx") for p in gsm8k.problems()[: args.problems]]
+        modes = {
+            "centralised": lambda s: cluster.generate([FedAttnSession([sum(s, [])], config, first_token)], [[0]]),
+            "pipelined": lambda s: cluster.generate([FedAttnSession(s, config, first_token)], [list(range(n))]),
+            "serial": lambda s: cluster.generate([FedAttnSession(s, config, first_token)], [list(range(n))],
+                                                 pipelined=False),
+        }
+        modes["pipelined"](prompts[0])  # warm-up: allocator pools, first-call paths
+        samples: dict[str, list[dict]] = {mode: [] for mode in modes}
+        for _ in range(args.rounds):
+            for segments in prompts:
+                for mode, run in modes.items():
+                    before = cpu_seconds(cluster.engine_pids)
+                    started = time.perf_counter()
+                    [result] = run(segments)
+                    wall = time.perf_counter() - started
+                    cpu = [b - a for a, b in zip(before, cpu_seconds(cluster.engine_pids))]
+                    assert result.error is None, result.error
+                    samples[mode].append({"ttft_s": wall, "cpu_s": cpu, "cost": result.cost.__dict__})
+        plan = config.resolve(cluster.num_layers, n)
+    report = summarise(args, samples, plan, cluster.num_layers, prompts)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"\nwrote {args.out}")
+
+
+def local_model_path(model: str) -> str:
+    from fedattn_vllm.models import resolve_model
+
+    return str(resolve_model(model))
+
+
+def summarise(args, samples, plan: FedAttnPlan, num_layers: int, prompts) -> dict:
+    n = args.participants
+    median = statistics.median
+    ttft = {mode: median(s["ttft_s"] for s in rows) for mode, rows in samples.items()}
+    # Per-participant compute: engine n's CPU time in the serial runs (no sharing of cores mid-run).
+    compute = [median(s["cpu_s"][p] for s in samples["serial"]) for p in range(n)]
+    central_cpu = median(s["cpu_s"][0] for s in samples["centralised"])
+    layer_bytes = []
+    for p in range(n):
+        cost = samples["pipelined"][0]["cost"]
+        layers = sum(1 for layer in range(num_layers) if plan.publishes(p, layer))
+        layer_bytes.append(cost["published_bytes"][p] // max(layers, 1))
+    projected = projected_pipelined_s(compute, plan, layer_bytes, num_layers, args.link_gbps, args.rtt_ms)
+    projected_serial = sum(compute)
+    tokens = [len(s) for s in prompts[0]]
+    pipelined = samples["pipelined"]
+    wire = median(sum(s["cost"]["published_wire_bytes"]) + sum(s["cost"]["received_wire_bytes"]) for s in pipelined)
+    payload = median(sum(s["cost"]["published_bytes"]) + sum(s["cost"]["received_bytes"]) for s in pipelined)
+    print(f"\n{args.problems} GSM8K prompts x {args.rounds} rounds, {args.shots}-shot TokEx, N={n}, "
+          f"H={args.sync_interval}, {args.dtype}; first prompt's segments {tokens} tokens")
+    print(f"{'mode':<12} {'TTFT median (s)':>16} {'vs centralised':>15}")
+    for mode, seconds in ttft.items():
+        print(f"{mode:<12} {seconds:>16.3f} {seconds / ttft['centralised']:>14.2f}x")
+    print(f"per-participant compute (CPU s, serial runs, median): {[round(c, 3) for c in compute]}; "
+          f"centralised {central_cpu:.3f}")
+    print(f"projected with one machine per participant ({args.link_gbps} Gbit/s, {args.rtt_ms} ms RTT): "
+          f"pipelined {projected:.3f} s ({projected / central_cpu:.2f}x the centralised compute), "
+          f"serial {projected_serial:.3f} s")
+    print(f"bytes per session on the wire {wire:,} (K/V payload {payload:,}, framing "
+          f"{100 * (wire - payload) / payload:.3f}%)")
+    return {
+        "args": vars(args), "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform()},
+        "ttft_median_s": ttft, "compute_cpu_s": compute, "centralised_cpu_s": central_cpu,
+        "projected_pipelined_s": projected, "projected_serial_s": projected_serial,
+        "wire_bytes": wire, "payload_bytes": payload, "samples": samples,
+    }
+
+
+if __name__ == "__main__":
+    main()
