@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedattn_vllm.config import FedAttnPlan
+from fedattn_vllm.config import FedAttnPlan, KVWire
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,12 @@ class ModelShape:
         """K and V of one token at one layer."""
         return 2 * self.num_kv_heads * self.head_dim * self.bytes_per_element
 
+    def shared_bytes_per_token_layer(self, wire: KVWire) -> int:
+        """K and V of one shared token at one layer, as encoded for the exchange."""
+        if wire is KVWire.INT8:
+            return 2 * self.num_kv_heads * (self.head_dim + 4)  # int8 values + a float32 scale per head
+        return self.kv_bytes_per_token_layer
+
     def layer_flops(self, t_q: int, t_kv: int) -> int:
         """2*T_q*d^2*(2+2r) + 4*T_q*T_kv*d + 6*T_q*d*d_ff, r = KV heads / query heads."""
         d, r = self.hidden_size, self.num_kv_heads / self.num_heads
@@ -61,8 +67,9 @@ def participant_costs(shape: ModelShape, plan: FedAttnPlan, lengths: list[int]) 
     """Modelled costs of one session's prefill for each participant."""
     assert len(lengths) == plan.num_participants and shape.num_layers == plan.num_layers
     per_token = shape.kv_bytes_per_token_layer
+    per_shared_token = shape.shared_bytes_per_token_layer(plan.config.kv_wire)
     shared = [plan.shared_count(m, lengths[m]) for m in range(len(lengths))]
-    upload = [len(plan.publish_layers[m]) * shared[m] * per_token for m in range(len(lengths))]
+    upload = [len(plan.publish_layers[m]) * shared[m] * per_shared_token for m in range(len(lengths))]
     costs = []
     for n, length in enumerate(lengths):
         sources = [m for m in range(len(lengths)) if m != n and (m < n or n in plan.generators)]
@@ -79,7 +86,9 @@ def participant_costs(shape: ModelShape, plan: FedAttnPlan, lengths: list[int]) 
                 upload_bytes=upload[n],
                 download_bytes=download,
                 prefill_flops=flops,
-                kv_cache_bytes=shape.num_layers * length * per_token + download,
+                # foreign K/V is held decoded, in the engine's dtype
+                kv_cache_bytes=shape.num_layers * length * per_token
+                + sum(len(plan.publish_layers[m]) * shared[m] for m in sources) * per_token,
             )
         )
     return costs

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (T, H_kv, D) keys and values
+Payload = tuple[torch.Tensor, ...]  # what a participant publishes: K and V, or their wire encoding (kv_wire.py)
 
 
 class KVExchangeError(RuntimeError):
@@ -34,11 +35,11 @@ class KVExchange(ABC):
         self._lock = threading.Lock()
         self._stats: dict[str, ExchangeStats] = {}
 
-    def _count_published(self, session: str, participant: int, kv: KV) -> None:
+    def _count_published(self, session: str, participant: int, kv: Payload) -> None:
         with self._lock:
             self._stats.setdefault(session, ExchangeStats()).published_bytes[participant] += kv_nbytes(kv)
 
-    def _count_received(self, session: str, viewer: int, kv: KV) -> None:
+    def _count_received(self, session: str, viewer: int, kv: Payload) -> None:
         with self._lock:
             self._stats.setdefault(session, ExchangeStats()).received_bytes[viewer] += kv_nbytes(kv)
 
@@ -48,11 +49,11 @@ class KVExchange(ABC):
             return self._stats.get(session, ExchangeStats())
 
     @abstractmethod
-    def publish(self, session: str, participant: int, layer: int, kv: KV) -> None:
+    def publish(self, session: str, participant: int, layer: int, kv: Payload) -> None:
         """Make `participant`'s K/V at `layer` available to its session (once per layer)."""
 
     @abstractmethod
-    def fetch(self, session: str, viewer: int, source: int, layer: int) -> KV:
+    def fetch(self, session: str, viewer: int, source: int, layer: int) -> Payload:
         """`source`'s K/V at `layer`, read by `viewer`; raises KVExchangeError if absent."""
 
     @abstractmethod
@@ -60,7 +61,7 @@ class KVExchange(ABC):
         """Free everything the session published (idempotent)."""
 
 
-def kv_nbytes(kv: KV) -> int:
+def kv_nbytes(kv: Payload) -> int:
     return sum(t.numel() * t.element_size() for t in kv)
 
 
@@ -69,9 +70,9 @@ class InProcessKVExchange(KVExchange):
 
     def __init__(self) -> None:
         super().__init__()
-        self._kv: dict[str, dict[tuple[int, int], KV]] = {}
+        self._kv: dict[str, dict[tuple[int, int], Payload]] = {}
 
-    def publish(self, session: str, participant: int, layer: int, kv: KV) -> None:
+    def publish(self, session: str, participant: int, layer: int, kv: Payload) -> None:
         with self._lock:
             store = self._kv.setdefault(session, {})
             if (participant, layer) in store:
@@ -79,7 +80,7 @@ class InProcessKVExchange(KVExchange):
             store[participant, layer] = kv
         self._count_published(session, participant, kv)
 
-    def fetch(self, session: str, viewer: int, source: int, layer: int) -> KV:
+    def fetch(self, session: str, viewer: int, source: int, layer: int) -> Payload:
         with self._lock:
             kv = self._kv.get(session, {}).get((source, layer))
             if kv is None:

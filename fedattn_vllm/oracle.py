@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from fedattn_vllm.config import FedAttnConfig, FedAttnPlan
+from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError, FedAttnPlan, KVWire
 
 Tokens = list[int]
 
@@ -126,6 +126,8 @@ class FedAttnOracle:
         """Prefill all participants' segments, then let each generator decode greedily."""
         if not segments or any(len(s) == 0 for s in segments):
             raise ValueError("segments: every participant needs at least one token")
+        if config.kv_wire is not KVWire.NATIVE:
+            raise FedAttnConfigError("kv_wire", "the oracle models the spec's exact K/V only ('native')")
         plan = config.resolve(self.num_layers, len(segments))
         lengths = [len(s) for s in segments]
         vis = _Visibility(plan, lengths)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
-from fedattn_vllm.config import FedAttnConfig
+from fedattn_vllm.config import FedAttnConfig, KVWire
 from fedattn_vllm.models import resolve_model
 from fedattn_vllm.schedule import Placement
 
@@ -93,7 +93,8 @@ def random_tokens(rng: random.Random, vocab: int, length: int) -> list[int]:
     return [rng.randrange(3, vocab) for _ in range(length)]
 
 
-def random_case(rng: random.Random, vocab: int, num_layers: int) -> tuple[list[list[int]], FedAttnConfig, int]:
+def random_case(rng: random.Random, vocab: int, num_layers: int,
+                wires: tuple[KVWire, ...] = (KVWire.NATIVE,)) -> tuple[list[list[int]], FedAttnConfig, int]:
     """Segments, config and max_tokens for one randomised session of the grid."""
     n = rng.randint(1, 4)
     lengths = [rng.choice([1, 2, rng.randint(1, 12), rng.randint(10, 40)]) for _ in range(n)]
@@ -110,5 +111,7 @@ def random_case(rng: random.Random, vocab: int, num_layers: int) -> tuple[list[l
     elif ratio == "per participant":
         options["kv_share_ratio"] = tuple(rng.choice([0.2, 0.5, 1.0]) for _ in range(n))
     options["generators"] = tuple(rng.sample(range(n), rng.randint(1, n)))
+    if len(wires) > 1:
+        options["kv_wire"] = rng.choice(wires)
     # At least two tokens, so every generator decodes once and reads everyone's K/V (as the cost model counts).
     return [random_tokens(rng, vocab, length) for length in lengths], FedAttnConfig(**options), rng.randint(2, 10)

@@ -25,6 +25,7 @@ from fedattn_vllm.schedule import Placement
         ({"kv_share_ratio": []}, "kv_share_ratio"),
         ({"kv_share_ratio": [0.5, 0]}, "kv_share_ratio"),
         ({"kv_selection": "psychic"}, "kv_selection"),
+        ({"kv_wire": "int4"}, "kv_wire"),
         ({"local_keep_ratio": 0}, "local_keep_ratio"),
         ({"publisher": "last"}, "publisher"),
         ({"publisher_sync_interval": 0}, "publisher_sync_interval"),

@@ -26,9 +26,16 @@ def kv(tokens: int, dtype=torch.float32, seed: int = 0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_wire_round_trip_is_bit_exact(dtype):
     header, back = decode(encode({"op": "publish", "layer": 4}, kv(7, dtype)))
-    assert header["op"] == "publish" and header["shape"] == [7, 2, 64] and header["dtype"] == str(dtype)[6:]
+    assert header["op"] == "publish" and header["tensors"] == [[str(dtype)[6:], [7, 2, 64]]] * 2
     for a, b in zip(kv(7, dtype), back):
         assert torch.equal(a, b) and b.dtype == dtype
+
+
+def test_int8_payloads_with_scales_round_trip():
+    payload = (torch.randint(-127, 128, (5, 2, 64), dtype=torch.int8), torch.rand(5, 2, 1))
+    _, back = decode(encode({"op": "publish"}, payload))
+    assert [t.dtype for t in back] == [torch.int8, torch.float32]
+    assert all(torch.equal(a, b) for a, b in zip(payload, back))
 
 
 def test_malformed_frames_are_wire_errors():

@@ -54,3 +54,12 @@ def test_flops_by_hand():
     assert costs[0].prefill_flops == shape.layer_flops(3, 5) + shape.layer_flops(3, 3)
     assert costs[1].prefill_flops == shape.layer_flops(2, 5) + shape.layer_flops(2, 2)
     assert centralised_prefill_flops(shape, 5) == 2 * shape.layer_flops(5, 5)
+
+
+def test_int8_wire_bytes_are_values_plus_a_float32_scale_per_token_and_head():
+    shape = ModelShape.from_hf_config(QWEN_05B, torch.float32)
+    plan = FedAttnConfig(sync_interval=4, kv_wire="int8").resolve(24, 2)
+    costs = participant_costs(shape, plan, [100, 10])
+    per_token = 2 * 2 * (64 + 4)  # K and V, 2 KV heads, 64 int8 values + 4 B of scale each
+    assert costs[0].upload_bytes == 6 * 100 * per_token and costs[1].download_bytes == 6 * 100 * per_token
+    assert costs[1].kv_cache_bytes == 24 * 10 * 1024 + 6 * 100 * 1024  # foreign K/V held decoded (fp32)

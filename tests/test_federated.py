@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import TINY_ENGINE_ARGS, federated_engine, greedy, random_case, random_tokens
 
-from fedattn_vllm.config import FedAttnConfig
+from fedattn_vllm.config import FedAttnConfig, KVWire
 from fedattn_vllm.cost import ModelShape, participant_costs
 from fedattn_vllm.engine import FedAttnSession, FedAttnSessionError
 from fedattn_vllm.federated.coordinator import Coordinator
@@ -99,8 +99,10 @@ def assert_all_freed(local, coordinator, engines=(0, 1, 2), deadline_s: float = 
 
 
 def test_federated_tokens_equal_colocated_and_payload_bytes_equal_the_cost_model(local, colocated):
+    """Exact and int8 K/V on the wire: both modes compute on the same values and count the same bytes."""
     rng = random.Random("federated-grid")
-    cases = [random_case(rng, len(colocated.tokenizer), colocated.num_layers) for _ in range(24)]
+    wires = (KVWire.NATIVE, KVWire.INT8)
+    cases = [random_case(rng, len(colocated.tokenizer), colocated.num_layers, wires) for _ in range(24)]
     sessions = [FedAttnSession(segments, config, greedy(max_tokens)) for segments, config, max_tokens in cases]
     placement = [[rng.randrange(3) for _ in s.segments] for s in sessions]
     federated = local.cluster.generate(sessions, placement)
@@ -116,7 +118,7 @@ def test_federated_tokens_equal_colocated_and_payload_bytes_equal_the_cost_model
         for up, down, up_wire, down_wire in zip(result.cost.published_bytes, result.cost.received_bytes,
                                                 result.cost.published_wire_bytes, result.cost.received_wire_bytes):
             messages = len(result.cost.sync_layers) * len(segments)  # a bound on one participant's messages
-            assert 0 <= up_wire - up <= 160 * messages and 0 <= down_wire - down <= 64 * messages, case
+            assert 0 <= up_wire - up <= 200 * messages and 0 <= down_wire - down <= 100 * messages, case
             payload, wire = payload + up + down, wire + up_wire + down_wire
     print(f"\nframing overhead on the tiny model's small K/V: {100 * (wire - payload) / payload:.2f}% "
           f"({wire - payload} of {payload} bytes)")
@@ -155,7 +157,7 @@ def test_no_text_or_token_ids_reach_the_coordinator_or_foreign_engines(local, co
     assert all(r.error is None for r in results)
     secrets = [[t.encode() for t in texts], [msgspec.msgpack.encode(i) for i in ids]]
     # The coordinator: only protocol fields, never a segment's bytes.
-    allowed = {"op", "session", "participant", "source", "layer", "credential", "wait_s", "dtype", "shape",
+    allowed = {"op", "session", "participant", "source", "layer", "credential", "wait_s", "tensors",
                "admin_key", "publish_layers", "generators"}
     assert coordinator.received
     for header, raw in coordinator.received:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from kernels import gather_tokens, merge_attention, partial_attention
+from kernels import dequantize_int8, gather_tokens, merge_attention, partial_attention, quantize_int8
 
 
 def naive(query, key, value, scale, allowed):
@@ -73,3 +73,15 @@ def test_gather_tokens():
     kv = torch.arange(12.0).view(6, 1, 2)
     assert gather_tokens(kv, None) is kv
     assert gather_tokens(kv, torch.tensor([1, 4])).flatten().tolist() == [2.0, 3.0, 8.0, 9.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_quantisation_error_is_within_half_a_step_per_token_and_head(dtype):
+    x = (torch.randn(37, 3, 64) * torch.logspace(-3, 2, 37)[:, None, None]).to(dtype)
+    x[5] = 0  # an all-zero token stays zero
+    q, scale = quantize_int8(x)
+    assert q.dtype == torch.int8 and scale.shape == (37, 3, 1)
+    back = dequantize_int8(q, scale, torch.float32)
+    assert torch.all((back - x.float()).abs() <= scale * (0.5 + 1e-5))  # half a step, up to float rounding
+    assert torch.all(back[5] == 0) and q.abs().amax() == 127
+    assert dequantize_int8(q, scale, dtype).dtype == dtype

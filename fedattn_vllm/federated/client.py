@@ -8,7 +8,7 @@ import threading
 import zmq
 
 from fedattn_vllm.config import FedAttnPlan
-from fedattn_vllm.exchange import KV, KVExchange, KVExchangeError
+from fedattn_vllm.exchange import KVExchange, KVExchangeError, Payload
 from fedattn_vllm.federated.wire import decode, encode
 
 
@@ -31,7 +31,7 @@ class CoordinatorConnection:
         self.timeout_s = timeout_s
         self._counter = 0
 
-    def call(self, header: dict, kv: KV | None = None, *, timeout_s: float | None = None) -> tuple[dict, KV | None]:
+    def call(self, header: dict, kv: Payload | None = None, *, timeout_s: float | None = None) -> tuple[dict, Payload | None]:
         """Send one request and wait for its reply; raises CoordinatorError on refusal or timeout."""
         self._counter += 1
         request_id = self._counter.to_bytes(8, "little")
@@ -111,13 +111,13 @@ class NetworkKVExchange(KVExchange):
             raise KVExchangeError(f"session {session}: participant {participant} is not hosted by this engine")
         return credential
 
-    def publish(self, session: str, participant: int, layer: int, kv: KV) -> None:
+    def publish(self, session: str, participant: int, layer: int, kv: Payload) -> None:
         header = {"op": "publish", "session": session, "participant": participant, "layer": layer,
                   "credential": self._credential(session, participant)}
         self._connection().call(header, kv)
         self._count_published(session, participant, kv)
 
-    def fetch(self, session: str, viewer: int, source: int, layer: int) -> KV:
+    def fetch(self, session: str, viewer: int, source: int, layer: int) -> Payload:
         with self._lock:
             wait_s = self._wait_s.get(session, self.wait_s)
         header = {"op": "fetch", "session": session, "participant": viewer, "source": source, "layer": layer,

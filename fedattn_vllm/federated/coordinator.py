@@ -26,7 +26,7 @@ from pathlib import Path
 import zmq
 
 from fedattn_vllm.exchange import kv_nbytes
-from fedattn_vllm.federated.wire import KV, WireError, decode, encode, message_bytes
+from fedattn_vllm.federated.wire import Tensors, WireError, decode, encode, message_bytes
 
 log = logging.getLogger(__name__)
 MAX_WAIT_S = 600.0
@@ -45,7 +45,7 @@ class Session:
     publish_layers: list[frozenset[int]]  # per participant
     generators: frozenset[int]
     credentials: list[bytes]
-    kv: dict[tuple[int, int], KV] = field(default_factory=dict)  # (participant, layer) -> K/V
+    kv: dict[tuple[int, int], Tensors] = field(default_factory=dict)  # (participant, layer) -> K/V
     # (participant, "up" | "down") -> bytes on the wire; payload bytes (K/V only) likewise
     wire_bytes: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
     payload_bytes: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
@@ -178,7 +178,7 @@ class Coordinator:
             raise Refused("forbidden", f"bad credential for participant {participant}")
         return session, participant
 
-    def _publish(self, header: dict, kv: KV | None, identity, request_id, size: int):
+    def _publish(self, header: dict, kv: Tensors | None, identity, request_id, size: int):
         session, n = self._authenticated(header)
         layer = int(header["layer"])
         if kv is None:

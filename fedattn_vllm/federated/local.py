@@ -36,7 +36,9 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         admin_key = coordinator[1] if coordinator else secrets.token_hex(16).encode()
         control_key = secrets.token_hex(16)
-        self._env = {**os.environ, **(env or {}), "FEDATTN_ADMIN_KEY": admin_key.decode(),
+        # Engines share this machine's cores: one OpenMP team each, no oversubscription (unless told otherwise).
+        threads = str(max(1, (os.cpu_count() or 1) // engines))
+        self._env = {"OMP_NUM_THREADS": threads, **os.environ, **(env or {}), "FEDATTN_ADMIN_KEY": admin_key.decode(),
                      "FEDATTN_ENGINE_KEY": control_key}
         self.processes: list[subprocess.Popen] = []
         try:

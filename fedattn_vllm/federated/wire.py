@@ -1,9 +1,9 @@
 """Wire format between engines and the coordinator: a msgpack header frame plus raw tensor frames.
 
 Every message is a ZeroMQ multipart message [header, *tensors]. The header is a small
-msgpack map (operation, session, participant, layer, credential, dtype, shape...); K and V
-travel as their raw bytes in frames of their own: no JSON, no base64, no copies beyond the
-socket's.
+msgpack map (operation, session, participant, layer, credential, and each tensor's dtype
+and shape); K and V (or their int8 encoding and scales) travel as their raw bytes in frames
+of their own: no JSON, no base64, no copies beyond the socket's.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import msgspec
 import torch
 
-KV = tuple[torch.Tensor, torch.Tensor]
+Tensors = tuple[torch.Tensor, ...]  # K and V, or an encoding of them (e.g. int8 K, V and their scales)
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16)}
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.int8)}
 _encoder, _decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(dict)
 
 
@@ -21,19 +21,19 @@ class WireError(ValueError):
     """A message that does not follow the wire format."""
 
 
-def encode(header: dict, kv: KV | None = None) -> list[bytes | memoryview]:
-    """Frames of one message; with `kv`, the header gains its dtype and shape."""
-    if kv is None:
+def encode(header: dict, tensors: Tensors | None = None) -> list[bytes | memoryview]:
+    """Frames of one message; with `tensors`, the header gains each one's dtype and shape."""
+    if tensors is None:
         return [_encoder.encode(header)]
-    k, v = (t.detach().contiguous().cpu() for t in kv)
-    if k.shape != v.shape or k.dtype != v.dtype or k.dim() != 3:
-        raise WireError(f"K and V must be (T, H_kv, D) of one dtype, got {tuple(k.shape)}, {tuple(v.shape)}")
-    header = {**header, "dtype": str(k.dtype).removeprefix("torch."), "shape": list(k.shape)}
-    return [_encoder.encode(header), *(memoryview(t.view(torch.uint8).numpy()).cast("B") for t in (k, v))]
+    tensors = tuple(t.detach().contiguous().cpu() for t in tensors)
+    if not tensors or any(t.dtype not in _DTYPES.values() or t.numel() == 0 for t in tensors):
+        raise WireError("tensors must be non-empty, of a wire dtype (float32, bfloat16, float16, int8)")
+    header = {**header, "tensors": [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in tensors]}
+    return [_encoder.encode(header), *(memoryview(t.view(torch.uint8).numpy()).cast("B") for t in tensors)]
 
 
-def decode(frames: list) -> tuple[dict, KV | None]:
-    """(header, K/V or None) of one message."""
+def decode(frames: list) -> tuple[dict, Tensors | None]:
+    """(header, tensors or None) of one message."""
     if not frames:
         raise WireError("empty message")
     try:
@@ -42,17 +42,19 @@ def decode(frames: list) -> tuple[dict, KV | None]:
         raise WireError(f"bad header: {error}") from None
     if len(frames) == 1:
         return header, None
-    if len(frames) != 3 or header.get("dtype") not in _DTYPES or not isinstance(header.get("shape"), list):
-        raise WireError("a K/V message has a header with dtype and shape, then exactly two tensor frames")
-    dtype, shape = _DTYPES[header["dtype"]], tuple(header["shape"])
-    expected = torch.Size(shape).numel() * dtype.itemsize
+    specs = header.get("tensors")
+    if not isinstance(specs, list) or len(specs) != len(frames) - 1:
+        raise WireError("a tensor message lists each tensor frame's dtype and shape in its header")
     tensors = []
-    for frame in frames[1:]:
+    for spec, frame in zip(specs, frames[1:]):
+        if not (isinstance(spec, list) and len(spec) == 2 and spec[0] in _DTYPES and isinstance(spec[1], list)):
+            raise WireError(f"bad tensor spec {spec!r}")
+        dtype, shape = _DTYPES[spec[0]], tuple(spec[1])
         buffer = frame.buffer if hasattr(frame, "buffer") else frame
-        if len(buffer) != expected:
-            raise WireError(f"tensor frame has {len(buffer)} bytes, header says {expected}")
+        if len(buffer) != torch.Size(shape).numel() * dtype.itemsize or not len(buffer):
+            raise WireError(f"tensor frame has {len(buffer)} bytes, header says {shape} {spec[0]}")
         tensors.append(torch.frombuffer(bytearray(buffer), dtype=torch.uint8).view(dtype).view(shape))
-    return header, (tensors[0], tensors[1])
+    return header, tuple(tensors)
 
 
 def message_bytes(frames: list) -> int:

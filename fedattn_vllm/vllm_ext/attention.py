@@ -14,6 +14,7 @@ import functools
 import torch
 
 from fedattn_vllm.exchange import KVExchangeError
+from fedattn_vllm.kv_wire import decode_kv, encode_kv
 from fedattn_vllm.vllm_ext.batch import FedAttnBatch, ParticipantRows, current_batch
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
 from kernels import gather_tokens, merge_attention, partial_attention
@@ -50,8 +51,8 @@ def _isolated(entry: ParticipantRows, step, *args) -> None:
 def _publish(e: ParticipantRows, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
     state, n = e.session, e.participant
     shared = state.plan.shared_positions(n, layer, state.lengths[n])
-    kv = (gather_tokens(key[e.rows], shared).clone(), gather_tokens(value[e.rows], shared).clone())
-    REGISTRY.exchange.publish(state.session_id, n, layer, kv)
+    kv = (gather_tokens(key[e.rows], shared), gather_tokens(value[e.rows], shared))
+    REGISTRY.exchange.publish(state.session_id, n, layer, encode_kv(kv, state.plan.config.kv_wire))
 
 
 def _attend(e: ParticipantRows, layer: int, query, key, value, output, scale: float) -> None:
@@ -59,7 +60,8 @@ def _attend(e: ParticipantRows, layer: int, query, key, value, output, scale: fl
     own, q = (key[e.rows], value[e.rows]), query[e.rows]
 
     def fetch(source: int):
-        return REGISTRY.exchange.fetch(state.session_id, n, source, layer)
+        payload = REGISTRY.exchange.fetch(state.session_id, n, source, layer)
+        return decode_kv(payload, state.plan.config.kv_wire, key.dtype)
 
     if not e.prefill:  # a generator's token: one softmax over foreign + own keys (or stock, if no foreign)
         if state.decodes_over_foreign(n, layer):
