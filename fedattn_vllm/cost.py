@@ -41,11 +41,11 @@ class ModelShape:
         """K and V of one token at one layer."""
         return 2 * self.num_kv_heads * self.head_dim * self.bytes_per_element
 
-    def shared_bytes_per_token_layer(self, wire: KVWire) -> int:
-        """K and V of one shared token at one layer, as encoded for the exchange."""
-        if wire is KVWire.INT8:
-            return 2 * self.num_kv_heads * (self.head_dim + 4)  # int8 values + a float32 scale per head
-        return self.kv_bytes_per_token_layer
+    def shared_layer_bytes(self, tokens: int, wire: KVWire) -> int:
+        """K and V of `tokens` shared tokens at one layer, as encoded for the exchange."""
+        if wire is KVWire.INT8:  # int8 K and V, a float32 scale per key channel and per value token (and head)
+            return self.num_kv_heads * (2 * tokens * self.head_dim + 4 * self.head_dim + 4 * tokens)
+        return tokens * self.kv_bytes_per_token_layer
 
     def layer_flops(self, t_q: int, t_kv: int) -> int:
         """2*T_q*d^2*(2+2r) + 4*T_q*T_kv*d + 6*T_q*d*d_ff, r = KV heads / query heads."""
@@ -67,9 +67,9 @@ def participant_costs(shape: ModelShape, plan: FedAttnPlan, lengths: list[int]) 
     """Modelled costs of one session's prefill for each participant."""
     assert len(lengths) == plan.num_participants and shape.num_layers == plan.num_layers
     per_token = shape.kv_bytes_per_token_layer
-    per_shared_token = shape.shared_bytes_per_token_layer(plan.config.kv_wire)
     shared = [plan.shared_count(m, lengths[m]) for m in range(len(lengths))]
-    upload = [len(plan.publish_layers[m]) * shared[m] * per_shared_token for m in range(len(lengths))]
+    upload = [len(plan.publish_layers[m]) * shape.shared_layer_bytes(shared[m], plan.config.kv_wire)
+              for m in range(len(lengths))]
     costs = []
     for n, length in enumerate(lengths):
         sources = [m for m in range(len(lengths)) if m != n and (m < n or n in plan.generators)]

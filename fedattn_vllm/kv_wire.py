@@ -1,4 +1,7 @@
-"""Shared K/V as they travel between participants: exact ('native') or int8 with per-token, per-head scales.
+"""Shared K/V as they travel between participants: exact ('native') or int8 with scales.
+
+Int8: keys with one scale per head and channel, values with one per token and head
+(`kernels/quant.py`).
 
 Both transports (in-process and networked) carry the encoded tensors, so colocated and
 federated sessions compute on identical values and count identical bytes.
@@ -16,7 +19,7 @@ from kernels import dequantize_int8, quantize_int8
 def encode_kv(kv: KV, wire: KVWire) -> Payload:
     """What a participant publishes: (K, V) owned copies, or (K int8, V int8, K scales, V scales)."""
     if wire is KVWire.INT8:
-        (k, k_scale), (v, v_scale) = quantize_int8(kv[0]), quantize_int8(kv[1])
+        (k, k_scale), (v, v_scale) = quantize_int8(kv[0], dim=0), quantize_int8(kv[1], dim=-1)
         return k, v, k_scale, v_scale
     return kv[0].clone(), kv[1].clone()
 

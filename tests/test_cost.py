@@ -1,4 +1,3 @@
-import pytest
 import torch
 from transformers import Qwen2Config
 
@@ -56,10 +55,10 @@ def test_flops_by_hand():
     assert centralised_prefill_flops(shape, 5) == 2 * shape.layer_flops(5, 5)
 
 
-def test_int8_wire_bytes_are_values_plus_a_float32_scale_per_token_and_head():
+def test_int8_wire_bytes_are_values_plus_float32_key_channel_and_value_token_scales():
     shape = ModelShape.from_hf_config(QWEN_05B, torch.float32)
     plan = FedAttnConfig(sync_interval=4, kv_wire="int8").resolve(24, 2)
     costs = participant_costs(shape, plan, [100, 10])
-    per_token = 2 * 2 * (64 + 4)  # K and V, 2 KV heads, 64 int8 values + 4 B of scale each
-    assert costs[0].upload_bytes == 6 * 100 * per_token and costs[1].download_bytes == 6 * 100 * per_token
+    layer = 2 * (2 * 100 * 64 + 4 * 64 + 4 * 100)  # 2 KV heads: int8 K and V, a scale per key channel, per value token
+    assert costs[0].upload_bytes == 6 * layer and costs[1].download_bytes == 6 * layer
     assert costs[1].kv_cache_bytes == 24 * 10 * 1024 + 6 * 100 * 1024  # foreign K/V held decoded (fp32)

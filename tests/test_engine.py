@@ -50,7 +50,7 @@ def test_int8_kv_on_the_wire_costs_what_the_model_says_and_stays_close_to_exact(
         plan = FedAttnConfig(sync_interval=2, kv_wire="int8").resolve(llm.num_layers, len(segments))
         costs = participant_costs(shape, plan, [len(s) for s in segments])
         assert b.cost.published_bytes == [c.upload_bytes for c in costs]
-        assert 3.7 < sum(a.cost.published_bytes) / sum(b.cost.published_bytes) < 3.8  # fp32 -> int8 + scales
+        assert sum(a.cost.published_bytes) / sum(b.cost.published_bytes) > 2.5  # fp32 -> int8 + scales
         g = len(segments) - 1
         first_a, first_b = a.outputs[g].logprobs[0], b.outputs[g].logprobs[0]
         common = first_a.keys() & first_b.keys()

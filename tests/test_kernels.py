@@ -76,11 +76,12 @@ def test_gather_tokens():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_quantisation_error_is_within_half_a_step_per_token_and_head(dtype):
-    x = (torch.randn(37, 3, 64) * torch.logspace(-3, 2, 37)[:, None, None]).to(dtype)
+@pytest.mark.parametrize("dim,scale_shape", [(-1, (37, 3, 1)), (0, (1, 3, 64))])
+def test_int8_quantisation_error_is_within_half_a_step_of_each_scale(dtype, dim, scale_shape):
+    x = (torch.randn(37, 3, 64) * torch.logspace(-3, 2, 37)[:, None, None] * torch.logspace(-1, 1, 64)).to(dtype)
     x[5] = 0  # an all-zero token stays zero
-    q, scale = quantize_int8(x)
-    assert q.dtype == torch.int8 and scale.shape == (37, 3, 1)
+    q, scale = quantize_int8(x, dim)
+    assert q.dtype == torch.int8 and scale.shape == scale_shape
     back = dequantize_int8(q, scale, torch.float32)
     assert torch.all((back - x.float()).abs() <= scale * (0.5 + 1e-5))  # half a step, up to float rounding
     assert torch.all(back[5] == 0) and q.abs().amax() == 127
