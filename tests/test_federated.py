@@ -231,6 +231,27 @@ def test_a_peer_slower_than_the_timeout_fails_its_session_alone_and_everything_i
     assert tokens(again) == tokens(colocated.generate([victim])[0])
 
 
+def test_a_participant_that_never_arrives_fails_its_session_after_the_silence_limit(local, coordinator, colocated):
+    """Engine 1 is stopped before it sees the session: it never reserves, so nobody starts; then it returns."""
+    rng = random.Random(4)
+    victim = FedAttnSession([random_tokens(rng, VOCAB, 12) for _ in range(2)], FedAttnConfig(sync_interval=2), greedy(3))
+    bystander = FedAttnSession([random_tokens(rng, VOCAB, 12) for _ in range(2)], FedAttnConfig(sync_interval=2),
+                               greedy(3))
+    pid = local.cluster.engine_pids[1]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        results = local.cluster.generate([victim, bystander], placement=[[0, 1], [2, 0]])
+        waited = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert "engine 1 sent nothing" in results[0].error
+    assert local.cluster.silence_s <= waited < local.cluster.silence_s + 5
+    assert tokens(results[1]) == tokens(colocated.generate([bystander])[0])
+    assert_all_freed(local, coordinator)  # engine 1 reserves it late, then learns of the abort
+    assert tokens(local.cluster.generate([victim], placement=[[0, 1]])[0]) == tokens(colocated.generate([victim])[0])
+
+
 def test_a_killed_engine_fails_its_sessions_while_the_others_complete(local, coordinator, colocated):
     """Last: engine 2 is stopped before it can publish, then killed mid-session."""
     rng = random.Random(3)
