@@ -184,7 +184,7 @@ class FederatedLLM:
             raise FedAttnSessionError("segments", f"the session can never fit this engine: {why}")
         return _Run(session_id, {n: prompts[n] for n in hosted}, num_participants, config, params, plan, demand)
 
-    def _participant_params(self, run: _Run, lengths: list[int]) -> dict[int, object]:
+    def participant_params(self, run: _Run, lengths: list[int]) -> dict[int, object]:
         """Each hosted participant's SamplingParams, carrying the session's metadata; checks the lengths."""
         from vllm import SamplingParams
 
@@ -220,7 +220,7 @@ class FederatedLLM:
         run = self.plan_run(f"fedattn-{uuid.uuid4().hex}", prompts, len(prompts), session.config,
                             session.sampling_params)
         lengths = [len(prompts[n]) for n in range(len(prompts))]
-        self._participant_params(run, lengths)  # validates the total length
+        self.participant_params(run, lengths)  # validates the total length
         return run, lengths
 
     # -- driving the engine ------------------------------------------------------------------
@@ -230,7 +230,7 @@ class FederatedLLM:
 
     def start(self, run: _Run, lengths: list[int]) -> None:
         """Hand a reserved run's requests to vLLM; `lengths` are every participant's segment lengths."""
-        params = self._participant_params(run, lengths)
+        params = self.participant_params(run, lengths)
         inputs = self.engine.renderer.render_cmpl([{"prompt_token_ids": p} for p in run.prompts.values()])
         for (n, sp), engine_input in zip(params.items(), inputs):
             self.engine.add_request(run.request_id(n), engine_input, sp)
@@ -242,9 +242,15 @@ class FederatedLLM:
     def busy(self) -> bool:
         return bool(self._active)
 
-    def step(self) -> list[_Run]:
-        """One engine step; returns the runs that completed or failed in it (finish them next)."""
+    def step(self, on_output=None) -> list[_Run]:
+        """One engine step; returns the runs that completed or failed in it (finish them next).
+
+        `on_output(session_id, participant, request_output)` sees every output of the step (streaming).
+        """
         for output in self.engine.step():
+            if on_output is not None:
+                session_id, n = output.request_id.rsplit(":", 1)
+                on_output(session_id, int(n), output)
             if output.finished:
                 session_id, n = output.request_id.rsplit(":", 1)
                 self._active[session_id].finished[int(n)] = output

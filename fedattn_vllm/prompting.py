@@ -20,13 +20,21 @@ def chat_frame(tokenizer, system: str | None = None) -> tuple[str, str]:
     return prefix, suffix
 
 
+def encode_part(tokenizer, text: str, index: int, count: int, *, chat: bool = False,
+                system: str | None = None) -> list[int]:
+    """Token ids of participant `index`'s part of `count` (framed as one chat turn if `chat`).
+
+    Each participant can encode its own part alone: only the first needs the template's
+    prefix and only the last its suffix.
+    """
+    if chat:
+        prefix, suffix = chat_frame(tokenizer, system)
+        text = (prefix if index == 0 else "") + text + (suffix if index == count - 1 else "")
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def encode_segments(tokenizer, parts: list[str], *, chat: bool = False, system: str | None = None) -> list[list[int]]:
     """Token ids of each participant's part (framed as one chat turn if `chat`)."""
     if not parts or any(not p for p in parts):
         raise ValueError("parts: every participant needs non-empty text")
-    texts = list(parts)
-    if chat:
-        prefix, suffix = chat_frame(tokenizer, system)
-        texts[0] = prefix + texts[0]
-        texts[-1] = texts[-1] + suffix
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return [encode_part(tokenizer, p, n, len(parts), chat=chat, system=system) for n, p in enumerate(parts)]

@@ -11,6 +11,7 @@ import random
 from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for a hub
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # test engines run in this process
 
 import pytest
 import torch

@@ -1,0 +1,349 @@
+"""The OpenAI-compatible FastAPI app: completions and chat completions, single- or multi-party.
+
+A single-party request is a one-participant FedAttn session (identical to plain vLLM). A
+multi-party request carries `participants` (one segment each) and an optional `fedattn`
+block; the response keeps the OpenAI shape and adds a `fedattn` usage block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
+from fedattn_vllm.engine import FedAttnSessionError, FederatedLLM, SessionResult
+from fedattn_vllm.prompting import encode_part, encode_segments
+from server.metrics import Metrics
+from server.private import JoinError, PrivateSessions
+from server.schemas import (ChatCompletionRequest, CompletionRequest, FedAttnBlock, SessionCreateRequest,
+                            SessionJoinRequest)
+from server.settings import ServerSettings
+from server.worker import EngineWorker, QueueFull, Timings
+
+log = logging.getLogger("server")
+
+
+class APIError(Exception):
+    """An error returned in the OpenAI shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def _error_body(message: str, kind: str, param: str | None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    state: dict = {}
+
+    async def lifespan(app: FastAPI):
+        llm = FederatedLLM(settings.model, dtype=settings.dtype, max_model_len=settings.max_model_len,
+                           max_num_batched_tokens=settings.max_num_batched_tokens, seed=0,
+                           kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30))
+        metrics = Metrics()
+        state.update(llm=llm, metrics=metrics, model=settings.served_model_name or Path(llm.model_path).name,
+                     worker=EngineWorker(llm, max_sessions=settings.max_sessions, on_finished=metrics.session_finished))
+        metrics.queue_depth.set_function(lambda: state["worker"].queue_depth)
+        state["private"] = PrivateSessions()
+        yield
+        state["worker"].close()
+
+    app = FastAPI(title="fedattn-vllm", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, error: APIError):
+        return JSONResponse(_error_body(error.message, error.kind, error.param), status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError):
+        first = error.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        return JSONResponse(_error_body(f"{param}: {first['msg']}", "invalid_request_error", param), status_code=400)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if settings.api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+                body = _error_body("a valid API key is required (Authorization: Bearer ...)", "authentication_error",
+                                   None, "invalid_api_key")
+                return JSONResponse(body, status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(generate_latest(state["metrics"].registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": state["model"], "object": "model", "created": 0,
+                                            "owned_by": "fedattn-vllm", "max_model_len": settings.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        llm: FederatedLLM = state["llm"]
+        if body.participants is not None and body.prompt in (None, ""):
+            body.prompt = None  # SDKs that require `prompt` send "" beside participants
+        if (body.prompt is None) == (body.participants is None):
+            raise APIError(400, "give exactly one of prompt (single party) or participants (multi-party)", "prompt")
+        parts = body.participants if body.participants is not None else [body.prompt]
+        segments = [_encode(llm, p, f"participants[{i}]" if body.participants else "prompt") for i, p in enumerate(parts)]
+        return await _run(request, body, segments, "text_completion", body.max_tokens or 16,
+                          "participants" if body.participants else "prompt")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        llm: FederatedLLM = state["llm"]
+        if not body.messages:
+            body.messages = None  # SDKs that require `messages` send [] beside participants
+        if (body.messages is None) == (body.participants is None):
+            raise APIError(400, "give exactly one of messages (single party) or participants (multi-party)", "messages")
+        if body.messages is not None:
+            text = llm.tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
+                                                     add_generation_prompt=True)
+            segments = [llm.tokenizer(text, add_special_tokens=False)["input_ids"]]
+        else:
+            for i, part in enumerate(body.participants):
+                if not part:
+                    raise APIError(400, "is empty", f"participants[{i}]")
+            segments = encode_segments(llm.tokenizer, body.participants, chat=True, system=body.system)
+        return await _run(request, body, segments, "chat.completion", body.max_tokens,
+                          "participants" if body.participants else "messages")
+
+    def _encode(llm: FederatedLLM, segment, param: str) -> list[int]:
+        try:
+            return llm.encode(segment, 0)
+        except FedAttnSessionError as error:
+            raise APIError(400, f"{param}: {str(error).split(': ', 1)[-1]}", param) from None
+
+    def _check_model(name: str) -> None:
+        if name != state["model"]:
+            raise APIError(404, f"model {name!r} is not served here (try {state['model']!r})", "model",
+                           "not_found_error")
+
+    async def _run(request: Request, body, segments: list[list[int]], kind: str, max_tokens: int | None,
+                   prompt_param: str):
+        _check_model(body.model)
+        if len(segments) > settings.max_participants:
+            raise APIError(400, f"{len(segments)} participants exceed max_participants={settings.max_participants}",
+                           "participants")
+        config = _config(body.fedattn, single=len(segments) == 1)
+        sampling = _sampling(body, max_tokens)
+        if settings.log_requests:
+            log.info("request %s: %d participants, %s", kind, len(segments), [len(s) for s in segments])
+        worker: EngineWorker = state["worker"]
+        stream = asyncio.Queue() if body.stream else None
+        loop = asyncio.get_running_loop()
+
+        def on_text(generator: int, text: str, finished: bool) -> None:
+            loop.call_soon_threadsafe(stream.put_nowait, (generator, text, finished))
+
+        try:
+            session_id, future, timings = worker.submit(segments, config, sampling, on_text if stream else None)
+        except QueueFull as error:
+            raise APIError(429, str(error), None, "rate_limit_error") from None
+        response_id = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
+        if stream is not None:
+            return StreamingResponse(_stream(worker, session_id, future, stream, response_id, kind),
+                                     media_type="text/event-stream")
+        try:
+            result = await _unless_disconnected(request, asyncio.wrap_future(future))
+        except FedAttnConfigError as error:
+            raise APIError(400, str(error), f"fedattn.{error.field}") from None
+        except FedAttnSessionError as error:
+            param = prompt_param if error.field == "segments" else error.field
+            raise APIError(400, f"{param}: {str(error).split(': ', 1)[-1]}", param) from None
+        if result is None:
+            worker.cancel(session_id)
+            return JSONResponse({}, status_code=499)  # the client left
+        if result.error:
+            raise APIError(500, result.error, None, "server_error")
+        return _response(result, timings, response_id, kind)
+
+    async def _unless_disconnected(request: Request, awaitable):
+        """The awaitable's result, or None if the client disconnects first."""
+        task = asyncio.ensure_future(awaitable)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                return None
+
+    def _chunk(response_id: str, kind: str, created: int, choices: list[dict]) -> str:
+        """One server-sent event of a streamed completion."""
+        obj = kind if kind == "text_completion" else f"{kind}.chunk"
+        body = {"id": response_id, "object": obj, "created": created, "model": state["model"], "choices": choices}
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def _stream(worker, session_id, future, stream: asyncio.Queue, response_id: str, kind: str):
+        created = int(time.time())
+
+        def piece(text: str) -> dict:
+            return {"text": text} if kind == "text_completion" else {"delta": {"content": text}}
+
+        try:
+            while not (future.done() and stream.empty()):
+                try:
+                    generator, text, _ = await asyncio.wait_for(stream.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    continue
+                if text:
+                    yield _chunk(response_id, kind, created, [{"index": generator, **piece(text), "finish_reason": None}])
+            result = future.result()
+            if result.error:
+                yield f"data: {json.dumps(_error_body(result.error, 'server_error', None))}\n\n"
+            else:
+                yield _chunk(response_id, kind, created, [{"index": g, **piece(""), "finish_reason": out.finish_reason}
+                                                          for g, out in result.outputs.items()])
+            yield "data: [DONE]\n\n"
+        except asyncio.CancelledError:  # the client disconnected mid-stream
+            worker.cancel(session_id)
+            raise
+
+    def _response(result: SessionResult, timings: Timings, response_id: str, kind: str) -> dict:
+        choices = []
+        for i, (g, out) in enumerate(sorted(result.outputs.items())):
+            content = {"text": out.text, "logprobs": None} if kind == "text_completion" else \
+                {"message": {"role": "assistant", "content": out.text}}
+            choices.append({"index": i, "participant": g, **content, "finish_reason": out.finish_reason})
+        completion_tokens = sum(len(out.token_ids) for out in result.outputs.values())
+        prompt_tokens = sum(result.cost.tokens)
+        return {
+            "id": response_id, "object": kind, "created": int(time.time()), "model": state["model"],
+            "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+            "fedattn": {
+                "participants": len(result.cost.tokens), "tokens": result.cost.tokens,
+                "sync_layers": list(result.cost.sync_layers),
+                "published_bytes": result.cost.published_bytes, "received_bytes": result.cost.received_bytes,
+                "timings": {"time_to_first_token_s": timings.first_token_s, "total_s": timings.total_s},
+            },
+        }
+
+    @app.post("/v1/fedattn/sessions")
+    async def create_session(body: SessionCreateRequest):
+        _check_model(body.model)
+        if body.participants > settings.max_participants:
+            raise APIError(400, f"{body.participants} exceed max_participants={settings.max_participants}",
+                           "participants")
+        config = _config(body.fedattn, single=body.participants == 1)
+        try:
+            plan = config.resolve(state["llm"].num_layers, body.participants)
+        except FedAttnConfigError as error:
+            raise APIError(400, str(error), f"fedattn.{error.field}") from None
+        session = state["private"].create(body.participants, config, _sampling(body, body.max_tokens), body.chat,
+                                          body.join_timeout_s)
+        return {"id": session.session_id, "object": "fedattn.session", "generators": list(plan.generators),
+                "join_timeout_s": body.join_timeout_s,
+                "participants": [{"index": n, "token": t} for n, t in enumerate(session.tokens)]}
+
+    @app.post("/v1/fedattn/sessions/{session_id}/participants/{participant}")
+    async def join_session(session_id: str, participant: int, body: SessionJoinRequest, request: Request):
+        private: PrivateSessions = state["private"]
+        llm: FederatedLLM = state["llm"]
+        try:
+            session = private.get(session_id)
+            session.check_token(participant, body.token)
+        except JoinError as error:
+            raise APIError(error.status, str(error), error.param) from None
+        if isinstance(body.content, str):
+            segment = encode_part(llm.tokenizer, body.content, participant, session.size, chat=session.chat)
+        else:
+            segment = _encode(llm, body.content, "content")
+        generators = session.config.resolve(llm.num_layers, session.size).generators
+        if participant in generators and body.stream:
+            session.streams[participant] = asyncio.Queue()
+        session.parts[participant] = segment
+        if len(session.parts) == session.size:
+            _start_private(session)
+        try:
+            started = await _unless_disconnected(request, asyncio.shield(session.started))
+        except JoinError as error:  # someone never joined, or left
+            raise APIError(error.status, str(error), None, "timeout_error") from None
+        if started is None:  # this client left: the session ends for everyone
+            if session.started.done() and session.started.exception() is None:
+                state["worker"].cancel(session.worker_session)
+            else:
+                private.fail(session_id, f"participant {participant} disconnected before the session started")
+            return JSONResponse({}, status_code=499)
+        future, timings = started
+        response_id = f"fedsess-{uuid.uuid4().hex}"
+        kind = "chat.completion" if session.chat else "text_completion"
+        if participant in session.streams:
+            return StreamingResponse(_stream(state["worker"], session.worker_session, future,
+                                             session.streams[participant], response_id, kind),
+                                     media_type="text/event-stream")
+        try:
+            result = await _unless_disconnected(request, asyncio.wrap_future(future))
+        except FedAttnSessionError as error:  # the parts together do not fit (e.g. too long)
+            raise APIError(400, f"the session was refused: {error}", error.field) from None
+        if result is None:  # a participant that leaves ends the session for everyone
+            state["worker"].cancel(session.worker_session)
+            return JSONResponse({}, status_code=499)
+        if result.error:
+            raise APIError(500, f"session ended: {result.error}", None, "server_error")
+        reply = _response(result, timings, response_id, kind)
+        if participant not in generators:  # a usage record only
+            return {"id": response_id, "object": "fedattn.participation", "session": session_id,
+                    "participant": participant, "fedattn": reply["fedattn"]}
+        reply["choices"] = [c for c in reply["choices"] if c["participant"] == participant]
+        return reply
+
+    def _start_private(session) -> None:
+        """All parts are in: run the session; generators that stream get their pieces."""
+        state["private"].sessions.pop(session.session_id, None)
+        segments = [session.parts[n] for n in range(session.size)]
+        loop = asyncio.get_running_loop()
+
+        def on_text(generator: int, text: str, finished: bool) -> None:
+            if generator in session.streams:
+                loop.call_soon_threadsafe(session.streams[generator].put_nowait, (generator, text, finished))
+
+        try:
+            worker_session, future, timings = state["worker"].submit(segments, session.config, session.sampling,
+                                                                      on_text)
+        except QueueFull as error:
+            session.started.set_exception(JoinError(429, str(error)))
+            return
+        session.worker_session = worker_session
+        session.started.set_result((future, timings))
+
+    return app
+
+
+def _sampling(body, max_tokens: int | None):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                          stop=body.stop, presence_penalty=body.presence_penalty,
+                          frequency_penalty=body.frequency_penalty, ignore_eos=body.ignore_eos)
+
+
+def _config(block: FedAttnBlock | None, single: bool) -> FedAttnConfig:
+    """The session's config; a single party is plain inference (nothing to share with anyone)."""
+    values = (block or FedAttnBlock()).model_dump(exclude_none=True)
+    try:
+        config = FedAttnConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except FedAttnConfigError as error:
+        raise APIError(400, str(error), f"fedattn.{error.field}") from None
+    return FedAttnConfig(placement="explicit", sync_layers=()) if single else config
+

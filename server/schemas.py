@@ -1,0 +1,80 @@
+"""OpenAI request bodies, plus FedAttn's extension fields `participants` and `fedattn`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Segment = str | list[int]  # a participant's private text, or its token ids
+
+
+class FedAttnBlock(BaseModel):
+    """The session's FedAttn settings (fields of fedattn_vllm.FedAttnConfig)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sync_interval: int = 4
+    placement: str = "uniform"
+    sync_layers: list[int] | None = None
+    kv_share_ratio: float | list[float] = 1.0
+    kv_selection: str = "random"
+    publisher: int = -1
+    publisher_sync_interval: int | None = None
+    generators: list[int] = Field(default_factory=lambda: [-1])
+    seed: int = 0
+    kv_wire: str = "native"
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI fields we do not use are accepted and ignored
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: Literal[1] = 1
+    stream: bool = False
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    ignore_eos: bool = False  # vLLM's extension
+    fedattn: FedAttnBlock | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: Segment | None = None
+    participants: list[Segment] | None = Field(None, min_length=1)  # multi-party: one segment per participant
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] | None = None
+    # multi-party: each participant's private part of one user turn (the chat template frames the whole)
+    participants: list[str] | None = Field(None, min_length=1)
+    system: str | None = None  # optional system prompt for a multi-party turn
+
+
+class SessionCreateRequest(_Sampling):
+    """A private multi-client session: its size and settings; parts come later, one per client."""
+
+    participants: int = Field(ge=1)
+    chat: bool = True  # the parts form one user turn under the model's chat template
+    join_timeout_s: float = Field(60.0, gt=0, le=3600)
+
+
+class SessionJoinRequest(BaseModel):
+    """One participant's own part of a private session."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: str
+    content: Segment = Field(min_length=1)
+    stream: bool = False

@@ -1,0 +1,39 @@
+"""Server settings: command-line flags, environment (FEDATTN_SERVER_*) and an optional TOML file.
+
+Precedence: flags > environment > the file named by FEDATTN_SERVER_CONFIG > defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEDATTN_SERVER_", cli_prog_name="python -m server",
+                                      cli_kebab_case=True, extra="forbid")
+
+    model: str = Field("default", description="model alias, local Hugging Face directory or hub id")
+    served_model_name: str | None = Field(None, description="name clients use (default: the model's directory name)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="compute dtype (float32 is exact and fastest on CPUs without bf16)")
+    max_model_len: int = Field(4096, ge=16, description="prompt + generated tokens per session")
+    max_num_batched_tokens: int = Field(8192, ge=16, description="tokens one engine step may compute")
+    kv_cache_gib: float = Field(2.0, gt=0, description="paged K/V cache size in GiB")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1 routes")
+    max_participants: int = Field(16, ge=1, description="participants per multi-party request")
+    max_sessions: int = Field(256, ge=1, description="sessions queued or running at once (then 429)")
+    log_requests: bool = Field(False, description="log each request's participant count and segment lengths (never text)")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        if path := os.environ.get("FEDATTN_SERVER_CONFIG"):
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)

@@ -1,0 +1,156 @@
+"""The engine thread: owns the FederatedLLM and drives it; request handlers talk to it through queues.
+
+Handlers `submit` a session (all of it, colocated) and get a Future for its result; a
+generator's text can be streamed through `on_text`. Sessions enter the engine whole, in
+arrival order (gang admission), exactly as `FederatedLLM.generate` runs them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from fedattn_vllm.config import FedAttnConfig
+from fedattn_vllm.engine import FederatedLLM, SessionResult
+
+TextCallback = Callable[[int, str, bool], None]  # (generator, new text, finished)
+
+
+class QueueFull(RuntimeError):
+    """More sessions are queued or running than the server allows."""
+
+
+@dataclass
+class Timings:
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None  # time to the first generated token
+    total_s: float | None = None
+
+
+@dataclass
+class _Job:
+    session_id: str
+    segments: list[list[int]]
+    config: FedAttnConfig
+    sampling: object
+    future: Future
+    on_text: TextCallback | None
+    timings: Timings = field(default_factory=Timings)
+    sent: dict[int, int] = field(default_factory=dict)  # generator -> characters streamed so far
+    run: object | None = None
+
+
+class EngineWorker:
+    def __init__(self, llm: FederatedLLM, *, max_sessions: int, on_finished: Callable | None = None):
+        self.llm = llm
+        self.max_sessions = max_sessions
+        self._on_finished = on_finished  # (result, timings) -> None, e.g. metrics
+        self._inbox: queue.Queue = queue.Queue()
+        self._pending: deque[_Job] = deque()
+        self._active: dict[str, _Job] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fedattn-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def submit(self, segments: list[list[int]], config: FedAttnConfig, sampling,
+               on_text: TextCallback | None = None) -> tuple[str, Future, Timings]:
+        with self._lock:
+            if self._outstanding >= self.max_sessions:
+                raise QueueFull(f"{self._outstanding} sessions in flight (max_sessions={self.max_sessions})")
+            self._outstanding += 1
+        job = _Job(f"srv-{next(self._ids)}", segments, config, sampling, Future(), on_text)
+        self._inbox.put(("submit", job))
+        return job.session_id, job.future, job.timings
+
+    def cancel(self, session_id: str) -> None:
+        """Drop a session (client gone); its K/V is freed. No-op if it already ended."""
+        self._inbox.put(("cancel", session_id))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    # -- the engine thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain(block=not (self.llm.busy or self._pending))
+            while self._pending and self.llm.reserve(self._pending[0].run):
+                job = self._pending.popleft()
+                self.llm.start(job.run, [len(s) for s in job.segments])
+                self._active[job.run.session_id] = job
+            if self.llm.busy:
+                for run in self.llm.step(on_output=self._on_output):
+                    self._settle(self._active.pop(run.session_id), self.llm.finish(run))
+
+    def _drain(self, block: bool) -> None:
+        try:
+            message = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload = message
+            if kind == "submit":
+                self._admit(payload)
+            else:
+                self._cancel(payload)
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _admit(self, job: _Job) -> None:
+        try:
+            prompts = dict(enumerate(job.segments))
+            job.run = self.llm.plan_run(f"{job.session_id}-{time.monotonic_ns()}", prompts, len(prompts), job.config,
+                                        job.sampling)
+            self.llm.participant_params(job.run, [len(s) for s in job.segments])  # checks the total length
+        except Exception as error:  # validation: the handler turns it into a 4xx
+            self._release_slot()
+            job.future.set_exception(error)
+            return
+        self._pending.append(job)
+
+    def _cancel(self, session_id: str) -> None:
+        for job in [j for j in self._pending if j.session_id == session_id]:
+            self._pending.remove(job)
+            self._settle(job, self.llm.finish(job.run, "cancelled"))
+        for run_id, job in list(self._active.items()):
+            if job.session_id == session_id:
+                del self._active[run_id]
+                self._settle(job, self.llm.finish(job.run, "cancelled"))
+
+    def _on_output(self, run_id: str, participant: int, output) -> None:
+        job = self._active.get(run_id)
+        if job is None or participant not in job.run.plan.generators:
+            return
+        if job.timings.first_token_s is None and output.outputs[0].token_ids:
+            job.timings.first_token_s = time.perf_counter() - job.timings.submitted
+        if job.on_text is not None:
+            text = output.outputs[0].text
+            job.on_text(participant, text[job.sent.get(participant, 0):], output.finished)
+            job.sent[participant] = len(text)
+
+    def _settle(self, job: _Job, result: SessionResult) -> None:
+        job.timings.total_s = time.perf_counter() - job.timings.submitted
+        self._release_slot()
+        if self._on_finished is not None:
+            self._on_finished(result, job.timings)
+        if not job.future.done():
+            job.future.set_result(result)
+
+    def _release_slot(self) -> None:
+        with self._lock:
+            self._outstanding -= 1

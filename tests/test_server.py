@@ -1,0 +1,250 @@
+"""The OpenAI-compatible server as a real process on loopback (tiny random Qwen2, fp32)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from conftest import federated_engine, greedy, plain_engine
+
+from fedattn_vllm.config import FedAttnConfig
+from fedattn_vllm.engine import FedAttnSession
+from fedattn_vllm.prompting import encode_segments
+
+MODEL, KEY = "tiny-qwen2", "test-key"
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    args = [sys.executable, "-m", "server", "--model", MODEL, "--port", str(port), "--max-model-len", "256",
+            "--max-num-batched-tokens", "256", "--kv-cache-gib", "0.0625", "--api-key", KEY]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{server}{path}", json={"model": MODEL, **body}, headers=HEADERS, timeout=60)
+
+
+def test_models_and_health(server):
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    assert [m["id"] for m in httpx.get(f"{server}/v1/models", headers=HEADERS).json()["data"]] == [MODEL]
+
+
+def test_single_party_completion_equals_plain_vllm(server):
+    prompt = list(range(40, 70))
+    reply = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+    stock = plain_engine(MODEL).generate([{"prompt_token_ids": prompt}], greedy(8), use_tqdm=False)
+    assert reply.status_code == 200
+    assert reply.json()["choices"][0]["text"] == stock[0].outputs[0].text
+    assert reply.json()["usage"] == {"prompt_tokens": 30, "completion_tokens": 8, "total_tokens": 38}
+
+
+def test_multi_party_completion_equals_the_offline_api(server):
+    parts = [list(range(10, 30)), list(range(100, 107)), list(range(200, 240))]
+    fedattn = {"sync_interval": 2, "generators": [0, 2], "kv_share_ratio": 0.5, "seed": 3}
+    body = {"participants": parts, "fedattn": fedattn, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    reply = post(server, "/v1/completions", body).json()
+    config = FedAttnConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fedattn.items()})
+    [expected] = federated_engine(MODEL).generate([FedAttnSession(parts, config, greedy(6))])
+    assert [(c["participant"], c["text"]) for c in reply["choices"]] == [(g, o.text) for g, o in expected.outputs.items()]
+    assert reply["fedattn"]["published_bytes"] == expected.cost.published_bytes
+    assert reply["fedattn"]["received_bytes"] == expected.cost.received_bytes
+    assert reply["fedattn"]["tokens"] == [20, 7, 40] and reply["fedattn"]["sync_layers"] == [0, 2, 4]
+
+
+def test_multi_party_chat_frames_the_parts_as_one_user_turn(server):
+    parts = ["alice: the code is 4417. ", "bob: what is the code?"]
+    reply = post(server, "/v1/chat/completions", {"participants": parts, "max_tokens": 5, "temperature": 0,
+                                                  "ignore_eos": True}).json()
+    llm = federated_engine(MODEL)
+    segments = encode_segments(llm.tokenizer, parts, chat=True)
+    [expected] = llm.generate([FedAttnSession(segments, FedAttnConfig(), greedy(5))])
+    assert reply["choices"][0]["message"] == {"role": "assistant", "content": expected.outputs[1].text}
+    assert reply["object"] == "chat.completion"
+
+
+def test_streaming_gives_the_same_text_in_pieces(server):
+    body = {"participants": [list(range(10, 30)), list(range(50, 60))], "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True}
+    whole = post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    pieces, finish = [], None
+    with httpx.stream("POST", f"{server}/v1/completions", json={"model": MODEL, **body, "stream": True},
+                      headers=HEADERS, timeout=60) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            pieces.append(choice["text"])
+            finish = choice["finish_reason"] or finish
+    assert "".join(pieces) == whole and len(pieces) > 2 and finish == "length"
+
+
+BAD = [
+    ({"model": "other", "prompt": "x"}, 404, "model"),
+    ({"prompt": "x", "participants": ["a", "b"]}, 400, "prompt"),
+    ({}, 400, "prompt"),
+    ({"participants": []}, 400, "participants"),
+    ({"participants": ["a", [5, 10**6]]}, 400, "participants[1]"),
+    ({"participants": ["a", ""]}, 400, "participants[1]"),
+    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "temperature": 3}, 400, "temperature"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 400}, 400, "prompt"),
+    ({"participants": ["a", "b"], "fedattn": {"sync_interval": 0}}, 400, "fedattn.sync_interval"),
+    ({"participants": ["a", "b"], "fedattn": {"generators": [5]}}, 400, "fedattn.generators"),
+    ({"participants": ["a", "b"], "fedattn": {"placement": "sideways"}}, 400, "fedattn.placement"),
+    ({"participants": ["a", "b"], "fedattn": {"bogus": 1}}, 400, "fedattn.bogus"),
+    ({"participants": ["a", "b"], "fedattn": {"kv_share_ratio": [0.5]}}, 400, "fedattn.kv_share_ratio"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD, ids=[f"{p}-{i}" for i, (_, _, p) in enumerate(BAD)])
+def test_bad_input_gets_an_openai_error_naming_the_field(server, body, status, param):
+    reply = httpx.post(f"{server}/v1/completions", json={"model": MODEL, **body}, headers=HEADERS, timeout=60)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"]
+    assert post(server, "/v1/completions", {"prompt": "ok", "max_tokens": 2}).status_code == 200  # still serving
+
+
+def test_a_missing_api_key_is_refused(server):
+    reply = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_the_openai_client_as_is(server):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY)
+    single = client.completions.create(model=MODEL, prompt="hello", max_tokens=3, temperature=0)
+    assert single.choices[0].text and single.usage.completion_tokens == 3
+    multi = client.chat.completions.create(
+        model=MODEL, messages=[], max_tokens=3, temperature=0,
+        extra_body={"participants": ["alice: 4417. ", "bob: the code?"], "fedattn": {"sync_interval": 2}})
+    assert multi.choices[0].message.content is not None
+    assert multi.model_extra["fedattn"]["participants"] == 2
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model=MODEL, prompt="", max_tokens=3, extra_body={"fedattn": {"sync_interval": -1}})
+    assert raised.value.body["param"] == "prompt"
+
+
+def metric(server, name: str) -> float:
+    """A sample's value from /metrics by its exact name and labels (0 if absent)."""
+    for line in httpx.get(f"{server}/metrics").text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == name:
+            return float(value)
+    return 0.0
+
+
+def test_a_client_that_disconnects_mid_stream_cancels_its_session(server):
+    before = metric(server, 'fedattn_sessions_total{outcome="cancelled"}')
+    body = {"model": MODEL, "prompt": list(range(10, 20)), "max_tokens": 240, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=HEADERS, timeout=60) as response:
+        next(response.iter_lines())  # the first chunk arrived: the session runs
+    deadline = time.monotonic() + 20
+    while metric(server, 'fedattn_sessions_total{outcome="cancelled"}') <= before:
+        assert time.monotonic() < deadline, "the abandoned session was not cancelled"
+        time.sleep(0.2)
+    assert metric(server, "fedattn_queue_depth") == 0
+    assert metric(server, 'fedattn_kv_bytes_total{direction="published"}') > 0
+    assert metric(server, "fedattn_time_to_first_token_seconds_count") > 0
+
+
+def create_session(server, **body) -> dict:
+    reply = httpx.post(f"{server}/v1/fedattn/sessions", json={"model": MODEL, **body}, headers=HEADERS, timeout=30)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def join(server, session: dict, n: int, content, **extra) -> httpx.Response:
+    token = session["participants"][n]["token"]
+    return httpx.post(f"{server}/v1/fedattn/sessions/{session['id']}/participants/{n}",
+                      json={"token": token, "content": content, **extra}, headers=HEADERS, timeout=60)
+
+
+def test_private_session_clients_each_send_only_their_part_and_get_the_joint_answer(server):
+    parts = ["alice: the vault code is 4417. ", "bob: the vault is in the cellar. ", "carol: what is the code?"]
+    sampling = {"max_tokens": 6, "temperature": 0, "ignore_eos": True, "fedattn": {"sync_interval": 2}}
+    session = create_session(server, participants=3, **sampling)
+    assert session["generators"] == [2] and len({p["token"] for p in session["participants"]}) == 3
+    with ThreadPoolExecutor(3) as pool:  # three clients, concurrently, each with its own text only
+        replies = list(pool.map(lambda n: join(server, session, n, parts[n]), range(3)))
+    assert [r.status_code for r in replies] == [200, 200, 200]
+    one_call = post(server, "/v1/chat/completions", {"participants": parts, **sampling}).json()
+    answer = replies[2].json()
+    assert answer["choices"][0]["message"]["content"] == one_call["choices"][0]["message"]["content"]
+    assert answer["fedattn"]["published_bytes"] == one_call["fedattn"]["published_bytes"]
+    for reply in replies[:2]:  # the others get a usage record, not the answer
+        assert reply.json()["object"] == "fedattn.participation" and "choices" not in reply.json()
+        assert reply.json()["fedattn"]["tokens"] == one_call["fedattn"]["tokens"]
+
+
+def test_private_session_refuses_bad_tokens_and_double_joins(server):
+    session = create_session(server, participants=2, max_tokens=2, join_timeout_s=5)
+    forged = httpx.post(f"{server}/v1/fedattn/sessions/{session['id']}/participants/0",
+                        json={"token": "guess", "content": "x"}, headers=HEADERS)
+    assert forged.status_code == 403 and forged.json()["error"]["param"] == "token"
+    assert httpx.post(f"{server}/v1/fedattn/sessions/nope/participants/0", json={"token": "t", "content": "x"},
+                      headers=HEADERS).status_code == 404
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(join, server, session, 0, "hello")
+        time.sleep(0.5)
+        assert join(server, session, 0, "again").status_code == 409
+        assert join(server, session, 1, "there").status_code == 200
+        assert first.result().status_code == 200
+
+
+def test_a_participant_that_never_joins_fails_the_session_for_everyone(server):
+    session = create_session(server, participants=3, max_tokens=2, join_timeout_s=2)
+    started = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        replies = list(pool.map(lambda n: join(server, session, n, f"part {n}"), range(2)))
+    assert 2 <= time.monotonic() - started < 10
+    for reply in replies:
+        assert reply.status_code == 408 and "[2] did not join" in reply.json()["error"]["message"]
+    assert join(server, session, 2, "late").status_code == 404  # nothing of it is kept
+
+
+def test_a_streaming_generator_that_disconnects_ends_its_private_session(server):
+    before = metric(server, 'fedattn_sessions_total{outcome="cancelled"}')
+    session = create_session(server, participants=2, max_tokens=200, ignore_eos=True, chat=False)
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(join, server, session, 0, list(range(10, 30)))
+        body = {"token": session["participants"][1]["token"], "content": list(range(40, 50)), "stream": True}
+        url = f"{server}/v1/fedattn/sessions/{session['id']}/participants/1"
+        with httpx.stream("POST", url, json=body, headers=HEADERS, timeout=60) as response:
+            assert response.status_code == 200
+            next(response.iter_lines())  # the answer started; then this client leaves
+        reply = other.result()
+    assert reply.status_code == 500 and "cancelled" in reply.json()["error"]["message"]
+    assert metric(server, 'fedattn_sessions_total{outcome="cancelled"}') == before + 1
