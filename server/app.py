@@ -13,7 +13,6 @@ import logging
 import secrets
 import time
 import uuid
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,14 +20,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
-from fedattn_vllm.engine import FedAttnSessionError, FederatedLLM, SessionResult
+from fedattn_vllm.engine import FedAttnSessionError, SessionResult
+from server.backend import Backend
 from fedattn_vllm.prompting import encode_part, encode_segments
 from server.metrics import Metrics
 from server.private import JoinError, PrivateSessions
 from server.schemas import (ChatCompletionRequest, CompletionRequest, FedAttnBlock, SessionCreateRequest,
                             SessionJoinRequest)
 from server.settings import ServerSettings
-from server.worker import EngineWorker, QueueFull, Timings
+from server.worker import QueueFull, Timings
 
 log = logging.getLogger("server")
 
@@ -49,16 +49,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
     state: dict = {}
 
     async def lifespan(app: FastAPI):
-        llm = FederatedLLM(settings.model, dtype=settings.dtype, max_model_len=settings.max_model_len,
-                           max_num_batched_tokens=settings.max_num_batched_tokens, seed=0,
-                           kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30))
         metrics = Metrics()
-        state.update(llm=llm, metrics=metrics, model=settings.served_model_name or Path(llm.model_path).name,
-                     worker=EngineWorker(llm, max_sessions=settings.max_sessions, on_finished=metrics.session_finished))
-        metrics.queue_depth.set_function(lambda: state["worker"].queue_depth)
-        state["private"] = PrivateSessions()
+        backend = Backend.start(settings, metrics)
+        state.update(backend=backend, metrics=metrics, private=PrivateSessions(), worker=backend.worker,
+                     model=settings.served_model_name or backend.model_name)
+        metrics.queue_depth.set_function(lambda: backend.worker.queue_depth)
         yield
-        state["worker"].close()
+        backend.close()
 
     app = FastAPI(title="fedattn-vllm", lifespan=lifespan)
 
@@ -97,40 +94,43 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        llm: FederatedLLM = state["llm"]
         if body.participants is not None and body.prompt in (None, ""):
             body.prompt = None  # SDKs that require `prompt` send "" beside participants
         if (body.prompt is None) == (body.participants is None):
             raise APIError(400, "give exactly one of prompt (single party) or participants (multi-party)", "prompt")
         parts = body.participants if body.participants is not None else [body.prompt]
-        segments = [_encode(llm, p, f"participants[{i}]" if body.participants else "prompt") for i, p in enumerate(parts)]
+        segments = [_encode(p, f"participants[{i}]" if body.participants else "prompt") for i, p in enumerate(parts)]
         return await _run(request, body, segments, "text_completion", body.max_tokens or 16,
                           "participants" if body.participants else "prompt")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        llm: FederatedLLM = state["llm"]
+        tokenizer = state["backend"].tokenizer
         if not body.messages:
             body.messages = None  # SDKs that require `messages` send [] beside participants
         if (body.messages is None) == (body.participants is None):
             raise APIError(400, "give exactly one of messages (single party) or participants (multi-party)", "messages")
         if body.messages is not None:
-            text = llm.tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
-                                                     add_generation_prompt=True)
-            segments = [llm.tokenizer(text, add_special_tokens=False)["input_ids"]]
+            text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
+                                                 add_generation_prompt=True)
+            segments = [tokenizer(text, add_special_tokens=False)["input_ids"]]
         else:
             for i, part in enumerate(body.participants):
                 if not part:
                     raise APIError(400, "is empty", f"participants[{i}]")
-            segments = encode_segments(llm.tokenizer, body.participants, chat=True, system=body.system)
+            segments = encode_segments(tokenizer, body.participants, chat=True, system=body.system)
         return await _run(request, body, segments, "chat.completion", body.max_tokens,
                           "participants" if body.participants else "messages")
 
-    def _encode(llm: FederatedLLM, segment, param: str) -> list[int]:
-        try:
-            return llm.encode(segment, 0)
-        except FedAttnSessionError as error:
-            raise APIError(400, f"{param}: {str(error).split(': ', 1)[-1]}", param) from None
+    def _encode(segment, param: str) -> list[int]:
+        """A segment's token ids: text tokenized, ids checked against the vocabulary."""
+        tokenizer = state["backend"].tokenizer
+        ids = tokenizer(segment, add_special_tokens=False)["input_ids"] if isinstance(segment, str) else segment
+        if not ids:
+            raise APIError(400, f"{param}: is empty", param)
+        if not all(0 <= t < len(tokenizer) for t in ids):
+            raise APIError(400, f"{param}: token ids must be in the vocabulary (0..{len(tokenizer) - 1})", param)
+        return ids
 
     def _check_model(name: str) -> None:
         if name != state["model"]:
@@ -147,7 +147,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         sampling = _sampling(body, max_tokens)
         if settings.log_requests:
             log.info("request %s: %d participants, %s", kind, len(segments), [len(s) for s in segments])
-        worker: EngineWorker = state["worker"]
+        worker = state["worker"]
         stream = asyncio.Queue() if body.stream else None
         loop = asyncio.get_running_loop()
 
@@ -173,6 +173,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             worker.cancel(session_id)
             return JSONResponse({}, status_code=499)  # the client left
         if result.error:
+            if result.error_field:  # an engine refused the input (federated mode)
+                raise APIError(400, result.error, prompt_param if result.error_field == "segments" else result.error_field)
             raise APIError(500, result.error, None, "server_error")
         return _response(result, timings, response_id, kind)
 
@@ -247,7 +249,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                            "participants")
         config = _config(body.fedattn, single=body.participants == 1)
         try:
-            plan = config.resolve(state["llm"].num_layers, body.participants)
+            plan = config.resolve(state["backend"].num_layers, body.participants)
         except FedAttnConfigError as error:
             raise APIError(400, str(error), f"fedattn.{error.field}") from None
         session = state["private"].create(body.participants, config, _sampling(body, body.max_tokens), body.chat,
@@ -259,17 +261,17 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @app.post("/v1/fedattn/sessions/{session_id}/participants/{participant}")
     async def join_session(session_id: str, participant: int, body: SessionJoinRequest, request: Request):
         private: PrivateSessions = state["private"]
-        llm: FederatedLLM = state["llm"]
+        backend: Backend = state["backend"]
         try:
             session = private.get(session_id)
             session.check_token(participant, body.token)
         except JoinError as error:
             raise APIError(error.status, str(error), error.param) from None
         if isinstance(body.content, str):
-            segment = encode_part(llm.tokenizer, body.content, participant, session.size, chat=session.chat)
+            segment = encode_part(backend.tokenizer, body.content, participant, session.size, chat=session.chat)
         else:
-            segment = _encode(llm, body.content, "content")
-        generators = session.config.resolve(llm.num_layers, session.size).generators
+            segment = _encode(body.content, "content")
+        generators = session.config.resolve(backend.num_layers, session.size).generators
         if participant in generators and body.stream:
             session.streams[participant] = asyncio.Queue()
         session.parts[participant] = segment

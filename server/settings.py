@@ -25,6 +25,12 @@ class ServerSettings(BaseSettings):
     max_model_len: int = Field(4096, ge=16, description="prompt + generated tokens per session")
     max_num_batched_tokens: int = Field(8192, ge=16, description="tokens one engine step may compute")
     kv_cache_gib: float = Field(2.0, gt=0, description="paged K/V cache size in GiB")
+    engines: int = Field(0, ge=0, description="0: one in-process engine (colocated); N: start N engine processes "
+                         "on this machine, participant n of a session on engine n % N (federated)")
+    engine_endpoints: list[str] = Field(default_factory=list, description="attach to running federated engines "
+                                        "(ZeroMQ endpoints; keys from FEDATTN_ADMIN_KEY / FEDATTN_ENGINE_KEY)")
+    coordinator: str | None = Field(None, description="the coordinator of --engine-endpoints")
+    session_timeout_s: float = Field(60.0, gt=0, description="federated: how long a participant waits for a peer")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1 routes")
     max_participants: int = Field(16, ge=1, description="participants per multi-party request")
     max_sessions: int = Field(256, ge=1, description="sessions queued or running at once (then 429)")

@@ -1,8 +1,10 @@
-"""The engine thread: owns the FederatedLLM and drives it; request handlers talk to it through queues.
+"""The engine thread: the only thread that touches the engine; request handlers talk to it through a queue.
 
-Handlers `submit` a session (all of it, colocated) and get a Future for its result; a
-generator's text can be streamed through `on_text`. Sessions enter the engine whole, in
-arrival order (gang admission), exactly as `FederatedLLM.generate` runs them.
+Handlers `submit` a whole session (segments as token ids) and get a Future for its
+result; a generator's text can be streamed through `on_text`. Two backends:
+  EngineWorker   colocated: one in-process FederatedLLM, sessions admitted whole in order;
+  ClusterWorker  federated: engine processes behind the orchestrator (FederatedCluster);
+                 each engine holds only its participants. Text arrives whole at the end.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from fedattn_vllm.config import FedAttnConfig
-from fedattn_vllm.engine import FederatedLLM, SessionResult
+from fedattn_vllm.engine import FedAttnSession, FederatedLLM, SessionResult
 
 TextCallback = Callable[[int, str, bool], None]  # (generator, new text, finished)
 
@@ -29,7 +31,7 @@ class QueueFull(RuntimeError):
 @dataclass
 class Timings:
     submitted: float = field(default_factory=time.perf_counter)
-    first_token_s: float | None = None  # time to the first generated token
+    first_token_s: float | None = None  # time to the first generated token (colocated only)
     total_s: float | None = None
 
 
@@ -43,17 +45,16 @@ class _Job:
     on_text: TextCallback | None
     timings: Timings = field(default_factory=Timings)
     sent: dict[int, int] = field(default_factory=dict)  # generator -> characters streamed so far
-    run: object | None = None
+    handle: object | None = None  # the backend's run or session id
 
 
-class EngineWorker:
-    def __init__(self, llm: FederatedLLM, *, max_sessions: int, on_finished: Callable | None = None):
-        self.llm = llm
+class _Worker:
+    """The thread, the inbox, the bound on sessions in flight; subclasses drive a backend."""
+
+    def __init__(self, *, max_sessions: int, on_finished: Callable | None = None):
         self.max_sessions = max_sessions
         self._on_finished = on_finished  # (result, timings) -> None, e.g. metrics
         self._inbox: queue.Queue = queue.Queue()
-        self._pending: deque[_Job] = deque()
-        self._active: dict[str, _Job] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._outstanding = 0
@@ -61,9 +62,7 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._loop, name="fedattn-engine", daemon=True)
         self._thread.start()
 
-    @property
-    def queue_depth(self) -> int:
-        return len(self._pending)
+    queue_depth = 0  # sessions waiting to enter the engine
 
     def submit(self, segments: list[list[int]], config: FedAttnConfig, sampling,
                on_text: TextCallback | None = None) -> tuple[str, Future, Timings]:
@@ -76,24 +75,17 @@ class EngineWorker:
         return job.session_id, job.future, job.timings
 
     def cancel(self, session_id: str) -> None:
-        """Drop a session (client gone); its K/V is freed. No-op if it already ended."""
+        """Drop a session (a client left); its K/V is freed. No-op if it already ended."""
         self._inbox.put(("cancel", session_id))
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
 
-    # -- the engine thread -------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._drain(block=not (self.llm.busy or self._pending))
-            while self._pending and self.llm.reserve(self._pending[0].run):
-                job = self._pending.popleft()
-                self.llm.start(job.run, [len(s) for s in job.segments])
-                self._active[job.run.session_id] = job
-            if self.llm.busy:
-                for run in self.llm.step(on_output=self._on_output):
-                    self._settle(self._active.pop(run.session_id), self.llm.finish(run))
+            self._drain(block=self._idle())
+            self._tick()
 
     def _drain(self, block: bool) -> None:
         try:
@@ -103,45 +95,17 @@ class EngineWorker:
         while True:
             kind, payload = message
             if kind == "submit":
-                self._admit(payload)
+                try:
+                    self._admit(payload)
+                except Exception as error:  # validation: the handler turns it into a 4xx
+                    self._release_slot()
+                    payload.future.set_exception(error)
             else:
                 self._cancel(payload)
             try:
                 message = self._inbox.get_nowait()
             except queue.Empty:
                 return
-
-    def _admit(self, job: _Job) -> None:
-        try:
-            prompts = dict(enumerate(job.segments))
-            job.run = self.llm.plan_run(f"{job.session_id}-{time.monotonic_ns()}", prompts, len(prompts), job.config,
-                                        job.sampling)
-            self.llm.participant_params(job.run, [len(s) for s in job.segments])  # checks the total length
-        except Exception as error:  # validation: the handler turns it into a 4xx
-            self._release_slot()
-            job.future.set_exception(error)
-            return
-        self._pending.append(job)
-
-    def _cancel(self, session_id: str) -> None:
-        for job in [j for j in self._pending if j.session_id == session_id]:
-            self._pending.remove(job)
-            self._settle(job, self.llm.finish(job.run, "cancelled"))
-        for run_id, job in list(self._active.items()):
-            if job.session_id == session_id:
-                del self._active[run_id]
-                self._settle(job, self.llm.finish(job.run, "cancelled"))
-
-    def _on_output(self, run_id: str, participant: int, output) -> None:
-        job = self._active.get(run_id)
-        if job is None or participant not in job.run.plan.generators:
-            return
-        if job.timings.first_token_s is None and output.outputs[0].token_ids:
-            job.timings.first_token_s = time.perf_counter() - job.timings.submitted
-        if job.on_text is not None:
-            text = output.outputs[0].text
-            job.on_text(participant, text[job.sent.get(participant, 0):], output.finished)
-            job.sent[participant] = len(text)
 
     def _settle(self, job: _Job, result: SessionResult) -> None:
         job.timings.total_s = time.perf_counter() - job.timings.submitted
@@ -154,3 +118,103 @@ class EngineWorker:
     def _release_slot(self) -> None:
         with self._lock:
             self._outstanding -= 1
+
+    def _idle(self) -> bool:
+        raise NotImplementedError
+
+    def _admit(self, job: _Job) -> None:
+        raise NotImplementedError
+
+    def _cancel(self, session_id: str) -> None:
+        raise NotImplementedError
+
+    def _tick(self) -> None:
+        raise NotImplementedError
+
+
+class EngineWorker(_Worker):
+    """Colocated: every session in one in-process vLLM engine, streamed token by token."""
+
+    def __init__(self, llm: FederatedLLM, **kwargs):
+        self.llm = llm
+        self._pending: deque[_Job] = deque()
+        self._active: dict[str, _Job] = {}  # by the engine's session id
+        super().__init__(**kwargs)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def _idle(self) -> bool:
+        return not (self.llm.busy or self._pending)
+
+    def _admit(self, job: _Job) -> None:
+        prompts = dict(enumerate(job.segments))
+        job.handle = self.llm.plan_run(f"{job.session_id}-{time.monotonic_ns()}", prompts, len(prompts), job.config,
+                                       job.sampling)
+        self.llm.participant_params(job.handle, [len(s) for s in job.segments])  # checks the total length
+        self._pending.append(job)
+
+    def _cancel(self, session_id: str) -> None:
+        for job in [j for j in self._pending if j.session_id == session_id]:
+            self._pending.remove(job)
+            self._settle(job, self.llm.finish(job.handle, "cancelled"))
+        for run_id, job in list(self._active.items()):
+            if job.session_id == session_id:
+                del self._active[run_id]
+                self._settle(job, self.llm.finish(job.handle, "cancelled"))
+
+    def _tick(self) -> None:
+        while self._pending and self.llm.reserve(self._pending[0].handle):
+            job = self._pending.popleft()
+            self.llm.start(job.handle, [len(s) for s in job.segments])
+            self._active[job.handle.session_id] = job
+        if self.llm.busy:
+            for run in self.llm.step(on_output=self._on_output):
+                self._settle(self._active.pop(run.session_id), self.llm.finish(run))
+
+    def _on_output(self, run_id: str, participant: int, output) -> None:
+        job = self._active.get(run_id)
+        if job is None or participant not in job.handle.plan.generators:
+            return
+        if job.timings.first_token_s is None and output.outputs[0].token_ids:
+            job.timings.first_token_s = time.perf_counter() - job.timings.submitted
+        if job.on_text is not None:
+            text = output.outputs[0].text
+            job.on_text(participant, text[job.sent.get(participant, 0):], output.finished)
+            job.sent[participant] = len(text)
+
+
+class ClusterWorker(_Worker):
+    """Federated: participant n of every session on engine n % E; the orchestrator is driven here."""
+
+    def __init__(self, cluster, **kwargs):
+        self.cluster = cluster  # fedattn_vllm.federated.cluster.FederatedCluster (its sockets: this thread only)
+        self._active: dict[str, _Job] = {}  # by the cluster's session id
+        super().__init__(**kwargs)
+
+    def _idle(self) -> bool:
+        return not self._active
+
+    def _admit(self, job: _Job) -> None:
+        engines = len(self.cluster.links)
+        placement = [n % engines for n in range(len(job.segments))]
+        job.handle = self.cluster.submit(FedAttnSession(job.segments, job.config, job.sampling), placement)
+        self._active[job.handle] = job
+
+    def _cancel(self, session_id: str) -> None:
+        for handle, job in self._active.items():
+            if job.session_id == session_id:
+                self.cluster.abort(handle)
+
+    def _tick(self) -> None:
+        if not self._active:
+            return
+        for handle, result in self.cluster.poll(50).items():
+            job = self._active.pop(handle, None)
+            if job is None:
+                continue
+            if job.on_text is not None:
+                for g, out in result.outputs.items():
+                    job.on_text(g, out.text, True)
+            self._settle(job, result)

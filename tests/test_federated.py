@@ -193,12 +193,12 @@ def _stop_on_ready(local, monkeypatch, engine: int, resume_after_s: float | None
     original = local.cluster._on_event
     pid = local.cluster.engine_pids[engine]
 
-    def on_event(e, event, flights):
+    def on_event(e, event):
         if e == engine and event.get("event") == "ready":
             os.kill(pid, signal.SIGSTOP)
             if resume_after_s is not None:
                 threading.Timer(resume_after_s, os.kill, (pid, signal.SIGCONT)).start()
-        original(e, event, flights)
+        original(e, event)
 
     monkeypatch.setattr(local.cluster, "_on_event", on_event)
 

@@ -29,12 +29,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def start_server(tmp_path_factory, *flags: str):
+    """`python -m server` on the tiny model (later flags override), ready to serve: (url, process)."""
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     args = [sys.executable, "-m", "server", "--model", MODEL, "--port", str(port), "--max-model-len", "256",
-            "--max-num-batched-tokens", "256", "--kv-cache-gib", "0.0625", "--api-key", KEY]
+            "--max-num-batched-tokens", "256", "--kv-cache-gib", "0.0625", "--api-key", KEY, *flags]
     with open(log, "wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
     url = f"http://127.0.0.1:{port}"
@@ -47,9 +47,25 @@ def server(tmp_path_factory):
             pass
         assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.5)
+    return url, process
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Colocated: one in-process engine serves every session."""
+    url, process = start_server(tmp_path_factory)
     yield url
     process.terminate()
     process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def federated_server(tmp_path_factory):
+    """Federated: two engine processes behind the server, participant n on engine n % 2."""
+    url, process = start_server(tmp_path_factory, "--engines", "2", "--session-timeout-s", "20")
+    yield url
+    process.terminate()
+    process.wait(timeout=60)
 
 
 def post(server, path: str, body: dict) -> httpx.Response:
@@ -248,3 +264,29 @@ def test_a_streaming_generator_that_disconnects_ends_its_private_session(server)
         reply = other.result()
     assert reply.status_code == 500 and "cancelled" in reply.json()["error"]["message"]
     assert metric(server, 'fedattn_sessions_total{outcome="cancelled"}') == before + 1
+
+
+def test_federated_engines_behind_the_server_answer_like_the_offline_api(federated_server):
+    parts = [list(range(10, 30)), list(range(100, 107)), list(range(200, 240))]
+    fedattn = {"sync_interval": 2, "generators": [0, 2]}
+    body = {"participants": parts, "fedattn": fedattn, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    reply = post(federated_server, "/v1/completions", body).json()
+    [expected] = federated_engine(MODEL).generate([FedAttnSession(parts, FedAttnConfig(sync_interval=2,
+                                                                                       generators=(0, 2)), greedy(6))])
+    assert [(c["participant"], c["text"]) for c in reply["choices"]] == [(g, o.text) for g, o in expected.outputs.items()]
+    assert reply["fedattn"]["published_bytes"] == expected.cost.published_bytes
+    single = post(federated_server, "/v1/completions", {"prompt": parts[0], "max_tokens": 4, "temperature": 0})
+    assert single.status_code == 200
+    bad = post(federated_server, "/v1/completions", {"participants": ["a", [5, 10**6]]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "participants[1]"
+
+
+def test_federated_private_session(federated_server):
+    parts = ["alice: the vault code is 4417. ", "carol: what is the code?"]
+    session = create_session(federated_server, participants=2, max_tokens=4, temperature=0, ignore_eos=True)
+    with ThreadPoolExecutor(2) as pool:
+        replies = list(pool.map(lambda n: join(federated_server, session, n, parts[n]), range(2)))
+    one_call = post(federated_server, "/v1/chat/completions", {"participants": parts, "max_tokens": 4,
+                                                               "temperature": 0, "ignore_eos": True}).json()
+    assert replies[1].json()["choices"][0]["message"] == one_call["choices"][0]["message"]
+    assert replies[0].json()["object"] == "fedattn.participation"

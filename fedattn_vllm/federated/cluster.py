@@ -121,6 +121,10 @@ class FederatedCluster:
         self._last_heard = [time.monotonic()] * len(engines)
         self._outstanding: list[set[str]] = [set() for _ in engines]  # sessions each engine still owes
         self._wave: dict[int, list[dict]] = {}  # engine -> sessions to start in the next wave
+        self._flights: dict[str, _Flight] = {}  # sessions submitted and not yet reported by `poll`
+        self._poller = zmq.Poller()
+        for link in self.links:
+            self._poller.register(link.socket, zmq.POLLIN)
 
     # -- validation ------------------------------------------------------------------------
     def _check(self, i: int, session: FedAttnSession, placement: Sequence[int] | None, pipelined: bool):
@@ -128,6 +132,11 @@ class FederatedCluster:
             raise FedAttnSessionError(f"sessions[{i}]", f"expected a FedAttnSession, got {type(session).__name__}")
         if isinstance(session.segments, (str, bytes)) or not session.segments:
             raise FedAttnSessionError("segments", "a session needs a list of at least one participant segment")
+        from vllm import SamplingParams
+
+        if session.sampling_params is not None and not isinstance(session.sampling_params, SamplingParams):
+            raise FedAttnSessionError("sampling_params", f"expected vllm.SamplingParams, got "
+                                      f"{type(session.sampling_params).__name__}")
         n = len(session.segments)
         for p, segment in enumerate(session.segments):
             if not isinstance(segment, str) and not (
@@ -149,42 +158,49 @@ class FederatedCluster:
     def generate(self, sessions: Sequence[FedAttnSession], placement: Sequence[Sequence[int]] | None = None, *,
                  pipelined: bool = True) -> list[SessionResult]:
         """Run every session; one result per session, in order. A failed session has `error` set."""
-        from vllm import SamplingParams
-
         if placement is not None and len(placement) != len(sessions):
             raise FedAttnSessionError("placement", "one engine assignment per session")
         checked = [self._check(i, s, placement[i] if placement else None, pipelined) for i, s in enumerate(sessions)]
-        for s in sessions:
-            if s.sampling_params is not None and not isinstance(s.sampling_params, SamplingParams):
-                raise FedAttnSessionError("sampling_params", f"expected vllm.SamplingParams, got "
-                                          f"{type(s.sampling_params).__name__}")
-        flights: dict[str, _Flight] = {}
         order = []
         try:
             for session, (plan, hosts) in zip(sessions, checked):  # submission order is the global session order
-                flight = self._submit(session, plan, hosts, pipelined)
-                flights[flight.session_id] = flight
-                order.append(flight.session_id)
-            poller = zmq.Poller()
-            for link in self.links:
-                poller.register(link.socket, zmq.POLLIN)
-            while any(f.result is None for f in flights.values()):
-                poller.poll(100)
-                for e, link in enumerate(self.links):
-                    for event in link.receive():
-                        self._on_event(e, event, flights)
-                self._send_wave()
-                self._check_engines(flights)
+                order.append(self._submit(session, plan, hosts, pipelined).session_id)
+            results: dict[str, SessionResult] = {}
+            while len(results) < len(order):
+                results.update((i, r) for i, r in self.poll().items() if i in order)
         finally:
-            for flight in flights.values():  # an exception left these behind
-                if flight.result is None:
-                    self._fail(flight, "the orchestrator stopped")
-        return [flights[s].result for s in order]
+            for session_id in order:  # an exception left these behind
+                self.abort(session_id, "the orchestrator stopped")
+        return [results[s] for s in order]
+
+    def submit(self, session: FedAttnSession, placement: Sequence[int] | None = None) -> str:
+        """Start one session (pipelined); `poll` reports its result. Returns its id."""
+        plan, hosts = self._check(0, session, placement, True)
+        return self._submit(session, plan, hosts, True).session_id
+
+    def poll(self, timeout_ms: int = 100) -> dict[str, SessionResult]:
+        """Handle the engines' news for up to `timeout_ms`; the sessions that ended, by id."""
+        self._poller.poll(timeout_ms)
+        for e, link in enumerate(self.links):
+            for event in link.receive():
+                self._on_event(e, event)
+        self._send_wave()
+        self._check_engines()
+        ended = {i: f.result for i, f in self._flights.items() if f.result is not None}
+        for session_id in ended:
+            del self._flights[session_id]
+        return ended
+
+    def abort(self, session_id: str, why: str = "cancelled") -> None:
+        """Fail a running session (no-op if it already ended); `poll` reports it."""
+        flight = self._flights.get(session_id)
+        if flight is not None and flight.result is None:
+            self._fail(flight, why)
 
     def _submit(self, session: FedAttnSession, plan: FedAttnPlan, hosts: dict[int, list[int]], pipelined: bool):
         session_id = f"fedattn-{uuid.uuid4().hex}"
         credentials = self.admin.open(session_id, plan)
-        flight = _Flight(session_id, plan, hosts)
+        flight = self._flights[session_id] = _Flight(session_id, plan, hosts)
         if not pipelined:
             flight.serial_order = sorted(hosts, key=lambda e: hosts[e][0])
         sampling = msgspec.msgpack.encode(session.sampling_params) if session.sampling_params is not None else None
@@ -201,9 +217,9 @@ class FederatedCluster:
             })
         return flight
 
-    def _on_event(self, engine: int, event: dict, flights: dict[str, _Flight]) -> None:
+    def _on_event(self, engine: int, event: dict) -> None:
         self._last_heard[engine] = time.monotonic()
-        flight = flights.get(event.get("session"))
+        flight = self._flights.get(event.get("session"))
         if flight is None or flight.result is not None:
             return  # heartbeats, and late news of sessions already settled
         kind = event.get("event")
@@ -245,7 +261,7 @@ class FederatedCluster:
             self.links[engine].send({"op": "go", "sessions": sessions})
         self._wave.clear()
 
-    def _check_engines(self, flights: dict[str, _Flight]) -> None:
+    def _check_engines(self) -> None:
         """Fail the sessions of an engine that died or has been silent for `timeout_s` while owing work."""
         now = time.monotonic()
         for e, owed in enumerate(self._outstanding):
@@ -259,8 +275,8 @@ class FederatedCluster:
             else:
                 continue
             for session_id in list(owed):
-                if session_id in flights and flights[session_id].result is None:
-                    self._fail(flights[session_id], why)
+                if session_id in self._flights and self._flights[session_id].result is None:
+                    self._fail(self._flights[session_id], why)
             owed.clear()
 
     def _complete(self, flight: _Flight) -> None:

@@ -1,0 +1,57 @@
+"""What serves the sessions: one in-process engine (colocated) or federated engine processes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.settings import ServerSettings
+from server.worker import ClusterWorker, EngineWorker
+
+
+@dataclass
+class Backend:
+    worker: object  # EngineWorker | ClusterWorker
+    tokenizer: object
+    num_layers: int
+    model_name: str
+    local_cluster: object | None = None  # LocalCluster the server started, stopped with it
+
+    @classmethod
+    def start(cls, settings: ServerSettings, metrics) -> Backend:
+        engine_args = {"dtype": settings.dtype, "max_model_len": settings.max_model_len, "seed": 0,
+                       "max_num_batched_tokens": settings.max_num_batched_tokens,
+                       "kv_cache_memory_bytes": int(settings.kv_cache_gib * 2**30)}
+        limits = {"max_sessions": settings.max_sessions, "on_finished": metrics.session_finished}
+        if not settings.engines and not settings.engine_endpoints:
+            from fedattn_vllm.engine import FederatedLLM
+
+            llm = FederatedLLM(settings.model, **engine_args)
+            return cls(EngineWorker(llm, **limits), llm.tokenizer, llm.num_layers, Path(llm.model_path).name)
+        from transformers import AutoTokenizer
+
+        from fedattn_vllm.federated.cluster import FederatedCluster
+        from fedattn_vllm.federated.local import LocalCluster
+        from fedattn_vllm.models import resolve_model
+
+        local = None
+        if settings.engine_endpoints:
+            if not settings.coordinator:
+                raise ValueError("--engine-endpoints needs --coordinator")
+            control = os.environ.get("FEDATTN_ENGINE_KEY")
+            cluster = FederatedCluster(settings.engine_endpoints, settings.coordinator,
+                                       os.environ["FEDATTN_ADMIN_KEY"].encode(),
+                                       control_key=control.encode() if control else None,
+                                       timeout_s=settings.session_timeout_s)
+        else:
+            local = LocalCluster(settings.model, engines=settings.engines, engine_args=engine_args,
+                                 timeout_s=settings.session_timeout_s)
+            cluster = local.cluster
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(settings.model))
+        return cls(ClusterWorker(cluster, **limits), tokenizer, cluster.num_layers, cluster.model, local)
+
+    def close(self) -> None:
+        self.worker.close()
+        if self.local_cluster is not None:
+            self.local_cluster.close()
