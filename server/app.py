@@ -94,6 +94,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        _check_model(body.model)
         if body.participants is not None and body.prompt in (None, ""):
             body.prompt = None  # SDKs that require `prompt` send "" beside participants
         if (body.prompt is None) == (body.participants is None):
@@ -105,6 +106,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _check_model(body.model)
         tokenizer = state["backend"].tokenizer
         if not body.messages:
             body.messages = None  # SDKs that require `messages` send [] beside participants
@@ -139,11 +141,18 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     async def _run(request: Request, body, segments: list[list[int]], kind: str, max_tokens: int | None,
                    prompt_param: str):
-        _check_model(body.model)
         if len(segments) > settings.max_participants:
             raise APIError(400, f"{len(segments)} participants exceed max_participants={settings.max_participants}",
                            "participants")
         config = _config(body.fedattn, single=len(segments) == 1)
+        try:
+            config.resolve(state["backend"].num_layers, len(segments))
+        except FedAttnConfigError as error:
+            raise APIError(400, str(error), f"fedattn.{error.field}") from None
+        total = sum(len(s) for s in segments) + (max_tokens or 1)
+        if total > settings.max_model_len:
+            raise APIError(400, f"{prompt_param}: {sum(len(s) for s in segments)} prompt tokens + max_tokens="
+                           f"{max_tokens} exceed max_model_len={settings.max_model_len}", prompt_param)
         sampling = _sampling(body, max_tokens)
         if settings.log_requests:
             log.info("request %s: %d participants, %s", kind, len(segments), [len(s) for s in segments])
@@ -209,9 +218,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
                     continue
                 if text:
                     yield _chunk(response_id, kind, created, [{"index": generator, **piece(text), "finish_reason": None}])
-            result = future.result()
-            if result.error:
-                yield f"data: {json.dumps(_error_body(result.error, 'server_error', None))}\n\n"
+            error = future.exception()
+            result = future.result() if error is None else None
+            if error is not None or result.error:
+                message = str(error) if error is not None else result.error
+                yield f"data: {json.dumps(_error_body(message, 'server_error', None))}\n\n"
             else:
                 yield _chunk(response_id, kind, created, [{"index": g, **piece(""), "finish_reason": out.finish_reason}
                                                           for g, out in result.outputs.items()])

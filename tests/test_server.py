@@ -47,22 +47,27 @@ def start_server(tmp_path_factory, *flags: str):
             pass
         assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.5)
-    return url, process
+    return url, process, log
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """Colocated: one in-process engine serves every session."""
-    url, process = start_server(tmp_path_factory)
-    yield url
+def server_log(tmp_path_factory):
+    """Colocated: one in-process engine serves every session; (url, its log file)."""
+    url, process, log = start_server(tmp_path_factory)
+    yield url, log
     process.terminate()
     process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
+def server(server_log):
+    return server_log[0]
+
+
+@pytest.fixture(scope="module")
 def federated_server(tmp_path_factory):
     """Federated: two engine processes behind the server, participant n on engine n % 2."""
-    url, process = start_server(tmp_path_factory, "--engines", "2", "--session-timeout-s", "20")
+    url, process, _ = start_server(tmp_path_factory, "--engines", "2", "--session-timeout-s", "20")
     yield url
     process.terminate()
     process.wait(timeout=60)
@@ -290,3 +295,11 @@ def test_federated_private_session(federated_server):
                                                                "temperature": 0, "ignore_eos": True}).json()
     assert replies[1].json()["choices"][0]["message"] == one_call["choices"][0]["message"]
     assert replies[0].json()["object"] == "fedattn.participation"
+
+
+def test_prompts_are_never_logged(server_log):
+    url, log = server_log
+    secret = "zebra-quartz-7781 is the password"
+    assert post(url, "/v1/completions", {"participants": [secret, "what is it?"], "max_tokens": 2}).status_code == 200
+    assert post(url, "/v1/completions", {"prompt": secret, "max_tokens": 2}).status_code == 200
+    assert "zebra-quartz" not in log.read_text(errors="replace")

@@ -17,7 +17,7 @@ PARTIES = ["Alice's note: the meeting with the supplier is in Lisbon. ",
 
 
 def test_a_three_party_chat_on_the_real_model_equals_the_offline_api(tmp_path_factory):
-    url, process = start_server(tmp_path_factory, "--model", "default", "--max-model-len", "2048",
+    url, process, _ = start_server(tmp_path_factory, "--model", "default", "--max-model-len", "2048",
                                 "--max-num-batched-tokens", "4096", "--kv-cache-gib", "0.5")
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY)
