@@ -1,0 +1,48 @@
+"""GSM8K evaluation: answer extraction, confidence intervals, and the CLI end to end on the tiny model."""
+
+import json
+
+import pytest
+
+from fedattn_vllm.eval.__main__ import main
+from fedattn_vllm.eval.answers import extract_answer, is_correct
+from fedattn_vllm.eval.stats import wilson_interval
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("She sells 9 eggs, 9 * 2 = 18.\nThe answer is 18\n\n", "18"),
+    ("The answer is 1,000. Then 7 more", "1000"),  # "The answer is" wins over the last number
+    ("The answer is $42.", "42"),
+    ("so the total is 18.0", "18"),  # no phrase: the last number
+    ("The answer is -3.50", "-3.5"),
+    ("no number at all", None),
+])
+def test_answer_extraction(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_scoring_is_numeric():
+    assert is_correct("1000", "1,000") and is_correct("18", "18.0") and not is_correct(None, "3")
+    assert not is_correct("17", "18")
+
+
+def test_wilson_interval_against_known_values():
+    assert wilson_interval(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        wilson_interval(0, 0)
+
+
+def test_the_cli_runs_two_problems_on_the_tiny_model(tmp_path):
+    summary = main(["gsm8k", "--model", "tiny-qwen2", "--dtype", "float32", "--limit", "2", "--shots", "1",
+                    "--participants", "2", "--sync-interval", "2", "--max-tokens", "8", "--max-model-len", "1024",
+                    "--kv-cache-gib", "0.0625", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / f"{summary['run']}.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and summary["problems"] == 2 and summary["errors"] == 0
+    assert {"segment_tokens", "output", "predicted", "reference", "correct", "published_bytes"} <= set(rows[0])
+    assert rows[1]["reference"] == "3" and len(rows[0]["segment_tokens"]) == 2
+    assert 0.0 <= summary["ci95"][0] <= summary["accuracy"] <= summary["ci95"][1] <= 1.0
+    assert summary["sync_layers"] == [0, 2, 4] and all(b > 0 for b in summary["mean_published_bytes"])
+    assert json.loads((tmp_path / f"{summary['run']}.summary.json").read_text())["correct"] == summary["correct"]
