@@ -1,10 +1,11 @@
 """GSM8K evaluation: answer extraction, confidence intervals, and the CLI end to end on the tiny model."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from fedattn_vllm.eval.__main__ import main
 from fedattn_vllm.eval.answers import extract_answer, is_correct
 from fedattn_vllm.eval.stats import wilson_interval
 
@@ -36,13 +37,17 @@ def test_wilson_interval_against_known_values():
 
 
 def test_the_cli_runs_two_problems_on_the_tiny_model(tmp_path):
-    summary = main(["gsm8k", "--model", "tiny-qwen2", "--dtype", "float32", "--limit", "2", "--shots", "1",
-                    "--participants", "2", "--sync-interval", "2", "--max-tokens", "8", "--max-model-len", "1024",
-                    "--kv-cache-gib", "0.0625", "--out", str(tmp_path)])
+    """In its own process: an engine torn down inside the test process would take vLLM's global state along."""
+    subprocess.run([sys.executable, "-m", "fedattn_vllm.eval", "gsm8k", "--model", "tiny-qwen2", "--dtype", "float32",
+                    "--limit", "2", "--shots", "1", "--participants", "2", "--sync-interval", "2", "--max-tokens", "8",
+                    "--max-model-len", "1024", "--kv-cache-gib", "0.0625", "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=300)
+    [path] = tmp_path.glob("*.summary.json")
+    summary = json.loads(path.read_text())
     rows = [json.loads(line) for line in (tmp_path / f"{summary['run']}.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and summary["problems"] == 2 and summary["errors"] == 0
     assert {"segment_tokens", "output", "predicted", "reference", "correct", "published_bytes"} <= set(rows[0])
     assert rows[1]["reference"] == "3" and len(rows[0]["segment_tokens"]) == 2
     assert 0.0 <= summary["ci95"][0] <= summary["accuracy"] <= summary["ci95"][1] <= 1.0
     assert summary["sync_layers"] == [0, 2, 4] and all(b > 0 for b in summary["mean_published_bytes"])
-    assert json.loads((tmp_path / f"{summary['run']}.summary.json").read_text())["correct"] == summary["correct"]
+    assert summary["correct"] == sum(r["correct"] for r in rows)
