@@ -31,6 +31,7 @@ from fedattn_vllm import gsm8k
 from fedattn_vllm.config import FedAttnConfig, FedAttnPlan
 from fedattn_vllm.engine import FedAttnSession
 from fedattn_vllm.federated.local import LocalCluster
+from fedattn_vllm.models import resolve_model
 
 
 def parse_args() -> argparse.Namespace:
@@ -79,7 +80,7 @@ def main() -> None:
         from vllm import SamplingParams
 
         cluster = local.cluster
-        tokenizer = AutoTokenizer.from_pretrained(local_model_path(args.model))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
         first_token = SamplingParams(temperature=0.0, max_tokens=1)
         prompts = [gsm8k.segments(tokenizer, p, args.shots, n, "TokEx") for p in gsm8k.problems()[: args.problems]]
         modes = {
@@ -107,12 +108,6 @@ def main() -> None:
     print(f"\nwrote {args.out}")
 
 
-def local_model_path(model: str) -> str:
-    from fedattn_vllm.models import resolve_model
-
-    return str(resolve_model(model))
-
-
 def summarise(args, samples, plan: FedAttnPlan, num_layers: int, prompts) -> dict:
     n = args.participants
     median = statistics.median
@@ -120,11 +115,8 @@ def summarise(args, samples, plan: FedAttnPlan, num_layers: int, prompts) -> dic
     # Per-participant compute: engine n's CPU time in the serial runs (no sharing of cores mid-run).
     compute = [median(s["cpu_s"][p] for s in samples["serial"]) for p in range(n)]
     central_cpu = median(s["cpu_s"][0] for s in samples["centralised"])
-    layer_bytes = []
-    for p in range(n):
-        cost = samples["pipelined"][0]["cost"]
-        layers = sum(1 for layer in range(num_layers) if plan.publishes(p, layer))
-        layer_bytes.append(cost["published_bytes"][p] // max(layers, 1))
+    published = samples["pipelined"][0]["cost"]["published_bytes"]  # per participant, over its sync layers
+    layer_bytes = [published[p] // max(len(plan.publish_layers[p]), 1) for p in range(n)]
     projected = projected_pipelined_s(compute, plan, layer_bytes, num_layers, args.link_gbps, args.rtt_ms)
     projected_serial = sum(compute)
     tokens = [len(s) for s in prompts[0]]

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +27,7 @@ import httpx
 
 from fedattn_vllm import gsm8k
 from fedattn_vllm.models import resolve_model
+from server.launch import free_port, wait_until_healthy
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,25 +43,11 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{' '.join(command[:3])} did not start; see {log}")
-        time.sleep(1)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    wait_until_healthy(f"http://127.0.0.1:{port}", process, log, timeout_s=600)
+    return process
 
 
 async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float]]:

@@ -184,10 +184,8 @@ class FederatedLLM:
             raise FedAttnSessionError("segments", f"the session can never fit this engine: {why}")
         return _Run(session_id, {n: prompts[n] for n in hosted}, num_participants, config, params, plan, demand)
 
-    def participant_params(self, run: _Run, lengths: list[int]) -> dict[int, object]:
-        """Each hosted participant's SamplingParams, carrying the session's metadata; checks the lengths."""
-        from vllm import SamplingParams
-
+    def check_lengths(self, run: _Run, lengths: list[int]) -> int:
+        """Check every participant's segment length against the run and the model; the generators' max_tokens."""
         if len(lengths) != run.num_participants or any(lengths[n] != len(p) for n, p in run.prompts.items()):
             raise FedAttnSessionError("lengths", f"{lengths} do not match this engine's segments")
         max_tokens = run.sampling.max_tokens
@@ -197,6 +195,13 @@ class FederatedLLM:
             raise FedAttnSessionError(
                 "segments", f"{sum(lengths)} prompt tokens + max_tokens={max_tokens} exceed max_model_len={self.max_model_len}"
             )
+        return max_tokens
+
+    def _participant_params(self, run: _Run, lengths: list[int]) -> dict[int, object]:
+        """Each hosted participant's SamplingParams, carrying the session's metadata."""
+        from vllm import SamplingParams
+
+        max_tokens = self.check_lengths(run, lengths)
         metadata = {"session": run.session_id, "lengths": list(lengths), "num_layers": self.num_layers,
                     "config": _config_dict(run.config)}
         params = {}
@@ -220,7 +225,7 @@ class FederatedLLM:
         run = self.plan_run(f"fedattn-{uuid.uuid4().hex}", prompts, len(prompts), session.config,
                             session.sampling_params)
         lengths = [len(prompts[n]) for n in range(len(prompts))]
-        self.participant_params(run, lengths)  # validates the total length
+        self.check_lengths(run, lengths)
         return run, lengths
 
     # -- driving the engine ------------------------------------------------------------------
@@ -230,7 +235,7 @@ class FederatedLLM:
 
     def start(self, run: _Run, lengths: list[int]) -> None:
         """Hand a reserved run's requests to vLLM; `lengths` are every participant's segment lengths."""
-        params = self.participant_params(run, lengths)
+        params = self._participant_params(run, lengths)
         inputs = self.engine.renderer.render_cmpl([{"prompt_token_ids": p} for p in run.prompts.values()])
         for (n, sp), engine_input in zip(params.items(), inputs):
             self.engine.add_request(run.request_id(n), engine_input, sp)

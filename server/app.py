@@ -51,7 +51,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         metrics = Metrics()
         backend = Backend.start(settings, metrics)
-        state.update(backend=backend, metrics=metrics, private=PrivateSessions(), worker=backend.worker,
+        state.update(backend=backend, metrics=metrics, private=PrivateSessions(),
                      model=settings.served_model_name or backend.model_name)
         metrics.queue_depth.set_function(lambda: backend.worker.queue_depth)
         yield
@@ -156,7 +156,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         sampling = _sampling(body, max_tokens)
         if settings.log_requests:
             log.info("request %s: %d participants, %s", kind, len(segments), [len(s) for s in segments])
-        worker = state["worker"]
+        worker = state["backend"].worker
         stream = asyncio.Queue() if body.stream else None
         loop = asyncio.get_running_loop()
 
@@ -294,7 +294,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise APIError(error.status, str(error), None, "timeout_error") from None
         if started is None:  # this client left: the session ends for everyone
             if session.started.done() and session.started.exception() is None:
-                state["worker"].cancel(session.worker_session)
+                state["backend"].worker.cancel(session.worker_session)
             else:
                 private.fail(session_id, f"participant {participant} disconnected before the session started")
             return JSONResponse({}, status_code=499)
@@ -302,7 +302,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         response_id = f"fedsess-{uuid.uuid4().hex}"
         kind = "chat.completion" if session.chat else "text_completion"
         if participant in session.streams:
-            return StreamingResponse(_stream(state["worker"], session.worker_session, future,
+            return StreamingResponse(_stream(state["backend"].worker, session.worker_session, future,
                                              session.streams[participant], response_id, kind),
                                      media_type="text/event-stream")
         try:
@@ -310,7 +310,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         except FedAttnSessionError as error:  # the parts together do not fit (e.g. too long)
             raise APIError(400, f"the session was refused: {error}", error.field) from None
         if result is None:  # a participant that leaves ends the session for everyone
-            state["worker"].cancel(session.worker_session)
+            state["backend"].worker.cancel(session.worker_session)
             return JSONResponse({}, status_code=499)
         if result.error:
             raise APIError(500, f"session ended: {result.error}", None, "server_error")
@@ -323,7 +323,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     def _start_private(session) -> None:
         """All parts are in: run the session; generators that stream get their pieces."""
-        state["private"].sessions.pop(session.session_id, None)
+        state["private"].close_joins(session.session_id)
         segments = [session.parts[n] for n in range(session.size)]
         loop = asyncio.get_running_loop()
 
@@ -332,7 +332,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 loop.call_soon_threadsafe(session.streams[generator].put_nowait, (generator, text, finished))
 
         try:
-            worker_session, future, timings = state["worker"].submit(segments, session.config, session.sampling,
+            worker_session, future, timings = state["backend"].worker.submit(segments, session.config, session.sampling,
                                                                       on_text)
         except QueueFull as error:
             session.started.set_exception(JoinError(429, str(error)))

@@ -67,6 +67,10 @@ class PrivateSessions:
             raise JoinError(404, f"no open session {session_id} (never created, finished or expired)", "session")
         return session
 
+    def close_joins(self, session_id: str) -> None:
+        """Every part is in: the session leaves the registry (later joins get 404)."""
+        self.sessions.pop(session_id, None)
+
     def fail(self, session_id: str, message: str) -> None:
         """End the session for everyone: waiters get `message`; its parts are dropped."""
         session = self.sessions.pop(session_id, None)

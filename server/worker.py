@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+from abc import ABC, abstractmethod
 import threading
 import time
 from collections import deque
@@ -48,7 +49,7 @@ class _Job:
     handle: object | None = None  # the backend's run or session id
 
 
-class _Worker:
+class _Worker(ABC):
     """The thread, the inbox, the bound on sessions in flight; subclasses drive a backend."""
 
     def __init__(self, *, max_sessions: int, on_finished: Callable | None = None):
@@ -62,7 +63,10 @@ class _Worker:
         self._thread = threading.Thread(target=self._loop, name="fedattn-engine", daemon=True)
         self._thread.start()
 
-    queue_depth = 0  # sessions waiting to enter the engine
+    @property
+    def queue_depth(self) -> int:
+        """Sessions waiting to enter the engine."""
+        return 0
 
     def submit(self, segments: list[list[int]], config: FedAttnConfig, sampling,
                on_text: TextCallback | None = None) -> tuple[str, Future, Timings]:
@@ -119,17 +123,21 @@ class _Worker:
         with self._lock:
             self._outstanding -= 1
 
+    @abstractmethod
     def _idle(self) -> bool:
-        raise NotImplementedError
+        """Nothing to drive: the thread may block on its inbox."""
 
+    @abstractmethod
     def _admit(self, job: _Job) -> None:
-        raise NotImplementedError
+        """Validate and enqueue a submitted session (raises on bad input)."""
 
+    @abstractmethod
     def _cancel(self, session_id: str) -> None:
-        raise NotImplementedError
+        """Drop the session wherever it is."""
 
+    @abstractmethod
     def _tick(self) -> None:
-        raise NotImplementedError
+        """Drive the backend once: start what fits, advance, settle what ended."""
 
 
 class EngineWorker(_Worker):
@@ -152,7 +160,7 @@ class EngineWorker(_Worker):
         prompts = dict(enumerate(job.segments))
         job.handle = self.llm.plan_run(f"{job.session_id}-{time.monotonic_ns()}", prompts, len(prompts), job.config,
                                        job.sampling)
-        self.llm.participant_params(job.handle, [len(s) for s in job.segments])  # checks the total length
+        self.llm.check_lengths(job.handle, [len(s) for s in job.segments])
         self._pending.append(job)
 
     def _cancel(self, session_id: str) -> None:
@@ -197,9 +205,7 @@ class ClusterWorker(_Worker):
         return not self._active
 
     def _admit(self, job: _Job) -> None:
-        engines = len(self.cluster.links)
-        placement = [n % engines for n in range(len(job.segments))]
-        job.handle = self.cluster.submit(FedAttnSession(job.segments, job.config, job.sampling), placement)
+        job.handle = self.cluster.submit(FedAttnSession(job.segments, job.config, job.sampling))  # n on engine n % E
         self._active[job.handle] = job
 
     def _cancel(self, session_id: str) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +16,10 @@ from conftest import federated_engine, greedy, plain_engine
 from fedattn_vllm.config import FedAttnConfig
 from fedattn_vllm.engine import FedAttnSession
 from fedattn_vllm.prompting import encode_segments
+from server.launch import free_port, wait_until_healthy
 
 MODEL, KEY = "tiny-qwen2", "test-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(tmp_path_factory, *flags: str):
@@ -36,17 +29,9 @@ def start_server(tmp_path_factory, *flags: str):
     args = [sys.executable, "-m", "server", "--model", MODEL, "--port", str(port), "--max-model-len", "256",
             "--max-num-batched-tokens", "256", "--kv-cache-gib", "0.0625", "--api-key", KEY, *flags]
     with open(log, "wb") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.5)
+    wait_until_healthy(url, process, log, timeout_s=180)
     return url, process, log
 
 

@@ -119,7 +119,6 @@ class FederatedCluster:
         self.model, self.num_layers = models.pop()
         self.engine_pids = [info["pid"] for info in infos]
         self._last_heard = [time.monotonic()] * len(engines)
-        self._outstanding: list[set[str]] = [set() for _ in engines]  # sessions each engine still owes
         self._wave: dict[int, list[dict]] = {}  # engine -> sessions to start in the next wave
         self._flights: dict[str, _Flight] = {}  # sessions submitted and not yet reported by `poll`
         self._poller = zmq.Poller()
@@ -205,9 +204,8 @@ class FederatedCluster:
             flight.serial_order = sorted(hosts, key=lambda e: hosts[e][0])
         sampling = msgspec.msgpack.encode(session.sampling_params) if session.sampling_params is not None else None
         for engine, participants in hosts.items():
-            if not self._outstanding[engine]:
+            if self._owed(engine) == [flight]:
                 self._last_heard[engine] = time.monotonic()  # its silence counts from now
-            self._outstanding[engine].add(session_id)
             self.links[engine].send({
                 "op": "submit", "session": session_id, "num_participants": len(session.segments),
                 "segments": {n: _plain(session.segments[n]) for n in participants},
@@ -230,7 +228,6 @@ class FederatedCluster:
                 for e in (flight.serial_order[:1] if flight.serial_order else flight.hosts):
                     self._go(flight, e)
         elif kind == "done":
-            self._outstanding[engine].discard(flight.session_id)
             if event.get("error"):
                 flight.error_field = event.get("field")
                 self._fail(flight, f"engine {engine}: {event['error']}")
@@ -261,10 +258,15 @@ class FederatedCluster:
             self.links[engine].send({"op": "go", "sessions": sessions})
         self._wave.clear()
 
+    def _owed(self, engine: int) -> list[_Flight]:
+        """Unsettled sessions still waiting for news from `engine`."""
+        return [f for f in self._flights.values() if f.result is None and engine in f.hosts and engine not in f.done]
+
     def _check_engines(self) -> None:
-        """Fail the sessions of an engine that died or has been silent for `timeout_s` while owing work."""
+        """Fail the sessions of an engine that died, or was silent for `silence_s` while owing work."""
         now = time.monotonic()
-        for e, owed in enumerate(self._outstanding):
+        for e in range(len(self.links)):
+            owed = self._owed(e)
             if not owed:
                 continue
             process = self.processes[e] if self.processes else None
@@ -274,10 +276,8 @@ class FederatedCluster:
                 why = f"engine {e} sent nothing for {self.silence_s:.0f} s (stalled or unreachable)"
             else:
                 continue
-            for session_id in list(owed):
-                if session_id in self._flights and self._flights[session_id].result is None:
-                    self._fail(self._flights[session_id], why)
-            owed.clear()
+            for flight in owed:
+                self._fail(flight, why)
 
     def _complete(self, flight: _Flight) -> None:
         stats = self.admin.stats(flight.session_id)
@@ -295,7 +295,6 @@ class FederatedCluster:
         for e in flight.hosts:
             if e not in flight.done:
                 self.links[e].send({"op": "abort", "session": flight.session_id})
-            self._outstanding[e].discard(flight.session_id)
         flight.result = SessionResult(outputs={}, cost=self._cost(flight, stats), error=why,
                                       error_field=flight.error_field, wall_s=time.monotonic() - flight.started)
 

@@ -166,19 +166,15 @@ class EngineServer:
         if session_id in self._runs:
             _, run = self._runs.pop(session_id)
             self.llm.finish(run, "aborted")
-        REGISTRY.release(session_id)  # also what a request of it may have left in this worker
 
     def _done(self, run: _Run) -> None:
         identity, _ = self._runs.pop(run.session_id)
         result = self.llm.finish(run, run.error)
         log.debug("session %s done%s", run.session_id, f": {result.error}" if result.error else "")
-        cost = result.cost
         self._send(identity, {
             "event": "done", "session": run.session_id, "error": result.error,
             "outputs": {g: {"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason}
                         for g, o in result.outputs.items()},
-            "published_bytes": {n: cost.published_bytes[n] for n in run.prompts},
-            "received_bytes": {n: cost.received_bytes[n] for n in run.prompts},
         })
 
     def _heartbeat(self) -> None:
