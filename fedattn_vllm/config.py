@@ -6,6 +6,7 @@ Participants are indexed 0..N-1 in prompt order; negative indices count from the
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -180,25 +181,40 @@ class FedAttnPlan:
     def publishes(self, participant: int, layer: int) -> bool:
         return layer in self.publish_layers[participant]
 
-    def _select(self, purpose: str, participant: int, layer: int, length: int, ratio: float) -> torch.Tensor | None:
+    def _select(
+        self, purpose: str, participant: int, layer: int, length: int, ratio: float, keys: torch.Tensor | None
+    ) -> torch.Tensor | None:
         count = kept_count(length, ratio)
         if count == length:
             return None
+        selector = SELECTORS[self.config.kv_selection]
+        choose = functools.partial(selector.select, length, count, seed=self.config.seed,
+                                   participant=participant, layer=layer, purpose=purpose, keys=keys)
+        if selector.needs_keys:  # depends on the data: nothing to cache
+            return choose()
         key = (purpose, participant, layer, length)
         if key not in self._selection_cache:
-            selector = SELECTORS[self.config.kv_selection]
-            self._selection_cache[key] = selector.select(
-                length, count, seed=self.config.seed, participant=participant, layer=layer, purpose=purpose
-            )
+            self._selection_cache[key] = choose()
         return self._selection_cache[key]
 
-    def shared_positions(self, participant: int, layer: int, length: int) -> torch.Tensor | None:
-        """Segment positions whose K/V `participant` shares at a sync `layer` (None: all of them)."""
-        return self._select("share", participant, layer, length, self.share_ratios[participant])
+    def shared_positions(
+        self, participant: int, layer: int, length: int, keys: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Segment positions whose K/V `participant` shares at a sync `layer` (None: all of them).
 
-    def kept_positions(self, participant: int, layer: int, length: int) -> torch.Tensor | None:
+        keys: the participant's keys at `layer` (length, H_kv, D), for a selector that needs them.
+        """
+        return self._select("share", participant, layer, length, self.share_ratios[participant], keys)
+
+    def kept_positions(
+        self, participant: int, layer: int, length: int, keys: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Sparse local computation: own positions attended to at `layer` (None: all of them)."""
-        return self._select("keep", participant, layer, length, self.config.local_keep_ratio)
+        return self._select("keep", participant, layer, length, self.config.local_keep_ratio, keys)
+
+    @property
+    def selection_needs_keys(self) -> bool:
+        return SELECTORS[self.config.kv_selection].needs_keys
 
     def shared_count(self, participant: int, length: int) -> int:
         """Tokens `participant` shares at each of its sync layers."""

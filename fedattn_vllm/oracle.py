@@ -47,22 +47,26 @@ class _Visibility:
             mask[self.offsets[participant] + positions] = True
         return mask
 
-    def keys(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L,) bools: keys visible to their owner, and keys visible to other participants."""
+    def keys(self, layer: int, layer_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L,) bools: keys visible to their owner, and keys visible to other participants.
+
+        layer_keys (L, H_kv, D): every prompt token's key at `layer`, for a selector that reads them.
+        """
         if layer in self._keys:
             return self._keys[layer]
         own = torch.zeros_like(self.owner, dtype=torch.bool)
         shared = torch.zeros_like(own)
         for n, length in enumerate(self.lengths):
-            own |= self._positions_mask(n, self.plan.kept_positions(n, layer, length))
+            keys = None if layer_keys is None else layer_keys[self.offsets[n]: self.offsets[n] + length]
+            own |= self._positions_mask(n, self.plan.kept_positions(n, layer, length, keys))
             if self.plan.publishes(n, layer):
-                shared |= self._positions_mask(n, self.plan.shared_positions(n, layer, length))
+                shared |= self._positions_mask(n, self.plan.shared_positions(n, layer, length, keys))
         self._keys[layer] = own, shared
         return own, shared
 
-    def prefill_mask(self, layer: int) -> torch.Tensor:
+    def prefill_mask(self, layer: int, layer_keys: torch.Tensor | None = None) -> torch.Tensor:
         """(L, L) bool [query, key]: causal, own kept tokens, foreign shared tokens, and itself."""
-        own, shared = self.keys(layer)
+        own, shared = self.keys(layer, layer_keys)
         length = self.owner.numel()
         same = self.owner[:, None] == self.owner[None, :]
         causal = torch.ones(length, length, dtype=torch.bool).tril()
@@ -96,13 +100,19 @@ class FedAttnOracle:
         eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else model.config.eos_token_id
         self.eos_token_ids = set([eos] if isinstance(eos, int) else eos or [])
 
+    def _layer_keys(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
+        """(L, H_kv, D) keys layer `layer_idx` computes from `hidden` (1, L, d), before RoPE (same norms)."""
+        layer = self.decoder.layers[layer_idx]
+        keys = layer.self_attn.k_proj(layer.input_layernorm(hidden))[0]
+        return keys.view(keys.shape[0], -1, layer.self_attn.head_dim)
+
     def _layers(self, hidden, positions, masks, cache, hidden_out=None):
-        """Run every decoder layer with its own mask; returns the final-norm hidden states."""
+        """Run every decoder layer with its own mask, masks(layer, its input); returns the final-norm hidden states."""
         position_embeddings = self.decoder.rotary_emb(hidden, positions[None, :])
         for layer_idx, layer in enumerate(self.decoder.layers):
             hidden = layer(
                 hidden,
-                attention_mask=_additive(masks(layer_idx), hidden.dtype),
+                attention_mask=_additive(masks(layer_idx, hidden), hidden.dtype),
                 position_ids=positions[None, :],
                 past_key_values=cache,
                 use_cache=True,
@@ -137,7 +147,11 @@ class FedAttnOracle:
         cache = DynamicCache(config=self.model.config)
         hidden = self.decoder.embed_tokens(input_ids)
         hidden_out = [hidden[0]] if output_hidden_states else None
-        normed = self._layers(hidden, torch.arange(prompt_len), vis.prefill_mask, cache, hidden_out)
+        def prefill_mask(layer: int, layer_input: torch.Tensor) -> torch.Tensor:
+            keys = self._layer_keys(layer, layer_input) if plan.selection_needs_keys else None
+            return vis.prefill_mask(layer, keys)
+
+        normed = self._layers(hidden, torch.arange(prompt_len), prefill_mask, cache, hidden_out)
 
         out = OracleOutput(tokens={}, first_logits={}, sync_layers=plan.sync_layers)
         if output_prompt_logits:
@@ -160,7 +174,7 @@ class FedAttnOracle:
                 position = torch.tensor([prompt_len + step - 1])
                 hidden = self.decoder.embed_tokens(torch.tensor([[token]]))
                 normed_step = self._layers(
-                    hidden, position, lambda l: vis.decode_mask(l, g, step), own_cache
+                    hidden, position, lambda l, _: vis.decode_mask(l, g, step), own_cache
                 )
                 logits = self.model.lm_head(normed_step[0, -1]).float()
             out.tokens[g] = tokens

@@ -111,6 +111,8 @@ def random_case(rng: random.Random, vocab: int, num_layers: int,
         options["kv_share_ratio"] = rng.choice([0.1, 0.3, 0.5, 0.75])
     elif ratio == "per participant":
         options["kv_share_ratio"] = tuple(rng.choice([0.2, 0.5, 1.0]) for _ in range(n))
+    if ratio != "dense":
+        options["kv_selection"] = rng.choice(["random", "key_norm"])
     options["generators"] = tuple(rng.sample(range(n), rng.randint(1, n)))
     if len(wires) > 1:
         options["kv_wire"] = rng.choice(wires)

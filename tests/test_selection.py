@@ -3,7 +3,10 @@ import sys
 
 import pytest
 
-from fedattn_vllm.selection import RandomSelector, derive_seed, kept_count
+import torch
+
+from fedattn_vllm.config import FedAttnConfig
+from fedattn_vllm.selection import KeyNormSelector, RandomSelector, derive_seed, kept_count
 
 
 @pytest.mark.parametrize(
@@ -27,3 +30,21 @@ def test_seeds_do_not_depend_on_the_process():
     code = "from fedattn_vllm.selection import derive_seed; print(derive_seed('share', 0, 1, 4))"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(other.stdout) == derive_seed("share", 0, 1, 4)
+
+
+def test_key_norm_selection_keeps_the_lowest_norm_keys_in_order():
+    keys = torch.ones(6, 2, 4)  # (length, H_kv, D)
+    keys[[1, 4]] *= 0.1  # the two smallest norms
+    keys[3, 0] *= 0.5  # third smallest: head-averaged norm
+    picked = KeyNormSelector().select(6, 3, seed=0, participant=0, layer=0, purpose="share", keys=keys)
+    assert picked.tolist() == [1, 3, 4] and picked.dtype == torch.int64
+
+
+def test_key_norm_selection_needs_the_keys_and_ignores_the_seed():
+    plan = FedAttnConfig(kv_share_ratio=0.5, kv_selection="key_norm").resolve(4, 2)
+    with pytest.raises(ValueError, match="key_norm"):
+        plan.shared_positions(0, 0, 6)
+    keys = torch.randn(6, 2, 4)
+    reseeded = FedAttnConfig(kv_share_ratio=0.5, kv_selection="key_norm", seed=7).resolve(4, 2)
+    assert plan.shared_positions(0, 0, 6, keys).tolist() == reseeded.shared_positions(0, 0, 6, keys).tolist()
+    assert plan.shared_positions(0, 0, 6, keys).tolist() != plan.shared_positions(0, 0, 6, -keys * torch.arange(6.0)[:, None, None]).tolist()

@@ -43,11 +43,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--kv-cache-gib", type=float, default=2.0)
     p.add_argument("--out", type=Path, default=Path("results/gsm8k"), help="directory for the JSONL and summary")
+    p.add_argument("--resume", action="store_true", help="skip the run if its summary is already in --out")
     return parser.parse_args(argv)
 
 
 def run_name(args: argparse.Namespace) -> str:
-    sparse = f"-r{args.kv_share_ratio:g}" + (f"-hp{args.publisher_sync_interval}" if args.publisher_sync_interval else "")
+    sparse = f"-r{args.kv_share_ratio:g}-{args.kv_selection}" + (f"-hp{args.publisher_sync_interval}" if args.publisher_sync_interval else "")
     return (f"{Path(args.model).name}-{args.dtype}-N{args.participants}-H{args.sync_interval}-{args.placement}-"
             f"{args.split}-{args.shots}shot{sparse if args.kv_share_ratio < 1 or args.publisher_sync_interval else ''}"
             f"-o{args.offset}-n{args.limit}-s{args.seed}")
@@ -55,6 +56,10 @@ def run_name(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    done = args.out / f"{run_name(args)}.summary.json"
+    if args.resume and done.exists():
+        print(f"{done} exists: skipped")
+        return json.loads(done.read_text())
     from transformers import AutoConfig
     from vllm import SamplingParams
 

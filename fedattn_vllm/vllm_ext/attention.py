@@ -50,8 +50,9 @@ def _isolated(entry: ParticipantRows, step, *args) -> None:
 
 def _publish(e: ParticipantRows, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
     state, n = e.session, e.participant
-    shared = state.plan.shared_positions(n, layer, state.lengths[n])
-    kv = (gather_tokens(key[e.rows], shared), gather_tokens(value[e.rows], shared))
+    keys = key[e.rows]
+    shared = state.plan.shared_positions(n, layer, state.lengths[n], keys)
+    kv = (gather_tokens(keys, shared), gather_tokens(value[e.rows], shared))
     REGISTRY.exchange.publish(state.session_id, n, layer, encode_kv(kv, state.plan.config.kv_wire))
 
 
