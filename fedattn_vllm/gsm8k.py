@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from importlib import resources
 
@@ -39,3 +40,10 @@ def segments(tokenizer, problem: dict, shots: int, participants: int, policy: Sp
                  for e in _rows("gsm8k_cot_exemplars.jsonl")[:shots]]
     question = tokenizer(question_text(problem), add_special_tokens=False)["input_ids"]
     return split_prompt(exemplars, question, participants, policy)
+
+
+def solution_text(problem: dict) -> str:
+    """The reference solution in the exemplars' format (calculator annotations dropped), for teacher forcing."""
+    rationale, answer = problem["answer"].split("####")
+    rationale = re.sub(r"<<[^>]*>>", "", rationale).strip()
+    return f"{rationale}\nThe answer is {answer.strip()}\n\n"

@@ -1,1 +1,1 @@
-"""Evaluation: GSM8K accuracy of FedAttn sessions (`python -m fedattn_vllm.eval gsm8k --help`)."""
+"""Evaluation: GSM8K accuracy, fidelity to centralised inference, and figures (`python -m fedattn_vllm.eval --help`)."""

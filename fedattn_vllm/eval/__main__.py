@@ -1,31 +1,19 @@
-"""`python -m fedattn_vllm.eval gsm8k ...`: GSM8K accuracy of FedAttn sessions on the vLLM engine (colocated, batched).
-
-Each problem's few-shot prompt (the paper's format) is split among N participants by the
-chosen policy; the last participant generates greedily. Writes one JSON line per problem
-(split, output, parsed answer, correctness, bytes per participant) and a summary with the
-accuracy and its 95% confidence interval, the mean bytes and the modelled FLOPs per participant.
-"""
+"""`python -m fedattn_vllm.eval {gsm8k,fidelity,plots}`: accuracy runs, fidelity sweeps and the figures."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from pathlib import Path
 
-from fedattn_vllm import gsm8k
-from fedattn_vllm.eval.answers import extract_answer, is_correct
-from fedattn_vllm.eval.stats import wilson_interval
-
-STOP = ["Question:", "\n\n\n"]  # the next few-shot block, or a run of blank lines
+from fedattn_vllm.eval import accuracy, fidelity, plots
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fedattn_vllm.eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m fedattn_vllm.eval", description=__doc__)
     sub = parser.add_subparsers(dest="task", required=True)
-    p = sub.add_parser("gsm8k", help="GSM8K test split, few-shot chain of thought")
+
+    p = sub.add_parser("gsm8k", help="GSM8K accuracy on the vLLM engine (few-shot chain of thought)",
+                       description=accuracy.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--participants", "-N", type=int, default=4)
@@ -35,7 +23,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shots", type=int, default=4)
     p.add_argument("--kv-share-ratio", type=float, default=1.0)
     p.add_argument("--publisher-sync-interval", type=int, help="the question holder shares every H_p layers")
-    p.add_argument("--kv-selection", default="random")
+    p.add_argument("--kv-selection", default="random", help="which tokens sparse sharing keeps: random, key_norm")
     p.add_argument("--limit", type=int, help="problems to run (default: all 1319)")
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -44,72 +32,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-cache-gib", type=float, default=2.0)
     p.add_argument("--out", type=Path, default=Path("results/gsm8k"), help="directory for the JSONL and summary")
     p.add_argument("--resume", action="store_true", help="skip the run if its summary is already in --out")
+    p.set_defaults(run=accuracy.run)
+
+    p = sub.add_parser("fidelity", help="hidden-state deviation, next-token agreement and KL vs centralised",
+                       description=fidelity.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", choices=sorted(fidelity.SWEEPS))
+    p.add_argument("--model", default="default")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--shots", type=int, default=4)
+    p.add_argument("--limit", type=int, default=30, help="problems (default 30)")
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("results/fidelity"), help="directory for <sweep>.json")
+    p.set_defaults(run=fidelity.run)
+
+    p = sub.add_parser("plots", help="every figure and table from saved results",
+                       description=plots.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=Path("evaluation"), help="holds gsm8k/ and fidelity/")
+    p.add_argument("--out", type=Path, help="figure directory (default: <results>/figures)")
+    p.set_defaults(run=plots.run)
     return parser.parse_args(argv)
 
 
-def run_name(args: argparse.Namespace) -> str:
-    sparse = f"-r{args.kv_share_ratio:g}-{args.kv_selection}" + (f"-hp{args.publisher_sync_interval}" if args.publisher_sync_interval else "")
-    return (f"{Path(args.model).name}-{args.dtype}-N{args.participants}-H{args.sync_interval}-{args.placement}-"
-            f"{args.split}-{args.shots}shot{sparse if args.kv_share_ratio < 1 or args.publisher_sync_interval else ''}"
-            f"-o{args.offset}-n{args.limit}-s{args.seed}")
-
-
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None):
     args = parse_args(argv)
-    done = args.out / f"{run_name(args)}.summary.json"
-    if args.resume and done.exists():
-        print(f"{done} exists: skipped")
-        return json.loads(done.read_text())
-    from transformers import AutoConfig
-    from vllm import SamplingParams
-
-    from fedattn_vllm.config import FedAttnConfig
-    from fedattn_vllm.cost import ModelShape, participant_costs
-    from fedattn_vllm.engine import FederatedLLM, FedAttnSession
-
-    config = FedAttnConfig(sync_interval=args.sync_interval, placement=args.placement, seed=args.seed,
-                           kv_share_ratio=args.kv_share_ratio, kv_selection=args.kv_selection,
-                           publisher_sync_interval=args.publisher_sync_interval)
-    llm = FederatedLLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                       max_num_batched_tokens=max(16384, args.max_model_len), seed=args.seed,
-                       kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30))
-    problems = gsm8k.problems()[args.offset: None if args.limit is None else args.offset + args.limit]
-    splits = [gsm8k.segments(llm.tokenizer, p, args.shots, args.participants, args.split) for p in problems]
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, stop=STOP)
-    started = time.perf_counter()
-    results = llm.generate([FedAttnSession(s, config, params) for s in splits], use_tqdm=True)
-    elapsed = time.perf_counter() - started
-    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(llm.model_path), args.dtype)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = run_name(args)
-    rows, flops = [], []
-    with open(args.out / f"{name}.jsonl", "w") as out:
-        for i, (problem, segments, result) in enumerate(zip(problems, splits, results)):
-            text = result.outputs[args.participants - 1].text if result.error is None else ""
-            predicted, reference = extract_answer(text), gsm8k.reference_answer(problem)
-            costs = participant_costs(shape, config.resolve(llm.num_layers, len(segments)), [len(s) for s in segments])
-            flops.append([c.prefill_flops for c in costs])
-            row = {"index": args.offset + i, "segment_tokens": [len(s) for s in segments], "output": text,
-                   "predicted": predicted, "reference": reference, "correct": is_correct(predicted, reference),
-                   "published_bytes": result.cost.published_bytes, "received_bytes": result.cost.received_bytes,
-                   "error": result.error}
-            rows.append(row)
-            out.write(json.dumps(row) + "\n")
-    correct = sum(r["correct"] for r in rows)
-    low, high = wilson_interval(correct, len(rows))
-    summary = {
-        "run": name, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "problems": len(rows), "correct": correct, "accuracy": correct / len(rows), "ci95": [low, high],
-        "sync_layers": list(config.resolve(llm.num_layers, args.participants).sync_layers),
-        "mean_published_bytes": [statistics.mean(r["published_bytes"][n] for r in rows) for n in range(args.participants)],
-        "mean_received_bytes": [statistics.mean(r["received_bytes"][n] for r in rows) for n in range(args.participants)],
-        "mean_prefill_flops": [statistics.mean(f[n] for f in flops) for n in range(args.participants)],
-        "errors": sum(r["error"] is not None for r in rows), "seconds": elapsed,
-    }
-    (args.out / f"{name}.summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"{name}: accuracy {summary['accuracy']:.3f} (95% CI {low:.3f}-{high:.3f}) on {len(rows)} problems "
-          f"in {elapsed:.0f} s -> {args.out}")
-    return summary
+    return args.run(args)
 
 
 if __name__ == "__main__":
