@@ -1,4 +1,302 @@
-"""Figures and tables for RESULTS.md from saved results: `python -m fedattn_vllm.eval plots`."""
+"""Figures and tables for RESULTS.md from saved results: `python -m fedattn_vllm.eval plots`.
 
-def run(args):
-    raise NotImplementedError
+Reads `<results>/gsm8k/*.summary.json` (+ their JSONL; shards of one config made with
+--offset are merged) and `<results>/fidelity/<sweep>.json`; writes PNGs and `tables.md`.
+A figure whose runs are missing is skipped, so a partial sweep still plots.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedattn_vllm.eval.stats import wilson_interval  # noqa: E402
+
+SPLITS = ("TokAg", "SemAg", "TokEx", "SemEx")
+PLACEMENTS = ("uniform", "front_half", "back_half", "increasing", "decreasing")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What an accuracy run measured (everything but which problems)."""
+
+    participants: int
+    interval: int
+    placement: str
+    split: str
+    shots: int
+    ratio: float
+    selection: str
+    publisher_interval: int | None
+
+    @property
+    def label(self) -> str:
+        if self.participants == 1:
+            return f"centralised, {self.shots}-shot"
+        text = f"N={self.participants} H={self.interval} {self.split} {self.placement} {self.shots}-shot"
+        if self.ratio < 1:
+            text += f" r={self.ratio:g} {self.selection}"
+        return text + (f" Hp={self.publisher_interval}" if self.publisher_interval else "")
+
+
+@dataclass
+class Accuracy:
+    setting: Setting
+    problems: int
+    correct: int
+    published_bytes: float  # mean over problems and participants
+    prefill_flops: float  # mean over problems and participants
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.problems
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        return wilson_interval(self.correct, self.problems)
+
+
+def _setting(args: dict) -> Setting:
+    n = args["participants"]
+    return Setting(n, args["sync_interval"] if n > 1 else 1, args["placement"] if n > 1 else "uniform",
+                   args["split"] if n > 1 else "-", args["shots"], args["kv_share_ratio"],
+                   args["kv_selection"] if args["kv_share_ratio"] < 1 else "-", args.get("publisher_sync_interval"))
+
+
+def load_accuracy(directory: Path) -> dict[Setting, Accuracy]:
+    """Accuracy runs by setting; shards of one setting are merged (each problem counted once)."""
+    rows: dict[Setting, dict[int, dict]] = {}
+    flops: dict[Setting, list[tuple[int, float]]] = {}
+    for path in sorted(directory.glob("*.summary.json")):
+        summary = json.loads(path.read_text())
+        setting = _setting(summary["args"])
+        for line in (directory / f"{summary['run']}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            rows.setdefault(setting, {})[row["index"]] = row
+        flops.setdefault(setting, []).append((summary["problems"], statistics.mean(summary["mean_prefill_flops"])))
+    merged = {}
+    for setting, by_index in rows.items():
+        shards = flops[setting]
+        merged[setting] = Accuracy(
+            setting, len(by_index), sum(r["correct"] for r in by_index.values()),
+            statistics.mean(statistics.mean(r["published_bytes"]) for r in by_index.values()),
+            sum(n * f for n, f in shards) / sum(n for n, _ in shards),
+        )
+    return merged
+
+
+def load_fidelity(directory: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
+
+
+def _errorbar(ax, points: list[Accuracy], xs, **style) -> None:
+    ys = [100 * p.accuracy for p in points]
+    low = [y - 100 * p.ci95[0] for y, p in zip(ys, points)]
+    high = [100 * p.ci95[1] - y for y, p in zip(ys, points)]
+    ax.errorbar(xs, ys, yerr=[low, high], capsize=3, **{"marker": "o", **style})
+
+
+def _baseline(ax, runs: dict[Setting, Accuracy], shots: int) -> None:
+    """The centralised run with `shots` shots as a band (95% CI)."""
+    base = next((a for s, a in runs.items() if s.participants == 1 and s.shots == shots), None)
+    if base is not None:
+        ax.axhline(100 * base.accuracy, color="black", lw=1, label=f"centralised ({base.problems} problems)")
+        ax.axhspan(100 * base.ci95[0], 100 * base.ci95[1], color="black", alpha=0.08)
+
+
+def _dense(s: Setting, shots: int = 4) -> bool:
+    return s.participants > 1 and s.shots == shots and s.ratio == 1 and not s.publisher_interval
+
+
+def _save(fig, out: Path, name: str) -> Path:
+    fig.tight_layout()
+    path = out / name
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_interval(runs, out: Path) -> Path | None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for split in SPLITS:
+        points = sorted((a for s, a in runs.items() if _dense(s) and s.participants == 4 and s.split == split
+                         and s.placement == "uniform"), key=lambda a: a.setting.interval)
+        if points:
+            _errorbar(ax, points, [p.setting.interval for p in points], label=split)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    _baseline(ax, runs, 4)
+    ax.set(xscale="log", xlabel="sync interval H (log scale)", ylabel="GSM8K accuracy (%)",
+           title="Accuracy vs H (N=4, 4-shot)")
+    ax.set_xticks([1, 2, 3, 4, 6, 8, 12, 24], labels=["1", "2", "3", "4", "6", "8", "12", "24"])
+    ax.legend(fontsize=8)
+    return _save(fig, out, "accuracy_vs_interval.png")
+
+
+def accuracy_vs_participants(runs, out: Path) -> Path | None:
+    points = sorted((a for s, a in runs.items() if s.shots == 8 and s.ratio == 1 and s.split in ("TokEx", "-")
+                     and s.interval in (1, 4) and s.placement == "uniform"), key=lambda a: a.setting.participants)
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _errorbar(ax, points, [p.setting.participants for p in points], label="TokEx, H=4")
+    ax.set(xlabel="participants N (N=1: centralised)", ylabel="GSM8K accuracy (%)", title="Accuracy vs N (H=4, 8-shot)")
+    ax.legend(fontsize=8)
+    return _save(fig, out, "accuracy_vs_participants.png")
+
+
+def placement(runs, fidelity: dict, out: Path) -> Path | None:
+    points = [next((a for s, a in runs.items() if _dense(s) and s.participants == 4 and s.interval == 4
+                    and s.split == "TokEx" and s.placement == p), None) for p in PLACEMENTS]
+    fid = fidelity.get("placement")
+    if not any(points) and fid is None:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    present = [(p, a) for p, a in zip(PLACEMENTS, points) if a is not None]
+    if present:
+        _errorbar(axes[0], [a for _, a in present], [p for p, _ in present], ls="none")
+        _baseline(axes[0], runs, 4)
+        axes[0].legend(fontsize=8)
+    axes[0].set(ylabel="GSM8K accuracy (%)", title="Accuracy by sync placement (N=4, 6 sync layers)")
+    if fid is not None:
+        _fidelity_bars(axes[1], fid["variants"])
+        axes[1].set_title(f"Next-token agreement with centralised ({fid['problems']} problems)")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=20)
+    return _save(fig, out, "placement.png")
+
+
+def _fidelity_bars(ax, variants: list[dict]) -> None:
+    labels = [v["label"] for v in variants]
+    ax.bar(labels, [v["agreement"] for v in variants], yerr=[v["agreement_sem"] for v in variants], capsize=3)
+    ax.set(ylabel="next-token agreement", ylim=(0, 1))
+
+
+def sparse(runs, fidelity: dict, out: Path) -> Path | None:
+    fid = fidelity.get("sparse")
+    accs = {sel: sorted((a for s, a in runs.items() if s.participants == 4 and s.interval == 4 and s.shots == 4
+                         and s.split == "TokEx" and s.placement == "uniform" and (s.ratio < 1 and s.selection == sel)),
+                        key=lambda a: a.setting.ratio) for sel in ("random", "key_norm")}
+    if fid is None and not any(accs.values()):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    if fid is not None:
+        for sel, marker in (("random", "o"), ("key_norm", "s")):
+            rows = [v for v in fid["variants"] if v["config"]["kv_selection"] == sel]
+            axes[0].errorbar([sum(v["mean_published_bytes"]) / len(v["mean_published_bytes"]) / 2**10 for v in rows],
+                             [v["agreement"] for v in rows], yerr=[v["agreement_sem"] for v in rows],
+                             marker=marker, capsize=3, label=sel)
+        axes[0].set(xlabel="K/V KiB published per participant (mean)", ylabel="next-token agreement",
+                    title=f"Sparse sharing: fidelity at equal bytes ({fid['problems']} problems)")
+        axes[0].legend(fontsize=8)
+    dense = next((a for s, a in runs.items() if _dense(s) and s.participants == 4 and s.interval == 4
+                  and s.split == "TokEx" and s.placement == "uniform"), None)
+    for sel, marker in (("random", "o"), ("key_norm", "s")):
+        points = accs[sel] + ([dense] if dense and accs[sel] else [])
+        if points:
+            _errorbar(axes[1], points, [p.setting.ratio for p in points], label=sel, marker=marker)
+    _baseline(axes[1], runs, 4)
+    axes[1].set(xlabel="share ratio r", ylabel="GSM8K accuracy (%)", title="Sparse sharing: accuracy (N=4, H=4)")
+    axes[1].legend(fontsize=8)
+    return _save(fig, out, "sparse.png")
+
+
+def frontier(runs, out: Path) -> Path | None:
+    points = [a for s, a in runs.items() if s.shots == 4 and (s.participants in (1, 4))]
+    if len(points) < 2:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, attr, scale, label in ((axes[0], "published_bytes", 2**20, "K/V MiB published per participant (mean)"),
+                                   (axes[1], "prefill_flops", 1e12, "prefill TFLOPs per participant (mean, modelled)")):
+        _errorbar(ax, points, [getattr(p, attr) / scale for p in points], ls="none")
+        for p in points:
+            s = p.setting
+            name = ("N=1" if s.participants == 1 else f"H={s.interval}" if s.placement == "uniform" else s.placement)
+            name += f" {s.split}" if s.split not in ("TokEx", "-") else ""
+            name += f" r{s.ratio:g}{s.selection[0]}" if s.ratio < 1 else ""
+            ax.annotate(name, (getattr(p, attr) / scale, 100 * p.accuracy), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set(xlabel=label, ylabel="GSM8K accuracy (%)")
+    fig.suptitle("Accuracy against communication and computation (4-shot; N=4 unless N=1)")
+    return _save(fig, out, "frontier.png")
+
+
+def fidelity_layers(fidelity: dict, out: Path) -> Path | None:
+    sweeps = [fidelity[s] for s in ("interval", "participants") if s in fidelity]
+    if not sweeps:
+        return None
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4), squeeze=False)
+    for ax, sweep in zip(axes[0], sweeps):
+        for v in sweep["variants"]:
+            ax.plot(range(len(v["layer_deviation"])), v["layer_deviation"], label=v["label"])
+        ax.set(xlabel="hidden state (0: embeddings, l: after layer l)",
+               ylabel="relative deviation from centralised",
+               title=f"Error propagation, {sweep['sweep']} sweep ({sweep['problems']} problems)")
+        ax.legend(fontsize=7, ncol=2)
+    return _save(fig, out, "fidelity_layers.png")
+
+
+def fidelity_summary(fidelity: dict, out: Path) -> Path | None:
+    sweeps = [fidelity[s] for s in ("interval", "participants") if s in fidelity]
+    if not sweeps:
+        return None
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4), squeeze=False)
+    for ax, sweep in zip(axes[0], sweeps):
+        rows = sweep["variants"]
+        x = [int(v["label"].split("=")[1]) for v in rows]
+        ax.errorbar(x, [v["agreement"] for v in rows], yerr=[v["agreement_sem"] for v in rows],
+                    marker="o", capsize=3, label="next-token agreement")
+        twin = ax.twinx()
+        twin.errorbar(x, [v["kl"] for v in rows], yerr=[v["kl_sem"] for v in rows], marker="s", capsize=3,
+                      color="tab:red", label="KL (nats)")
+        twin.set_ylabel("KL(centralised || FedAttn), nats", color="tab:red")
+        ax.set(xlabel=sweep["sweep"] == "interval" and "sync interval H (N=4)" or "participants N (H=4)",
+               ylabel="next-token agreement", ylim=(0, 1.05), title=f"Fidelity vs {sweep['sweep']}")
+    return _save(fig, out, "fidelity_summary.png")
+
+
+def tables(runs: dict[Setting, Accuracy], fidelity: dict) -> str:
+    """Markdown tables of every accuracy run and every fidelity variant."""
+    lines = ["### GSM8K accuracy", "",
+             "| setting | problems | accuracy | 95% CI | K/V KiB published / participant | prefill GFLOPs / participant |",
+             "|---|---:|---:|---|---:|---:|"]
+    order = sorted(runs.values(), key=lambda a: (a.setting.shots, a.setting.participants != 1, a.setting.label))
+    for a in order:
+        low, high = a.ci95
+        lines.append(f"| {a.setting.label} | {a.problems} | {100 * a.accuracy:.1f}% | {100 * low:.1f}-{100 * high:.1f}% "
+                     f"| {a.published_bytes / 2**10:.0f} | {a.prefill_flops / 1e9:.0f} |")
+    for name, sweep in fidelity.items():
+        lines += ["", f"### Fidelity: {name} ({sweep['problems']} problems, {sweep['shots']}-shot, {sweep['dtype']})", "",
+                  "| variant | next-token agreement | KL (nats) | answer NLL change (nats) | last-layer deviation "
+                  "| K/V KiB published / participant |", "|---|---:|---:|---:|---:|---:|"]
+        for v in sweep["variants"]:
+            kib = sum(v["mean_published_bytes"]) / len(v["mean_published_bytes"]) / 2**10
+            lines.append(f"| {v['label']} | {v['agreement']:.3f} ± {v['agreement_sem']:.3f} | {v['kl']:.3f} ± "
+                         f"{v['kl_sem']:.3f} | {v['nll_change']:+.3f} | {v['layer_deviation'][-1]:.3f} | {kib:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> list[Path]:
+    """Every figure and tables.md from args.results into args.out (default <results>/figures)."""
+    out = args.out or args.results / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    runs = load_accuracy(args.results / "gsm8k")
+    fidelity = load_fidelity(args.results / "fidelity")
+    made = [accuracy_vs_interval(runs, out), accuracy_vs_participants(runs, out), placement(runs, fidelity, out),
+            sparse(runs, fidelity, out), frontier(runs, out), fidelity_layers(fidelity, out),
+            fidelity_summary(fidelity, out)]
+    (out / "tables.md").write_text(tables(runs, fidelity))
+    made = [p for p in made if p is not None] + [out / "tables.md"]
+    for path in made:
+        print(path)
+    return made

@@ -1,0 +1,79 @@
+"""The figures and tables of RESULTS.md, regenerated from a tiny saved result in the CLI's formats."""
+
+import argparse
+import json
+
+import pytest
+
+from fedattn_vllm.eval import plots
+
+
+def _accuracy_run(directory, n, h, correct, offset=0, shots=4, ratio=1.0, selection="random", placement="uniform"):
+    """One `gsm8k` run as the CLI saves it: <run>.jsonl and <run>.summary.json."""
+    name = f"N{n}-H{h}-{placement}-{shots}-r{ratio}-{selection}-o{offset}"
+    args = {"participants": n, "sync_interval": h, "placement": placement, "split": "TokEx", "shots": shots,
+            "kv_share_ratio": ratio, "kv_selection": selection, "publisher_sync_interval": None}
+    rows = [{"index": offset + i, "correct": i < correct, "published_bytes": [1024 * h] * n}
+            for i in range(4)]
+    (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"run": name, "args": args, "problems": 4, "mean_prefill_flops": [2e9 * (offset + 1)] * n}
+    (directory / f"{name}.summary.json").write_text(json.dumps(summary))
+
+
+def _fidelity_sweep(directory, sweep, labels):
+    variants = [{"label": label, "participants": 4, "split": "TokEx", "problems": 2,
+                 "config": {"kv_selection": "key_norm" if "key" in label else "random"},
+                 "agreement": 0.9 - 0.1 * i, "agreement_sem": 0.02, "kl": 0.1 * i, "kl_sem": 0.01,
+                 "nll_change": 0.05 * i, "layer_deviation": [0.0, 0.1 * i, 0.2 * i],
+                 "mean_published_bytes": [2048.0 / (i + 1)] * 4} for i, label in enumerate(labels)]
+    result = {"sweep": sweep, "problems": 2, "shots": 4, "dtype": "bfloat16", "variants": variants}
+    (directory / f"{sweep}.json").write_text(json.dumps(result))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    gsm, fid = tmp_path / "gsm8k", tmp_path / "fidelity"
+    gsm.mkdir(), fid.mkdir()
+    _accuracy_run(gsm, 1, 1, correct=3)
+    _accuracy_run(gsm, 4, 4, correct=2)
+    _accuracy_run(gsm, 4, 4, correct=1, offset=4)  # a second shard of the same setting
+    _accuracy_run(gsm, 4, 8, correct=1)
+    _accuracy_run(gsm, 4, 4, correct=1, placement="back_half")
+    _accuracy_run(gsm, 4, 4, correct=0, ratio=0.5, selection="key_norm")
+    for n in (1, 2, 4):
+        _accuracy_run(gsm, n, 4, correct=n % 3, shots=8)
+    _fidelity_sweep(fid, "interval", ["H=1", "H=4", "H=24"])
+    _fidelity_sweep(fid, "participants", ["N=1", "N=4"])
+    _fidelity_sweep(fid, "sparse", ["random r=1", "random r=0.5", "key_norm r=1", "key_norm r=0.5"])
+    return tmp_path
+
+
+def test_shards_of_one_setting_merge_and_settings_stay_apart(saved):
+    runs = plots.load_accuracy(saved / "gsm8k")
+    by_label = {s.label: a for s, a in runs.items()}
+    merged = by_label["N=4 H=4 TokEx uniform 4-shot"]
+    assert (merged.problems, merged.correct) == (8, 3) and merged.prefill_flops == pytest.approx(6e9)
+    assert by_label["centralised, 4-shot"].accuracy == 0.75
+    assert by_label["N=4 H=4 TokEx uniform 4-shot r=0.5 key_norm"].published_bytes == 4096
+    assert len(runs) == 8
+
+
+def test_one_command_regenerates_every_figure_and_the_tables(saved):
+    made = plots.run(argparse.Namespace(results=saved, out=None))
+    names = {p.name for p in made}
+    assert names == {"accuracy_vs_interval.png", "accuracy_vs_participants.png", "placement.png", "sparse.png",
+                     "frontier.png", "fidelity_layers.png", "fidelity_summary.png", "tables.md"}
+    for path in made:
+        assert path.parent == saved / "figures" and path.stat().st_size > 1000
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tables = (saved / "figures" / "tables.md").read_text()
+    assert "| N=4 H=4 TokEx uniform 4-shot | 8 | 37.5% |" in tables
+    assert "| key_norm r=0.5 | 0.600 ± 0.020 |" in tables
+
+
+def test_missing_results_skip_their_figures(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    _accuracy_run(tmp_path / "gsm8k", 1, 1, correct=1)
+    made = plots.run(argparse.Namespace(results=tmp_path, out=tmp_path / "out"))
+    assert [p.name for p in made] == ["tables.md"]
