@@ -6,6 +6,7 @@ from torch.testing import assert_close
 
 from fedattn_vllm.config import FedAttnConfig
 from fedattn_vllm.oracle import FedAttnOracle, _Visibility
+from fedattn_vllm.selection import kept_count
 
 TEXT = "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nLet's think step by step\n"
 NO_SYNC = FedAttnConfig(placement="explicit", sync_layers=())
@@ -146,3 +147,25 @@ def test_sparse_sharing_is_seeded(tiny, ids):
 def test_bad_segments(tiny):
     with pytest.raises(ValueError, match="segments"):
         FedAttnOracle(tiny[0]).generate([[1, 2], []], FedAttnConfig(), 1)
+
+
+def test_a_last_publisher_generating_alone_reads_nobody_elses_copy_of_its_kv(tiny, ids):
+    """Keeping the (last) question holder dense, or syncing it more often, changes nothing for its own answer:
+    nobody after it reads its shared K/V. It matters only to other generators (the paper scores each)."""
+    model, _ = tiny
+    oracle = FedAttnOracle(model)
+    segments = split(ids, 7, 14, 21)
+
+    def first_logits(generators, **kw):
+        out = oracle.generate(segments, FedAttnConfig(sync_interval=2, generators=generators, **kw), 1)
+        return out.first_logits
+    sparse = dict(kv_share_ratio=0.3, seed=3)
+    alone, kept_dense = first_logits((3,), **sparse), first_logits((3,), kv_share_ratio=(0.3, 0.3, 0.3, 1.0), seed=3)
+    assert_close(kept_dense[3], alone[3], rtol=0, atol=0)
+    assert_close(first_logits((3,), publisher_sync_interval=1)[3], first_logits((3,))[3], rtol=0, atol=0)
+    # participant 0's decode does read the publisher's K/V: 30% of its tokens, or all of them when kept dense
+    lengths, publisher = [len(s) for s in segments], slice(21, None)
+    visible = [int(_Visibility(FedAttnConfig(sync_interval=2, kv_share_ratio=r).resolve(2, 4), lengths)
+                   .decode_mask(0, generator=0, num_generated=1)[0, :-1][publisher].sum())
+               for r in (0.3, (0.3, 0.3, 0.3, 1.0))]
+    assert visible == [kept_count(lengths[3], 0.3), lengths[3]]
