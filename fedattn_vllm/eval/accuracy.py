@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
     correct = sum(r["correct"] for r in rows)
     low, high = wilson_interval(correct, len(rows))
     summary = {
-        "run": name, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "run": name, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not callable(v)},
         "problems": len(rows), "correct": correct, "accuracy": correct / len(rows), "ci95": [low, high],
         "sync_layers": list(config.resolve(llm.num_layers, args.participants).sync_layers),
         "mean_published_bytes": [statistics.mean(r["published_bytes"][n] for r in rows) for n in range(args.participants)],
