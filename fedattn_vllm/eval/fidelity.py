@@ -36,6 +36,8 @@ def _uniform(h: int, **options) -> FedAttnConfig:
 SWEEPS: dict[str, list[Variant]] = {
     "interval": [Variant(f"H={h}", 4, _uniform(h)) for h in (1, 2, 3, 4, 6, 8, 12, 24)],
     "participants": [Variant(f"N={n}", n, _uniform(4)) for n in (1, 2, 3, 4, 5, 6)],
+    # TokAg: the question holder's chunk (exemplar tail + question) shrinks as N grows
+    "participants_tokag": [Variant(f"N={n}", n, _uniform(4), split="TokAg") for n in (1, 2, 3, 4, 5, 6)],
     "placement": [Variant(p, 4, _uniform(4, placement=p))
                   for p in ("uniform", "front_half", "back_half", "increasing", "decreasing")],
     "split": [Variant(s, 4, _uniform(4), split=s) for s in ("TokAg", "SemAg", "TokEx", "SemEx")],

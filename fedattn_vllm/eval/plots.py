@@ -21,6 +21,9 @@ from fedattn_vllm.eval.stats import wilson_interval  # noqa: E402
 
 SPLITS = ("TokAg", "SemAg", "TokEx", "SemEx")
 PLACEMENTS = ("uniform", "front_half", "back_half", "increasing", "decreasing")
+# fidelity sweeps drawn as curves over their numeric parameter -> x axis label
+FIDELITY_CURVES = {"interval": "sync interval H (N=4, TokEx)", "participants": "participants N (H=4, TokEx)",
+                   "participants_tokag": "participants N (H=4, TokAg)"}
 
 
 @dataclass(frozen=True)
@@ -231,12 +234,21 @@ def frontier(runs, out: Path) -> Path | None:
     return _save(fig, out, "frontier.png")
 
 
-def fidelity_layers(fidelity: dict, out: Path) -> Path | None:
-    sweeps = [fidelity[s] for s in ("interval", "participants") if s in fidelity]
+def _curve_panels(fidelity: dict):
+    """A figure with one panel per fidelity sweep over a numeric parameter, and (axis, sweep) pairs; None if none."""
+    sweeps = [fidelity[s] for s in FIDELITY_CURVES if s in fidelity]
     if not sweeps:
         return None
     fig, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4), squeeze=False)
-    for ax, sweep in zip(axes[0], sweeps):
+    return fig, list(zip(axes[0], sweeps))
+
+
+def fidelity_layers(fidelity: dict, out: Path) -> Path | None:
+    panels = _curve_panels(fidelity)
+    if panels is None:
+        return None
+    fig, pairs = panels
+    for ax, sweep in pairs:
         for v in sweep["variants"]:
             ax.plot(range(len(v["layer_deviation"])), v["layer_deviation"], label=v["label"])
         ax.set(xlabel="hidden state (0: embeddings, l: after layer l)",
@@ -247,11 +259,11 @@ def fidelity_layers(fidelity: dict, out: Path) -> Path | None:
 
 
 def fidelity_summary(fidelity: dict, out: Path) -> Path | None:
-    sweeps = [fidelity[s] for s in ("interval", "participants") if s in fidelity]
-    if not sweeps:
+    panels = _curve_panels(fidelity)
+    if panels is None:
         return None
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4), squeeze=False)
-    for ax, sweep in zip(axes[0], sweeps):
+    fig, pairs = panels
+    for ax, sweep in pairs:
         rows = sweep["variants"]
         x = [int(v["label"].split("=")[1]) for v in rows]
         ax.errorbar(x, [v["agreement"] for v in rows], yerr=[v["agreement_sem"] for v in rows],
@@ -260,7 +272,7 @@ def fidelity_summary(fidelity: dict, out: Path) -> Path | None:
         twin.errorbar(x, [v["kl"] for v in rows], yerr=[v["kl_sem"] for v in rows], marker="s", capsize=3,
                       color="tab:red", label="KL (nats)")
         twin.set_ylabel("KL(centralised || FedAttn), nats", color="tab:red")
-        ax.set(xlabel=sweep["sweep"] == "interval" and "sync interval H (N=4)" or "participants N (H=4)",
+        ax.set(xlabel=FIDELITY_CURVES[sweep["sweep"]],
                ylabel="next-token agreement", ylim=(0, 1.05), title=f"Fidelity vs {sweep['sweep']}")
     return _save(fig, out, "fidelity_summary.png")
 
