@@ -36,18 +36,32 @@ def test_wilson_interval_against_known_values():
         wilson_interval(0, 0)
 
 
-def test_the_cli_runs_two_problems_on_the_tiny_model(tmp_path):
+def _cli(*args: str) -> None:
     """In its own process: an engine torn down inside the test process would take vLLM's global state along."""
-    subprocess.run([sys.executable, "-m", "fedattn_vllm.eval", "gsm8k", "--model", "tiny-qwen2", "--dtype", "float32",
-                    "--limit", "2", "--shots", "1", "--participants", "2", "--sync-interval", "2", "--max-tokens", "8",
-                    "--max-model-len", "1024", "--kv-cache-gib", "0.0625", "--out", str(tmp_path)],
-                   check=True, capture_output=True, timeout=300)
-    [path] = tmp_path.glob("*.summary.json")
+    subprocess.run([sys.executable, "-m", "fedattn_vllm.eval", *args], check=True, capture_output=True, timeout=300)
+
+
+def test_the_cli_runs_two_problems_on_the_tiny_model_then_fidelity_and_plots(tmp_path):
+    _cli("gsm8k", "--model", "tiny-qwen2", "--dtype", "float32", "--limit", "2", "--shots", "1", "--participants", "2",
+         "--sync-interval", "2", "--max-tokens", "8", "--max-model-len", "1024", "--kv-cache-gib", "0.0625",
+         "--out", str(tmp_path / "gsm8k"))
+    [path] = (tmp_path / "gsm8k").glob("*.summary.json")
     summary = json.loads(path.read_text())
-    rows = [json.loads(line) for line in (tmp_path / f"{summary['run']}.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "gsm8k" / f"{summary['run']}.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and summary["problems"] == 2 and summary["errors"] == 0
     assert {"segment_tokens", "output", "predicted", "reference", "correct", "published_bytes"} <= set(rows[0])
     assert rows[1]["reference"] == "3" and len(rows[0]["segment_tokens"]) == 2
     assert 0.0 <= summary["ci95"][0] <= summary["accuracy"] <= summary["ci95"][1] <= 1.0
     assert summary["sync_layers"] == [0, 2, 4] and all(b > 0 for b in summary["mean_published_bytes"])
     assert summary["correct"] == sum(r["correct"] for r in rows)
+
+    _cli("fidelity", "interval", "--model", "tiny-qwen2", "--dtype", "float32", "--limit", "1", "--shots", "1",
+         "--out", str(tmp_path / "fidelity"))
+    fidelity = json.loads((tmp_path / "fidelity" / "interval.json").read_text())
+    exact = fidelity["variants"][0]
+    assert exact["label"] == "H=1" and exact["agreement"] == 1.0 and max(exact["layer_deviation"]) < 1e-5
+    assert len(fidelity["per_problem"]) == 1 and fidelity["num_layers"] + 1 == len(exact["layer_deviation"])
+
+    _cli("plots", "--results", str(tmp_path))
+    figures = {p.name for p in (tmp_path / "figures").iterdir()}
+    assert {"fidelity_layers.png", "fidelity_summary.png", "tables.md"} <= figures  # one accuracy run: no frontier
