@@ -12,6 +12,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from fedattn_vllm import gsm8k
@@ -51,7 +52,10 @@ def run(args: argparse.Namespace) -> dict:
     splits = [gsm8k.segments(llm.tokenizer, p, args.shots, args.participants, args.split) for p in problems]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, stop=STOP)
     started = time.perf_counter()
-    results = llm.generate([FedAttnSession(s, config, params) for s in splits], use_tqdm=True)
+    # One random draw per problem (seed + its test-set index): with TokEx/SemEx every problem shares its
+    # exemplar segments, so one seed for all would score a single draw of the sparse selection.
+    configs = [replace(config, seed=args.seed + args.offset + i) for i in range(len(problems))]
+    results = llm.generate([FedAttnSession(s, c, params) for s, c in zip(splits, configs)], use_tqdm=True)
     elapsed = time.perf_counter() - started
     shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(llm.model_path), args.dtype)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ answer is predicted, and the change in the answer's negative log-likelihood.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -91,11 +91,13 @@ def compare(centralised, variant, tokens: torch.Tensor, generator_start: int) ->
 
 
 def measure(oracle: FedAttnOracle, tokenizer, problem: dict, variants: list[Variant], shots: int,
-            cost) -> list[Fidelity]:
-    """Every variant on one problem; cost(plan, lengths) -> bytes published per participant."""
+            cost, seed: int = 0) -> list[Fidelity]:
+    """Every variant on one problem, its random selections drawn from `seed`; cost(plan, lengths) -> bytes
+    published per participant."""
     centralised, tokens = None, None
     results = []
     for v in variants:
+        config = replace(v.config, seed=seed)
         segments, answer_len = teacher_forced_segments(tokenizer, problem, shots, v.participants, v.split)
         flat = torch.tensor([t for s in segments for t in s])
         if centralised is None:
@@ -103,9 +105,9 @@ def measure(oracle: FedAttnOracle, tokenizer, problem: dict, variants: list[Vari
             centralised = _forward(oracle, [flat.tolist()], FedAttnConfig(sync_interval=1), answer_len)
         if not torch.equal(flat, tokens):
             raise ValueError(f"{v.label}: the split changed the prompt's tokens")
-        measured = compare(centralised, _forward(oracle, segments, v.config, answer_len), tokens,
+        measured = compare(centralised, _forward(oracle, segments, config, answer_len), tokens,
                            len(flat) - len(segments[-1]))
-        plan = v.config.resolve(oracle.num_layers, len(segments))
+        plan = config.resolve(oracle.num_layers, len(segments))
         prompt_lengths = [len(s) for s in segments[:-1]] + [len(segments[-1]) - answer_len]
         results.append(Fidelity(*measured, cost(plan, prompt_lengths)))
     return results
@@ -153,8 +155,9 @@ def run(args) -> dict:
 
     variants = SWEEPS[args.sweep]
     problems = gsm8k.problems()[args.offset: args.offset + args.limit]
-    per_problem = [measure(oracle, tokenizer, p, variants, args.shots, cost)
-                   for p in tqdm(problems, desc=f"fidelity {args.sweep}", unit="problem")]
+    # One random draw per problem (its test-set index): the exemplar segments are the same for every problem.
+    per_problem = [measure(oracle, tokenizer, p, variants, args.shots, cost, seed=args.offset + i)
+                   for i, p in enumerate(tqdm(problems, desc=f"fidelity {args.sweep}", unit="problem"))]
     result = {
         "sweep": args.sweep, "model": str(args.model), "dtype": args.dtype, "shots": args.shots,
         "offset": args.offset, "problems": len(problems), "num_layers": oracle.num_layers,
