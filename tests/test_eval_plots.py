@@ -53,7 +53,7 @@ def test_shards_of_one_setting_merge_and_settings_stay_apart(saved):
     by_label = {s.label: a for s, a in runs.items()}
     merged = by_label["N=4 H=4 TokEx uniform 4-shot"]
     assert (merged.problems, merged.correct) == (8, 3) and merged.prefill_flops == pytest.approx(6e9)
-    assert by_label["centralised, 4-shot"].accuracy == 0.75
+    assert by_label["centralised, 4-shot"].accuracy == 0.75 and by_label["centralised, 4-shot"].published_bytes == 0
     assert by_label["N=4 H=4 TokEx uniform 4-shot r=0.5 key_norm"].published_bytes == 4096
     assert len(runs) == 8
 

@@ -89,6 +89,8 @@ def load_accuracy(directory: Path) -> dict[Setting, Accuracy]:
         shards = flops[setting]
         merged[setting] = Accuracy(
             setting, len(by_index), sum(r["correct"] for r in by_index.values()),
+            # a sole participant's "published" K/V reach nobody: centralised inference exchanges nothing
+            0.0 if setting.participants == 1 else
             statistics.mean(statistics.mean(r["published_bytes"]) for r in by_index.values()),
             sum(n * f for n, f in shards) / sum(n for n, _ in shards),
         )
