@@ -65,3 +65,16 @@ def test_the_cli_runs_two_problems_on_the_tiny_model_then_fidelity_and_plots(tmp
     _cli("plots", "--results", str(tmp_path))
     figures = {p.name for p in (tmp_path / "figures").iterdir()}
     assert {"fidelity_layers.png", "fidelity_summary.png", "tables.md"} <= figures  # one accuracy run: no frontier
+
+
+def test_run_names_tell_settings_apart_and_publisher_dense_keeps_the_last_participant_whole():
+    from fedattn_vllm.eval.__main__ import parse_args
+    from fedattn_vllm.eval.accuracy import run_name, share_ratio
+
+    base = ["gsm8k", "-N", "3", "--limit", "100", "--kv-share-ratio", "0.5"]
+    names = {run_name(parse_args(base + extra)) for extra in
+             ([], ["--kv-selection", "key_norm"], ["--publisher-dense"], ["--publisher-sync-interval", "2"],
+              ["--offset", "100"], ["--seed", "1"], ["--split", "SemEx"], ["--placement", "back_half"])}
+    assert len(names) == 8
+    assert share_ratio(parse_args(base + ["--publisher-dense"])) == (0.5, 0.5, 1.0)
+    assert share_ratio(parse_args(base)) == 0.5

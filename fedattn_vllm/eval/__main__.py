@@ -22,6 +22,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", default="TokEx", choices=["TokAg", "SemAg", "TokEx", "SemEx"])
     p.add_argument("--shots", type=int, default=4)
     p.add_argument("--kv-share-ratio", type=float, default=1.0)
+    p.add_argument("--publisher-dense", action="store_true",
+                   help="keep the question holder (the last participant) at ratio 1.0 while the others share sparsely")
     p.add_argument("--publisher-sync-interval", type=int, help="the question holder shares every H_p layers")
     p.add_argument("--kv-selection", default="random", help="which tokens sparse sharing keeps: random, key_norm")
     p.add_argument("--limit", type=int, help="problems to run (default: all 1319)")

@@ -23,10 +23,21 @@ STOP = ["Question:", "\n\n\n"]  # the next few-shot block, or a run of blank lin
 
 
 def run_name(args: argparse.Namespace) -> str:
-    sparse = f"-r{args.kv_share_ratio:g}-{args.kv_selection}" + (f"-hp{args.publisher_sync_interval}" if args.publisher_sync_interval else "")
-    return (f"{Path(args.model).name}-{args.dtype}-N{args.participants}-H{args.sync_interval}-{args.placement}-"
-            f"{args.split}-{args.shots}shot{sparse if args.kv_share_ratio < 1 or args.publisher_sync_interval else ''}"
-            f"-o{args.offset}-n{args.limit}-s{args.seed}")
+    """The file stem: everything that decides the run's results."""
+    parts = [Path(args.model).name, args.dtype, f"N{args.participants}", f"H{args.sync_interval}", args.placement,
+             args.split, f"{args.shots}shot"]
+    if args.kv_share_ratio < 1:
+        parts.append(f"r{args.kv_share_ratio:g}-{args.kv_selection}" + ("-pd" if args.publisher_dense else ""))
+    if args.publisher_sync_interval:
+        parts.append(f"hp{args.publisher_sync_interval}")
+    return "-".join(parts + [f"o{args.offset}", f"n{args.limit}", f"s{args.seed}"])
+
+
+def share_ratio(args: argparse.Namespace) -> float | tuple[float, ...]:
+    """--kv-share-ratio for everyone, or for all but the question holder (the last) with --publisher-dense."""
+    if not args.publisher_dense:
+        return args.kv_share_ratio
+    return (args.kv_share_ratio,) * (args.participants - 1) + (1.0,)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -43,7 +54,7 @@ def run(args: argparse.Namespace) -> dict:
     from fedattn_vllm.engine import FederatedLLM, FedAttnSession
 
     config = FedAttnConfig(sync_interval=args.sync_interval, placement=args.placement, seed=args.seed,
-                           kv_share_ratio=args.kv_share_ratio, kv_selection=args.kv_selection,
+                           kv_share_ratio=share_ratio(args), kv_selection=args.kv_selection,
                            publisher_sync_interval=args.publisher_sync_interval)
     llm = FederatedLLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                        max_num_batched_tokens=max(16384, args.max_model_len), seed=args.seed,

@@ -38,6 +38,7 @@ class Setting:
     ratio: float
     selection: str
     publisher_interval: int | None
+    publisher_dense: bool = False
 
     @property
     def label(self) -> str:
@@ -45,7 +46,7 @@ class Setting:
             return f"centralised, {self.shots}-shot"
         text = f"N={self.participants} H={self.interval} {self.split} {self.placement} {self.shots}-shot"
         if self.ratio < 1:
-            text += f" r={self.ratio:g} {self.selection}"
+            text += f" r={self.ratio:g} {self.selection}" + (" publisher r=1" if self.publisher_dense else "")
         return text + (f" Hp={self.publisher_interval}" if self.publisher_interval else "")
 
 
@@ -70,7 +71,8 @@ def _setting(args: dict) -> Setting:
     n = args["participants"]
     return Setting(n, args["sync_interval"] if n > 1 else 1, args["placement"] if n > 1 else "uniform",
                    args["split"] if n > 1 else "-", args["shots"], args["kv_share_ratio"],
-                   args["kv_selection"] if args["kv_share_ratio"] < 1 else "-", args.get("publisher_sync_interval"))
+                   args["kv_selection"] if args["kv_share_ratio"] < 1 else "-", args.get("publisher_sync_interval"),
+                   args.get("publisher_dense", False) and args["kv_share_ratio"] < 1)
 
 
 def load_accuracy(directory: Path) -> dict[Setting, Accuracy]:
@@ -190,7 +192,7 @@ def _fidelity_bars(ax, variants: list[dict]) -> None:
 def sparse(runs, fidelity: dict, out: Path) -> Path | None:
     fid = fidelity.get("sparse")
     accs = {sel: sorted((a for s, a in runs.items() if s.participants == 4 and s.interval == 4 and s.shots == 4
-                         and s.split == "TokEx" and s.placement == "uniform" and (s.ratio < 1 and s.selection == sel)),
+                         and s.split == "TokEx" and s.placement == "uniform" and s.ratio < 1 and s.selection == sel and not s.publisher_dense),
                         key=lambda a: a.setting.ratio) for sel in ("random", "key_norm")}
     if fid is None and not any(accs.values()):
         return None
