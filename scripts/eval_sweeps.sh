@@ -18,7 +18,7 @@ headline() {  # centralised baseline and the default FedAttn point (4 shots, Tok
   run -N 4 -H 4 --limit "$HEADLINE_LIMIT"
 }
 fidelity() {  # teacher-forced deviation / agreement / KL vs centralised, on the reference oracle
-  for s in interval participants participants_tokag placement sparse split; do
+  for s in interval participants participants_tokag placement sparse split combined; do
     [ -f "$FIDELITY_OUT/$s.json" ] || .venv/bin/python -m fedattn_vllm.eval fidelity "$s" \
       --limit "$FIDELITY_LIMIT" --offset "$OFFSET" --out "$FIDELITY_OUT"
   done
