@@ -238,36 +238,30 @@ def frontier(runs, out: Path) -> Path | None:
     return _save(fig, out, "frontier.png")
 
 
-def _curve_panels(fidelity: dict):
-    """A figure with one panel per fidelity sweep over a numeric parameter, and (axis, sweep) pairs; None if none."""
+def _per_sweep(fidelity: dict, out: Path, name: str, draw) -> Path | None:
+    """One panel per fidelity sweep over a numeric parameter, each drawn by draw(ax, sweep); None if none."""
     sweeps = [fidelity[s] for s in FIDELITY_CURVES if s in fidelity]
     if not sweeps:
         return None
     fig, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4), squeeze=False)
-    return fig, list(zip(axes[0], sweeps))
+    for ax, sweep in zip(axes[0], sweeps):
+        draw(ax, sweep)
+    return _save(fig, out, name)
 
 
 def fidelity_layers(fidelity: dict, out: Path) -> Path | None:
-    panels = _curve_panels(fidelity)
-    if panels is None:
-        return None
-    fig, pairs = panels
-    for ax, sweep in pairs:
+    def draw(ax, sweep):
         for v in sweep["variants"]:
             ax.plot(range(len(v["layer_deviation"])), v["layer_deviation"], label=v["label"])
         ax.set(xlabel="hidden state (0: embeddings, l: after layer l)",
                ylabel="relative deviation from centralised",
                title=f"Error propagation, {sweep['sweep']} sweep ({sweep['problems']} problems)")
         ax.legend(fontsize=7, ncol=2)
-    return _save(fig, out, "fidelity_layers.png")
+    return _per_sweep(fidelity, out, "fidelity_layers.png", draw)
 
 
 def fidelity_summary(fidelity: dict, out: Path) -> Path | None:
-    panels = _curve_panels(fidelity)
-    if panels is None:
-        return None
-    fig, pairs = panels
-    for ax, sweep in pairs:
+    def draw(ax, sweep):
         rows = sweep["variants"]
         x = [int(v["label"].split("=")[1]) for v in rows]
         ax.errorbar(x, [v["agreement"] for v in rows], yerr=[v["agreement_sem"] for v in rows],
@@ -278,7 +272,7 @@ def fidelity_summary(fidelity: dict, out: Path) -> Path | None:
         twin.set_ylabel("KL(centralised || FedAttn), nats", color="tab:red")
         ax.set(xlabel=FIDELITY_CURVES[sweep["sweep"]],
                ylabel="next-token agreement", ylim=(0, 1.05), title=f"Fidelity vs {sweep['sweep']}")
-    return _save(fig, out, "fidelity_summary.png")
+    return _per_sweep(fidelity, out, "fidelity_summary.png", draw)
 
 
 def tables(runs: dict[Setting, Accuracy], fidelity: dict) -> str:
