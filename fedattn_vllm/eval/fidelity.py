@@ -43,11 +43,12 @@ SWEEPS: dict[str, list[Variant]] = {
     "split": [Variant(s, 4, _uniform(4), split=s) for s in ("TokAg", "SemAg", "TokEx", "SemEx")],
     "sparse": [Variant(f"{sel} r={r:g}", 4, _uniform(4, kv_share_ratio=r, kv_selection=sel))
                for sel in ("random", "key_norm") for r in (1.0, 0.8, 0.5, 0.3, 0.1)],
-    # the best placement with the best selection (N=4, 6 sync layers)
-    "combined": [Variant(f"{p} {sel} r={r:g}", 4, _uniform(4, placement=p, kv_share_ratio=r, kv_selection=sel))
-                 for p, sel, r in (("uniform", "random", 1.0), ("back_half", "random", 1.0),
-                                   ("uniform", "key_norm", 0.5), ("back_half", "key_norm", 0.5),
-                                   ("back_half", "key_norm", 0.2))],
+    # the best placement with the best selection (N=4, 6 sync layers), against no sync at all
+    # (the generator alone: its own segment only, which RoPE makes the zero-shot prompt)
+    "combined": [Variant("no sync (generator alone)", 4, FedAttnConfig(placement="explicit", sync_layers=()))] + [
+        Variant(f"{p} {sel} r={r:g}", 4, _uniform(4, placement=p, kv_share_ratio=r, kv_selection=sel))
+        for p, sel, r in (("uniform", "random", 1.0), ("back_half", "random", 1.0), ("uniform", "key_norm", 0.5),
+                          ("back_half", "key_norm", 0.5), ("back_half", "key_norm", 0.2))],
 }
 
 
