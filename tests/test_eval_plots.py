@@ -35,6 +35,7 @@ def saved(tmp_path):
     gsm, fid = tmp_path / "gsm8k", tmp_path / "fidelity"
     gsm.mkdir(), fid.mkdir()
     _accuracy_run(gsm, 1, 1, correct=3)
+    _accuracy_run(gsm, 1, 1, correct=2, shots=0)  # the question alone
     _accuracy_run(gsm, 4, 4, correct=2)
     _accuracy_run(gsm, 4, 4, correct=1, offset=4)  # a second shard of the same setting
     _accuracy_run(gsm, 4, 8, correct=1)
@@ -55,7 +56,8 @@ def test_shards_of_one_setting_merge_and_settings_stay_apart(saved):
     assert (merged.problems, merged.correct) == (8, 3) and merged.prefill_flops == pytest.approx(6e9)
     assert by_label["centralised, 4-shot"].accuracy == 0.75 and by_label["centralised, 4-shot"].published_bytes == 0
     assert by_label["N=4 H=4 TokEx uniform 4-shot r=0.5 key_norm"].published_bytes == 4096
-    assert len(runs) == 8
+    assert by_label["question alone, 0-shot"].accuracy == 0.5
+    assert len(runs) == 9
 
 
 def test_one_command_regenerates_every_figure_and_the_tables(saved):

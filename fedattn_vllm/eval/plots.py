@@ -43,7 +43,7 @@ class Setting:
     @property
     def label(self) -> str:
         if self.participants == 1:
-            return f"centralised, {self.shots}-shot"
+            return "question alone, 0-shot" if self.shots == 0 else f"centralised, {self.shots}-shot"
         text = f"N={self.participants} H={self.interval} {self.split} {self.placement} {self.shots}-shot"
         if self.ratio < 1:
             text += f" r={self.ratio:g} {self.selection}" + (" publisher r=1" if self.publisher_dense else "")
@@ -111,11 +111,20 @@ def _errorbar(ax, points: list[Accuracy], xs, **style) -> None:
 
 
 def _baseline(ax, runs: dict[Setting, Accuracy], shots: int) -> None:
-    """The centralised run with `shots` shots as a band (95% CI)."""
+    """The centralised run with `shots` shots as a band (95% CI), and the question holder alone."""
     base = next((a for s, a in runs.items() if s.participants == 1 and s.shots == shots), None)
     if base is not None:
         ax.axhline(100 * base.accuracy, color="black", lw=1, label=f"centralised ({base.problems} problems)")
         ax.axhspan(100 * base.ci95[0], 100 * base.ci95[1], color="black", alpha=0.08)
+    _alone(ax, runs)
+
+
+def _alone(ax, runs: dict[Setting, Accuracy]) -> None:
+    """The question alone (0-shot, centralised): what the TokEx question holder gets without any sync."""
+    alone = next((a for s, a in runs.items() if s.participants == 1 and s.shots == 0), None)
+    if alone is not None:
+        ax.axhline(100 * alone.accuracy, color="tab:gray", lw=1, ls="--",
+                   label=f"question alone, no exemplars ({alone.problems} problems)")
 
 
 def _dense(s: Setting, shots: int = 4) -> bool:
@@ -157,6 +166,7 @@ def accuracy_vs_participants(runs, out: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     _errorbar(ax, points, [p.setting.participants for p in points], label="TokEx, H=4")
+    _alone(ax, runs)
     ax.set(xlabel="participants N (N=1: centralised)", ylabel="GSM8K accuracy (%)", title="Accuracy vs N (H=4, 8-shot)")
     ax.legend(fontsize=8)
     return _save(fig, out, "accuracy_vs_participants.png")
@@ -231,9 +241,13 @@ def frontier(runs, out: Path) -> Path | None:
             name = ("N=1" if s.participants == 1 else f"H={s.interval}" if s.placement == "uniform" else s.placement)
             name += f" {s.split}" if s.split not in ("TokEx", "-") else ""
             name += f" r{s.ratio:g}{s.selection[0]}" if s.ratio < 1 else ""
+            name += " publisher r=1" if s.publisher_dense else ""
             ax.annotate(name, (getattr(p, attr) / scale, 100 * p.accuracy), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
+        _alone(ax, runs)
         ax.set(xlabel=label, ylabel="GSM8K accuracy (%)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle("Accuracy against communication and computation (4-shot; N=4 unless N=1)")
     return _save(fig, out, "frontier.png")
 
