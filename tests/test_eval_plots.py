@@ -46,6 +46,10 @@ def saved(tmp_path):
     _fidelity_sweep(fid, "interval", ["H=1", "H=4", "H=24"])
     _fidelity_sweep(fid, "participants", ["N=1", "N=4"])
     _fidelity_sweep(fid, "sparse", ["random r=1", "random r=0.5", "key_norm r=1", "key_norm r=0.5"])
+    _fidelity_sweep(fid, "combined", ["no sync", "back_half"])
+    combined = json.loads((fid / "combined.json").read_text())
+    combined["variants"][0]["config"] |= {"placement": "explicit", "sync_layers": []}
+    (fid / "combined.json").write_text(json.dumps(combined))
     return tmp_path
 
 
@@ -72,6 +76,13 @@ def test_one_command_regenerates_every_figure_and_the_tables(saved):
     tables = (saved / "figures" / "tables.md").read_text()
     assert "| N=4 H=4 TokEx uniform 4-shot | 8 | 37.5% |" in tables
     assert "| key_norm r=0.5 | 0.600 ± 0.020 |" in tables
+
+
+def test_the_no_sync_variant_is_found_by_its_config(saved):
+    fidelity = plots.load_fidelity(saved / "fidelity")
+    assert plots._no_sync_variant(fidelity)["label"] == "no sync"
+    del fidelity["combined"]
+    assert plots._no_sync_variant(fidelity) is None
 
 
 def test_missing_results_skip_their_figures(tmp_path):

@@ -199,6 +199,12 @@ def _fidelity_bars(ax, variants: list[dict]) -> None:
     ax.set(ylabel="next-token agreement", ylim=(0, 1))
 
 
+def _no_sync_variant(fidelity: dict) -> dict | None:
+    """The fidelity of the generator alone (explicit placement, no sync layers), from any sweep that has it."""
+    return next((v for sweep in fidelity.values() for v in sweep["variants"]
+                 if v["config"].get("placement") == "explicit" and not v["config"].get("sync_layers")), None)
+
+
 def sparse(runs, fidelity: dict, out: Path) -> Path | None:
     fid = fidelity.get("sparse")
     accs = {sel: sorted((a for s, a in runs.items() if s.participants == 4 and s.interval == 4 and s.shots == 4
@@ -213,6 +219,9 @@ def sparse(runs, fidelity: dict, out: Path) -> Path | None:
             axes[0].errorbar([sum(v["mean_published_bytes"]) / len(v["mean_published_bytes"]) / 2**10 for v in rows],
                              [v["agreement"] for v in rows], yerr=[v["agreement_sem"] for v in rows],
                              marker=marker, capsize=3, label=sel)
+        alone = _no_sync_variant(fidelity)
+        if alone is not None:
+            axes[0].axhline(alone["agreement"], color="tab:gray", lw=1, ls="--", label="no sync (generator alone)")
         axes[0].set(xlabel="K/V KiB published per participant (mean)", ylabel="next-token agreement",
                     title=f"Sparse sharing: fidelity at equal bytes ({fid['problems']} problems)")
         axes[0].legend(fontsize=8)
