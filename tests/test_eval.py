@@ -41,7 +41,7 @@ def _cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "fedattn_vllm.eval", *args], check=True, capture_output=True, timeout=300)
 
 
-def test_the_cli_runs_two_problems_on_the_tiny_model_then_fidelity_and_plots(tmp_path):
+def test_the_cli_runs_two_problems_on_the_tiny_model_then_fidelity_attention_and_plots(tmp_path):
     _cli("gsm8k", "--model", "tiny-qwen2", "--dtype", "float32", "--limit", "2", "--shots", "1", "--participants", "2",
          "--sync-interval", "2", "--max-tokens", "8", "--max-model-len", "1024", "--kv-cache-gib", "0.0625",
          "--out", str(tmp_path / "gsm8k"))
@@ -62,9 +62,15 @@ def test_the_cli_runs_two_problems_on_the_tiny_model_then_fidelity_and_plots(tmp
     assert exact["label"] == "H=1" and exact["agreement"] == 1.0 and max(exact["layer_deviation"]) < 1e-5
     assert len(fidelity["per_problem"]) == 1 and fidelity["num_layers"] + 1 == len(exact["layer_deviation"])
 
+    _cli("attention", "combined", "--model", "tiny-qwen2", "--dtype", "float32", "--limit", "1", "--shots", "1",
+         "--out", str(tmp_path / "attention"))
+    masses = {v["label"]: v for v in json.loads((tmp_path / "attention" / "combined.json").read_text())["variants"]}
+    assert len(masses["centralised"]["foreign"]) == fidelity["num_layers"]
+    assert not any(masses["no sync (generator alone)"]["foreign"]) and any(masses["centralised"]["foreign"])
+
     _cli("plots", "--results", str(tmp_path))
     figures = {p.name for p in (tmp_path / "figures").iterdir()}
-    assert {"fidelity_layers.png", "fidelity_summary.png", "tables.md"} <= figures  # one accuracy run: no frontier
+    assert {"fidelity_layers.png", "fidelity_summary.png", "attention.png", "tables.md"} <= figures  # no frontier
 
 
 def test_run_names_tell_settings_apart_and_publisher_dense_keeps_the_last_participant_whole():

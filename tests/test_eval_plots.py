@@ -79,7 +79,7 @@ def test_one_command_regenerates_every_figure_and_the_tables(saved):
 
 
 def test_the_no_sync_variant_is_found_by_its_config(saved):
-    fidelity = plots.load_fidelity(saved / "fidelity")
+    fidelity = plots.load_sweeps(saved / "fidelity")
     assert plots._no_sync_variant(fidelity)["label"] == "no sync"
     del fidelity["combined"]
     assert plots._no_sync_variant(fidelity) is None

@@ -1,11 +1,24 @@
-"""`python -m fedattn_vllm.eval {gsm8k,fidelity,plots}`: accuracy runs, fidelity sweeps and the figures."""
+"""`python -m fedattn_vllm.eval {gsm8k,fidelity,attention,plots}`: accuracy runs, fidelity and attention sweeps, figures."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from fedattn_vllm.eval import accuracy, fidelity, plots
+from fedattn_vllm.eval import accuracy, attention, fidelity, plots
+
+
+def _sweep_parser(sub, name: str, module, help: str, default_limit: int) -> None:
+    """A subcommand that runs one of the fidelity sweeps' variant lists on the reference oracle."""
+    p = sub.add_parser(name, help=help, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", choices=sorted(fidelity.SWEEPS))
+    p.add_argument("--model", default="default")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--shots", type=int, default=4)
+    p.add_argument("--limit", type=int, default=default_limit, help=f"problems (default {default_limit})")
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("results") / name, help="directory for <sweep>.json")
+    p.set_defaults(run=module.run)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,20 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="skip the run if its summary is already in --out")
     p.set_defaults(run=accuracy.run)
 
-    p = sub.add_parser("fidelity", help="hidden-state deviation, next-token agreement and KL vs centralised",
-                       description=fidelity.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sweep", choices=sorted(fidelity.SWEEPS))
-    p.add_argument("--model", default="default")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--shots", type=int, default=4)
-    p.add_argument("--limit", type=int, default=30, help="problems (default 30)")
-    p.add_argument("--offset", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("results/fidelity"), help="directory for <sweep>.json")
-    p.set_defaults(run=fidelity.run)
+    _sweep_parser(sub, "fidelity", fidelity, "hidden-state deviation, next-token agreement and KL vs centralised", 30)
+    _sweep_parser(sub, "attention", attention, "where the generator's attention goes, layer by layer (adds centralised)",
+                  10)
 
     p = sub.add_parser("plots", help="every figure and table from saved results",
                        description=plots.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", type=Path, default=Path("evaluation"), help="holds gsm8k/ and fidelity/")
+    p.add_argument("--results", type=Path, default=Path("evaluation"), help="holds gsm8k/, fidelity/ and attention/")
     p.add_argument("--out", type=Path, help="figure directory (default: <results>/figures)")
     p.set_defaults(run=plots.run)
     return parser.parse_args(argv)

@@ -119,15 +119,18 @@ def measure(oracle: FedAttnOracle, tokenizer, problem: dict, variants: list[Vari
     return results
 
 
+def config_json(config: FedAttnConfig) -> dict:
+    """The config as JSON values (enums by value, tuples as lists)."""
+    return {k: (list(x) if isinstance(x, tuple) else getattr(x, "value", x)) for k, x in asdict(config).items()}
+
+
 def summarise(variants: list[Variant], per_problem: list[list[Fidelity]]) -> list[dict]:
     """Per variant: means over problems (and their standard errors) of every measure."""
     rows = []
     for i, v in enumerate(variants):
         items = [p[i] for p in per_problem]
         row = {"label": v.label, "participants": v.participants, "split": v.split,
-               "config": {k: (list(x) if isinstance(x, tuple) else getattr(x, "value", x))
-                          for k, x in asdict(v.config).items()},
-               "problems": len(items)}
+               "config": config_json(v.config), "problems": len(items)}
         for name in ("agreement", "kl", "nll_change"):
             values = torch.tensor([getattr(f, name) for f in items], dtype=torch.float64)
             row[name] = values.mean().item()

@@ -1,7 +1,8 @@
 """Figures and tables for RESULTS.md from saved results: `python -m fedattn_vllm.eval plots`.
 
 Reads `<results>/gsm8k/*.summary.json` (+ their JSONL; shards of one config made with
---offset are merged) and `<results>/fidelity/<sweep>.json`; writes PNGs and `tables.md`.
+--offset are merged), `<results>/fidelity/<sweep>.json` and `<results>/attention/<sweep>.json`;
+writes PNGs and `tables.md`.
 A figure whose runs are missing is skipped, so a partial sweep still plots.
 """
 
@@ -99,7 +100,8 @@ def load_accuracy(directory: Path) -> dict[Setting, Accuracy]:
     return merged
 
 
-def load_fidelity(directory: Path) -> dict[str, dict]:
+def load_sweeps(directory: Path) -> dict[str, dict]:
+    """Fidelity or attention sweeps by name (<directory>/<sweep>.json); none if the directory is missing."""
     return {p.stem: json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))}
 
 
@@ -298,6 +300,23 @@ def fidelity_summary(fidelity: dict, out: Path) -> Path | None:
     return _per_sweep(fidelity, out, "fidelity_summary.png", draw)
 
 
+def attention(sweeps: dict, out: Path) -> Path | None:
+    """Per attention sweep, a row of panels: where the generator's attention goes at each layer."""
+    if not sweeps:
+        return None
+    titles = {"foreign": "on other participants' tokens", "foreign_first": "on their first tokens",
+              "own_first": "on the generator's own first token"}
+    fig, axes = plt.subplots(len(sweeps), len(titles), figsize=(15, 4 * len(sweeps)), squeeze=False)
+    for row, sweep in zip(axes, sweeps.values()):
+        for ax, (measure, title) in zip(row, titles.items()):
+            for v in sweep["variants"]:
+                ax.plot(v[measure], marker=".", label=v["label"])
+            ax.set(xlabel="layer", ylabel="attention probability (mean)", ylim=(0, 1),
+                   title=f"{sweep['sweep']}: {title} ({sweep['problems']} problems)")
+        row[0].legend(fontsize=7)
+    return _save(fig, out, "attention.png")
+
+
 def tables(runs: dict[Setting, Accuracy], fidelity: dict) -> str:
     """Markdown tables of every accuracy run and every fidelity variant."""
     lines = ["### GSM8K accuracy", "",
@@ -324,10 +343,10 @@ def run(args) -> list[Path]:
     out = args.out or args.results / "figures"
     out.mkdir(parents=True, exist_ok=True)
     runs = load_accuracy(args.results / "gsm8k")
-    fidelity = load_fidelity(args.results / "fidelity")
+    fidelity = load_sweeps(args.results / "fidelity")
     made = [accuracy_vs_interval(runs, out), accuracy_vs_participants(runs, out), placement(runs, fidelity, out),
             sparse(runs, fidelity, out), frontier(runs, out), fidelity_layers(fidelity, out),
-            fidelity_summary(fidelity, out)]
+            fidelity_summary(fidelity, out), attention(load_sweeps(args.results / "attention"), out)]
     (out / "tables.md").write_text(tables(runs, fidelity))
     made = [p for p in made if p is not None] + [out / "tables.md"]
     for path in made:
