@@ -1,40 +1,52 @@
 #!/usr/bin/env bash
 # Every run behind RESULTS.md, in priority order; resumable (finished runs are skipped).
-# HEADLINE_LIMIT / LIMIT set the problems per accuracy run (the full test set is 1319); OFFSET
-# shards a run; FIDELITY_LIMIT the problems per fidelity sweep. Figures: python -m fedattn_vllm.eval plots
-#   bash scripts/eval_sweeps.sh [headline|fidelity|splits|interval|participants|placement|sparse|all]
+# The defaults are what RESULTS.md ran: the headline on the whole test set (1319, in two shards),
+# 300 problems for its key comparisons, 50-100 elsewhere (LIMIT overrides those), FIDELITY_LIMIT
+# problems per fidelity sweep. Figures: python -m fedattn_vllm.eval plots
+#   bash scripts/eval_sweeps.sh [headline|fidelity|attention|splits|interval|participants|placement|sparse|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-evaluation/gsm8k}
 FIDELITY_OUT=${FIDELITY_OUT:-evaluation/fidelity}
 FIDELITY_LIMIT=${FIDELITY_LIMIT:-20}
-HEADLINE_LIMIT=${HEADLINE_LIMIT:-300}
-LIMIT=${LIMIT:-100}
-OFFSET=${OFFSET:-0}
-run() { .venv/bin/python -m fedattn_vllm.eval gsm8k --resume --out "$OUT" --offset "$OFFSET" "$@"; }
+ATTENTION_OUT=${ATTENTION_OUT:-evaluation/attention}
+run() { .venv/bin/python -m fedattn_vllm.eval gsm8k --resume --out "$OUT" "$@"; }
+to300() { run "$@" --limit 100 && run "$@" --offset 100 --limit 200; }  # 300 problems, as the two shards we ran
 
-headline() {  # centralised baseline and the default FedAttn point (4 shots, TokEx)
-  run -N 1 -H 1 --limit "$HEADLINE_LIMIT"
-  run -N 4 -H 4 --limit "$HEADLINE_LIMIT"
+headline() {  # centralised, the default FedAttn point (4 shots, TokEx), and the question alone (0-shot)
+  for nh in "1 1" "4 4"; do
+    read -r n h <<< "$nh"
+    run -N "$n" -H "$h" --limit 300 && run -N "$n" -H "$h" --offset 300 --limit 1019
+  done
+  run -N 1 -H 1 --shots 0 --limit 300
 }
 fidelity() {  # teacher-forced deviation / agreement / KL vs centralised, on the reference oracle
   for s in interval participants participants_tokag placement sparse split combined; do
     [ -f "$FIDELITY_OUT/$s.json" ] || .venv/bin/python -m fedattn_vllm.eval fidelity "$s" \
-      --limit "$FIDELITY_LIMIT" --offset "$OFFSET" --out "$FIDELITY_OUT"
+      --limit "$FIDELITY_LIMIT" --out "$FIDELITY_OUT"
   done
 }
-splits() { for s in TokAg SemAg SemEx; do run -N 4 -H 4 --split "$s" --limit "$LIMIT"; done; }
-interval() { for h in 2 8 24; do run -N 4 -H "$h" --limit "$LIMIT"; done; }
-participants() { for n in 1 2 4 6; do run -N "$n" -H 4 --shots 8 --limit "$LIMIT"; done; }
-placement() { for p in front_half back_half increasing decreasing; do run -N 4 -H 4 --placement "$p" --limit "$LIMIT"; done; }
+attention() {  # where the generator's attention goes, per layer
+  [ -f "$ATTENTION_OUT/combined.json" ] || .venv/bin/python -m fedattn_vllm.eval attention combined --limit 10 \
+    --out "$ATTENTION_OUT"
+}
+splits() { for s in TokAg SemAg SemEx; do run -N 4 -H 4 --split "$s" --limit "${LIMIT:-50}"; done; }
+interval() { for h in 2 8 24; do run -N 4 -H "$h" --limit "${LIMIT:-100}"; done; }
+participants() { for n in 1 2 4 6; do run -N "$n" -H 4 --shots 8 --limit "${LIMIT:-60}"; done; }
+placement() {
+  for p in front_half increasing decreasing; do run -N 4 -H 4 --placement "$p" --limit "${LIMIT:-100}"; done
+  to300 -N 4 -H 4 --placement back_half
+}
 sparse() {
-  for r in 0.5 0.2; do
-    for sel in random key_norm; do run -N 4 -H 4 --kv-share-ratio "$r" --kv-selection "$sel" --limit "$LIMIT"; done
+  for sel in random key_norm; do
+    to300 -N 4 -H 4 --kv-share-ratio 0.5 --kv-selection "$sel"
+    run -N 4 -H 4 --kv-share-ratio 0.2 --kv-selection "$sel" --limit "${LIMIT:-100}"
   done
+  run -N 4 -H 4 --kv-share-ratio 0.5 --publisher-dense --limit "${LIMIT:-100}"
 }
 
 case "${1:-all}" in
-  all) headline; fidelity; interval; splits; placement; sparse; participants ;;
-  headline|fidelity|splits|interval|participants|placement|sparse) "$1" ;;
+  all) headline; fidelity; attention; interval; splits; placement; sparse; participants ;;
+  headline|fidelity|attention|splits|interval|participants|placement|sparse) "$1" ;;
   *) echo "unknown phase: $1" >&2; exit 2 ;;
 esac
