@@ -305,15 +305,16 @@ def attention(sweeps: dict, out: Path) -> Path | None:
     if not sweeps:
         return None
     titles = {"foreign": "on other participants' tokens", "foreign_first": "on their first tokens",
-              "own_first": "on the generator's own first token"}
+              "own_first": "on its own first token"}
     fig, axes = plt.subplots(len(sweeps), len(titles), figsize=(15, 4 * len(sweeps)), squeeze=False)
     for row, sweep in zip(axes, sweeps.values()):
         for ax, (measure, title) in zip(row, titles.items()):
             for v in sweep["variants"]:
                 ax.plot(v[measure], marker=".", label=v["label"])
             ax.set(xlabel="layer", ylabel="attention probability (mean)", ylim=(0, 1),
-                   title=f"{sweep['sweep']}: {title} ({sweep['problems']} problems)")
+                   title=f"{sweep['sweep']}: {title}, {sweep['problems']} problems")
         row[0].legend(fontsize=7)
+    fig.suptitle("Where the generator's attention goes (mean over heads and its prompt tokens)")
     return _save(fig, out, "attention.png")
 
 
