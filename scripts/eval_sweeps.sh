@@ -3,14 +3,15 @@
 # The defaults are what RESULTS.md ran: the headline on the whole test set (1319, in two shards),
 # 300 problems for its key comparisons, 50-100 elsewhere (LIMIT overrides those), FIDELITY_LIMIT
 # problems per fidelity sweep. Figures: python -m fedattn_vllm.eval plots
-#   bash scripts/eval_sweeps.sh [headline|fidelity|attention|splits|interval|participants|placement|sparse|all]
+#   bash scripts/eval_sweeps.sh [headline|fidelity|attention|splits|interval|participants|placement|sparse|grid|all]
+# `grid` is what RESULTS.md does not have yet (about 12,000 problem runs, some 8 h on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-evaluation/gsm8k}
 FIDELITY_OUT=${FIDELITY_OUT:-evaluation/fidelity}
 FIDELITY_LIMIT=${FIDELITY_LIMIT:-20}
 ATTENTION_OUT=${ATTENTION_OUT:-evaluation/attention}
-run() { .venv/bin/python -m fedattn_vllm.eval gsm8k --resume --out "$OUT" "$@"; }
+run() { ${DRY_RUN:+echo} .venv/bin/python -m fedattn_vllm.eval gsm8k --resume --out "$OUT" "$@"; }  # DRY_RUN=1: list
 to300() { run "$@" --limit 100 && run "$@" --offset 100 --limit 200; }  # 300 problems, as the two shards we ran
 
 headline() {  # centralised, the default FedAttn point (4 shots, TokEx), and the question alone (0-shot)
@@ -44,9 +45,25 @@ sparse() {
   done
   run -N 4 -H 4 --kv-share-ratio 0.5 --publisher-dense --limit "${LIMIT:-100}"
 }
+grid() {  # the rest of the issue's accuracy grid, every point to 300 problems (shards extend the runs above)
+  for h in 2 8 24; do run -N 4 -H "$h" --offset 100 --limit 200; done
+  for h in 3 6 12; do to300 -N 4 -H "$h"; done
+  for s in TokAg SemAg SemEx; do
+    run -N 4 -H 4 --split "$s" --offset 50 --limit 250
+    for h in 2 3 6 8 12 24; do to300 -N 4 -H "$h" --split "$s"; done
+  done
+  for n in 1 2 4 6; do run -N "$n" -H 4 --shots 8 --offset 60 --limit 240; done
+  for n in 3 5; do to300 -N "$n" -H 4 --shots 8; done
+  for p in front_half increasing decreasing; do run -N 4 -H 4 --placement "$p" --offset 100 --limit 200; done
+  for sel in random key_norm; do
+    run -N 4 -H 4 --kv-share-ratio 0.2 --kv-selection "$sel" --offset 100 --limit 200
+    for r in 0.8 0.3 0.1; do to300 -N 4 -H 4 --kv-share-ratio "$r" --kv-selection "$sel"; done
+  done
+  run -N 4 -H 4 --kv-share-ratio 0.5 --publisher-dense --offset 100 --limit 200
+}
 
 case "${1:-all}" in
-  all) headline; fidelity; attention; interval; splits; placement; sparse; participants ;;
-  headline|fidelity|attention|splits|interval|participants|placement|sparse) "$1" ;;
+  all) headline; fidelity; attention; interval; splits; placement; sparse; participants; grid ;;
+  headline|fidelity|attention|splits|interval|participants|placement|sparse|grid) "$1" ;;
   *) echo "unknown phase: $1" >&2; exit 2 ;;
 esac
