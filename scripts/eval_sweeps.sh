@@ -48,10 +48,7 @@ sparse() {
 grid() {  # the rest of the accuracy grid, every point to 300 problems (shards extend the runs above)
   for h in 2 8 24; do run -N 4 -H "$h" --offset 100 --limit 200; done
   for h in 3 6 12; do to300 -N 4 -H "$h"; done
-  for s in TokAg SemAg SemEx; do
-    run -N 4 -H 4 --split "$s" --offset 50 --limit 250
-    for h in 2 3 6 8 12 24; do to300 -N 4 -H "$h" --split "$s"; done
-  done
+  for s in TokAg SemAg SemEx; do run -N 4 -H 4 --split "$s" --offset 50 --limit 250; done
   for n in 1 2 4 6; do run -N "$n" -H 4 --shots 8 --offset 60 --limit 240; done
   for n in 3 5; do to300 -N "$n" -H 4 --shots 8; done
   for p in front_half increasing decreasing; do run -N 4 -H 4 --placement "$p" --offset 100 --limit 200; done
@@ -60,6 +57,9 @@ grid() {  # the rest of the issue's accuracy grid, every point to 300 problems (
     for r in 0.8 0.3 0.1; do to300 -N 4 -H 4 --kv-share-ratio "$r" --kv-selection "$sel"; done
   done
   run -N 4 -H 4 --kv-share-ratio 0.5 --publisher-dense --offset 100 --limit 200
+  for s in TokAg SemAg SemEx; do  # the largest block last: every H for the other splits
+    for h in 2 3 6 8 12 24; do to300 -N 4 -H "$h" --split "$s"; done
+  done
 }
 
 case "${1:-all}" in
