@@ -12,7 +12,9 @@ FIDELITY_OUT=${FIDELITY_OUT:-evaluation/fidelity}
 FIDELITY_LIMIT=${FIDELITY_LIMIT:-20}
 ATTENTION_OUT=${ATTENTION_OUT:-evaluation/attention}
 run() { ${DRY_RUN:+echo} .venv/bin/python -m fedattn_vllm.eval gsm8k --resume --out "$OUT" "$@"; }  # DRY_RUN=1: list
-to300() { run "$@" --limit 100 && run "$@" --offset 100 --limit 200; }  # 300 problems, as the two shards we ran
+first_shard() { run "$@" --limit 100; }
+second_shard() { run "$@" --offset 100 --limit 200; }
+to300() { first_shard "$@" && second_shard "$@"; }  # 300 problems, as the two shards we ran
 
 headline() {  # centralised, the default FedAttn point (4 shots, TokEx), and the question alone (0-shot)
   for nh in "1 1" "4 4"; do
@@ -53,12 +55,17 @@ grid() {  # the rest of the issue's accuracy grid, every point to 300 problems (
   for n in 3 5; do to300 -N "$n" -H 4 --shots 8; done
   for p in front_half increasing decreasing; do run -N 4 -H 4 --placement "$p" --offset 100 --limit 200; done
   for sel in random key_norm; do
-    run -N 4 -H 4 --kv-share-ratio 0.2 --kv-selection "$sel" --offset 100 --limit 200
-    for r in 0.8 0.3 0.1; do to300 -N 4 -H 4 --kv-share-ratio "$r" --kv-selection "$sel"; done
+    second_shard -N 4 -H 4 --kv-share-ratio 0.2 --kv-selection "$sel"
+    first_shard -N 4 -H 4 --kv-share-ratio 0.8 --kv-selection "$sel"
   done
-  run -N 4 -H 4 --kv-share-ratio 0.5 --publisher-dense --offset 100 --limit 200
-  for s in TokAg SemAg SemEx; do  # the largest block last: every H for the other splits
-    for h in 2 3 6 8 12 24; do to300 -N 4 -H "$h" --split "$s"; done
+  second_shard -N 4 -H 4 --kv-share-ratio 0.5 --publisher-dense
+  for sel in random key_norm; do second_shard -N 4 -H 4 --kv-share-ratio 0.8 --kv-selection "$sel"; done
+  # Below, every point's first shard runs before any second one, so a partial run leaves whole curves.
+  for shard in first_shard second_shard; do
+    for r in 0.3 0.1; do for sel in random key_norm; do "$shard" -N 4 -H 4 --kv-share-ratio "$r" --kv-selection "$sel"; done; done
+  done
+  for shard in first_shard second_shard; do  # the largest block last: every H for the other splits
+    for s in TokAg SemAg SemEx; do for h in 2 3 6 8 12 24; do "$shard" -N 4 -H "$h" --split "$s"; done; done
   done
 }
 
