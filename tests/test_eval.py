@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from fedattn_vllm.eval.answers import extract_answer, is_correct
-from fedattn_vllm.eval.stats import wilson_interval
+from fedattn_vllm.eval.stats import mcnemar_exact, wilson_interval
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -35,6 +35,14 @@ def test_wilson_interval_against_known_values():
     assert wilson_interval(0, 300)[0] == 0.0  # exactly: plots draw error bars from it (300 left 1e-18)
     with pytest.raises(ValueError):
         wilson_interval(0, 0)
+
+
+def test_mcnemar_exact_is_the_two_sided_binomial_test_on_discordant_problems():
+    assert mcnemar_exact(10, 0) == mcnemar_exact(0, 10) == 2 / 2**10
+    assert mcnemar_exact(28, 17) == pytest.approx(0.1352, abs=1e-4)  # R: binom.test(17, 45)$p.value
+    assert mcnemar_exact(5, 5) == mcnemar_exact(0, 0) == 1.0  # no evidence either way
+    with pytest.raises(ValueError, match="only_first"):
+        mcnemar_exact(-1, 3)
 
 
 def _cli(*args: str) -> None:

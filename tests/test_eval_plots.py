@@ -41,6 +41,7 @@ def saved(tmp_path):
     _accuracy_run(gsm, 4, 8, correct=1)
     _accuracy_run(gsm, 4, 4, correct=1, placement="back_half")
     _accuracy_run(gsm, 4, 4, correct=0, ratio=0.5, selection="key_norm")
+    _accuracy_run(gsm, 4, 4, correct=3, ratio=0.5, selection="random")
     for n in (1, 2, 4):
         _accuracy_run(gsm, n, 4, correct=n % 3, shots=8)
     _fidelity_sweep(fid, "interval", ["H=1", "H=4", "H=24"])
@@ -61,7 +62,7 @@ def test_shards_of_one_setting_merge_and_settings_stay_apart(saved):
     assert by_label["centralised, 4-shot"].accuracy == 0.75 and by_label["centralised, 4-shot"].published_bytes == 0
     assert by_label["N=4 H=4 TokEx uniform 4-shot r=0.5 key_norm"].published_bytes == 4096
     assert by_label["question alone, 0-shot"].accuracy == 0.5
-    assert len(runs) == 9
+    assert len(runs) == 10
 
 
 def test_one_command_regenerates_every_figure_and_the_tables(saved):
@@ -76,6 +77,19 @@ def test_one_command_regenerates_every_figure_and_the_tables(saved):
     tables = (saved / "figures" / "tables.md").read_text()
     assert "| N=4 H=4 TokEx uniform 4-shot | 8 | 37.5% |" in tables
     assert "| key_norm r=0.5 | 0.600 ± 0.020 |" in tables
+
+
+def test_paired_tables_compare_on_the_problems_both_runs_scored(saved):
+    tables = "\n".join(plots.paired_tables(plots.load_accuracy(saved / "gsm8k")))
+    against_centralised, against_alone, key_norm_vs_random = tables.split("### ")[1:]
+    # indices 0-3 in common (the second shard, 4-7, has no centralised run): 0, 1 right in both, 2 only centralised
+    assert "| N=4 H=4 TokEx uniform 4-shot | 4 | 50.0% | 75.0% | 0 | 1 | 1 |" in against_centralised
+    assert "| N=4 H=4 TokEx uniform 8-shot | 4 | 25.0% | 25.0% | 0 | 0 | 1 |" in against_centralised
+    assert "| N=4 H=4 TokEx back_half 4-shot | 4 | 25.0% | 50.0% | 0 | 1 | 1 |" in against_alone
+    assert "centralised" not in against_alone.split("|---|")[1]  # N=1 runs are references, not rows
+    # equal bytes: the same setting but for the selection; 3 discordant problems all one way: p = 2 / 2**3
+    assert key_norm_vs_random.splitlines()[4:] == ["| N=4 H=4 TokEx uniform 4-shot r=0.5 key_norm | 4 | 0.0% "
+                                                   "| 75.0% | 0 | 3 | 0.25 |"]
 
 
 def test_the_no_sync_variant_is_found_by_its_config(saved):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fedattn_vllm.eval.stats import wilson_interval  # noqa: E402
+from fedattn_vllm.eval.stats import mcnemar_exact, wilson_interval  # noqa: E402
 
 SPLITS = ("TokAg", "SemAg", "TokEx", "SemEx")
 PLACEMENTS = ("uniform", "front_half", "back_half", "increasing", "decreasing")
@@ -54,10 +54,17 @@ class Setting:
 @dataclass
 class Accuracy:
     setting: Setting
-    problems: int
-    correct: int
+    outcomes: dict[int, bool]  # test-set index -> answered correctly
     published_bytes: float  # mean over problems and participants
     prefill_flops: float  # mean over problems and participants
+
+    @property
+    def problems(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def correct(self) -> int:
+        return sum(self.outcomes.values())
 
     @property
     def accuracy(self) -> float:
@@ -91,7 +98,7 @@ def load_accuracy(directory: Path) -> dict[Setting, Accuracy]:
     for setting, by_index in rows.items():
         shards = flops[setting]
         merged[setting] = Accuracy(
-            setting, len(by_index), sum(r["correct"] for r in by_index.values()),
+            setting, {i: bool(r["correct"]) for i, r in by_index.items()},
             # a sole participant's "published" K/V reach nobody: centralised inference exchanges nothing
             0.0 if setting.participants == 1 else
             statistics.mean(statistics.mean(r["published_bytes"]) for r in by_index.values()),
@@ -318,8 +325,44 @@ def attention(sweeps: dict, out: Path) -> Path | None:
     return _save(fig, out, "attention.png")
 
 
+def _paired_table(title: str, pairs: list[tuple[Accuracy, Accuracy]]) -> list[str]:
+    """(setting, reference) pairs compared on the problems both scored, with McNemar's exact test (uncorrected)."""
+    lines = [f"### {title}", "", "| setting | problems in common | accuracy | reference | only setting right "
+             "| only reference right | McNemar p |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for a, ref in sorted(pairs, key=lambda pair: pair[0].setting.label):
+        common = sorted(a.outcomes.keys() & ref.outcomes.keys())
+        if not common:
+            continue
+        ours, theirs = [a.outcomes[i] for i in common], [ref.outcomes[i] for i in common]
+        only_ours = sum(x and not y for x, y in zip(ours, theirs))
+        only_theirs = sum(y and not x for x, y in zip(ours, theirs))
+        lines.append(f"| {a.setting.label} | {len(common)} | {100 * sum(ours) / len(common):.1f}% "
+                     f"| {100 * sum(theirs) / len(common):.1f}% | {only_ours} | {only_theirs} "
+                     f"| {mcnemar_exact(only_ours, only_theirs):.2g} |")
+    return lines
+
+
+def paired_tables(runs: dict[Setting, Accuracy]) -> list[str]:
+    """FedAttn against centralised inference (same shots) and against the question alone, and key-norm against
+    random selection at equal bytes, each on the problems both runs scored."""
+    centralised = {s.shots: a for s, a in runs.items() if s.participants == 1}
+    federated = [a for s, a in runs.items() if s.participants > 1]
+    comparisons = {
+        "Paired against centralised inference (same shots)":
+            [(a, centralised[a.setting.shots]) for a in federated if a.setting.shots in centralised],
+        "Paired against the question alone (0-shot)": [(a, centralised[0]) for a in federated if 0 in centralised],
+        "Key-norm against random selection (equal bytes)":
+            [(a, runs[replace(s, selection="random")]) for s, a in runs.items()
+             if s.selection == "key_norm" and replace(s, selection="random") in runs],
+    }
+    lines = []
+    for title, pairs in comparisons.items():
+        lines += ["", *_paired_table(title, pairs)]
+    return lines
+
+
 def tables(runs: dict[Setting, Accuracy], fidelity: dict) -> str:
-    """Markdown tables of every accuracy run and every fidelity variant."""
+    """Markdown tables of every accuracy run, the paired comparisons, and every fidelity variant."""
     lines = ["### GSM8K accuracy", "",
              "| setting | problems | accuracy | 95% CI | K/V KiB published / participant | prefill GFLOPs / participant |",
              "|---|---:|---:|---|---:|---:|"]
@@ -328,6 +371,7 @@ def tables(runs: dict[Setting, Accuracy], fidelity: dict) -> str:
         low, high = a.ci95
         lines.append(f"| {a.setting.label} | {a.problems} | {100 * a.accuracy:.1f}% | {100 * low:.1f}-{100 * high:.1f}% "
                      f"| {a.published_bytes / 2**10:.0f} | {a.prefill_flops / 1e9:.0f} |")
+    lines += paired_tables(runs)
     for name, sweep in fidelity.items():
         lines += ["", f"### Fidelity: {name} ({sweep['problems']} problems, {sweep['shots']}-shot, {sweep['dtype']})", "",
                   "| variant | next-token agreement | KL (nats) | answer NLL change (nats) | last-layer deviation "
