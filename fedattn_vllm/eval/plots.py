@@ -155,7 +155,9 @@ def accuracy_vs_interval(runs, out: Path) -> Path | None:
         points = sorted((a for s, a in runs.items() if _dense(s) and s.participants == 4 and s.split == split
                          and s.placement == "uniform"), key=lambda a: a.setting.interval)
         if points:
-            _errorbar(ax, points, [p.setting.interval for p in points], label=split)
+            counts = sorted({p.problems for p in points})
+            problems = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+            _errorbar(ax, points, [p.setting.interval for p in points], label=f"{split} ({problems} problems per H)")
             drawn = True
     if not drawn:
         plt.close(fig)
