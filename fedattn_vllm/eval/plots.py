@@ -332,7 +332,7 @@ def _paired_table(title: str, pairs: list[tuple[Accuracy, Accuracy]]) -> list[st
     lines = [f"### {title}", "", "| setting | problems in common | accuracy | reference | only setting right "
              "| only reference right | McNemar p |", "|---|---:|---:|---:|---:|---:|---:|"]
     for a, ref in sorted(pairs, key=lambda pair: pair[0].setting.label):
-        common = sorted(a.outcomes.keys() & ref.outcomes.keys())
+        common = a.outcomes.keys() & ref.outcomes.keys()
         if not common:
             continue
         ours, theirs = [a.outcomes[i] for i in common], [ref.outcomes[i] for i in common]
