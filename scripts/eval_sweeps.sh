@@ -4,7 +4,7 @@
 # 300 problems for its key comparisons, 50-100 elsewhere (LIMIT overrides those), FIDELITY_LIMIT
 # problems per fidelity sweep. Figures: python -m fedattn_vllm.eval plots
 #   bash scripts/eval_sweeps.sh [headline|fidelity|attention|splits|interval|participants|placement|sparse|grid|all]
-# `grid` extends every accuracy point to 300 problems (3,200 problem runs still to go, some 2.2 h on 2 cores).
+# `grid` extends every accuracy point to 300 problems (every run is saved in evaluation/gsm8k, so --resume skips them all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-evaluation/gsm8k}

@@ -248,26 +248,49 @@ def sparse(runs, fidelity: dict, out: Path) -> Path | None:
     return _save(fig, out, "sparse.png")
 
 
+def _frontier_family(s: Setting) -> str:
+    """The legend entry a frontier point belongs to."""
+    if s.participants == 1:
+        return "centralised"
+    if s.ratio < 1:
+        return "sparse, random, publisher r=1" if s.publisher_dense else f"sparse ({s.selection.replace('_', ' ')}), H=4"
+    return "dense, uniform sync (every split)" if s.placement == "uniform" else "dense, other placements (H=4)"
+
+
+def _frontier_tag(s: Setting) -> str:
+    """What tells a point apart inside its family: H (dense; bytes fall as 1/H), r (sparse) or the placement."""
+    if s.participants == 1:
+        return "N=1"
+    if s.ratio < 1:
+        return f"r={s.ratio:g}"
+    return f"H={s.interval}" if s.placement == "uniform" else s.placement
+
+
 def frontier(runs, out: Path) -> Path | None:
     points = [a for s, a in runs.items() if s.shots == 4 and (s.participants in (1, 4))]
     if len(points) < 2:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    families: dict[str, list[Accuracy]] = {}
+    for p in sorted(points, key=lambda a: a.setting.label):
+        families.setdefault(_frontier_family(p.setting), []).append(p)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, attr, scale, label in ((axes[0], "published_bytes", 2**20, "K/V MiB published per participant (mean)"),
                                    (axes[1], "prefill_flops", 1e12, "prefill TFLOPs per participant (mean, modelled)")):
-        _errorbar(ax, points, [getattr(p, attr) / scale for p in points], ls="none")
-        for p in points:
-            s = p.setting
-            name = ("N=1" if s.participants == 1 else f"H={s.interval}" if s.placement == "uniform" else s.placement)
-            name += f" {s.split}" if s.split not in ("TokEx", "-") else ""
-            name += f" r{s.ratio:g}{s.selection[0]}" if s.ratio < 1 else ""
-            name += " publisher r=1" if s.publisher_dense else ""
-            ax.annotate(name, (getattr(p, attr) / scale, 100 * p.accuracy), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+        for family, members in families.items():
+            _errorbar(ax, members, [getattr(p, attr) / scale for p in members], ls="none", label=family, alpha=0.8)
         _alone(ax, runs)
         ax.set(xlabel=label, ylabel="GSM8K accuracy (%)")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+    best: dict[tuple[str, str], Accuracy] = {}  # each tag once per family, on its best point (dense H: a column)
+    for p in points:
+        key = (_frontier_family(p.setting), _frontier_tag(p.setting))
+        if key not in best or p.accuracy > best[key].accuracy:
+            best[key] = p
+    tags: dict[tuple[float, float], list[str]] = {}  # coinciding points share one label
+    for (_, tag), p in best.items():
+        tags.setdefault((round(p.published_bytes / 2**20, 3), round(100 * p.accuracy, 1)), []).append(tag)
+    for xy, names in tags.items():
+        axes[0].annotate(", ".join(names), xy, fontsize=6, xytext=(3, 3), textcoords="offset points")
+    axes[1].legend(fontsize=7, loc="center right")
     fig.suptitle("Accuracy against communication and computation (4-shot; N=4 unless N=1)")
     return _save(fig, out, "frontier.png")
 
