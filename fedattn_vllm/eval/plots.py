@@ -253,8 +253,11 @@ def _frontier_family(s: Setting) -> str:
     if s.participants == 1:
         return "centralised"
     if s.ratio < 1:
-        return "sparse, random, publisher r=1" if s.publisher_dense else f"sparse ({s.selection.replace('_', ' ')}), H=4"
-    return "dense, uniform sync (every split)" if s.placement == "uniform" else "dense, other placements (H=4)"
+        publisher = ", publisher r=1" if s.publisher_dense else ""
+        return f"sparse ({s.selection.replace('_', ' ')}), H={s.interval}{publisher}"
+    if s.placement == "uniform":
+        return "dense, uniform sync (every split)"
+    return f"dense, other placements (H={s.interval})"
 
 
 def _frontier_tag(s: Setting) -> str:
@@ -281,10 +284,11 @@ def frontier(runs, out: Path) -> Path | None:
         _alone(ax, runs)
         ax.set(xlabel=label, ylabel="GSM8K accuracy (%)")
     best: dict[tuple[str, str], Accuracy] = {}  # each tag once per family, on its best point (dense H: a column)
-    for p in points:
-        key = (_frontier_family(p.setting), _frontier_tag(p.setting))
-        if key not in best or p.accuracy > best[key].accuracy:
-            best[key] = p
+    for family, members in families.items():
+        for p in members:
+            key = (family, _frontier_tag(p.setting))
+            if key not in best or p.accuracy > best[key].accuracy:
+                best[key] = p
     tags: dict[tuple[float, float], list[str]] = {}  # coinciding points share one label
     for (_, tag), p in best.items():
         tags.setdefault((round(p.published_bytes / 2**20, 3), round(100 * p.accuracy, 1)), []).append(tag)
