@@ -16,7 +16,7 @@ mkdir -p "$CACHE"
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating venv in $VENV"
   "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip "setuptools>=68" wheel
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip "setuptools>=77" wheel
 fi
 
 stamp="$VENV/.fedattn-deps"
