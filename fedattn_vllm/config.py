@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from functools import cached_property
 
@@ -67,6 +67,8 @@ class FedAttnConfig:
     publisher: int = -1  # the question holder
     publisher_sync_interval: int | None = None  # H_p < H: the publisher shares more often
     generators: tuple[int, ...] = (-1,)  # participants that decode an answer
+    # H_g (beyond the paper): generators also read foreign K/V at every layer l % H_g == 0 (None: at S only)
+    generator_sync_interval: int | None = None
     seed: int = 0  # seeds every random selection of the session
     kv_wire: KVWire = KVWire.NATIVE  # encoding of the shared K/V (int8 trades fidelity for bytes)
 
@@ -108,6 +110,10 @@ class FedAttnConfig:
                 raise FedAttnConfigError("publisher_sync_interval", f"must be an int >= 1, got {hp!r}")
             if self.placement is Placement.EXPLICIT:
                 raise FedAttnConfigError("publisher_sync_interval", "needs an interval placement, not 'explicit'")
+        if self.generator_sync_interval is not None:
+            hg = self.generator_sync_interval
+            if not _is_int(hg) or hg < 1:
+                raise FedAttnConfigError("generator_sync_interval", f"must be an int >= 1, got {hg!r}")
         if isinstance(self.generators, (str, bytes)) or not hasattr(self.generators, "__iter__"):
             raise FedAttnConfigError("generators", f"must be a list of participant indices, got {self.generators!r}")
         generators = tuple(_check_index("generators", g) for g in self.generators)
@@ -121,6 +127,14 @@ class FedAttnConfig:
         except ValueError:
             names = ", ".join(w.value for w in KVWire)
             raise FedAttnConfigError("kv_wire", f"unknown {self.kv_wire!r}; one of {names}") from None
+
+    def to_dict(self) -> dict:
+        """Plain msgpack/JSON-able values (the config travels in SamplingParams.extra_args and on the wire)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, Enum) else (list(value) if isinstance(value, tuple) else value)
+        return out
 
     def sync_layers_for(self, num_layers: int, interval: int | None = None) -> tuple[int, ...]:
         """The concrete sync-layer set S for a model of `num_layers` layers."""
@@ -137,9 +151,11 @@ class FedAttnConfig:
             raise FedAttnConfigError("participants", f"need at least one participant, got {n!r}")
         base = frozenset(self.sync_layers_for(num_layers))
         publisher = _check_index("publisher", self.publisher, n)
-        publish_layers = [base] * n
+        share_layers = [base] * n
         if self.publisher_sync_interval is not None:
-            publish_layers[publisher] = frozenset(self.sync_layers_for(num_layers, self.publisher_sync_interval))
+            share_layers[publisher] = frozenset(self.sync_layers_for(num_layers, self.publisher_sync_interval))
+        hg = self.generator_sync_interval
+        generator_layers = frozenset(range(0, num_layers, hg)) if hg is not None else frozenset()
         if isinstance(self.kv_share_ratio, tuple):
             if len(self.kv_share_ratio) != n:
                 raise FedAttnConfigError(
@@ -153,7 +169,8 @@ class FedAttnConfig:
             config=self,
             num_layers=num_layers,
             num_participants=n,
-            publish_layers=tuple(publish_layers),
+            share_layers=tuple(share_layers),
+            generator_layers=generator_layers,
             share_ratios=share_ratios,
             generators=generators,
             publisher=publisher,
@@ -167,11 +184,40 @@ class FedAttnPlan:
     config: FedAttnConfig
     num_layers: int
     num_participants: int
-    publish_layers: tuple[frozenset[int], ...]  # per participant: layers its K/V is shared at
+    share_layers: tuple[frozenset[int], ...]  # per participant: the paper's layers, where everyone reads it
+    generator_layers: frozenset[int]  # where generators also read everyone (generator_sync_interval)
     share_ratios: tuple[float, ...]  # per participant
     generators: tuple[int, ...]
     publisher: int
     _selection_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def sees(self, viewer: int, source: int, layer: int, prefill: bool) -> bool:
+        """Whether `viewer`'s queries attend to `source`'s shared K/V at `layer`: the one visibility rule.
+
+        At `source`'s share layers everyone reads it; generators also read it at the generator
+        layers. In prefill only earlier participants are visible (causal); a generator's decoded
+        tokens see everyone. A participant's own tokens are not foreign (always visible to it).
+        """
+        if source == viewer or (prefill and source > viewer):
+            return False
+        return layer in self.share_layers[source] or (viewer in self.generators and layer in self.generator_layers)
+
+    def reads(self, viewer: int, source: int, layer: int) -> bool:
+        """Whether `viewer` ever needs `source`'s K/V at `layer`: in its prefill, or its decode if it generates."""
+        return self.sees(viewer, source, layer, prefill=True) or (
+            viewer in self.generators and self.sees(viewer, source, layer, prefill=False)
+        )
+
+    @cached_property
+    def publish_layers(self) -> tuple[frozenset[int], ...]:
+        """Per participant: the layers it publishes K/V at (its share layers, as the paper counts them
+        even where nobody reads; the generator layers where some other participant reads them)."""
+        return tuple(
+            self.share_layers[m] | frozenset(
+                l for l in self.generator_layers if any(self.reads(v, m, l) for v in self.generators)
+            )
+            for m in range(self.num_participants)
+        )
 
     @cached_property
     def sync_layers(self) -> tuple[int, ...]:

@@ -63,32 +63,37 @@ class ParticipantCost:
     kv_cache_bytes: int  # own K/V at every layer + the foreign K/V it holds
 
 
-def participant_costs(shape: ModelShape, plan: FedAttnPlan, lengths: list[int]) -> list[ParticipantCost]:
-    """Modelled costs of one session's prefill for each participant."""
+def participant_costs(shape: ModelShape, plan: FedAttnPlan, lengths: list[int],
+                      prefix_len: int = 0) -> list[ParticipantCost]:
+    """Modelled costs of one session's prefill for each participant.
+
+    prefix_len: public prefix tokens every participant computes itself (never exchanged).
+    """
     assert len(lengths) == plan.num_participants and shape.num_layers == plan.num_layers
     per_token = shape.kv_bytes_per_token_layer
-    shared = [plan.shared_count(m, lengths[m]) for m in range(len(lengths))]
-    upload = [len(plan.publish_layers[m]) * shape.shared_layer_bytes(shared[m], plan.config.kv_wire)
-              for m in range(len(lengths))]
+    n_all = range(len(lengths))
+    shared = [plan.shared_count(m, lengths[m]) for m in n_all]
+    layer_bytes = [shape.shared_layer_bytes(shared[m], plan.config.kv_wire) for m in n_all]
     costs = []
     for n, length in enumerate(lengths):
-        sources = [m for m in range(len(lengths)) if m != n and (m < n or n in plan.generators)]
+        own = prefix_len + length
+        # (source, layer) pairs of foreign K/V that n fetches: in prefill, and in decode if it generates
+        fetched = [(m, l) for m in n_all for l in range(shape.num_layers) if plan.reads(n, m, l)]
         flops = 0
         for layer in range(shape.num_layers):
-            # Keys at a sync layer: own tokens plus what the others share there (L when dense).
-            foreign = sum(shared[m] for m in range(len(lengths)) if m != n and plan.publishes(m, layer))
-            flops += shape.layer_flops(length, length + foreign)
-        download = sum(upload[m] for m in sources)
+            # The paper's key length at a layer: own tokens plus every foreign token n can see there,
+            # earlier or later (L when dense), not only the causal part.
+            foreign = sum(shared[m] for m in n_all if plan.sees(n, m, layer, prefill=False))
+            flops += shape.layer_flops(own, own + foreign)
         costs.append(
             ParticipantCost(
                 tokens=length,
                 sync_layers=len(plan.publish_layers[n]),
-                upload_bytes=upload[n],
-                download_bytes=download,
+                upload_bytes=len(plan.publish_layers[n]) * layer_bytes[n],
+                download_bytes=sum(layer_bytes[m] for m, _ in fetched),
                 prefill_flops=flops,
                 # foreign K/V is held decoded, in the engine's dtype
-                kv_cache_bytes=shape.num_layers * length * per_token
-                + sum(len(plan.publish_layers[m]) * shared[m] for m in sources) * per_token,
+                kv_cache_bytes=shape.num_layers * own * per_token + sum(shared[m] for m, _ in fetched) * per_token,
             )
         )
     return costs

@@ -42,6 +42,9 @@ class FedAttnSession:
     segments: Sequence[str | Sequence[int]]  # participant n's private text or token ids, in prompt order
     config: FedAttnConfig = field(default_factory=FedAttnConfig)
     sampling_params: object | None = None  # vllm.SamplingParams for the generators (default: greedy, 64)
+    # Public text or token ids (e.g. the system prompt) before participant 0: every participant computes it
+    # and sees it at every layer; never exchanged (beyond the paper). None or empty: no prefix.
+    public_prefix: str | Sequence[int] | None = None
 
 
 @dataclass
@@ -78,6 +81,7 @@ class _Run:
 
     session_id: str
     prompts: dict[int, list[int]]  # hosted participant -> its segment's token ids
+    prefix: list[int]  # the public prefix's token ids (every participant's request starts with them)
     num_participants: int
     config: FedAttnConfig
     sampling: object  # the generators' SamplingParams
@@ -144,22 +148,31 @@ class FederatedLLM:
         ))
         self._active: dict[str, _Run] = {}  # started sessions
 
-    def encode(self, segment: str | Sequence[int], n: int) -> list[int]:
-        """Participant n's segment as token ids (text is tokenized without special tokens)."""
+    def encode(self, segment: str | Sequence[int], field: str) -> list[int]:
+        """A segment (or the public prefix) as token ids; text is tokenized without special tokens.
+
+        field: what to name in errors, e.g. "segments[2]".
+        """
         if isinstance(segment, str):
             ids = self.tokenizer(segment, add_special_tokens=False)["input_ids"]
         elif isinstance(segment, (bytes, dict)) or not isinstance(segment, Sequence):
-            raise FedAttnSessionError(f"segments[{n}]", "must be text or a list of token ids")
+            raise FedAttnSessionError(field, "must be text or a list of token ids")
         else:
             ids = list(segment)
             if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(self.tokenizer) for t in ids):
-                raise FedAttnSessionError(f"segments[{n}]", "token ids must be ints in the vocabulary")
+                raise FedAttnSessionError(field, "token ids must be ints in the vocabulary")
         if not ids:
-            raise FedAttnSessionError(f"segments[{n}]", "is empty")
+            raise FedAttnSessionError(field, "is empty")
         return ids
 
+    def encode_prefix(self, prefix: str | Sequence[int] | None) -> list[int]:
+        """The public prefix's token ids ([] for none)."""
+        if prefix is None or (isinstance(prefix, (str, Sequence)) and len(prefix) == 0):
+            return []
+        return self.encode(prefix, "public_prefix")
+
     def plan_run(self, session_id: str, prompts: dict[int, list[int]], num_participants: int, config: FedAttnConfig,
-                 sampling_params=None) -> _Run:
+                 sampling_params=None, prefix: list[int] = ()) -> _Run:
         """Validate this engine's part of a session (its participants' token ids); nothing is submitted yet."""
         from vllm import SamplingParams
 
@@ -176,24 +189,26 @@ class FederatedLLM:
             raise FedAttnSessionError("sampling_params.n", "FedAttn generators produce one completion each (n=1)")
         plan = config.resolve(self.num_layers, num_participants)
         hosted = sorted(prompts)
-        own = sum(len(prompts[n]) for n in hosted)
+        own = len(prefix) + sum(len(prompts[n]) for n in hosted)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - own  # a bound
-        demand = SessionDemand(tuple(len(prompts[n]) for n in hosted),
+        demand = SessionDemand(tuple(len(prefix) + len(prompts[n]) for n in hosted),
                                tuple(max_tokens if n in plan.generators else 1 for n in hosted))
         if (why := self.admission.why_never(demand)) is not None:
             raise FedAttnSessionError("segments", f"the session can never fit this engine: {why}")
-        return _Run(session_id, {n: prompts[n] for n in hosted}, num_participants, config, params, plan, demand)
+        return _Run(session_id, {n: prompts[n] for n in hosted}, list(prefix), num_participants, config, params, plan,
+                    demand)
 
     def check_lengths(self, run: _Run, lengths: list[int]) -> int:
         """Check every participant's segment length against the run and the model; the generators' max_tokens."""
         if len(lengths) != run.num_participants or any(lengths[n] != len(p) for n, p in run.prompts.items()):
             raise FedAttnSessionError("lengths", f"{lengths} do not match this engine's segments")
+        prompt_len = len(run.prefix) + sum(lengths)
         max_tokens = run.sampling.max_tokens
         if max_tokens is None:
-            max_tokens = self.max_model_len - sum(lengths)
-        if sum(lengths) + max_tokens > self.max_model_len:
+            max_tokens = self.max_model_len - prompt_len
+        if prompt_len + max_tokens > self.max_model_len:
             raise FedAttnSessionError(
-                "segments", f"{sum(lengths)} prompt tokens + max_tokens={max_tokens} exceed max_model_len={self.max_model_len}"
+                "segments", f"{prompt_len} prompt tokens + max_tokens={max_tokens} exceed max_model_len={self.max_model_len}"
             )
         return max_tokens
 
@@ -202,8 +217,8 @@ class FederatedLLM:
         from vllm import SamplingParams
 
         max_tokens = self.check_lengths(run, lengths)
-        metadata = {"session": run.session_id, "lengths": list(lengths), "num_layers": self.num_layers,
-                    "config": _config_dict(run.config)}
+        metadata = {"session": run.session_id, "lengths": list(lengths), "prefix_len": len(run.prefix),
+                    "num_layers": self.num_layers, "config": run.config.to_dict()}
         params = {}
         for n in run.prompts:
             if n in run.plan.generators:
@@ -221,9 +236,9 @@ class FederatedLLM:
             raise FedAttnSessionError("session", f"expected a FedAttnSession, got {type(session).__name__}")
         if isinstance(session.segments, (str, bytes)) or not session.segments:
             raise FedAttnSessionError("segments", "a session needs a list of at least one participant segment")
-        prompts = {n: self.encode(s, n) for n, s in enumerate(session.segments)}
+        prompts = {n: self.encode(s, f"segments[{n}]") for n, s in enumerate(session.segments)}
         run = self.plan_run(f"fedattn-{uuid.uuid4().hex}", prompts, len(prompts), session.config,
-                            session.sampling_params)
+                            session.sampling_params, self.encode_prefix(session.public_prefix))
         lengths = [len(prompts[n]) for n in range(len(prompts))]
         self.check_lengths(run, lengths)
         return run, lengths
@@ -236,7 +251,7 @@ class FederatedLLM:
     def start(self, run: _Run, lengths: list[int]) -> None:
         """Hand a reserved run's requests to vLLM; `lengths` are every participant's segment lengths."""
         params = self._participant_params(run, lengths)
-        inputs = self.engine.renderer.render_cmpl([{"prompt_token_ids": p} for p in run.prompts.values()])
+        inputs = self.engine.renderer.render_cmpl([{"prompt_token_ids": run.prefix + p} for p in run.prompts.values()])
         for (n, sp), engine_input in zip(params.items(), inputs):
             self.engine.add_request(run.request_id(n), engine_input, sp)
         self.admission.start(run.session_id)
@@ -330,14 +345,3 @@ def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
-
-
-def _config_dict(config: FedAttnConfig) -> dict:
-    """The config as plain msgpack-able values (it travels in SamplingParams.extra_args)."""
-    from dataclasses import fields
-
-    out = {}
-    for f in fields(config):
-        value = getattr(config, f.name)
-        out[f.name] = value.value if hasattr(value, "value") else (list(value) if isinstance(value, tuple) else value)
-    return out

@@ -30,13 +30,19 @@ class OracleOutput:
 
 
 class _Visibility:
-    """Per-layer key visibility over the prompt tokens, from a plan and the segment lengths."""
+    """Per-layer key visibility over the prompt tokens, from a plan, the segment lengths and the public prefix.
 
-    def __init__(self, plan: FedAttnPlan, lengths: list[int]):
-        self.owner = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # (L,)
+    Token owners: the public prefix (positions 0..P-1, owner N), which every participant computes
+    itself and sees at every layer, then participants 0..N-1 in order.
+    """
+
+    def __init__(self, plan: FedAttnPlan, lengths: list[int], prefix_len: int = 0):
+        n = len(lengths)
+        self.public = n
+        self.owner = torch.repeat_interleave(torch.tensor([n, *range(n)]), torch.tensor([prefix_len, *lengths]))  # (L,)
         self.plan = plan
         self.lengths = lengths
-        self.offsets = [sum(lengths[:n]) for n in range(len(lengths))]
+        self.offsets = [prefix_len + sum(lengths[:m]) for m in range(n)]
         self._keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _positions_mask(self, participant: int, positions: torch.Tensor | None) -> torch.Tensor:
@@ -48,14 +54,14 @@ class _Visibility:
         return mask
 
     def keys(self, layer: int, layer_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L,) bools: keys visible to their owner, and keys visible to other participants.
+        """(L,) bools: keys visible to their owner, and keys their owner shares at `layer` (public: both).
 
         layer_keys (L, H_kv, D): every prompt token's key at `layer`, for a selector that reads them.
         """
         if layer in self._keys:
             return self._keys[layer]
-        own = torch.zeros_like(self.owner, dtype=torch.bool)
-        shared = torch.zeros_like(own)
+        own = self.owner == self.public
+        shared = own.clone()
         for n, length in enumerate(self.lengths):
             keys = None if layer_keys is None else layer_keys[self.offsets[n]: self.offsets[n] + length]
             own |= self._positions_mask(n, self.plan.kept_positions(n, layer, length, keys))
@@ -64,20 +70,30 @@ class _Visibility:
         self._keys[layer] = own, shared
         return own, shared
 
+    def _sees(self, layer: int, prefill: bool) -> torch.Tensor:
+        """(N+1, N+1) bool [viewer owner, source owner]: foreign visibility (the plan's rule; public: always)."""
+        n = self.public
+        pair = torch.tensor([[self.plan.sees(v, m, layer, prefill) for m in range(n)] for v in range(n)],
+                            dtype=torch.bool).reshape(n, n)
+        pair = torch.cat([pair, torch.ones(n, 1, dtype=torch.bool)], dim=1)  # everyone sees the prefix
+        return torch.cat([pair, torch.zeros(1, n + 1, dtype=torch.bool)])  # the prefix sees only itself
+
     def prefill_mask(self, layer: int, layer_keys: torch.Tensor | None = None) -> torch.Tensor:
-        """(L, L) bool [query, key]: causal, own kept tokens, foreign shared tokens, and itself."""
+        """(L, L) bool [query, key]: causal, own kept tokens, visible foreign shared tokens, and itself."""
         own, shared = self.keys(layer, layer_keys)
         length = self.owner.numel()
         same = self.owner[:, None] == self.owner[None, :]
+        foreign = self._sees(layer, prefill=True)[self.owner][:, self.owner]
         causal = torch.ones(length, length, dtype=torch.bool).tril()
-        allowed = (same & own[None, :]) | (~same & shared[None, :]) | torch.eye(length, dtype=torch.bool)
+        allowed = (same & own[None, :]) | (foreign & shared[None, :]) | torch.eye(length, dtype=torch.bool)
         return causal & allowed
 
     def decode_mask(self, layer: int, generator: int, num_generated: int) -> torch.Tensor:
         """(1, L + num_generated) bool: what a generator's new token sees."""
         own, shared = self.keys(layer)
         mine = self.owner == generator
-        prompt = (mine & own) | (~mine & shared)
+        foreign = self._sees(layer, prefill=False)[generator][self.owner]
+        prompt = (mine & own) | (foreign & shared)
         return torch.cat([prompt, torch.ones(num_generated, dtype=torch.bool)])[None, :]
 
 
@@ -132,17 +148,23 @@ class FedAttnOracle:
         ignore_eos: bool = False,
         output_prompt_logits: bool = False,
         output_hidden_states: bool = False,
+        public_prefix: Tokens = (),
     ) -> OracleOutput:
-        """Prefill all participants' segments, then let each generator decode greedily."""
+        """Prefill the public prefix and all participants' segments, then let each generator decode greedily.
+
+        public_prefix: token ids at positions 0..P-1, computed by every participant and seen by all at
+        every layer (never exchanged). Logits and hidden states cover prefix and segments.
+        """
         if not segments or any(len(s) == 0 for s in segments):
             raise ValueError("segments: every participant needs at least one token")
+        public_prefix = list(public_prefix)
         if config.kv_wire is not KVWire.NATIVE:
             raise FedAttnConfigError("kv_wire", "the oracle models the spec's exact K/V only ('native')")
         plan = config.resolve(self.num_layers, len(segments))
         lengths = [len(s) for s in segments]
-        vis = _Visibility(plan, lengths)
-        prompt_len = sum(lengths)
-        input_ids = torch.tensor([tok for seg in segments for tok in seg])[None, :]
+        vis = _Visibility(plan, lengths, len(public_prefix))
+        prompt_len = len(public_prefix) + sum(lengths)
+        input_ids = torch.tensor(public_prefix + [tok for seg in segments for tok in seg])[None, :]
 
         cache = DynamicCache(config=self.model.config)
         hidden = self.decoder.embed_tokens(input_ids)

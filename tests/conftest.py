@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for a hub
@@ -94,9 +95,30 @@ def random_tokens(rng: random.Random, vocab: int, length: int) -> list[int]:
     return [rng.randrange(3, vocab) for _ in range(length)]
 
 
-def random_case(rng: random.Random, vocab: int, num_layers: int,
-                wires: tuple[KVWire, ...] = (KVWire.NATIVE,)) -> tuple[list[list[int]], FedAttnConfig, int]:
-    """Segments, config and max_tokens for one randomised session of the grid."""
+@dataclass(frozen=True)
+class Case:
+    """One randomised session of the grid."""
+
+    segments: list[list[int]]
+    prefix: list[int]  # public prefix token ids ([] for none)
+    config: FedAttnConfig
+    max_tokens: int
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(s) for s in self.segments]
+
+    def session(self):
+        from fedattn_vllm.engine import FedAttnSession
+
+        return FedAttnSession(self.segments, self.config, greedy(self.max_tokens), public_prefix=self.prefix)
+
+    def __str__(self) -> str:
+        return f"prefix={len(self.prefix)} lengths={self.lengths} {self.config}"
+
+
+def random_case(rng: random.Random, vocab: int, num_layers: int, wires: tuple[KVWire, ...] = (KVWire.NATIVE,)) -> Case:
+    """Segments, public prefix, config and max_tokens for one randomised session of the grid."""
     n = rng.randint(1, 4)
     lengths = [rng.choice([1, 2, rng.randint(1, 12), rng.randint(10, 40)]) for _ in range(n)]
     placement = rng.choice(list(Placement))
@@ -106,6 +128,8 @@ def random_case(rng: random.Random, vocab: int, num_layers: int,
     elif rng.random() < 0.3:
         options["publisher_sync_interval"] = rng.randint(1, 3)
         options["publisher"] = rng.randrange(-n, n)
+    if rng.random() < 0.4:
+        options["generator_sync_interval"] = rng.randint(1, 3)
     ratio = rng.choice(["dense", "global", "per participant"])
     if ratio == "global":
         options["kv_share_ratio"] = rng.choice([0.1, 0.3, 0.5, 0.75])
@@ -116,5 +140,7 @@ def random_case(rng: random.Random, vocab: int, num_layers: int,
     options["generators"] = tuple(rng.sample(range(n), rng.randint(1, n)))
     if len(wires) > 1:
         options["kv_wire"] = rng.choice(wires)
+    prefix = random_tokens(rng, vocab, rng.choice([1, rng.randint(2, 12)])) if rng.random() < 0.4 else []
     # At least two tokens, so every generator decodes once and reads everyone's K/V (as the cost model counts).
-    return [random_tokens(rng, vocab, length) for length in lengths], FedAttnConfig(**options), rng.randint(2, 10)
+    return Case([random_tokens(rng, vocab, length) for length in lengths], prefix, FedAttnConfig(**options),
+                rng.randint(2, 10))

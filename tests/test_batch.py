@@ -8,21 +8,21 @@ import torch
 from vllm import SamplingParams
 
 from fedattn_vllm.config import FedAttnConfig
-from fedattn_vllm.engine import _config_dict
 from fedattn_vllm.vllm_ext.batch import FedAttnBatch
 from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, REGISTRY
 
 LENGTHS = [4, 3, 5]
 
 
-def runner(rows: list[tuple[str, int | None, int, int]]):
+def runner(rows: list[tuple[str, int | None, int, int]], prefix_len: int = 0):
     """rows: (request id, participant or None for a plain request, computed tokens, scheduled tokens)."""
     requests, starts, computed = {}, [0], []
     for req_id, participant, done, scheduled in rows:
         extra = None
         if participant is not None:
             extra = {METADATA_KEY: {"session": "s", "participant": participant, "lengths": LENGTHS, "num_layers": 6,
-                                    "config": _config_dict(FedAttnConfig(sync_interval=2))}}
+                                    "prefix_len": prefix_len,
+                                    "config": FedAttnConfig(sync_interval=2).to_dict()}}
         requests[req_id] = SimpleNamespace(sampling_params=SamplingParams(extra_args=extra))
         starts.append(starts[-1] + scheduled)
         computed.append(done)
@@ -45,6 +45,15 @@ def test_rows_and_global_positions_of_a_mixed_batch():
     positions = torch.tensor([0, 1, 0, 1, 2, 3, 4, 6])
     # participant 2 starts at offset 4 + 3 = 7; participant 0's local position 6 = L_0 + 2 -> L + 2 = 14
     assert batch.global_positions(positions).tolist() == [0, 1, 7, 8, 9, 10, 11, 14]
+
+
+def test_a_public_prefix_keeps_its_positions_and_shifts_segments_and_generated_tokens():
+    # prefix of 2: participant 2 prefills 2 + 5 rows, participant 0 decodes its 3rd generated token
+    batch = FedAttnBatch.from_runner(runner([("p2", 2, 0, 7), ("p0", 0, 8, 1)], prefix_len=2))
+    assert [(e.rows, e.segment_rows) for e in batch.entries] == [(slice(0, 7), slice(2, 7)), (slice(7, 8), slice(9, 8))]
+    positions = torch.tensor([0, 1, 2, 3, 4, 5, 6, 8])
+    # participant 2's segment starts at 2 + 4 + 3 = 9; participant 0's local 8 = P + L_0 + 2 -> P + L + 2 = 16
+    assert batch.global_positions(positions).tolist() == [0, 1, 9, 10, 11, 12, 13, 16]
 
 
 def test_a_batch_without_participants_is_left_alone():

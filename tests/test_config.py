@@ -34,6 +34,9 @@ from fedattn_vllm.schedule import Placement
         ({"generators": 3}, "generators"),
         ({"generators": ["a"]}, "generators"),
         ({"seed": 1.5}, "seed"),
+        ({"generator_sync_interval": 0}, "generator_sync_interval"),
+        ({"generator_sync_interval": True}, "generator_sync_interval"),
+        ({"generator_sync_interval": 1.0}, "generator_sync_interval"),
     ],
 )
 def test_each_bad_field_raises_an_error_naming_it(kwargs, field):
@@ -94,3 +97,19 @@ def test_plan_selects_shared_and_kept_positions():
     assert shared.tolist() == sorted(set(shared.tolist())) and len(shared) == 3
     assert plan.shared_count(1, 10) == 3
     assert len(plan.kept_positions(0, 1, 10)) == 5
+
+
+def test_a_config_round_trips_through_its_plain_dict():
+    config = FedAttnConfig(placement="explicit", sync_layers=[3, 1], kv_share_ratio=[0.5, 1.0], kv_wire="int8",
+                           generators=[0, -1], generator_sync_interval=2)
+    assert FedAttnConfig(**config.to_dict()) == config
+    assert config.to_dict()["placement"] == "explicit" and config.to_dict()["sync_layers"] == [1, 3]
+
+
+def test_generators_read_at_their_interval_and_everyone_publishes_there_if_read():
+    plan = FedAttnConfig(placement="explicit", sync_layers=(), generator_sync_interval=1, generators=[1]).resolve(4, 3)
+    assert plan.sync_layers == (0, 1, 2, 3)
+    assert plan.publish_layers == (frozenset(range(4)), frozenset(), frozenset(range(4)))  # nobody reads the lone generator
+    assert plan.sees(1, 0, 3, prefill=True) and not plan.sees(2, 0, 3, prefill=True)  # participant 2 does not generate
+    assert plan.sees(1, 2, 3, prefill=False) and not plan.sees(1, 2, 3, prefill=True)  # later ones only in decode
+    assert not plan.sees(1, 1, 0, prefill=False)  # own tokens are not foreign

@@ -62,3 +62,24 @@ def test_int8_wire_bytes_are_values_plus_float32_key_channel_and_value_token_sca
     layer = 2 * (2 * 100 * 64 + 4 * 64 + 4 * 100)  # 2 KV heads: int8 K and V, a scale per key channel, per value token
     assert costs[0].upload_bytes == 6 * layer and costs[1].download_bytes == 6 * layer
     assert costs[1].kv_cache_bytes == 24 * 10 * 1024 + 6 * 100 * 1024  # foreign K/V held decoded (fp32)
+
+
+def test_generator_interval_bytes_only_the_generators_read_the_extra_layers():
+    shape = ModelShape.from_hf_config(QWEN_05B, torch.bfloat16)  # 512 B per token and layer
+    plan = FedAttnConfig(sync_interval=4, generator_sync_interval=1).resolve(24, 3)  # generator: the last
+    costs = participant_costs(shape, plan, [10, 20, 5])
+    assert [c.upload_bytes for c in costs] == [24 * 10 * 512, 24 * 20 * 512, 6 * 5 * 512]
+    assert costs[1].download_bytes == 6 * 10 * 512  # a non-generator reads only at S
+    assert costs[2].download_bytes == 24 * 30 * 512
+    # every layer of the generator attends over all 35 prompt tokens, as in centralised inference
+    assert costs[2].prefill_flops == 24 * shape.layer_flops(5, 35)
+
+
+def test_a_public_prefix_costs_compute_and_memory_but_no_bytes():
+    shape = ModelShape.from_hf_config(QWEN_05B, torch.bfloat16)
+    plan = FedAttnConfig(sync_interval=1).resolve(24, 2)
+    without, with_prefix = participant_costs(shape, plan, [10, 5]), participant_costs(shape, plan, [10, 5], 7)
+    assert [c.upload_bytes for c in with_prefix] == [c.upload_bytes for c in without]
+    assert [c.download_bytes for c in with_prefix] == [c.download_bytes for c in without]
+    assert with_prefix[1].prefill_flops == 24 * shape.layer_flops(12, 22)
+    assert with_prefix[0].kv_cache_bytes == without[0].kv_cache_bytes + 24 * 7 * 512

@@ -22,18 +22,19 @@ from fedattn_vllm.vllm_ext.sessions import REGISTRY
 def test_randomised_grid_matches_the_oracle_token_for_token_and_bytes_match_the_cost_model(tiny_engine):
     rng = random.Random(f"grid-{tiny_engine.name}")
     llm, oracle = tiny_engine.llm, tiny_engine.oracle
-    cases = [random_case(rng, len(tiny_engine.tokenizer), llm.num_layers) for _ in range(40)]
-    results = llm.generate([FedAttnSession(segments, config, greedy(max_tokens)) for segments, config, max_tokens in cases])
+    cases = [random_case(rng, len(tiny_engine.tokenizer), llm.num_layers) for _ in range(48)]
+    results = llm.generate([case.session() for case in cases])
     shape = ModelShape.from_hf_config(tiny_engine.hf.config, torch.float32)
-    for (segments, config, max_tokens), result in zip(cases, results):
-        case = f"lengths={[len(s) for s in segments]} {config}"
-        expected = oracle.generate(segments, config, max_tokens, ignore_eos=True)
+    for case, result in zip(cases, results):
+        expected = oracle.generate(case.segments, case.config, case.max_tokens, ignore_eos=True,
+                                   public_prefix=case.prefix)
         assert result.error is None, case
         assert {g: out.token_ids for g, out in result.outputs.items()} == expected.tokens, case
-        costs = participant_costs(shape, config.resolve(llm.num_layers, len(segments)), [len(s) for s in segments])
+        costs = participant_costs(shape, case.config.resolve(llm.num_layers, len(case.segments)), case.lengths,
+                                  len(case.prefix))
         assert result.cost.published_bytes == [c.upload_bytes for c in costs], case
         assert result.cost.received_bytes == [c.download_bytes for c in costs], case
-        assert result.cost.tokens == [len(s) for s in segments]
+        assert result.cost.tokens == case.lengths
         assert result.cost.sync_layers == expected.sync_layers
 
 
@@ -77,6 +78,26 @@ def test_h1_and_n1_equal_plain_vllm_on_the_concatenated_prompt(tiny_engine):
     assert [r.outputs[len(s.segments) - 1].token_ids for r, s in zip(results, sessions)] == expected
 
 
+def test_h1_and_n1_with_a_public_prefix_equal_plain_vllm_on_prefix_plus_segments(tiny_engine):
+    rng = random.Random(f"prefix-{tiny_engine.name}")
+    vocab = len(tiny_engine.tokenizer)
+    prompts = [random_tokens(rng, vocab, rng.randint(12, 60)) for _ in range(4)]
+    plain = plain_engine(tiny_engine.name).generate([{"prompt_token_ids": p} for p in prompts], greedy(12),
+                                                    use_tqdm=False)
+    sessions, expected = [], []
+    for prompt, out in zip(prompts, plain):
+        cut = rng.randint(1, 8)
+        prefix, rest = prompt[:cut], prompt[cut:]
+        middle = rng.randint(1, len(rest) - 1)
+        sessions.append(FedAttnSession([rest[:middle], rest[middle:]], FedAttnConfig(sync_interval=1), greedy(12),
+                                       public_prefix=prefix))
+        sessions.append(FedAttnSession([rest], FedAttnConfig(sync_interval=3), greedy(12), public_prefix=prefix))
+        expected += [list(out.outputs[0].token_ids)] * 2
+    results = tiny_engine.llm.generate(sessions)
+    assert [r.outputs[len(s.segments) - 1].token_ids for r, s in zip(results, sessions)] == expected
+    assert all(r.cost.tokens == [len(s) for s in sess.segments] for r, sess in zip(results, sessions))
+
+
 def test_plain_requests_in_a_fedattn_engine_are_untouched(tiny_engine):
     prompt = random_tokens(random.Random(5), len(tiny_engine.tokenizer), 30)
     mine = tiny_engine.llm.llm.generate([{"prompt_token_ids": prompt}], greedy(12), use_tqdm=False)
@@ -103,6 +124,9 @@ BAD_SESSIONS = [
     ("segments[0]", FedAttnSessionError, lambda: FedAttnSession([[5, 10**6]])),
     ("segments[0]", FedAttnSessionError, lambda: FedAttnSession([[5, -1]])),
     ("segments[1]", FedAttnSessionError, lambda: FedAttnSession([[5], [True]])),
+    ("public_prefix", FedAttnSessionError, lambda: FedAttnSession([[5]], public_prefix=[5, 10**6])),
+    ("public_prefix", FedAttnSessionError, lambda: FedAttnSession([[5]], public_prefix=3)),
+    ("segments", FedAttnSessionError, lambda: FedAttnSession([[5] * 20], public_prefix=[5] * 240)),
     ("segments", FedAttnSessionError, lambda: FedAttnSession([[5] * 300])),  # > max_model_len
     ("segments", FedAttnSessionError, lambda: FedAttnSession([[5] * 20], sampling_params=greedy(250))),
     ("config", FedAttnSessionError, lambda: FedAttnSession([[5]], config={"sync_interval": 2})),

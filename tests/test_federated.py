@@ -103,21 +103,21 @@ def test_federated_tokens_equal_colocated_and_payload_bytes_equal_the_cost_model
     rng = random.Random("federated-grid")
     wires = (KVWire.NATIVE, KVWire.INT8)
     cases = [random_case(rng, len(colocated.tokenizer), colocated.num_layers, wires) for _ in range(24)]
-    sessions = [FedAttnSession(segments, config, greedy(max_tokens)) for segments, config, max_tokens in cases]
+    sessions = [case.session() for case in cases]
     placement = [[rng.randrange(3) for _ in s.segments] for s in sessions]
     federated = local.cluster.generate(sessions, placement)
     expected = colocated.generate(sessions)
     shape = ModelShape.from_hf_config(_hf_config(colocated), torch.float32)
     payload = wire = 0
-    for (segments, config, _), result, reference in zip(cases, federated, expected):
-        case = f"lengths={[len(s) for s in segments]} {config}"
+    for case, result, reference in zip(cases, federated, expected):
         assert tokens(result) == tokens(reference), case
-        costs = participant_costs(shape, config.resolve(colocated.num_layers, len(segments)), [len(s) for s in segments])
+        costs = participant_costs(shape, case.config.resolve(colocated.num_layers, len(case.segments)), case.lengths,
+                                  len(case.prefix))
         assert result.cost.published_bytes == [c.upload_bytes for c in costs], case
         assert result.cost.received_bytes == [c.download_bytes for c in costs], case
         for up, down, up_wire, down_wire in zip(result.cost.published_bytes, result.cost.received_bytes,
                                                 result.cost.published_wire_bytes, result.cost.received_wire_bytes):
-            messages = len(result.cost.sync_layers) * len(segments)  # a bound on one participant's messages
+            messages = len(result.cost.sync_layers) * len(case.segments)  # a bound on one participant's messages
             assert 0 <= up_wire - up <= 200 * messages and 0 <= down_wire - down <= 100 * messages, case
             payload, wire = payload + up + down, wire + up_wire + down_wire
     print(f"\nframing overhead on the tiny model's small K/V: {100 * (wire - payload) / payload:.2f}% "

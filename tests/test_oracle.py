@@ -169,3 +169,62 @@ def test_a_last_publisher_generating_alone_reads_nobody_elses_copy_of_its_kv(tin
                    .decode_mask(0, generator=0, num_generated=1)[0, :-1][publisher].sum())
                for r in (0.3, (0.3, 0.3, 0.3, 1.0))]
     assert visible == [kept_count(lengths[3], 0.3), lengths[3]]
+
+
+# -- beyond the paper: the generator sync interval and the public prefix -------------------------------
+
+def test_a_generator_reading_every_layer_with_one_other_participant_equals_plain_hf(tiny, ids):
+    """N = 2, nobody syncs but the generator reads at every layer: participant 0 sees only itself in
+    centralised inference too, so the generator's prefill and decode are exactly centralised."""
+    model, _ = tiny
+    config = FedAttnConfig(placement="explicit", sync_layers=(), generator_sync_interval=1)
+    out = FedAttnOracle(model).generate(split(ids, 11), config, 12, ignore_eos=True, output_prompt_logits=True)
+    assert_close(out.prompt_logits, model(torch.tensor([ids])).logits[0], rtol=1e-5, atol=1e-5)
+    assert out.tokens[1] == hf_greedy(model, ids, 12)
+    assert out.sync_layers == tuple(range(6))
+
+
+def test_generator_layers_are_read_by_generators_only():
+    plan = FedAttnConfig(sync_interval=4, generator_sync_interval=2, generators=[2]).resolve(8, 3)
+    vis = _Visibility(plan, [3, 3, 3])
+    prefill = vis.prefill_mask(2)  # a generator layer, not a sync layer
+    assert not prefill[3:6, :3].any()  # participant 1 does not generate: it reads nobody there
+    assert prefill[6:9, :6].all()  # the generator reads both earlier participants
+    assert vis.decode_mask(2, generator=2, num_generated=1)[0].all()
+    assert not vis.prefill_mask(1)[6:9, :6].any()  # a local layer for everyone
+    # participant 2 generates alone: nobody reads it at generator layers, so it publishes only at S
+    assert plan.publish_layers == (frozenset({0, 2, 4, 6}),) * 2 + (frozenset({0, 4}),)
+    assert [plan.reads(1, 0, l) for l in range(4)] == [True, False, False, False]
+    assert [plan.reads(2, 0, l) for l in range(4)] == [True, False, True, False]
+
+
+@pytest.mark.parametrize("config", [FedAttnConfig(sync_interval=1), FedAttnConfig(sync_interval=3)])
+def test_a_public_prefix_with_every_layer_synced_or_one_participant_equals_plain_hf(tiny, ids, config):
+    model, _ = tiny
+    prefix, rest = ids[:5], ids[5:]
+    segments = split(rest, 4, 10) if config.sync_interval == 1 else [rest]
+    out = FedAttnOracle(model).generate(segments, config, 10, ignore_eos=True, output_prompt_logits=True,
+                                        public_prefix=prefix)
+    assert_close(out.prompt_logits, model(torch.tensor([ids])).logits[0], rtol=1e-5, atol=1e-5)
+    assert out.tokens[len(segments) - 1] == hf_greedy(model, ids, 10)
+
+
+def test_the_public_prefix_is_seen_by_everyone_at_every_layer_and_sees_only_itself():
+    plan = FedAttnConfig(placement="explicit", sync_layers=(), kv_share_ratio=0.5).resolve(4, 2)
+    vis = _Visibility(plan, [3, 4], prefix_len=2)
+    for layer in range(4):
+        mask = vis.prefill_mask(layer)
+        assert mask[:, :2].tril().equal(torch.ones(9, 2, dtype=torch.bool).tril())  # everyone sees the prefix
+        assert not mask[:2, 2:].any()
+        assert not mask[5:, 2:5].any()  # no sync: participant 1 never sees participant 0
+        assert vis.decode_mask(layer, generator=1, num_generated=1)[0].tolist() == [True] * 2 + [False] * 3 + [True] * 5
+
+
+def test_a_no_sync_prefix_participant_equals_prefix_plus_its_segment_alone(tiny, ids):
+    model, _ = tiny
+    prefix, segments = ids[:4], split(ids[4:], 6)
+    out = FedAttnOracle(model).generate(segments, NO_SYNC, 1, output_prompt_logits=True, public_prefix=prefix)
+    alone = torch.tensor([prefix + segments[1]])
+    positions = torch.tensor([list(range(4)) + list(range(10, len(ids)))])
+    expected = model(alone, position_ids=positions).logits[0, 4:]
+    assert_close(out.prompt_logits[10:], expected, rtol=1e-5, atol=1e-5)

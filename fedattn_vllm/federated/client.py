@@ -59,9 +59,10 @@ class SessionAdmin:
         self._key = admin_key
 
     def open(self, session: str, plan: FedAttnPlan) -> list[bytes]:
+        """Open `session` for `plan` (sent as its config, depth and size); one credential per participant."""
         reply, _ = self._connection.call({
-            "op": "open", "admin_key": self._key, "session": session,
-            "publish_layers": [sorted(layers) for layers in plan.publish_layers], "generators": list(plan.generators),
+            "op": "open", "admin_key": self._key, "session": session, "config": plan.config.to_dict(),
+            "num_layers": plan.num_layers, "num_participants": plan.num_participants,
         })
         return list(reply["credentials"])
 

@@ -25,7 +25,6 @@ import zmq
 
 from fedattn_vllm.config import FedAttnPlan
 from fedattn_vllm.engine import FedAttnSession, FedAttnSessionError, GeneratorOutput, SessionCost, SessionResult
-from fedattn_vllm.engine import _config_dict
 from fedattn_vllm.federated.client import CoordinatorError, SessionAdmin
 from fedattn_vllm.federated.wire import decode, encode
 
@@ -84,6 +83,7 @@ class _Flight:
     hosts: dict[int, list[int]]  # engine -> the participants it hosts
     started: float = field(default_factory=time.monotonic)
     lengths: dict[int, int] = field(default_factory=dict)
+    prefix_lens: set[int] = field(default_factory=set)  # the public prefix's length as each engine encoded it
     ready: set[int] = field(default_factory=set)
     done: set[int] = field(default_factory=set)
     outputs: dict[int, GeneratorOutput] = field(default_factory=dict)
@@ -210,7 +210,8 @@ class FederatedCluster:
                 "op": "submit", "session": session_id, "num_participants": len(session.segments),
                 "segments": {n: _plain(session.segments[n]) for n in participants},
                 "credentials": {n: credentials[n] for n in participants},
-                "config": _config_dict(session.config), "sampling": sampling or msgspec.msgpack.encode(None),
+                "public_prefix": _plain(session.public_prefix) if session.public_prefix is not None else None,
+                "config": session.config.to_dict(), "sampling": sampling or msgspec.msgpack.encode(None),
                 "wait_s": self.timeout_s,
             })
         return flight
@@ -224,6 +225,10 @@ class FederatedCluster:
         if kind == "ready":
             flight.ready.add(engine)
             flight.lengths.update({int(n): length for n, length in event["lengths"].items()})
+            flight.prefix_lens.add(int(event["prefix_len"]))
+            if len(flight.prefix_lens) > 1:  # engines with different tokenizers would shift every position
+                self._fail(flight, f"engines encoded the public prefix differently ({sorted(flight.prefix_lens)} tokens)")
+                return
             if len(flight.ready) == len(flight.hosts):
                 for e in (flight.serial_order[:1] if flight.serial_order else flight.hosts):
                     self._go(flight, e)

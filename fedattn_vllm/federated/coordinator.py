@@ -25,11 +25,13 @@ from pathlib import Path
 
 import zmq
 
+from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError, FedAttnPlan
 from fedattn_vllm.exchange import kv_nbytes
 from fedattn_vllm.federated.wire import Tensors, WireError, decode, encode, message_bytes
 
 log = logging.getLogger(__name__)
 MAX_WAIT_S = 600.0
+MAX_SIZE = 4096  # bound on a session's layers and participants (a header from outside is range-checked)
 
 
 class Refused(Exception):
@@ -42,20 +44,13 @@ class Refused(Exception):
 
 @dataclass
 class Session:
-    publish_layers: list[frozenset[int]]  # per participant
-    generators: frozenset[int]
+    plan: FedAttnPlan  # who publishes where and who may see whom: the plan's own rule
     credentials: list[bytes]
     kv: dict[tuple[int, int], Tensors] = field(default_factory=dict)  # (participant, layer) -> K/V
     # (participant, "up" | "down") -> bytes on the wire; payload bytes (K/V only) likewise
     wire_bytes: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
     payload_bytes: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
     last_used: float = field(default_factory=time.monotonic)
-
-    def may_see(self, viewer: int, source: int, layer: int) -> bool:
-        """The spec's visibility: earlier participants in prefill, everyone for a generator."""
-        return source != viewer and layer in self.publish_layers[source] and (
-            source < viewer or viewer in self.generators
-        )
 
 
 @dataclass
@@ -141,13 +136,15 @@ class Coordinator:
         session_id = str(header["session"])
         if session_id in self.sessions:
             raise Refused("conflict", f"session {session_id} already exists")
-        layers = [frozenset(int(l) for l in ls) for ls in header["publish_layers"]]
-        n = len(layers)
-        generators = frozenset(int(g) for g in header["generators"])
-        if n < 1 or not generators or not all(0 <= g < n for g in generators):
-            raise Refused("bad_request", "a session needs participants and generators among them")
+        config, num_layers, n = header["config"], header["num_layers"], header["num_participants"]
+        if not isinstance(config, dict) or not all(isinstance(v, int) and 1 <= v <= MAX_SIZE for v in (num_layers, n)):
+            raise Refused("bad_request", f"a session needs a config, and num_layers and num_participants in 1..{MAX_SIZE}")
+        try:
+            plan = FedAttnConfig(**config).resolve(num_layers, n)
+        except FedAttnConfigError as error:
+            raise Refused("bad_request", f"config.{error}") from None
         credentials = [secrets.token_bytes(16) for _ in range(n)]
-        self.sessions[session_id] = Session(layers, generators, credentials)
+        self.sessions[session_id] = Session(plan, credentials)
         return encode({"ok": True, "credentials": credentials})
 
     def _close(self, header: dict, *_):
@@ -183,7 +180,7 @@ class Coordinator:
         layer = int(header["layer"])
         if kv is None:
             raise Refused("bad_request", "publish carries K and V frames")
-        if layer not in session.publish_layers[n]:
+        if not session.plan.publishes(n, layer):
             raise Refused("forbidden", f"participant {n} does not share at layer {layer}")
         if (n, layer) in session.kv:
             raise Refused("conflict", f"participant {n} already published layer {layer}")
@@ -196,7 +193,7 @@ class Coordinator:
     def _fetch(self, header: dict, kv, identity: bytes, request_id: bytes, size: int):
         session, viewer = self._authenticated(header)
         source, layer = int(header["source"]), int(header["layer"])
-        if not 0 <= source < len(session.credentials) or not session.may_see(viewer, source, layer):
+        if not 0 <= source < len(session.credentials) or not session.plan.reads(viewer, source, layer):
             raise Refused("forbidden", f"participant {viewer} may not see participant {source} at layer {layer}")
         session_id = str(header["session"])
         if (source, layer) in session.kv:

@@ -123,8 +123,9 @@ class EngineServer:
                 sampling = msgspec.msgpack.decode(header["sampling"], type=SamplingParams)
             except msgspec.DecodeError as error:
                 raise FedAttnSessionError("sampling_params", str(error)) from None
-            prompts = {int(n): self.llm.encode(segment, int(n)) for n, segment in header["segments"].items()}
-            run = self.llm.plan_run(session_id, prompts, int(header["num_participants"]), config, sampling)
+            prompts = {int(n): self.llm.encode(segment, f"segments[{n}]") for n, segment in header["segments"].items()}
+            prefix = self.llm.encode_prefix(header.get("public_prefix"))
+            run = self.llm.plan_run(session_id, prompts, int(header["num_participants"]), config, sampling, prefix)
         except (FedAttnSessionError, FedAttnConfigError) as error:
             self._send(identity, {"event": "done", "session": session_id, "error": str(error),
                                   "field": getattr(error, "field", None)})
@@ -139,7 +140,7 @@ class EngineServer:
             identity, run = self._queue.popleft()
             self._runs[run.session_id] = (identity, run)
             log.debug("session %s reserved (participants %s)", run.session_id, list(run.prompts))
-            self._send(identity, {"event": "ready", "session": run.session_id,
+            self._send(identity, {"event": "ready", "session": run.session_id, "prefix_len": len(run.prefix),
                                   "lengths": {n: len(p) for n, p in run.prompts.items()}})
 
     def _start_wave(self) -> None:

@@ -50,15 +50,15 @@ def _isolated(entry: ParticipantRows, step, *args) -> None:
 
 def _publish(e: ParticipantRows, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
     state, n = e.session, e.participant
-    keys = key[e.rows]
+    keys = key[e.segment_rows]  # the public prefix is never exchanged
     shared = state.plan.shared_positions(n, layer, state.lengths[n], keys)
-    kv = (gather_tokens(keys, shared), gather_tokens(value[e.rows], shared))
+    kv = (gather_tokens(keys, shared), gather_tokens(value[e.segment_rows], shared))
     REGISTRY.exchange.publish(state.session_id, n, layer, encode_kv(kv, state.plan.config.kv_wire))
 
 
 def _attend(e: ParticipantRows, layer: int, query, key, value, output, scale: float) -> None:
     state, n = e.session, e.participant
-    own, q = (key[e.rows], value[e.rows]), query[e.rows]
+    own = key[e.rows], value[e.rows]  # prefill: public prefix + segment
 
     def fetch(source: int):
         payload = REGISTRY.exchange.fetch(state.session_id, n, source, layer)
@@ -67,16 +67,18 @@ def _attend(e: ParticipantRows, layer: int, query, key, value, output, scale: fl
     if not e.prefill:  # a generator's token: one softmax over foreign + own keys (or stock, if no foreign)
         if state.decodes_over_foreign(n, layer):
             keys, values = state.decode_keys(n, layer, own, fetch)
-            output[e.rows] = partial_attention(q, keys, values, scale)[0].to(output.dtype)
+            output[e.rows] = partial_attention(query[e.rows], keys, values, scale)[0].to(output.dtype)
         return
     if state.decodes_over_foreign(n, layer):
         state.prompt_kv[n, layer] = (own[0].clone(), own[1].clone())
     foreign = state.foreign(n, layer, True, fetch)
     if foreign is None:
         return
+    # Only the segment's rows see foreign K/V (the prefix precedes all of it); they are the last of `own`.
+    q = query[e.segment_rows]
     out_own, lse_own = partial_attention(q, own[0], own[1], scale, causal=True)
     out_far, lse_far = partial_attention(q, foreign[0], foreign[1], scale)
-    output[e.rows] = merge_attention(out_far, lse_far, out_own, lse_own)[0].to(output.dtype)
+    output[e.segment_rows] = merge_attention(out_far, lse_far, out_own, lse_own)[0].to(output.dtype)
 
 
 @functools.cache

@@ -21,7 +21,12 @@ class ParticipantRows:
     session: SessionState
     participant: int
     rows: slice  # token rows of this request in the flattened batch
-    prefill: bool  # the rows are the whole segment (else: one generated token)
+    prefill: bool  # the rows are the whole prompt: public prefix + segment (else: one generated token)
+
+    @property
+    def segment_rows(self) -> slice:
+        """The rows of the participant's own segment (prefill), after the public prefix."""
+        return slice(self.rows.start + self.session.prefix_len, self.rows.stop)
 
 
 @dataclass(frozen=True)
@@ -43,8 +48,8 @@ class FedAttnBatch:
             n = metadata["participant"]
             start, end = int(starts[i]), int(starts[i + 1])
             local_start = int(batch.num_computed_tokens_cpu[i])
-            prefill = local_start < state.lengths[n]
-            if prefill and (local_start, end - start) != (0, state.lengths[n]):
+            prefill = local_start < state.request_len(n)
+            if prefill and (local_start, end - start) != (0, state.request_len(n)):
                 # A segment split across steps (chunked prefill, prefix caching) or recomputed after a
                 # preemption: its sync layers cannot be reproduced, so the session fails (the engine lives on).
                 state.fail(f"participant {n}'s segment was not computed whole in one step (preempted or chunked)")
@@ -54,12 +59,14 @@ class FedAttnBatch:
         return cls(entries) if entries else None
 
     def global_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """Segment tokens at offset_n + i, generated tokens at L, L+1, ... (out of place)."""
+        """Public prefix at 0..P-1, segment tokens at offset_n + i, generated tokens at L, L+1, ... (out of place)."""
         positions = positions.clone()
         for e in self.entries:
-            local = positions[e.rows]
-            length, offset = e.session.lengths[e.participant], e.session.offset(e.participant)
-            positions[e.rows] = torch.where(local < length, local + offset, local - length + e.session.prompt_len)
+            state, local = e.session, positions[e.rows]
+            prefix, end = state.prefix_len, state.request_len(e.participant)
+            shifted = torch.where(local < end, local - prefix + state.offset(e.participant),
+                                  local - end + state.prompt_len)
+            positions[e.rows] = torch.where(local < prefix, local, shifted)
         return positions
 
 

@@ -38,7 +38,8 @@ class GrowingKV:
 class SessionState:
     session_id: str
     plan: FedAttnPlan
-    lengths: list[int]
+    lengths: list[int]  # segment tokens per participant
+    prefix_len: int = 0  # public prefix tokens at the start of every participant's request
     # (generator, layer) -> its own segment's K/V, kept from its prefill to its first decode step
     prompt_kv: dict[tuple[int, int], KV] = field(default_factory=dict)
     # (generator, layer) -> every key/value its decode attends over: foreign, own segment, generated so far
@@ -57,17 +58,20 @@ class SessionState:
 
     @property
     def prompt_len(self) -> int:
-        return sum(self.lengths)
+        """Public prefix and every segment: where generated tokens' global positions start."""
+        return self.prefix_len + sum(self.lengths)
 
     def offset(self, participant: int) -> int:
-        return sum(self.lengths[:participant])
+        """Global position of the participant's first segment token."""
+        return self.prefix_len + sum(self.lengths[:participant])
+
+    def request_len(self, participant: int) -> int:
+        """Prompt tokens of the participant's request: the public prefix, then its segment."""
+        return self.prefix_len + self.lengths[participant]
 
     def sources(self, participant: int, layer: int, prefill: bool) -> list[int]:
         """Participants whose K/V `participant` attends to at `layer` (earlier ones in prefill)."""
-        return [
-            m for m in range(len(self.lengths))
-            if m != participant and self.plan.publishes(m, layer) and (m < participant or not prefill)
-        ]
+        return [m for m in range(len(self.lengths)) if self.plan.sees(participant, m, layer, prefill)]
 
     def decodes_over_foreign(self, participant: int, layer: int) -> bool:
         """Whether `participant` generates and its decode sees foreign K/V at `layer`."""
@@ -120,7 +124,8 @@ class SessionRegistry:
             if state is None:
                 config = FedAttnConfig(**metadata["config"])
                 plan = config.resolve(metadata["num_layers"], len(metadata["lengths"]))
-                state = self._sessions[session_id] = SessionState(session_id, plan, list(metadata["lengths"]))
+                state = self._sessions[session_id] = SessionState(session_id, plan, list(metadata["lengths"]),
+                                                                  metadata["prefix_len"])
             return state
 
     def failed(self, session_ids) -> dict[str, str]:
