@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     from fedattn_vllm.prompting import encode_segments
 
     llm = FederatedLLM(args.model, dtype=args.dtype, max_model_len=2048, seed=0)
-    segments = encode_segments(llm.tokenizer, PARTIES, chat=True)
-    print(f"model: {args.model} ({llm.num_layers} layers, {args.dtype}); {len(PARTIES)} parties")
+    prefix, segments = encode_segments(llm.tokenizer, PARTIES, chat=True)
+    print(f"model: {args.model} ({llm.num_layers} layers, {args.dtype}); {len(PARTIES)} parties, "
+          f"{len(prefix)} public tokens (the chat template's head)")
     for n, seg in enumerate(segments):
         print(f"  party {n + 1}: {len(seg)} tokens of private text")
     runs = {
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
     started = time.perf_counter()
-    results = llm.generate([FedAttnSession(segments, config, params) for config in runs.values()])
+    results = llm.generate([FedAttnSession(segments, config, params, public_prefix=prefix) for config in runs.values()])
     print(f"\nthree sessions answered together in {time.perf_counter() - started:.1f} s")
     for label, result in zip(runs, results):
         print(f"\n{label}: {len(result.cost.sync_layers)} sync layers {list(result.cost.sync_layers)}")

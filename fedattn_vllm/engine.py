@@ -62,6 +62,7 @@ class SessionCost:
     sync_layers: tuple[int, ...]
     published_bytes: list[int]  # K/V payload measured at the exchange, per participant
     received_bytes: list[int]
+    prefix_tokens: int = 0  # the public prefix, computed by every participant (never exchanged)
     published_wire_bytes: list[int] | None = None  # federated: whole messages on the wire (payload + framing)
     received_wire_bytes: list[int] | None = None
 
@@ -230,8 +231,8 @@ class FederatedLLM:
             params[n] = sp
         return params
 
-    def _prepare(self, session: FedAttnSession) -> tuple[_Run, list[int]]:
-        """Validate a whole session for colocated mode; nothing is submitted yet."""
+    def prepare(self, session: FedAttnSession) -> tuple[_Run, list[int]]:
+        """Validate a whole session for colocated mode: its run and segment lengths; nothing is submitted yet."""
         if not isinstance(session, FedAttnSession):
             raise FedAttnSessionError("session", f"expected a FedAttnSession, got {type(session).__name__}")
         if isinstance(session.segments, (str, bytes)) or not session.segments:
@@ -293,7 +294,7 @@ class FederatedLLM:
 
         if self._active:
             raise RuntimeError("generate() is not reentrant: this engine is already running sessions")
-        prepared = [self._prepare(s) for s in sessions]
+        prepared = [self.prepare(s) for s in sessions]
         pending = deque(prepared)
         results: dict[str, SessionResult] = {}
         progress = tqdm(total=len(prepared), desc="sessions", disable=not use_tqdm)
@@ -329,6 +330,7 @@ class FederatedLLM:
             sync_layers=run.plan.sync_layers,
             published_bytes=[stats.published_bytes.get(n, 0) for n in participants],
             received_bytes=[stats.received_bytes.get(n, 0) for n in participants],
+            prefix_tokens=len(run.prefix),
         )
         if run.error is not None:
             return SessionResult(outputs={}, cost=cost, error=run.error)

@@ -1,8 +1,10 @@
 """Turn participants' texts into token segments, optionally inside one chat turn.
 
 With a chat template the global prompt is a single user message whose content is the
-concatenation of the parts: the template's prefix goes to the first participant and its
-suffix (end of turn, assistant header) to the last, so every segment stays private text.
+concatenation of the parts. The template's head (system message, user header) is public
+text: it becomes the session's public prefix, which every participant computes and sees
+at every layer. The template's tail (end of turn, assistant header) goes to the last
+participant, so every segment stays private text.
 """
 
 from __future__ import annotations
@@ -11,30 +13,38 @@ _MARK = "\x00FEDATTN_CONTENT\x00"
 
 
 def chat_frame(tokenizer, system: str | None = None) -> tuple[str, str]:
-    """(prefix, suffix) of the chat template around one user message's content."""
+    """(head, tail) of the chat template around one user message's content."""
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [
         {"role": "user", "content": _MARK}
     ]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    prefix, suffix = rendered.split(_MARK)
-    return prefix, suffix
+    head, tail = rendered.split(_MARK)
+    return head, tail
 
 
-def encode_part(tokenizer, text: str, index: int, count: int, *, chat: bool = False,
-                system: str | None = None) -> list[int]:
-    """Token ids of participant `index`'s part of `count` (framed as one chat turn if `chat`).
-
-    Each participant can encode its own part alone: only the first needs the template's
-    prefix and only the last its suffix.
-    """
-    if chat:
-        prefix, suffix = chat_frame(tokenizer, system)
-        text = (prefix if index == 0 else "") + text + (suffix if index == count - 1 else "")
+def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_segments(tokenizer, parts: list[str], *, chat: bool = False, system: str | None = None) -> list[list[int]]:
-    """Token ids of each participant's part (framed as one chat turn if `chat`)."""
+def chat_prefix(tokenizer, system: str | None = None) -> list[int]:
+    """Token ids of the chat template's head: the public prefix of a multi-party chat turn."""
+    return _ids(tokenizer, chat_frame(tokenizer, system)[0])
+
+
+def encode_part(tokenizer, text: str, index: int, count: int, *, chat: bool = False) -> list[int]:
+    """Token ids of participant `index`'s part of `count` (with the chat template's tail if the last, in chat).
+
+    Each participant can encode its own part alone: the template's head is the public prefix.
+    """
+    if chat and index == count - 1:
+        text += chat_frame(tokenizer)[1]
+    return _ids(tokenizer, text)
+
+
+def encode_segments(tokenizer, parts: list[str], *, chat: bool = False,
+                    system: str | None = None) -> tuple[list[int], list[list[int]]]:
+    """(public prefix, each participant's segment) as token ids; the prefix is the chat head, or empty."""
     if not parts or any(not p for p in parts):
         raise ValueError("parts: every participant needs non-empty text")
-    return [encode_part(tokenizer, p, n, len(parts), chat=chat, system=system) for n, p in enumerate(parts)]
+    prefix = chat_prefix(tokenizer, system) if chat else []
+    return prefix, [encode_part(tokenizer, p, n, len(parts), chat=chat) for n, p in enumerate(parts)]

@@ -20,9 +20,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
-from fedattn_vllm.engine import FedAttnSessionError, SessionResult
+from fedattn_vllm.engine import FedAttnSession, FedAttnSessionError, SessionResult
 from server.backend import Backend
-from fedattn_vllm.prompting import encode_part, encode_segments
+from fedattn_vllm.prompting import chat_prefix, encode_part, encode_segments
 from server.metrics import Metrics
 from server.private import JoinError, PrivateSessions
 from server.schemas import (ChatCompletionRequest, CompletionRequest, FedAttnBlock, SessionCreateRequest,
@@ -99,9 +99,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
             body.prompt = None  # SDKs that require `prompt` send "" beside participants
         if (body.prompt is None) == (body.participants is None):
             raise APIError(400, "give exactly one of prompt (single party) or participants (multi-party)", "prompt")
+        if body.public_prefix is not None and body.participants is None:
+            raise APIError(400, "public_prefix: only with participants (multi-party)", "public_prefix")
         parts = body.participants if body.participants is not None else [body.prompt]
         segments = [_encode(p, f"participants[{i}]" if body.participants else "prompt") for i, p in enumerate(parts)]
-        return await _run(request, body, segments, "text_completion", body.max_tokens or 16,
+        prefix = _encode(body.public_prefix, "public_prefix") if body.public_prefix not in (None, "", []) else []
+        return await _run(request, body, prefix, segments, "text_completion", body.max_tokens or 16,
                           "participants" if body.participants else "prompt")
 
     @app.post("/v1/chat/completions")
@@ -112,16 +115,19 @@ def create_app(settings: ServerSettings) -> FastAPI:
             body.messages = None  # SDKs that require `messages` send [] beside participants
         if (body.messages is None) == (body.participants is None):
             raise APIError(400, "give exactly one of messages (single party) or participants (multi-party)", "messages")
+        if body.public_prefix is not None:
+            raise APIError(400, "public_prefix: in chat the system message is the public prefix (use `system`)",
+                           "public_prefix")
         if body.messages is not None:
             text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
                                                  add_generation_prompt=True)
-            segments = [tokenizer(text, add_special_tokens=False)["input_ids"]]
+            prefix, segments = [], [tokenizer(text, add_special_tokens=False)["input_ids"]]
         else:
             for i, part in enumerate(body.participants):
                 if not part:
                     raise APIError(400, "is empty", f"participants[{i}]")
-            segments = encode_segments(tokenizer, body.participants, chat=True, system=body.system)
-        return await _run(request, body, segments, "chat.completion", body.max_tokens,
+            prefix, segments = encode_segments(tokenizer, body.participants, chat=True, system=body.system)
+        return await _run(request, body, prefix, segments, "chat.completion", body.max_tokens,
                           "participants" if body.participants else "messages")
 
     def _encode(segment, param: str) -> list[int]:
@@ -139,8 +145,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise APIError(404, f"model {name!r} is not served here (try {state['model']!r})", "model",
                            "not_found_error")
 
-    async def _run(request: Request, body, segments: list[list[int]], kind: str, max_tokens: int | None,
-                   prompt_param: str):
+    async def _run(request: Request, body, prefix: list[int], segments: list[list[int]], kind: str,
+                   max_tokens: int | None, prompt_param: str):
         if len(segments) > settings.max_participants:
             raise APIError(400, f"{len(segments)} participants exceed max_participants={settings.max_participants}",
                            "participants")
@@ -149,13 +155,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
             config.resolve(state["backend"].num_layers, len(segments))
         except FedAttnConfigError as error:
             raise APIError(400, str(error), f"fedattn.{error.field}") from None
-        total = sum(len(s) for s in segments) + (max_tokens or 1)
-        if total > settings.max_model_len:
-            raise APIError(400, f"{prompt_param}: {sum(len(s) for s in segments)} prompt tokens + max_tokens="
+        prompt_len = len(prefix) + sum(len(s) for s in segments)
+        if prompt_len + (max_tokens or 1) > settings.max_model_len:
+            raise APIError(400, f"{prompt_param}: {prompt_len} prompt tokens + max_tokens="
                            f"{max_tokens} exceed max_model_len={settings.max_model_len}", prompt_param)
         sampling = _sampling(body, max_tokens)
         if settings.log_requests:
-            log.info("request %s: %d participants, %s", kind, len(segments), [len(s) for s in segments])
+            log.info("request %s: %d participants, %s, public prefix %d", kind, len(segments),
+                     [len(s) for s in segments], len(prefix))
         worker = state["backend"].worker
         stream = asyncio.Queue() if body.stream else None
         loop = asyncio.get_running_loop()
@@ -164,7 +171,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             loop.call_soon_threadsafe(stream.put_nowait, (generator, text, finished))
 
         try:
-            session_id, future, timings = worker.submit(segments, config, sampling, on_text if stream else None)
+            session_id, future, timings = worker.submit(FedAttnSession(segments, config, sampling, public_prefix=prefix),
+                                                        on_text if stream else None)
         except QueueFull as error:
             raise APIError(429, str(error), None, "rate_limit_error") from None
         response_id = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
@@ -238,7 +246,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 {"message": {"role": "assistant", "content": out.text}}
             choices.append({"index": i, "participant": g, **content, "finish_reason": out.finish_reason})
         completion_tokens = sum(len(out.token_ids) for out in result.outputs.values())
-        prompt_tokens = sum(result.cost.tokens)
+        prompt_tokens = result.cost.prefix_tokens + sum(result.cost.tokens)
         return {
             "id": response_id, "object": kind, "created": int(time.time()), "model": state["model"],
             "choices": choices,
@@ -246,6 +254,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                       "total_tokens": prompt_tokens + completion_tokens},
             "fedattn": {
                 "participants": len(result.cost.tokens), "tokens": result.cost.tokens,
+                "public_prefix_tokens": result.cost.prefix_tokens,
                 "sync_layers": list(result.cost.sync_layers),
                 "published_bytes": result.cost.published_bytes, "received_bytes": result.cost.received_bytes,
                 "timings": {"time_to_first_token_s": timings.first_token_s, "total_s": timings.total_s},
@@ -263,8 +272,18 @@ def create_app(settings: ServerSettings) -> FastAPI:
             plan = config.resolve(state["backend"].num_layers, body.participants)
         except FedAttnConfigError as error:
             raise APIError(400, str(error), f"fedattn.{error.field}") from None
+        if body.chat and body.public_prefix is not None:
+            raise APIError(400, "public_prefix: in chat the system message is the public prefix (use `system`)",
+                           "public_prefix")
+        if body.system is not None and not body.chat:
+            raise APIError(400, "system: only with chat (use public_prefix)", "system")
+        tokenizer = state["backend"].tokenizer
+        if body.chat:
+            prefix = chat_prefix(tokenizer, body.system)
+        else:
+            prefix = _encode(body.public_prefix, "public_prefix") if body.public_prefix not in (None, "", []) else []
         session = state["private"].create(body.participants, config, _sampling(body, body.max_tokens), body.chat,
-                                          body.join_timeout_s)
+                                          body.join_timeout_s, prefix)
         return {"id": session.session_id, "object": "fedattn.session", "generators": list(plan.generators),
                 "join_timeout_s": body.join_timeout_s,
                 "participants": [{"index": n, "token": t} for n, t in enumerate(session.tokens)]}
@@ -325,6 +344,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         """All parts are in: run the session; generators that stream get their pieces."""
         state["private"].close_joins(session.session_id)
         segments = [session.parts[n] for n in range(session.size)]
+        fedattn_session = FedAttnSession(segments, session.config, session.sampling, public_prefix=session.prefix)
         loop = asyncio.get_running_loop()
 
         def on_text(generator: int, text: str, finished: bool) -> None:
@@ -332,8 +352,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 loop.call_soon_threadsafe(session.streams[generator].put_nowait, (generator, text, finished))
 
         try:
-            worker_session, future, timings = state["backend"].worker.submit(segments, session.config, session.sampling,
-                                                                      on_text)
+            worker_session, future, timings = state["backend"].worker.submit(fedattn_session, on_text)
         except QueueFull as error:
             session.started.set_exception(JoinError(429, str(error)))
             return

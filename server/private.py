@@ -34,6 +34,7 @@ class PrivateSession:
     chat: bool
     tokens: list[str]
     deadline: float
+    prefix: list[int]  # the public prefix's token ids (the chat template head in chat)
     parts: dict[int, list[int]] = field(default_factory=dict)  # participant -> its token ids
     started: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     streams: dict[int, asyncio.Queue] = field(default_factory=dict)  # generator -> its text pieces
@@ -54,9 +55,11 @@ class PrivateSessions:
     def __init__(self) -> None:
         self.sessions: dict[str, PrivateSession] = {}
 
-    def create(self, size: int, config, sampling, chat: bool, join_timeout_s: float) -> PrivateSession:
+    def create(self, size: int, config, sampling, chat: bool, join_timeout_s: float,
+               prefix: list[int]) -> PrivateSession:
         session = PrivateSession(f"fedsess-{uuid.uuid4().hex}", size, config, sampling, chat,
-                                 [secrets.token_urlsafe(24) for _ in range(size)], time.monotonic() + join_timeout_s)
+                                 [secrets.token_urlsafe(24) for _ in range(size)], time.monotonic() + join_timeout_s,
+                                 prefix)
         self.sessions[session.session_id] = session
         asyncio.get_running_loop().call_later(join_timeout_s, self._expire, session.session_id)
         return session

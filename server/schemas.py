@@ -22,6 +22,7 @@ class FedAttnBlock(BaseModel):
     publisher: int = -1
     publisher_sync_interval: int | None = None
     generators: list[int] = Field(default_factory=lambda: [-1])
+    generator_sync_interval: int | None = None
     seed: int = 0
     kv_wire: str = "native"
 
@@ -46,6 +47,7 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: Segment | None = None
     participants: list[Segment] | None = Field(None, min_length=1)  # multi-party: one segment per participant
+    public_prefix: Segment | None = None  # multi-party: public text before participant 0, seen by all at every layer
 
 
 class ChatMessage(BaseModel):
@@ -59,7 +61,8 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] | None = None
     # multi-party: each participant's private part of one user turn (the chat template frames the whole)
     participants: list[str] | None = Field(None, min_length=1)
-    system: str | None = None  # optional system prompt for a multi-party turn
+    system: str | None = None  # optional system prompt for a multi-party turn (with the template head: public)
+    public_prefix: Segment | None = None  # refused: in multi-party chat the system message is the public prefix
 
 
 class SessionCreateRequest(_Sampling):
@@ -67,6 +70,8 @@ class SessionCreateRequest(_Sampling):
 
     participants: int = Field(ge=1)
     chat: bool = True  # the parts form one user turn under the model's chat template
+    system: str | None = None  # chat: the system message (the template head is the public prefix)
+    public_prefix: Segment | None = None  # not chat: public text or token ids before participant 0
     join_timeout_s: float = Field(60.0, gt=0, le=3600)
 
 

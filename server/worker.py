@@ -19,7 +19,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from fedattn_vllm.config import FedAttnConfig
 from fedattn_vllm.engine import FedAttnSession, FederatedLLM, SessionResult
 
 TextCallback = Callable[[int, str, bool], None]  # (generator, new text, finished)
@@ -39,14 +38,13 @@ class Timings:
 @dataclass
 class _Job:
     session_id: str
-    segments: list[list[int]]
-    config: FedAttnConfig
-    sampling: object
+    session: FedAttnSession  # segments and public prefix as token ids
     future: Future
     on_text: TextCallback | None
     timings: Timings = field(default_factory=Timings)
     sent: dict[int, int] = field(default_factory=dict)  # generator -> characters streamed so far
     handle: object | None = None  # the backend's run or session id
+    lengths: list[int] | None = None  # colocated: every segment's length, once validated
 
 
 class _Worker(ABC):
@@ -68,13 +66,12 @@ class _Worker(ABC):
         """Sessions waiting to enter the engine."""
         return 0
 
-    def submit(self, segments: list[list[int]], config: FedAttnConfig, sampling,
-               on_text: TextCallback | None = None) -> tuple[str, Future, Timings]:
+    def submit(self, session: FedAttnSession, on_text: TextCallback | None = None) -> tuple[str, Future, Timings]:
         with self._lock:
             if self._outstanding >= self.max_sessions:
                 raise QueueFull(f"{self._outstanding} sessions in flight (max_sessions={self.max_sessions})")
             self._outstanding += 1
-        job = _Job(f"srv-{next(self._ids)}", segments, config, sampling, Future(), on_text)
+        job = _Job(f"srv-{next(self._ids)}", session, Future(), on_text)
         self._inbox.put(("submit", job))
         return job.session_id, job.future, job.timings
 
@@ -157,10 +154,7 @@ class EngineWorker(_Worker):
         return not (self.llm.busy or self._pending)
 
     def _admit(self, job: _Job) -> None:
-        prompts = dict(enumerate(job.segments))
-        job.handle = self.llm.plan_run(f"{job.session_id}-{time.monotonic_ns()}", prompts, len(prompts), job.config,
-                                       job.sampling)
-        self.llm.check_lengths(job.handle, [len(s) for s in job.segments])
+        job.handle, job.lengths = self.llm.prepare(job.session)
         self._pending.append(job)
 
     def _cancel(self, session_id: str) -> None:
@@ -175,7 +169,7 @@ class EngineWorker(_Worker):
     def _tick(self) -> None:
         while self._pending and self.llm.reserve(self._pending[0].handle):
             job = self._pending.popleft()
-            self.llm.start(job.handle, [len(s) for s in job.segments])
+            self.llm.start(job.handle, job.lengths)
             self._active[job.handle.session_id] = job
         if self.llm.busy:
             for run in self.llm.step(on_output=self._on_output):
@@ -205,7 +199,7 @@ class ClusterWorker(_Worker):
         return not self._active
 
     def _admit(self, job: _Job) -> None:
-        job.handle = self.cluster.submit(FedAttnSession(job.segments, job.config, job.sampling))  # n on engine n % E
+        job.handle = self.cluster.submit(job.session)  # participant n on engine n % E
         self._active[job.handle] = job
 
     def _cancel(self, session_id: str) -> None:

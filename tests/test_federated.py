@@ -152,13 +152,17 @@ def test_no_text_or_token_ids_reach_the_coordinator_or_foreign_engines(local, co
     ids = [random_tokens(rng, len(colocated.tokenizer), 24) for _ in range(3)]
     placement = [[0, 1, 2], [2, 0, 1]]
     coordinator.received.clear()
-    results = local.cluster.generate([FedAttnSession(texts, FedAttnConfig(sync_interval=1), greedy(4)),
-                                      FedAttnSession(ids, FedAttnConfig(sync_interval=2), greedy(4))], placement)
+    public = "the public system prompt of the consortium"
+    results = local.cluster.generate([
+        FedAttnSession(texts, FedAttnConfig(sync_interval=1), greedy(4), public_prefix=public),
+        FedAttnSession(ids, FedAttnConfig(sync_interval=2, generator_sync_interval=1), greedy(4)),
+    ], placement)
     assert all(r.error is None for r in results)
     secrets = [[t.encode() for t in texts], [msgspec.msgpack.encode(i) for i in ids]]
+    assert not any(public.encode() in raw for _, raw in coordinator.received)  # public, but the relay needs none
     # The coordinator: only protocol fields, never a segment's bytes.
     allowed = {"op", "session", "participant", "source", "layer", "credential", "wait_s", "tensors",
-               "admin_key", "publish_layers", "generators"}
+               "admin_key", "config", "num_layers", "num_participants"}
     assert coordinator.received
     for header, raw in coordinator.received:
         assert set(header) <= allowed, set(header) - allowed
@@ -170,6 +174,7 @@ def test_no_text_or_token_ids_reach_the_coordinator_or_foreign_engines(local, co
         s = 0 if isinstance(header["segments"][next(iter(header["segments"]))], str) else 1
         hosted = {n for n, engine in enumerate(placement[s]) if engine == e}
         assert set(header["segments"]) == hosted and set(header["credentials"]) == hosted
+        assert header["public_prefix"] == (public if s == 0 else None)  # every engine computes the prefix
         raw = msgspec.msgpack.encode(header)
         assert not any(secrets[s][n] in raw for n in range(3) if n not in hosted)
 

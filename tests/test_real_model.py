@@ -16,8 +16,8 @@ QUESTION = "Question: what is the access code for the blue door? Answer with the
 
 def answer(real_model, config):
     model, tokenizer = real_model
-    segments = encode_segments(tokenizer, [FACT, QUESTION], chat=True)
-    out = FedAttnOracle(model).generate(segments, config, 12)
+    prefix, segments = encode_segments(tokenizer, [FACT, QUESTION], chat=True)
+    out = FedAttnOracle(model).generate(segments, config, 12, public_prefix=prefix)
     return tokenizer.decode(out.tokens[1], skip_special_tokens=True)
 
 
@@ -29,7 +29,8 @@ def test_the_question_holder_learns_the_fact_only_through_sync_layers(real_model
 
 def test_h1_equals_plain_inference_on_the_real_model(real_model):
     model, tokenizer = real_model
-    segments = encode_segments(tokenizer, [FACT, QUESTION], chat=True)
-    ids = [t for s in segments for t in s]
-    out = FedAttnOracle(model).generate(segments, FedAttnConfig(sync_interval=1), 1, output_prompt_logits=True)
+    prefix, segments = encode_segments(tokenizer, [FACT, QUESTION], chat=True)
+    ids = prefix + [t for s in segments for t in s]
+    out = FedAttnOracle(model).generate(segments, FedAttnConfig(sync_interval=1), 1, output_prompt_logits=True,
+                                        public_prefix=prefix)
     assert_close(out.prompt_logits, model(torch.tensor([ids])).logits[0].float(), rtol=1e-4, atol=1e-4)

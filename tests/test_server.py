@@ -94,10 +94,27 @@ def test_multi_party_chat_frames_the_parts_as_one_user_turn(server):
     reply = post(server, "/v1/chat/completions", {"participants": parts, "max_tokens": 5, "temperature": 0,
                                                   "ignore_eos": True}).json()
     llm = federated_engine(MODEL)
-    segments = encode_segments(llm.tokenizer, parts, chat=True)
-    [expected] = llm.generate([FedAttnSession(segments, FedAttnConfig(), greedy(5))])
+    prefix, segments = encode_segments(llm.tokenizer, parts, chat=True)
+    [expected] = llm.generate([FedAttnSession(segments, FedAttnConfig(), greedy(5), public_prefix=prefix)])
     assert reply["choices"][0]["message"] == {"role": "assistant", "content": expected.outputs[1].text}
     assert reply["object"] == "chat.completion"
+    # the template head (system message, user header) is the public prefix: no participant holds it
+    assert reply["fedattn"]["public_prefix_tokens"] == len(prefix) > 0
+    assert reply["fedattn"]["tokens"] == [len(s) for s in segments]
+    assert reply["usage"]["prompt_tokens"] == len(prefix) + sum(len(s) for s in segments)
+
+
+def test_a_public_prefix_beside_participants_is_seen_by_all_and_exchanged_by_none(server):
+    body = {"participants": [list(range(10, 20)), list(range(40, 47))], "public_prefix": list(range(60, 66)),
+            "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+            "fedattn": {"sync_interval": 2, "generator_sync_interval": 1}}
+    reply = post(server, "/v1/completions", body).json()
+    config = FedAttnConfig(sync_interval=2, generator_sync_interval=1)
+    [expected] = federated_engine(MODEL).generate([FedAttnSession(body["participants"], config, greedy(4),
+                                                                  public_prefix=body["public_prefix"])])
+    assert reply["choices"][0]["text"] == expected.outputs[1].text
+    assert reply["fedattn"]["published_bytes"] == expected.cost.published_bytes
+    assert reply["fedattn"]["public_prefix_tokens"] == 6 and reply["usage"]["prompt_tokens"] == 23
 
 
 def test_streaming_gives_the_same_text_in_pieces(server):
@@ -132,6 +149,10 @@ BAD = [
     ({"participants": ["a", "b"], "fedattn": {"placement": "sideways"}}, 400, "fedattn.placement"),
     ({"participants": ["a", "b"], "fedattn": {"bogus": 1}}, 400, "fedattn.bogus"),
     ({"participants": ["a", "b"], "fedattn": {"kv_share_ratio": [0.5]}}, 400, "fedattn.kv_share_ratio"),
+    ({"participants": ["a", "b"], "fedattn": {"generator_sync_interval": 0}}, 400, "fedattn.generator_sync_interval"),
+    ({"prompt": "x", "public_prefix": "shared"}, 400, "public_prefix"),
+    ({"participants": ["a", "b"], "public_prefix": [5, 10**6]}, 400, "public_prefix"),
+    ({"participants": ["a", "b"], "public_prefix": [5] * 250, "max_tokens": 8}, 400, "participants"),
 ]
 
 
@@ -200,7 +221,8 @@ def join(server, session: dict, n: int, content, **extra) -> httpx.Response:
 
 def test_private_session_clients_each_send_only_their_part_and_get_the_joint_answer(server):
     parts = ["alice: the vault code is 4417. ", "bob: the vault is in the cellar. ", "carol: what is the code?"]
-    sampling = {"max_tokens": 6, "temperature": 0, "ignore_eos": True, "fedattn": {"sync_interval": 2}}
+    sampling = {"max_tokens": 6, "temperature": 0, "ignore_eos": True, "system": "You answer in one word.",
+                "fedattn": {"sync_interval": 2, "generator_sync_interval": 1}}
     session = create_session(server, participants=3, **sampling)
     assert session["generators"] == [2] and len({p["token"] for p in session["participants"]}) == 3
     with ThreadPoolExecutor(3) as pool:  # three clients, concurrently, each with its own text only
@@ -213,6 +235,7 @@ def test_private_session_clients_each_send_only_their_part_and_get_the_joint_ans
     for reply in replies[:2]:  # the others get a usage record, not the answer
         assert reply.json()["object"] == "fedattn.participation" and "choices" not in reply.json()
         assert reply.json()["fedattn"]["tokens"] == one_call["fedattn"]["tokens"]
+    assert answer["fedattn"]["public_prefix_tokens"] == one_call["fedattn"]["public_prefix_tokens"] > 0
 
 
 def test_private_session_refuses_bad_tokens_and_double_joins(server):

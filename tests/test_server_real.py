@@ -28,8 +28,8 @@ def test_a_three_party_chat_on_the_real_model_equals_the_offline_api(tmp_path_fa
         process.terminate()
         process.wait(timeout=60)
     llm = federated_engine("default", **REAL_ENGINE_ARGS)
-    segments = encode_segments(llm.tokenizer, PARTIES, chat=True)
-    [expected] = llm.generate([FedAttnSession(segments, FedAttnConfig(sync_interval=1), greedy(24))])
+    prefix, segments = encode_segments(llm.tokenizer, PARTIES, chat=True)
+    [expected] = llm.generate([FedAttnSession(segments, FedAttnConfig(sync_interval=1), greedy(24), public_prefix=prefix)])
     assert reply.choices[0].message.content == expected.outputs[2].text
     assert "Lisbon" in reply.choices[0].message.content  # H = 1 is centralised inference: the answer is there
     print(f"\nanswer: {reply.choices[0].message.content!r}")

@@ -320,6 +320,7 @@ class FederatedCluster:
         return SessionCost(
             tokens=[flight.lengths.get(p, 0) for p in range(n)], sync_layers=flight.plan.sync_layers,
             published_bytes=column("payload_bytes", "up"), received_bytes=column("payload_bytes", "down"),
+            prefix_tokens=min(flight.prefix_lens, default=0),
             published_wire_bytes=column("wire_bytes", "up"), received_wire_bytes=column("wire_bytes", "down"),
         )
 
