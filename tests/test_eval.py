@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from fedattn_vllm.eval.answers import extract_answer, is_correct
+from fedattn_vllm.eval.records import read_rows, rows_path
 from fedattn_vllm.eval.stats import mcnemar_exact, wilson_interval
 
 
@@ -56,7 +57,7 @@ def test_the_cli_runs_two_problems_on_the_tiny_model_then_fidelity_attention_and
          "--out", str(tmp_path / "gsm8k"))
     [path] = (tmp_path / "gsm8k").glob("*.summary.json")
     summary = json.loads(path.read_text())
-    rows = [json.loads(line) for line in (tmp_path / "gsm8k" / f"{summary['run']}.jsonl").read_text().splitlines()]
+    rows = read_rows(rows_path(tmp_path / "gsm8k", summary["run"]))
     assert len(rows) == 2 and summary["problems"] == 2 and summary["errors"] == 0
     assert {"segment_tokens", "output", "predicted", "reference", "correct", "published_bytes"} <= set(rows[0])
     assert rows[1]["reference"] == "3" and len(rows[0]["segment_tokens"]) == 2

@@ -6,16 +6,17 @@ import json
 import pytest
 
 from fedattn_vllm.eval import plots
+from fedattn_vllm.eval.records import rows_path, write_rows
 
 
 def _accuracy_run(directory, n, h, correct, offset=0, shots=4, ratio=1.0, selection="random", placement="uniform"):
-    """One `gsm8k` run as the CLI saves it: <run>.jsonl and <run>.summary.json."""
+    """One `gsm8k` run as the CLI saves it: <run>.jsonl.gz and <run>.summary.json."""
     name = f"N{n}-H{h}-{placement}-{shots}-r{ratio}-{selection}-o{offset}"
     args = {"participants": n, "sync_interval": h, "placement": placement, "split": "TokEx", "shots": shots,
             "kv_share_ratio": ratio, "kv_selection": selection, "publisher_sync_interval": None}
     rows = [{"index": offset + i, "correct": i < correct, "published_bytes": [1024 * h] * n}
             for i in range(4)]
-    (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_rows(rows_path(directory, name), rows)
     summary = {"run": name, "args": args, "problems": 4, "mean_prefill_flops": [2e9 * (offset + 1)] * n}
     (directory / f"{name}.summary.json").write_text(json.dumps(summary))
 

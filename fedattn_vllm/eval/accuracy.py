@@ -1,7 +1,7 @@
 """GSM8K accuracy of FedAttn sessions on the vLLM engine (colocated, batched): `python -m fedattn_vllm.eval gsm8k`.
 
 Each problem's few-shot prompt (the paper's format) is split among N participants by the
-chosen policy; the last participant generates greedily. Writes one JSON line per problem
+chosen policy; the last participant generates greedily. Writes one JSON line per problem (gzip-compressed)
 (split, output, parsed answer, correctness, bytes per participant) and a summary with the
 accuracy and its 95% confidence interval, the mean bytes and the modelled FLOPs per participant.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fedattn_vllm import gsm8k
 from fedattn_vllm.eval.answers import extract_answer, is_correct
+from fedattn_vllm.eval.records import rows_path, write_rows
 from fedattn_vllm.eval.stats import wilson_interval
 
 STOP = ["Question:", "\n\n\n"]  # the next few-shot block, or a run of blank lines
@@ -41,7 +42,7 @@ def share_ratio(args: argparse.Namespace) -> float | tuple[float, ...]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """One accuracy run; writes `<run>.jsonl` and `<run>.summary.json` under args.out."""
+    """One accuracy run; writes `<run>.jsonl.gz` and `<run>.summary.json` under args.out."""
     done = args.out / f"{run_name(args)}.summary.json"
     if args.resume and done.exists():
         print(f"{done} exists: skipped")
@@ -72,18 +73,16 @@ def run(args: argparse.Namespace) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     name = run_name(args)
     rows, flops = [], []
-    with open(args.out / f"{name}.jsonl", "w") as out:
-        for i, (problem, segments, result) in enumerate(zip(problems, splits, results)):
-            text = result.outputs[args.participants - 1].text if result.error is None else ""
-            predicted, reference = extract_answer(text), gsm8k.reference_answer(problem)
-            costs = participant_costs(shape, config.resolve(llm.num_layers, len(segments)), [len(s) for s in segments])
-            flops.append([c.prefill_flops for c in costs])
-            row = {"index": args.offset + i, "segment_tokens": [len(s) for s in segments], "output": text,
-                   "predicted": predicted, "reference": reference, "correct": is_correct(predicted, reference),
-                   "published_bytes": result.cost.published_bytes, "received_bytes": result.cost.received_bytes,
-                   "error": result.error}
-            rows.append(row)
-            out.write(json.dumps(row) + "\n")
+    for i, (problem, segments, result) in enumerate(zip(problems, splits, results)):
+        text = result.outputs[args.participants - 1].text if result.error is None else ""
+        predicted, reference = extract_answer(text), gsm8k.reference_answer(problem)
+        costs = participant_costs(shape, config.resolve(llm.num_layers, len(segments)), [len(s) for s in segments])
+        flops.append([c.prefill_flops for c in costs])
+        rows.append({"index": args.offset + i, "segment_tokens": [len(s) for s in segments], "output": text,
+                     "predicted": predicted, "reference": reference, "correct": is_correct(predicted, reference),
+                     "published_bytes": result.cost.published_bytes, "received_bytes": result.cost.received_bytes,
+                     "error": result.error})
+    write_rows(rows_path(args.out, name), rows)
     correct = sum(r["correct"] for r in rows)
     low, high = wilson_interval(correct, len(rows))
     summary = {

@@ -1,6 +1,6 @@
 """Figures and tables for RESULTS.md from saved results: `python -m fedattn_vllm.eval plots`.
 
-Reads `<results>/gsm8k/*.summary.json` (+ their JSONL; shards of one config made with
+Reads `<results>/gsm8k/*.summary.json` (+ their `.jsonl.gz`; shards of one config made with
 --offset are merged), `<results>/fidelity/<sweep>.json` and `<results>/attention/<sweep>.json`;
 writes PNGs and `tables.md`.
 A figure whose runs are missing is skipped, so a partial sweep still plots.
@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedattn_vllm.eval.records import read_rows, rows_path  # noqa: E402
 from fedattn_vllm.eval.stats import mcnemar_exact, wilson_interval  # noqa: E402
 
 SPLITS = ("TokAg", "SemAg", "TokEx", "SemEx")
@@ -90,8 +91,7 @@ def load_accuracy(directory: Path) -> dict[Setting, Accuracy]:
     for path in sorted(directory.glob("*.summary.json")):
         summary = json.loads(path.read_text())
         setting = _setting(summary["args"])
-        for line in (directory / f"{summary['run']}.jsonl").read_text().splitlines():
-            row = json.loads(line)
+        for row in read_rows(rows_path(directory, summary["run"])):
             rows.setdefault(setting, {})[row["index"]] = row
         flops.setdefault(setting, []).append((summary["problems"], statistics.mean(summary["mean_prefill_flops"])))
     merged = {}
