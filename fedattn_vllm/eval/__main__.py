@@ -1,11 +1,12 @@
-"""`python -m fedattn_vllm.eval {gsm8k,fidelity,attention,plots}`: accuracy runs, fidelity and attention sweeps, figures."""
+"""`python -m fedattn_vllm.eval {gsm8k,recall,fidelity,attention,plots}`: accuracy and recall runs, fidelity and
+attention sweeps, figures."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from fedattn_vllm.eval import accuracy, attention, fidelity, plots
+from fedattn_vllm.eval import accuracy, attention, fidelity, plots, recall
 
 
 def _sweep_parser(sub, name: str, module, help: str, default_limit: int) -> None:
@@ -48,6 +49,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("results/gsm8k"), help="directory for the JSONL and summary")
     p.add_argument("--resume", action="store_true", help="skip the run if its summary is already in --out")
     p.set_defaults(run=accuracy.run)
+
+    p = sub.add_parser("recall", help="cross-party recall: a fact held by one party, the question by the last",
+                       description=recall.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    recall.add_arguments(p)
+    p.set_defaults(run=recall.run)
 
     _sweep_parser(sub, "fidelity", fidelity, "hidden-state deviation, next-token agreement and KL vs centralised", 30)
     _sweep_parser(sub, "attention", attention, "where the generator's attention goes, layer by layer (adds centralised)",
