@@ -21,6 +21,16 @@ def _accuracy_run(directory, n, h, correct, offset=0, shots=4, ratio=1.0, select
     (directory / f"{name}.summary.json").write_text(json.dumps(summary))
 
 
+def _recall_run(directory, label, outcomes, offset=0):
+    """One `recall` run as the CLI saves it (cases alternate N = 2, 3)."""
+    name = f"tiny-float32-recall-{label}-o{offset}-n{len(outcomes)}-s0"
+    rows = [{"index": offset + i, "participants": 2 + i % 2, "correct": ok} for i, ok in enumerate(outcomes)]
+    write_rows(rows_path(directory, name), rows)
+    summary = {"run": name, "mean_published_bytes": 2048.0 if label != "centralised" else 0,
+               "mean_prefill_flops": 1e9 * (offset + 1)}
+    (directory / f"{name}.summary.json").write_text(json.dumps(summary))
+
+
 def _fidelity_sweep(directory, sweep, labels):
     variants = [{"label": label, "participants": 4, "split": "TokEx", "problems": 2,
                  "config": {"kv_selection": "key_norm" if "key" in label else "random"},
@@ -49,6 +59,11 @@ def saved(tmp_path):
     _fidelity_sweep(fid, "participants", ["N=1", "N=4"])
     _fidelity_sweep(fid, "sparse", ["random r=1", "random r=0.5", "key_norm r=1", "key_norm r=0.5"])
     _fidelity_sweep(fid, "combined", ["no sync", "back_half"])
+    recall = tmp_path / "recall"
+    recall.mkdir()
+    _recall_run(recall, "centralised", [True, True, True, False])
+    _recall_run(recall, "H4-uniform-hg1-pp", [True, False, False, False])
+    _recall_run(recall, "H4-uniform-hg1-pp", [True, True], offset=4)  # a second shard
     combined = json.loads((fid / "combined.json").read_text())
     combined["variants"][0]["config"] |= {"placement": "explicit", "sync_layers": []}
     (fid / "combined.json").write_text(json.dumps(combined))
@@ -70,7 +85,7 @@ def test_one_command_regenerates_every_figure_and_the_tables(saved):
     made = plots.run(argparse.Namespace(results=saved, out=None))
     names = {p.name for p in made}
     assert names == {"accuracy_vs_interval.png", "accuracy_vs_participants.png", "placement.png", "sparse.png",
-                     "frontier.png", "fidelity_layers.png", "fidelity_summary.png", "tables.md"}
+                     "frontier.png", "fidelity_layers.png", "fidelity_summary.png", "recall.png", "tables.md"}
     for path in made:
         assert path.parent == saved / "figures" and path.stat().st_size > 1000
         if path.suffix == ".png":
@@ -91,6 +106,17 @@ def test_paired_tables_compare_on_the_problems_both_runs_scored(saved):
     # equal bytes: the same setting but for the selection; 3 discordant problems all one way: p = 2 / 2**3
     assert key_norm_vs_random.splitlines()[4:] == ["| N=4 H=4 TokEx uniform 4-shot r=0.5 key_norm | 4 | 0.0% "
                                                    "| 75.0% | 0 | 3 | 0.25 |"]
+
+
+def test_recall_shards_merge_and_pair_with_centralised(saved):
+    from fedattn_vllm.eval import recall_report
+
+    runs = recall_report.load_recall(saved / "recall")
+    mode = runs["H4-uniform-hg1-pp"]
+    assert mode.accuracy()[0] == 0.5 and mode.accuracy(2)[3] == 3 and mode.prefill_flops == pytest.approx(7e9 / 3)
+    tables = "\n".join(recall_report.tables(runs))
+    assert "| H4-uniform-hg1-pp | 6 | 50.0% | 18.8-81.2% | 67% | 33% | 2 | 2.3 |" in tables
+    assert "| H4-uniform-hg1-pp | 4 | 2 | 0 | 0.5 |" in tables  # cases 0-3 in common: 1 and 2 only centralised
 
 
 def test_the_no_sync_variant_is_found_by_its_config(saved):

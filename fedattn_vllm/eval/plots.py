@@ -1,7 +1,8 @@
 """Figures and tables for RESULTS.md from saved results: `python -m fedattn_vllm.eval plots`.
 
 Reads `<results>/gsm8k/*.summary.json` (+ their `.jsonl.gz`; shards of one config made with
---offset are merged), `<results>/fidelity/<sweep>.json` and `<results>/attention/<sweep>.json`;
+--offset are merged), `<results>/recall/*.summary.json` (likewise, `recall_report`),
+`<results>/fidelity/<sweep>.json` and `<results>/attention/<sweep>.json`;
 writes PNGs and `tables.md`.
 A figure whose runs are missing is skipped, so a partial sweep still plots.
 """
@@ -18,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedattn_vllm.eval import recall_report  # noqa: E402
 from fedattn_vllm.eval.records import read_rows, rows_path  # noqa: E402
 from fedattn_vllm.eval.stats import mcnemar_exact, wilson_interval  # noqa: E402
 
@@ -421,7 +423,9 @@ def run(args) -> list[Path]:
     made = [accuracy_vs_interval(runs, out), accuracy_vs_participants(runs, out), placement(runs, fidelity, out),
             sparse(runs, fidelity, out), frontier(runs, out), fidelity_layers(fidelity, out),
             fidelity_summary(fidelity, out), attention(load_sweeps(args.results / "attention"), out)]
-    (out / "tables.md").write_text(tables(runs, fidelity))
+    recall = recall_report.load_recall(args.results / "recall")
+    made.append(recall_report.figure(recall, out))
+    (out / "tables.md").write_text(tables(runs, fidelity) + "\n".join(recall_report.tables(recall)) + "\n")
     made = [p for p in made if p is not None] + [out / "tables.md"]
     for path in made:
         print(path)
