@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--publisher-dense", action="store_true",
                    help="keep the question holder (the last participant) at ratio 1.0 while the others share sparsely")
     p.add_argument("--publisher-sync-interval", type=int, help="the question holder shares every H_p layers")
+    p.add_argument("--generator-sync-interval", type=int, help="the generator also reads everyone every H_g layers")
     p.add_argument("--kv-selection", default="random", help="which tokens sparse sharing keeps: random, key_norm")
     p.add_argument("--limit", type=int, help="problems to run (default: all 1319)")
     p.add_argument("--offset", type=int, default=0)

@@ -31,6 +31,8 @@ def run_name(args: argparse.Namespace) -> str:
         parts.append(f"r{args.kv_share_ratio:g}-{args.kv_selection}" + ("-pd" if args.publisher_dense else ""))
     if args.publisher_sync_interval:
         parts.append(f"hp{args.publisher_sync_interval}")
+    if getattr(args, "generator_sync_interval", None):
+        parts.append(f"hg{args.generator_sync_interval}")
     return "-".join(parts + [f"o{args.offset}", f"n{args.limit}", f"s{args.seed}"])
 
 
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> dict:
 
     config = FedAttnConfig(sync_interval=args.sync_interval, placement=args.placement, seed=args.seed,
                            kv_share_ratio=share_ratio(args), kv_selection=args.kv_selection,
-                           publisher_sync_interval=args.publisher_sync_interval)
+                           publisher_sync_interval=args.publisher_sync_interval,
+                           generator_sync_interval=args.generator_sync_interval)
     llm = FederatedLLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                        max_num_batched_tokens=max(16384, args.max_model_len), seed=args.seed,
                        kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30))

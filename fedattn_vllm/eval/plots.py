@@ -43,6 +43,7 @@ class Setting:
     selection: str
     publisher_interval: int | None
     publisher_dense: bool = False
+    generator_interval: int | None = None
 
     @property
     def label(self) -> str:
@@ -51,7 +52,8 @@ class Setting:
         text = f"N={self.participants} H={self.interval} {self.split} {self.placement} {self.shots}-shot"
         if self.ratio < 1:
             text += f" r={self.ratio:g} {self.selection}" + (" publisher r=1" if self.publisher_dense else "")
-        return text + (f" Hp={self.publisher_interval}" if self.publisher_interval else "")
+        text += f" Hp={self.publisher_interval}" if self.publisher_interval else ""
+        return text + (f" Hg={self.generator_interval}" if self.generator_interval else "")
 
 
 @dataclass
@@ -83,7 +85,8 @@ def _setting(args: dict) -> Setting:
     return Setting(n, args["sync_interval"] if n > 1 else 1, args["placement"] if n > 1 else "uniform",
                    args["split"] if n > 1 else "-", args["shots"], args["kv_share_ratio"],
                    args["kv_selection"] if args["kv_share_ratio"] < 1 else "-", args.get("publisher_sync_interval"),
-                   args.get("publisher_dense", False) and args["kv_share_ratio"] < 1)
+                   args.get("publisher_dense", False) and args["kv_share_ratio"] < 1,
+                   args.get("generator_sync_interval") if n > 1 else None)
 
 
 def load_accuracy(directory: Path) -> dict[Setting, Accuracy]:
@@ -139,7 +142,8 @@ def _alone(ax, runs: dict[Setting, Accuracy]) -> None:
 
 
 def _dense(s: Setting, shots: int = 4) -> bool:
-    return s.participants > 1 and s.shots == shots and s.ratio == 1 and not s.publisher_interval
+    return (s.participants > 1 and s.shots == shots and s.ratio == 1 and not s.publisher_interval
+            and not s.generator_interval)
 
 
 def _save(fig, out: Path, name: str) -> Path:
@@ -254,6 +258,8 @@ def _frontier_family(s: Setting) -> str:
     """The legend entry a frontier point belongs to."""
     if s.participants == 1:
         return "centralised"
+    if s.generator_interval:
+        return f"generator reads every {s.generator_interval} layer(s), H={s.interval}"
     if s.ratio < 1:
         publisher = ", publisher r=1" if s.publisher_dense else ""
         return f"sparse ({s.selection.replace('_', ' ')}), H={s.interval}{publisher}"
