@@ -431,7 +431,7 @@ def run(args) -> list[Path]:
             fidelity_summary(fidelity, out), attention(load_sweeps(args.results / "attention"), out)]
     recall = recall_report.load_recall(args.results / "recall")
     made.append(recall_report.figure(recall, out))
-    (out / "tables.md").write_text(tables(runs, fidelity) + "\n".join(recall_report.tables(recall)) + "\n")
+    (out / "tables.md").write_text(tables(runs, fidelity) + "".join(f"{line}\n" for line in recall_report.tables(recall)))
     made = [p for p in made if p is not None] + [out / "tables.md"]
     for path in made:
         print(path)
