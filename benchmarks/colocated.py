@@ -5,7 +5,8 @@
 Modes, interleaved round by round so machine noise hits them alike:
   plain    stock vLLM (the model's own architecture) on each concatenated prompt;
   fedattn  N participants (TokEx split), for each --sync-interval given (H = 1 computes the
-           same answer as plain, so its ratio is the extension's overhead).
+           same answer as plain, so its ratio is the extension's overhead), and for each H > 1
+           once more with each --generator-sync-interval (the generator also reads every H_g layers).
 Prints median throughput and ratios to plain, per-participant bytes (measured at the
 exchange) against the analytic cost model, and writes the numbers as JSON.
 """
@@ -38,6 +39,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shots", type=int, default=2)
     parser.add_argument("--participants", type=int, default=4)
     parser.add_argument("--sync-interval", type=int, nargs="+", default=[1, 4], help="H values to run")
+    parser.add_argument("--generator-sync-interval", type=int, nargs="*", default=[1],
+                        help="H_g values to run beside each H > 1")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
@@ -59,6 +62,8 @@ def main() -> None:
     prompts = [gsm8k.segments(federated.tokenizer, p, args.shots, args.participants, "TokEx") for p in problems]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     configs = {f"fedattn N={args.participants} H={h}": FedAttnConfig(sync_interval=h) for h in args.sync_interval}
+    configs |= {f"fedattn N={args.participants} H={h} Hg={hg}": FedAttnConfig(sync_interval=h, generator_sync_interval=hg)
+                for h in args.sync_interval if h > 1 for hg in args.generator_sync_interval}
     prompt_tokens = sum(len(seg) for segments in prompts for seg in segments)
 
     def run_plain():
@@ -96,7 +101,7 @@ def main() -> None:
         median = statistics.median(runs)
         mode = {"seconds": runs, "median_s": median, "tokens_per_s": (prompt_tokens + output_tokens) / median,
                 "output_tokens_per_s": output_tokens / median, "throughput_ratio_to_plain": plain_median / median}
-        print(f"  {name:<22} {median:7.2f} s  {mode['tokens_per_s']:8.1f} tok/s  "
+        print(f"  {name:<27} {median:7.2f} s  {mode['tokens_per_s']:8.1f} tok/s  "
               f"x{mode['throughput_ratio_to_plain']:.3f} of plain")
         if name in configs:
             mode["bytes"] = bytes_report(last_results[name], configs[name], prompts, shape, federated.num_layers)

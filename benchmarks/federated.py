@@ -42,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--participants", type=int, default=4)
     parser.add_argument("--sync-interval", type=int, default=4)
+    parser.add_argument("--generator-sync-interval", type=int, help="the generator also reads every H_g layers")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--link-gbps", type=float, default=1.0, help="projection: link bandwidth per machine")
     parser.add_argument("--rtt-ms", type=float, default=1.0, help="projection: round trip to the coordinator")
@@ -60,8 +61,8 @@ def projected_pipelined_s(compute: list[float], plan: FedAttnPlan, layer_bytes: 
     for layer in range(num_layers):
         for n in range(len(compute)):  # in order: n's wait depends on 1..n-1 at this layer
             start = finished[n]
-            sources = [m for m in range(n) if plan.publishes(m, layer)]
-            if layer in plan.sync_layers and sources:
+            sources = [m for m in range(n) if plan.sees(n, m, layer, prefill=True)]
+            if sources:
                 fetched = sum(layer_bytes[m] for m in sources)
                 start = max(start, *(finished[m] for m in sources)) + rtt_ms / 1e3 + 8 * fetched / (link_gbps * 1e9)
             finished[n] = start + compute[n] / num_layers
@@ -72,7 +73,7 @@ def main() -> None:
     args = parse_args()
     engine_args = {"dtype": args.dtype, "max_model_len": 4096, "max_num_batched_tokens": 8192, "seed": 0,
                    "kv_cache_memory_bytes": 512 << 20}
-    config = FedAttnConfig(sync_interval=args.sync_interval)
+    config = FedAttnConfig(sync_interval=args.sync_interval, generator_sync_interval=args.generator_sync_interval)
     n = args.participants
     print(f"starting a coordinator and {n} engines ...", flush=True)
     with LocalCluster(args.model, engines=n, engine_args=engine_args, timeout_s=300) as local:
@@ -124,7 +125,8 @@ def summarise(args, samples, plan: FedAttnPlan, num_layers: int, prompts) -> dic
     wire = median(sum(s["cost"]["published_wire_bytes"]) + sum(s["cost"]["received_wire_bytes"]) for s in pipelined)
     payload = median(sum(s["cost"]["published_bytes"]) + sum(s["cost"]["received_bytes"]) for s in pipelined)
     print(f"\n{args.problems} GSM8K prompts x {args.rounds} rounds, {args.shots}-shot TokEx, N={n}, "
-          f"H={args.sync_interval}, {args.dtype}; first prompt's segments {tokens} tokens")
+          f"H={args.sync_interval}, H_g={args.generator_sync_interval}, {args.dtype}; first prompt's segments "
+          f"{tokens} tokens")
     print(f"{'mode':<12} {'TTFT median (s)':>16} {'vs centralised':>15}")
     for mode, seconds in ttft.items():
         print(f"{mode:<12} {seconds:>16.3f} {seconds / ttft['centralised']:>14.2f}x")
