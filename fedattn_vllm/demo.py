@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  party {n + 1}: {len(seg)} tokens of private text")
     runs = {
         "no sync layers (each party alone)": FedAttnConfig(placement="explicit", sync_layers=()),
-        f"FedAttn H={args.sync_interval}": FedAttnConfig(sync_interval=args.sync_interval),
+        f"the paper's FedAttn, H={args.sync_interval}": FedAttnConfig(sync_interval=args.sync_interval),
+        f"H={args.sync_interval}, the question holder reads every layer (the default)":
+            FedAttnConfig(sync_interval=args.sync_interval, generator_sync_interval=1),
         "FedAttn H=1 (= centralised)": FedAttnConfig(sync_interval=1),
     }
     params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
