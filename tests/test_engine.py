@@ -60,42 +60,27 @@ def test_int8_kv_on_the_wire_costs_what_the_model_says_and_stays_close_to_exact(
     assert largest < 0.25  # a sanity bound on random weights (a wrong scale moves them by whole units)
 
 
-def test_h1_and_n1_equal_plain_vllm_on_the_concatenated_prompt(tiny_engine):
-    rng = random.Random(f"plain-{tiny_engine.name}")
+@pytest.mark.parametrize("with_prefix", [False, True], ids=["segments", "public prefix + segments"])
+def test_h1_and_n1_equal_plain_vllm_on_the_concatenated_prompt(tiny_engine, with_prefix):
+    rng = random.Random(f"plain-{tiny_engine.name}-{with_prefix}")
     vocab = len(tiny_engine.tokenizer)
-    prompts = [random_tokens(rng, vocab, rng.randint(8, 60)) for _ in range(6)]
+    prompts = [random_tokens(rng, vocab, rng.randint(12, 60)) for _ in range(6)]
     plain = plain_engine(tiny_engine.name).generate([{"prompt_token_ids": p} for p in prompts], greedy(16),
                                                     use_tqdm=False)
     sessions, expected = [], []
     for prompt, out in zip(prompts, plain):
-        cuts = sorted(rng.sample(range(1, len(prompt)), rng.randint(1, 3)))
-        bounds = [0, *cuts, len(prompt)]
-        split = [prompt[a:b] for a, b in zip(bounds, bounds[1:])]
-        sessions.append(FedAttnSession(split, FedAttnConfig(sync_interval=1), greedy(16)))  # H = 1
-        sessions.append(FedAttnSession([prompt], FedAttnConfig(sync_interval=rng.randint(2, 4)), greedy(16)))  # N = 1
-        expected += [list(out.outputs[0].token_ids)] * 2
-    results = tiny_engine.llm.generate(sessions)
-    assert [r.outputs[len(s.segments) - 1].token_ids for r, s in zip(results, sessions)] == expected
-
-
-def test_h1_and_n1_with_a_public_prefix_equal_plain_vllm_on_prefix_plus_segments(tiny_engine):
-    rng = random.Random(f"prefix-{tiny_engine.name}")
-    vocab = len(tiny_engine.tokenizer)
-    prompts = [random_tokens(rng, vocab, rng.randint(12, 60)) for _ in range(4)]
-    plain = plain_engine(tiny_engine.name).generate([{"prompt_token_ids": p} for p in prompts], greedy(12),
-                                                    use_tqdm=False)
-    sessions, expected = [], []
-    for prompt, out in zip(prompts, plain):
-        cut = rng.randint(1, 8)
+        cut = rng.randint(1, 8) if with_prefix else 0
         prefix, rest = prompt[:cut], prompt[cut:]
-        middle = rng.randint(1, len(rest) - 1)
-        sessions.append(FedAttnSession([rest[:middle], rest[middle:]], FedAttnConfig(sync_interval=1), greedy(12),
-                                       public_prefix=prefix))
-        sessions.append(FedAttnSession([rest], FedAttnConfig(sync_interval=3), greedy(12), public_prefix=prefix))
+        cuts = sorted(rng.sample(range(1, len(rest)), rng.randint(1, 3)))
+        bounds = [0, *cuts, len(rest)]
+        split = [rest[a:b] for a, b in zip(bounds, bounds[1:])]
+        sessions.append(FedAttnSession(split, FedAttnConfig(sync_interval=1), greedy(16), public_prefix=prefix))  # H=1
+        sessions.append(FedAttnSession([rest], FedAttnConfig(sync_interval=rng.randint(2, 4)), greedy(16),
+                                       public_prefix=prefix))  # N = 1
         expected += [list(out.outputs[0].token_ids)] * 2
     results = tiny_engine.llm.generate(sessions)
     assert [r.outputs[len(s.segments) - 1].token_ids for r, s in zip(results, sessions)] == expected
-    assert all(r.cost.tokens == [len(s) for s in sess.segments] for r, sess in zip(results, sessions))
+    assert all(r.cost.prefix_tokens == len(s.public_prefix) for r, s in zip(results, sessions))
 
 
 def test_plain_requests_in_a_fedattn_engine_are_untouched(tiny_engine):

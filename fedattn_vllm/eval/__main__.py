@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from fedattn_vllm.eval import accuracy, attention, fidelity, plots, recall
+from fedattn_vllm.eval.cli import add_run_arguments
 
 
 def _sweep_parser(sub, name: str, module, help: str, default_limit: int) -> None:
@@ -28,8 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     p = sub.add_parser("gsm8k", help="GSM8K accuracy on the vLLM engine (few-shot chain of thought)",
                        description=accuracy.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    add_run_arguments(p, Path("results/gsm8k"), max_tokens=256)
     p.add_argument("--participants", "-N", type=int, default=4)
     p.add_argument("--sync-interval", "-H", type=int, default=4)
     p.add_argument("--placement", default="uniform")
@@ -42,17 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--generator-sync-interval", type=int, help="the generator also reads everyone every H_g layers")
     p.add_argument("--kv-selection", default="random", help="which tokens sparse sharing keeps: random, key_norm")
     p.add_argument("--limit", type=int, help="problems to run (default: all 1319)")
-    p.add_argument("--offset", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--kv-cache-gib", type=float, default=2.0)
-    p.add_argument("--out", type=Path, default=Path("results/gsm8k"), help="directory for the JSONL and summary")
-    p.add_argument("--resume", action="store_true", help="skip the run if its summary is already in --out")
     p.set_defaults(run=accuracy.run)
 
     p = sub.add_parser("recall", help="cross-party recall: a fact held by one party, the question by the last",
                        description=recall.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(p, Path("results/recall"), max_tokens=24)
     recall.add_arguments(p)
     p.set_defaults(run=recall.run)
 

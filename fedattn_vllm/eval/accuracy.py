@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fedattn_vllm import gsm8k
 from fedattn_vllm.eval.answers import extract_answer, is_correct
+from fedattn_vllm.eval.cli import engine
 from fedattn_vllm.eval.records import rows_path, write_rows
 from fedattn_vllm.eval.stats import wilson_interval
 
@@ -54,15 +55,13 @@ def run(args: argparse.Namespace) -> dict:
 
     from fedattn_vllm.config import FedAttnConfig
     from fedattn_vllm.cost import ModelShape, participant_costs
-    from fedattn_vllm.engine import FederatedLLM, FedAttnSession
+    from fedattn_vllm.engine import FedAttnSession
 
     config = FedAttnConfig(sync_interval=args.sync_interval, placement=args.placement, seed=args.seed,
                            kv_share_ratio=share_ratio(args), kv_selection=args.kv_selection,
                            publisher_sync_interval=args.publisher_sync_interval,
                            generator_sync_interval=args.generator_sync_interval)
-    llm = FederatedLLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                       max_num_batched_tokens=max(16384, args.max_model_len), seed=args.seed,
-                       kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30))
+    llm = engine(args)
     problems = gsm8k.problems()[args.offset: None if args.limit is None else args.offset + args.limit]
     splits = [gsm8k.segments(llm.tokenizer, p, args.shots, args.participants, args.split) for p in problems]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, stop=STOP)

@@ -18,6 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from fedattn_vllm.eval.cli import engine
 from fedattn_vllm.eval.records import rows_path, write_rows
 from fedattn_vllm.eval.recall_cases import make_cases
 from fedattn_vllm.eval.stats import wilson_interval
@@ -26,8 +27,7 @@ MODES = ("federated", "centralised", "alone")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    """The recall run's own arguments (beside `cli.add_run_arguments`)."""
     p.add_argument("--mode", default="federated", choices=MODES)
     p.add_argument("--sync-interval", "-H", type=int, default=4)
     p.add_argument("--placement", default="uniform")
@@ -38,13 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-selection", default="random")
     p.add_argument("--kv-wire", default="native")
     p.add_argument("--count", type=int, default=250, help="cases (N and kind cycle over them)")
-    p.add_argument("--offset", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--kv-cache-gib", type=float, default=2.0)
-    p.add_argument("--out", type=Path, default=Path("results/recall"), help="directory for the JSONL and summary")
-    p.add_argument("--resume", action="store_true", help="skip the run if its summary is already in --out")
 
 
 def config_of(args: argparse.Namespace):
@@ -109,12 +102,10 @@ def run(args: argparse.Namespace) -> dict:
     from vllm import SamplingParams
 
     from fedattn_vllm.cost import ModelShape, participant_costs
-    from fedattn_vllm.engine import FederatedLLM, FedAttnSession
+    from fedattn_vllm.engine import FedAttnSession
 
     config = config_of(args)
-    llm = FederatedLLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                       max_num_batched_tokens=max(16384, args.max_model_len), seed=args.seed,
-                       kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30))
+    llm = engine(args)
     cases = make_cases(llm.tokenizer, args.count, args.seed, args.offset)
     prompts = [session_parts(llm.tokenizer, c, args.mode, args.public_prefix) for c in cases]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
