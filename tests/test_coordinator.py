@@ -58,8 +58,9 @@ def coordinator():
     thread.join(timeout=5)
 
 
-def open_session(coordinator, name="s", n=3, generators=(-1,), interval=2):
-    plan = FedAttnConfig(sync_interval=interval, generators=generators).resolve(6, n)  # sync layers 0, 2, 4
+def open_session(coordinator, name="s", n=3, generators=(-1,), interval=2, generator_interval=None):
+    plan = FedAttnConfig(sync_interval=interval, generators=generators,  # sync layers 0, 2, 4
+                         generator_sync_interval=generator_interval).resolve(6, n)
     admin = SessionAdmin(coordinator.endpoint, KEY)
     credentials = admin.open(name, plan)
     engines = []
@@ -136,6 +137,35 @@ def test_idle_sessions_expire():
     finally:
         server.stop()
         thread.join(timeout=5)
+
+
+def test_generator_layers_are_readable_by_the_generators_only(coordinator):
+    _, engines = open_session(coordinator, generators=(2,), generator_interval=1)
+    engines[0].publish("s", 0, 1, kv(3))  # layer 1: a generator layer, not a sync layer
+    with pytest.raises(CoordinatorError, match="may not see") as refused:
+        engines[1].fetch("s", 1, 0, 1)  # participant 1 does not generate: it reads only at 0, 2, 4
+    assert refused.value.code == "forbidden"
+    assert engines[2].fetch("s", 2, 0, 1)[0].shape == (3, 2, 64)
+    with pytest.raises(CoordinatorError, match="does not share at layer 1"):
+        engines[2].publish("s", 2, 1, kv(3))  # nobody else generates: nobody would read it
+
+
+@pytest.mark.parametrize("header", [
+    {"config": {"sync_interval": 0}, "num_layers": 6, "num_participants": 2},
+    {"config": {"bogus": 1}, "num_layers": 6, "num_participants": 2},
+    {"config": "uniform", "num_layers": 6, "num_participants": 2},
+    {"config": {}, "num_layers": 10**9, "num_participants": 2},
+    {"config": {}, "num_layers": 6, "num_participants": 0},
+    {"config": {"generators": [5]}, "num_layers": 6, "num_participants": 2},
+])
+def test_a_malformed_session_is_refused_and_the_coordinator_keeps_serving(coordinator, header):
+    from fedattn_vllm.federated.client import CoordinatorConnection
+
+    connection = CoordinatorConnection(coordinator.endpoint, timeout_s=5)
+    with pytest.raises(CoordinatorError) as refused:
+        connection.call({"op": "open", "admin_key": KEY, "session": "bad", **header})
+    assert refused.value.code == "bad_request" and "bad" not in coordinator.sessions
+    open_session(coordinator)  # still serving
 
 
 def test_admin_operations_need_the_admin_key(coordinator):
