@@ -66,7 +66,7 @@ def _attend(e: ParticipantRows, layer: int, query, key, value, output, scale: fl
 
     if not e.prefill:  # a generator's token: one softmax over foreign + own keys (or stock, if no foreign)
         if state.decodes_over_foreign(n, layer):
-            keys, values = state.decode_keys(n, layer, own, fetch)
+            keys, values = state.decode_keys(n, layer, own, fetch, e.max_tokens)
             output[e.rows] = partial_attention(query[e.rows], keys, values, scale)[0].to(output.dtype)
         return
     if state.decodes_over_foreign(n, layer):

@@ -22,6 +22,7 @@ class ParticipantRows:
     participant: int
     rows: slice  # token rows of this request in the flattened batch
     prefill: bool  # the rows are the whole prompt: public prefix + segment (else: one generated token)
+    max_tokens: int  # the request's generation budget
 
     @property
     def segment_rows(self) -> slice:
@@ -55,7 +56,7 @@ class FedAttnBatch:
                 state.fail(f"participant {n}'s segment was not computed whole in one step (preempted or chunked)")
             if state.error is not None:
                 continue
-            entries.append(ParticipantRows(state, n, slice(start, end), prefill))
+            entries.append(ParticipantRows(state, n, slice(start, end), prefill, params.max_tokens or 1))
         return cls(entries) if entries else None
 
     def global_positions(self, positions: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,11 @@ METADATA_KEY = "fedattn"  # SamplingParams.extra_args[METADATA_KEY] marks a part
 
 
 class GrowingKV:
-    """Append-only keys and values (T, H_kv, D) with amortised O(1) appends (capacity doubles)."""
+    """Append-only keys and values (T, H_kv, D) with amortised O(1) appends (capacity doubles when full)."""
 
-    def __init__(self, like: KV):
-        """Empty, with room for twice `like`'s rows (its dtype, device and head shape)."""
-        self._k, self._v = (t.new_empty((max(2 * t.shape[0], 16), *t.shape[1:])) for t in like)
+    def __init__(self, like: KV, rows: int):
+        """Empty, with room for `rows` rows of `like`'s dtype, device and head shape."""
+        self._k, self._v = (t.new_empty((max(rows, 1), *t.shape[1:])) for t in like)
         self.size = 0
 
     def append(self, kv: KV) -> KV:
@@ -94,17 +94,18 @@ class SessionState:
             return None
         return torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])  # (sum of shared, H_kv, D)
 
-    def decode_keys(self, participant: int, layer: int, kv: KV, fetch) -> KV:
+    def decode_keys(self, participant: int, layer: int, kv: KV, fetch, max_tokens: int) -> KV:
         """Keys/values a generator's new tokens `kv` attend to at `layer`: foreign + own, this step's included.
 
-        Built once at the first decode step (the foreign set never changes after prefill), then grown.
+        Built once at the first decode step (the foreign set never changes after prefill), with room
+        for the generator's `max_tokens`, then grown.
         """
         grown = self.decode_kv.get((participant, layer))
         if grown is None:
             foreign = self.foreign(participant, layer, False, fetch)
             own = self.prompt_kv.pop((participant, layer))
             start = (torch.cat([foreign[0], own[0]]), torch.cat([foreign[1], own[1]]))
-            grown = self.decode_kv[participant, layer] = GrowingKV(start)
+            grown = self.decode_kv[participant, layer] = GrowingKV(start, start[0].shape[0] + max_tokens)
             grown.append(start)
         return grown.append(kv)
 
