@@ -37,3 +37,23 @@ def test_gsm8k_tokex_n4_h4_first_64_tokens_match_the_oracle(real_model):
           f"largest first-token log-prob difference {largest_gap:.2e}")
     assert identical >= PROBLEMS - 1
     assert largest_gap < 1e-2
+
+
+def test_the_generator_reading_every_layer_with_a_public_prefix_matches_the_oracle_on_recall_cases(real_model):
+    from fedattn_vllm.eval.recall import session_parts
+    from fedattn_vllm.eval.recall_cases import make_cases
+
+    model, tokenizer = real_model
+    llm = federated_engine("default", **REAL_ENGINE_ARGS)
+    config = FedAttnConfig(sync_interval=4, generator_sync_interval=1)
+    cases = make_cases(tokenizer, 5)  # N = 2..6
+    prompts = [session_parts(tokenizer, case, "federated", public_prefix=True) for case in cases]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    results = llm.generate([FedAttnSession(s, config, params, public_prefix=p) for p, s in prompts])
+    oracle = FedAttnOracle(model)
+    identical = 0
+    for (prefix, segments), result in zip(prompts, results):
+        expected = oracle.generate(segments, config, 16, ignore_eos=True, public_prefix=prefix)
+        identical += result.outputs[len(segments) - 1].token_ids == expected.tokens[len(segments) - 1]
+    print(f"\n{identical}/{len(cases)} identical for 16 tokens")
+    assert identical >= len(cases) - 1

@@ -27,6 +27,11 @@ def test_the_question_holder_learns_the_fact_only_through_sync_layers(real_model
     print(f"\nH=4 answers {answer(real_model, FedAttnConfig(sync_interval=4))!r}")
 
 
+def test_the_generator_reading_every_layer_learns_the_fact_the_paper_misses(real_model):
+    config = FedAttnConfig(sync_interval=4, generator_sync_interval=1)
+    assert answer(real_model, config).strip() == "4817"
+
+
 def test_h1_equals_plain_inference_on_the_real_model(real_model):
     model, tokenizer = real_model
     prefix, segments = encode_segments(tokenizer, [FACT, QUESTION], chat=True)
