@@ -4,7 +4,9 @@
 
 A trusted host (or a simulation) sends every party's part in `participants`; the server
 runs them as one FedAttn session in which each part is its own vLLM request, coupled only
-at the sync layers. The response is an ordinary chat completion plus a `fedattn` block.
+at the sync layers (the chat template's head is public: every party computes it). The
+response is an ordinary chat completion plus a `fedattn` block. The server's default
+setting is shown beside the paper's, every layer synced, and none.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ def main() -> None:
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key)
     model = client.models.list().data[0].id
     print(f"server model: {model}")
-    for label, fedattn in [("FedAttn, sync every 4th layer", {"sync_interval": 4}),
-                           ("FedAttn, every layer (= centralised)", {"sync_interval": 1}),
-                           ("no sync layers (each party alone)", {"placement": "explicit", "sync_layers": []})]:
-        reply = client.chat.completions.create(model=model, messages=[], max_tokens=24, temperature=0,
-                                               extra_body={"participants": PARTIES, "fedattn": fedattn})
+    paper = {"generator_sync_interval": None}  # the paper's semantics: the question holder reads only at sync layers
+    for label, fedattn in [("the server's default: sync every 2nd layer, the question holder reads every layer", None),
+                           ("the paper's FedAttn, sync every 4th layer", {"sync_interval": 4, **paper}),
+                           ("every layer synced (= centralised)", {"sync_interval": 1}),
+                           ("no sync layers (each party alone)", {"placement": "explicit", "sync_layers": [], **paper})]:
+        extra = {"participants": PARTIES, **({"fedattn": fedattn} if fedattn is not None else {})}
+        reply = client.chat.completions.create(model=model, messages=[], max_tokens=32, temperature=0, extra_body=extra)
         usage = reply.model_extra["fedattn"]
         print(f"\n{label}: {len(usage['sync_layers'])} sync layers")
         print(f"  answer: {reply.choices[0].message.content.strip()!r}")

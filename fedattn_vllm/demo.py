@@ -2,7 +2,8 @@
 
 Runs FedAttn inside a vLLM engine (colocated: every party is a request of one engine whose
 prompt is only its own segment) on the default model, and prints each party's segment
-length, the answer without any sync layer, with FedAttn at the chosen sync interval and
+length, the answer without any sync layer, with the paper's FedAttn at the chosen sync
+interval, with the server's default (H = 2, the question holder reading every layer), and
 with every layer synced (H = 1, identical to centralised inference), and the K/V bytes
 each party published and received, measured at the exchange.
 """
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fedattn_vllm.demo", description=__doc__)
     parser.add_argument("--model", default="default", help="model name, alias or local HF directory")
     parser.add_argument("--sync-interval", type=int, default=4, help="H: sync every H-th layer")
-    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
     args = parser.parse_args(argv)
 
@@ -46,8 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = {
         "no sync layers (each party alone)": FedAttnConfig(placement="explicit", sync_layers=()),
         f"the paper's FedAttn, H={args.sync_interval}": FedAttnConfig(sync_interval=args.sync_interval),
-        f"H={args.sync_interval}, the question holder reads every layer (the default)":
-            FedAttnConfig(sync_interval=args.sync_interval, generator_sync_interval=1),
+        "H=2, the question holder reads every layer (the server's default)":
+            FedAttnConfig(sync_interval=2, generator_sync_interval=1),
         "FedAttn H=1 (= centralised)": FedAttnConfig(sync_interval=1),
     }
     params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)

@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
 # The cross-party recall frontier behind RESULTS.md, in priority order; resumable (finished runs are skipped).
-# 250 cases per point (COUNT overrides), N = 2..6 and five kinds of fact balanced over them. Figures and
-# tables: python -m fedattn_vllm.eval plots
-#   bash scripts/recall_sweeps.sh [baselines|generator|wire|paper|selection|all]
+# Key points on 250 cases, secondary ones on 100 (COUNT and COUNT_MINOR override); N = 2..6 and five kinds
+# of fact are balanced over the cases. Figures and tables: python -m fedattn_vllm.eval plots
+#   bash scripts/recall_sweeps.sh [baselines|key|wire|minor|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-evaluation/recall}
 run() { ${DRY_RUN:+echo} .venv/bin/python -m fedattn_vllm.eval recall --resume --out "$OUT" --count "${COUNT:-250}" "$@"; }
+PREFIX_HG1=(--generator-sync-interval 1 --public-prefix)
 
-baselines() { run --mode centralised; run --mode alone; }
-generator() {  # the generator reads every H_g layers; public prefix on/off; the others sync at S or never
-  run -H 4 --generator-sync-interval 1 --public-prefix
-  run -H 2 --generator-sync-interval 1 --public-prefix
+baselines() { run --mode centralised; run --mode alone; run -H 4; }
+key() {  # the generator reads every layer, with the public prefix; others sync at H = 4 or 2; prefix off
+  run -H 4 "${PREFIX_HG1[@]}"
+  run -H 2 "${PREFIX_HG1[@]}"
   run -H 4 --generator-sync-interval 1
-  run --placement explicit --sync-layers "" --generator-sync-interval 1 --public-prefix
-  run -H 4 --generator-sync-interval 2 --public-prefix
-  run -H 4 --public-prefix
 }
-wire() { run -H 4 --generator-sync-interval 1 --public-prefix --kv-wire int8; }
-paper() { for h in 4 2 8; do run -H "$h"; done; }  # the paper's semantics (no public prefix)
-selection() {
-  for r in 0.5 0.25; do run -H 4 --generator-sync-interval 1 --public-prefix --kv-share-ratio "$r" --kv-selection key_norm; done
+wire() {  # the bytes levers: int8 on the wire, and the generator reading every 2nd layer
+  run -H 4 "${PREFIX_HG1[@]}" --kv-wire int8
+  run -H 4 --generator-sync-interval 2 --public-prefix --kv-wire int8
 }
-all() { baselines; run -H 4; generator; wire; paper; selection; }
+minor() {  # the paper at other H, nobody but the generator reading, key-norm selection, the prefix alone
+  for h in 2 8; do COUNT=${COUNT_MINOR:-100} run -H "$h"; done
+  COUNT=${COUNT_MINOR:-100} run --placement explicit --sync-layers "" "${PREFIX_HG1[@]}"
+  COUNT=${COUNT_MINOR:-100} run -H 4 "${PREFIX_HG1[@]}" --kv-share-ratio 0.5 --kv-selection key_norm
+  COUNT=${COUNT_MINOR:-100} run -H 4 --public-prefix
+}
+all() { baselines; key; wire; minor; }
 "${1:-all}"

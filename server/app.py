@@ -372,9 +372,8 @@ def _sampling(body, max_tokens: int | None):
 
 def _config(block: FedAttnBlock | None, single: bool) -> FedAttnConfig:
     """The session's config; a single party is plain inference (nothing to share with anyone)."""
-    values = (block or FedAttnBlock()).model_dump(exclude_none=True)
     try:
-        config = FedAttnConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        config = (block or FedAttnBlock()).to_config()
     except FedAttnConfigError as error:
         raise APIError(400, str(error), f"fedattn.{error.field}") from None
     return FedAttnConfig(placement="explicit", sync_layers=()) if single else config

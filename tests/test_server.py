@@ -17,6 +17,7 @@ from fedattn_vllm.config import FedAttnConfig
 from fedattn_vllm.engine import FedAttnSession
 from fedattn_vllm.prompting import encode_segments
 from server.launch import free_port, wait_until_healthy
+from server.schemas import FedAttnBlock
 
 MODEL, KEY = "tiny-qwen2", "test-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
@@ -78,7 +79,8 @@ def test_single_party_completion_equals_plain_vllm(server):
 
 def test_multi_party_completion_equals_the_offline_api(server):
     parts = [list(range(10, 30)), list(range(100, 107)), list(range(200, 240))]
-    fedattn = {"sync_interval": 2, "generators": [0, 2], "kv_share_ratio": 0.5, "seed": 3}
+    fedattn = {"sync_interval": 2, "generators": [0, 2], "kv_share_ratio": 0.5, "seed": 3,
+               "generator_sync_interval": None}  # the paper's semantics: one field away from the default
     body = {"participants": parts, "fedattn": fedattn, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     reply = post(server, "/v1/completions", body).json()
     config = FedAttnConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fedattn.items()})
@@ -95,9 +97,11 @@ def test_multi_party_chat_frames_the_parts_as_one_user_turn(server):
                                                   "ignore_eos": True}).json()
     llm = federated_engine(MODEL)
     prefix, segments = encode_segments(llm.tokenizer, parts, chat=True)
-    [expected] = llm.generate([FedAttnSession(segments, FedAttnConfig(), greedy(5), public_prefix=prefix)])
+    default = FedAttnBlock().to_config()  # the server's default: the best measured recall point
+    assert (default.sync_interval, default.generator_sync_interval) == (2, 1)
+    [expected] = llm.generate([FedAttnSession(segments, default, greedy(5), public_prefix=prefix)])
     assert reply["choices"][0]["message"] == {"role": "assistant", "content": expected.outputs[1].text}
-    assert reply["object"] == "chat.completion"
+    assert reply["object"] == "chat.completion" and reply["fedattn"]["sync_layers"] == list(range(6))
     # the template head (system message, user header) is the public prefix: no participant holds it
     assert reply["fedattn"]["public_prefix_tokens"] == len(prefix) > 0
     assert reply["fedattn"]["tokens"] == [len(s) for s in segments]
@@ -284,8 +288,9 @@ def test_federated_engines_behind_the_server_answer_like_the_offline_api(federat
     fedattn = {"sync_interval": 2, "generators": [0, 2]}
     body = {"participants": parts, "fedattn": fedattn, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     reply = post(federated_server, "/v1/completions", body).json()
-    [expected] = federated_engine(MODEL).generate([FedAttnSession(parts, FedAttnConfig(sync_interval=2,
-                                                                                       generators=(0, 2)), greedy(6))])
+    config = FedAttnBlock(**fedattn).to_config()  # the server's defaults for the rest: generators read every layer
+    assert config.generator_sync_interval == 1
+    [expected] = federated_engine(MODEL).generate([FedAttnSession(parts, config, greedy(6))])
     assert [(c["participant"], c["text"]) for c in reply["choices"]] == [(g, o.text) for g, o in expected.outputs.items()]
     assert reply["fedattn"]["published_bytes"] == expected.cost.published_bytes
     single = post(federated_server, "/v1/completions", {"prompt": parts[0], "max_tokens": 4, "temperature": 0})
