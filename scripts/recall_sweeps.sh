@@ -16,13 +16,13 @@ key() {  # the generator reads every layer, with the public prefix; others sync 
   run -H 4 --generator-sync-interval 1
 }
 wire() {  # the bytes levers: int8 on the wire, and the generator reading every 2nd layer
-  run -H 4 "${PREFIX_HG1[@]}" --kv-wire int8
+  run -H 2 "${PREFIX_HG1[@]}" --kv-wire int8
   run -H 4 --generator-sync-interval 2 --public-prefix --kv-wire int8
 }
 minor() {  # the paper at other H, nobody but the generator reading, key-norm selection, the prefix alone
   for h in 2 8; do COUNT=${COUNT_MINOR:-100} run -H "$h"; done
   COUNT=${COUNT_MINOR:-100} run --placement explicit --sync-layers "" "${PREFIX_HG1[@]}"
-  COUNT=${COUNT_MINOR:-100} run -H 4 "${PREFIX_HG1[@]}" --kv-share-ratio 0.5 --kv-selection key_norm
+  COUNT=${COUNT_MINOR:-100} run -H 2 "${PREFIX_HG1[@]}" --kv-share-ratio 0.5 --kv-selection key_norm
   COUNT=${COUNT_MINOR:-100} run -H 4 --public-prefix
 }
 all() { baselines; key; wire; minor; }
