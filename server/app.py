@@ -103,7 +103,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise APIError(400, "public_prefix: only with participants (multi-party)", "public_prefix")
         parts = body.participants if body.participants is not None else [body.prompt]
         segments = [_encode(p, f"participants[{i}]" if body.participants else "prompt") for i, p in enumerate(parts)]
-        prefix = _encode(body.public_prefix, "public_prefix") if body.public_prefix not in (None, "", []) else []
+        prefix = _encode_prefix(body.public_prefix)
         return await _run(request, body, prefix, segments, "text_completion", body.max_tokens or 16,
                           "participants" if body.participants else "prompt")
 
@@ -139,6 +139,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if not all(0 <= t < len(tokenizer) for t in ids):
             raise APIError(400, f"{param}: token ids must be in the vocabulary (0..{len(tokenizer) - 1})", param)
         return ids
+
+    def _encode_prefix(prefix) -> list[int]:
+        """The public prefix's token ids ([] for none or empty)."""
+        return _encode(prefix, "public_prefix") if prefix not in (None, "", []) else []
 
     def _check_model(name: str) -> None:
         if name != state["model"]:
@@ -281,7 +285,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if body.chat:
             prefix = chat_prefix(tokenizer, body.system)
         else:
-            prefix = _encode(body.public_prefix, "public_prefix") if body.public_prefix not in (None, "", []) else []
+            prefix = _encode_prefix(body.public_prefix)
         session = state["private"].create(body.participants, config, _sampling(body, body.max_tokens), body.chat,
                                           body.join_timeout_s, prefix)
         return {"id": session.session_id, "object": "fedattn.session", "generators": list(plan.generators),
