@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from fedattn_vllm.config import FedAttnPlan, KVWire
+from fedattn_vllm.kv_wire import payload_bytes
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,7 @@ class ModelShape:
 
     def shared_layer_bytes(self, tokens: int, wire: KVWire) -> int:
         """K and V of `tokens` shared tokens at one layer, as encoded for the exchange."""
-        if wire is KVWire.INT8:  # int8 K and V, a float32 scale per key channel and per value token (and head)
-            return self.num_kv_heads * (2 * tokens * self.head_dim + 4 * self.head_dim + 4 * tokens)
-        return tokens * self.kv_bytes_per_token_layer
+        return payload_bytes(wire, tokens, self.num_kv_heads, self.head_dim, self.bytes_per_element)
 
     def layer_flops(self, t_q: int, t_kv: int) -> int:
         """2*T_q*d^2*(2+2r) + 4*T_q*T_kv*d + 6*T_q*d*d_ff, r = KV heads / query heads."""

@@ -1,26 +1,69 @@
-"""Shared K/V as they travel between participants: exact ('native') or int8 with scales.
+"""Shared K/V as they travel between participants: exact ('native') or quantised with their scales.
 
-Int8: keys with one scale per head and channel, values with one per token and head
-(`kernels/quant.py`).
+- int8: keys with one float32 scale per head and channel, values with one per token and head.
+- int4, k4v2 (4-bit keys, 2-bit values), int2: asymmetric codes in groups (KIVI's split): keys per head and channel over
+  groups of tokens, values per token and head over groups of channels, a float16 scale and
+  minimum per group (`kernels/quant.py`). The public prefix, where attention sinks sit, is
+  never exchanged, so it stays exact.
 
 Both transports (in-process and networked) carry the encoded tensors, so colocated and
-federated sessions compute on identical values and count identical bytes.
+federated sessions compute on identical values and count identical bytes; `payload_bytes`
+is the size the cost model counts, equal to what the encoders produce.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from fedattn_vllm.config import KVWire
 from fedattn_vllm.exchange import KV, Payload
-from kernels import dequantize_int8, quantize_int8
+from kernels import dequantize_groups, dequantize_int8, quantize_groups, quantize_int8
+
+_HALF = 2  # bytes of a float16 scale or minimum
+
+
+@dataclass(frozen=True)
+class LowBit:
+    """Grouped asymmetric codes for keys (per channel) and values (per token)."""
+
+    key_bits: int
+    value_bits: int
+    key_group: int  # tokens that share a key channel's scale and minimum
+    value_group: int  # channels of a token and head that share a value scale and minimum
+
+    def encode(self, kv: KV) -> Payload:
+        """(K codes, K scales, K minima, V codes, V scales, V minima)."""
+        return (*quantize_groups(kv[0], self.key_bits, 0, self.key_group),
+                *quantize_groups(kv[1], self.value_bits, -1, self.value_group))
+
+    def decode(self, payload: Payload, dtype: torch.dtype) -> KV:
+        k, k_scale, k_low, v, v_scale, v_low = payload
+        head_dim = k_scale.shape[-1]  # key scales are per channel
+        return (dequantize_groups(k, k_scale, k_low, self.key_bits, 0, self.key_group, head_dim, dtype),
+                dequantize_groups(v, v_scale, v_low, self.value_bits, -1, self.value_group, head_dim, dtype))
+
+    def payload_bytes(self, tokens: int, heads: int, head_dim: int) -> int:
+        codes = tokens * heads * (_ceil(head_dim * self.key_bits, 8) + _ceil(head_dim * self.value_bits, 8))
+        groups = heads * (_ceil(tokens, self.key_group) * head_dim + tokens * _ceil(head_dim, self.value_group))
+        return codes + 2 * _HALF * groups
+
+
+LOW_BIT = {
+    KVWire.INT4: LowBit(key_bits=4, value_bits=4, key_group=64, value_group=64),
+    KVWire.K4V2: LowBit(key_bits=4, value_bits=2, key_group=64, value_group=32),
+    KVWire.INT2: LowBit(key_bits=2, value_bits=2, key_group=32, value_group=32),
+}
 
 
 def encode_kv(kv: KV, wire: KVWire) -> Payload:
-    """What a participant publishes: (K, V) owned copies, or (K int8, V int8, K scales, V scales)."""
+    """What a participant publishes: (K, V) owned copies, or their encoding with its scales."""
     if wire is KVWire.INT8:
         (k, k_scale), (v, v_scale) = quantize_int8(kv[0], dim=0), quantize_int8(kv[1], dim=-1)
         return k, v, k_scale, v_scale
+    if wire in LOW_BIT:
+        return LOW_BIT[wire].encode(kv)
     return kv[0].clone(), kv[1].clone()
 
 
@@ -29,4 +72,19 @@ def decode_kv(payload: Payload, wire: KVWire, dtype: torch.dtype) -> KV:
     if wire is KVWire.INT8:
         k, v, k_scale, v_scale = payload
         return dequantize_int8(k, k_scale, dtype), dequantize_int8(v, v_scale, dtype)
+    if wire in LOW_BIT:
+        return LOW_BIT[wire].decode(payload, dtype)
     return payload[0], payload[1]
+
+
+def payload_bytes(wire: KVWire, tokens: int, heads: int, head_dim: int, element_size: int) -> int:
+    """Bytes of one published payload of `tokens` tokens (K and V of `heads` heads of `head_dim`)."""
+    if wire is KVWire.INT8:  # int8 K and V, a float32 scale per key channel and per value token (and head)
+        return heads * (2 * tokens * head_dim + 4 * head_dim + 4 * tokens)
+    if wire in LOW_BIT:
+        return LOW_BIT[wire].payload_bytes(tokens, heads, head_dim)
+    return 2 * tokens * heads * head_dim * element_size
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)

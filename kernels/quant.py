@@ -1,12 +1,20 @@
-"""Int8 K/V for the wire: symmetric absmax quantisation along a chosen axis.
+"""K/V quantisation for the wire, keys per channel and values per token (KIVI's split).
 
-Keys carry a few large outlier channels, so they take one scale per head and channel
-(over the message's tokens); values take one scale per token and head (KIVI's split).
+Keys carry a few large outlier channels, so they take their scales per head and channel
+(over the message's tokens); values take theirs per token and head.
+
+- int8: symmetric absmax, one float32 scale per slice.
+- low-bit (2 or 4 bits): asymmetric, in groups along that axis (keys: groups of tokens,
+  values: groups of channels); a float16 scale and minimum per group, rounded outward so
+  the stored grid covers every value of its group; codes packed 8 // bits per byte along
+  the channel axis.
 """
 
 from __future__ import annotations
 
 import torch
+
+_F16_MAX = torch.finfo(torch.float16).max
 
 
 def quantize_int8(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,3 +31,66 @@ def quantize_int8(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(T, H, D) in `dtype` from `quantize_int8`'s output."""
     return (q.float() * scale).to(dtype)
+
+
+def quantize_groups(x: torch.Tensor, bits: int, dim: int, group: int) -> tuple[torch.Tensor, ...]:
+    """x (T, H, D) -> (codes uint8 (T, H, ceil(D * bits / 8)), scale, minimum), asymmetric in groups along `dim`.
+
+    dim=0 (keys): groups of `group` tokens per head and channel, scale and minimum (ceil(T / group), H, D).
+    dim=-1 (values): groups of `group` channels per token and head, (T, H, ceil(D / group)).
+    x ~ minimum + code * scale within half a step; magnitudes beyond float16's range are clamped to it.
+    """
+    levels = (1 << bits) - 1
+    groups = _split_groups(x.float().clamp(-_F16_MAX, _F16_MAX), dim, group)  # (..., n_groups, group)
+    smallest, largest = torch.aminmax(groups, dim=-1)
+    low = _round_toward(smallest, -torch.inf)
+    scale = _round_toward((largest - low.float()) / levels, torch.inf)
+    step = torch.where(scale > 0, scale.float(), 1.0)  # a constant group is its minimum, exactly
+    codes = torch.round((groups - low.float()[..., None]) / step[..., None]).clamp_(0, levels).to(torch.uint8)
+    codes = _join_groups(codes, dim, x.shape[dim])
+    return _pack(codes, bits), scale.movedim(-1, dim), low.movedim(-1, dim)
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int, dim: int, group: int,
+                      channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """(T, H, channels) in `dtype` from `quantize_groups`'s output (`channels`: D before packing)."""
+    q = _unpack(codes, bits, channels).float()
+    groups = _split_groups(q, dim, group)  # (..., n_groups, group)
+    low, scale = (t.float().movedim(dim, -1)[..., None] for t in (low, scale))  # (..., n_groups, 1)
+    return _join_groups(low + groups * scale, dim, q.shape[dim]).to(dtype)
+
+
+def _round_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
+    """x (float32) as float16, rounded toward `direction` where rounding to nearest went the other way."""
+    h = x.to(torch.float16)
+    wrong = h.float() > x if direction < 0 else h.float() < x
+    return torch.where(wrong, torch.nextafter(h, torch.full_like(h, direction)), h)
+
+
+def _split_groups(x: torch.Tensor, dim: int, group: int) -> torch.Tensor:
+    """(T, H, D) -> `dim` moved last and split into (n_groups, group), the last group padded with its last value."""
+    x = x.movedim(dim, -1)
+    pad = -x.shape[-1] % group
+    if pad:
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
+    return x.unflatten(-1, (-1, group))
+
+
+def _join_groups(groups: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Inverse of `_split_groups`: (..., n_groups, group) -> (T, H, D), the padding dropped."""
+    return groups.flatten(-2)[..., :size].movedim(-1, dim)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(T, H, D) codes < 2**bits -> (T, H, ceil(D * bits / 8)) uint8, channel c in bits [bits*(c % k), ...) of byte c // k."""
+    per_byte = 8 // bits
+    pad = -codes.shape[-1] % per_byte
+    codes = torch.nn.functional.pad(codes, (0, pad)).unflatten(-1, (-1, per_byte))
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    return (codes << shifts).sum(-1, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, bits: int, channels: int) -> torch.Tensor:
+    """Inverse of `_pack`: (T, H, ceil(D * bits / 8)) uint8 -> (T, H, channels) codes."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).flatten(-2)[..., :channels]

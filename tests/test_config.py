@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
+from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError, KVWire
 from fedattn_vllm.schedule import Placement
 
 
@@ -25,7 +25,7 @@ from fedattn_vllm.schedule import Placement
         ({"kv_share_ratio": []}, "kv_share_ratio"),
         ({"kv_share_ratio": [0.5, 0]}, "kv_share_ratio"),
         ({"kv_selection": "psychic"}, "kv_selection"),
-        ({"kv_wire": "int4"}, "kv_wire"),
+        ({"kv_wire": "int3"}, "kv_wire"),
         ({"local_keep_ratio": 0}, "local_keep_ratio"),
         ({"publisher": "last"}, "publisher"),
         ({"publisher_sync_interval": 0}, "publisher_sync_interval"),
@@ -113,3 +113,9 @@ def test_generators_read_at_their_interval_and_everyone_publishes_there_if_read(
     assert plan.sees(1, 0, 3, prefill=True) and not plan.sees(2, 0, 3, prefill=True)  # participant 2 does not generate
     assert plan.sees(1, 2, 3, prefill=False) and not plan.sees(1, 2, 3, prefill=True)  # later ones only in decode
     assert not plan.sees(1, 1, 0, prefill=False)  # own tokens are not foreign
+
+
+def test_the_eval_cli_offers_every_wire():
+    from fedattn_vllm.eval.cli import WIRES
+
+    assert WIRES == tuple(w.value for w in KVWire)

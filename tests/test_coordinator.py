@@ -10,10 +10,11 @@ import time
 import pytest
 import torch
 
-from fedattn_vllm.config import FedAttnConfig
+from fedattn_vllm.config import FedAttnConfig, KVWire
 from fedattn_vllm.federated.client import CoordinatorError, NetworkKVExchange, SessionAdmin
 from fedattn_vllm.federated.coordinator import Coordinator
 from fedattn_vllm.federated.wire import WireError, decode, encode
+from fedattn_vllm.kv_wire import encode_kv
 
 KEY = b"test-admin-key"
 
@@ -31,10 +32,11 @@ def test_wire_round_trip_is_bit_exact(dtype):
         assert torch.equal(a, b) and b.dtype == dtype
 
 
-def test_int8_payloads_with_scales_round_trip():
-    payload = (torch.randint(-127, 128, (5, 2, 64), dtype=torch.int8), torch.rand(5, 2, 1))
+@pytest.mark.parametrize("wire", [KVWire.INT8, KVWire.INT4, KVWire.INT2])
+def test_quantised_payloads_with_scales_round_trip(wire):
+    payload = encode_kv(kv(5, torch.bfloat16), wire)
     _, back = decode(encode({"op": "publish"}, payload))
-    assert [t.dtype for t in back] == [torch.int8, torch.float32]
+    assert [t.dtype for t in back] == [t.dtype for t in payload] and len(back) in (4, 6)
     assert all(torch.equal(a, b) for a, b in zip(payload, back))
 
 

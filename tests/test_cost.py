@@ -1,7 +1,9 @@
+import pytest
 import torch
 from transformers import Qwen2Config
 
-from fedattn_vllm.config import FedAttnConfig
+from fedattn_vllm.config import FedAttnConfig, KVWire
+from fedattn_vllm.kv_wire import encode_kv, payload_bytes
 from fedattn_vllm.cost import ModelShape, centralised_prefill_flops, participant_costs
 
 QWEN_05B = Qwen2Config(
@@ -62,6 +64,25 @@ def test_int8_wire_bytes_are_values_plus_float32_key_channel_and_value_token_sca
     layer = 2 * (2 * 100 * 64 + 4 * 64 + 4 * 100)  # 2 KV heads: int8 K and V, a scale per key channel, per value token
     assert costs[0].upload_bytes == 6 * layer and costs[1].download_bytes == 6 * layer
     assert costs[1].kv_cache_bytes == 24 * 10 * 1024 + 6 * 100 * 1024  # foreign K/V held decoded (fp32)
+
+
+@pytest.mark.parametrize("wire", list(KVWire))
+@pytest.mark.parametrize("tokens", [1, 31, 32, 33, 64, 65, 300])
+def test_payload_bytes_are_what_the_encoder_produces(wire, tokens):
+    kv = (torch.randn(tokens, 2, 64).to(torch.bfloat16), torch.randn(tokens, 2, 64).to(torch.bfloat16))
+    assert payload_bytes(wire, tokens, 2, 64, 2) == sum(t.nbytes for t in encode_kv(kv, wire))
+
+
+def test_low_bit_wire_bytes_are_packed_codes_plus_float16_scales_and_minima_per_group():
+    shape = ModelShape.from_hf_config(QWEN_05B, torch.bfloat16)
+    # int4: 100 tokens x 2 heads x 64 channels, two codes a byte; keys grouped over 64 tokens, values over 64 channels
+    int4 = 2 * (2 * 100 * 32 + 4 * (2 * 64 + 100 * 1))
+    # int2: four codes a byte; keys grouped over 32 tokens, values over 32 channels
+    int2 = 2 * (2 * 100 * 16 + 4 * (4 * 64 + 100 * 2))
+    assert shape.shared_layer_bytes(100, KVWire.INT4) == int4 and shape.shared_layer_bytes(100, KVWire.INT2) == int2
+    native = shape.shared_layer_bytes(100, KVWire.NATIVE)
+    print(f"\nbf16 / int4 = {native / int4:.2f}, bf16 / int2 = {native / int2:.2f} at 100 tokens")
+    assert 3 < native / int4 < 4 < native / int2 < 8
 
 
 def test_generator_interval_bytes_only_the_generators_read_the_extra_layers():

@@ -38,26 +38,33 @@ def test_randomised_grid_matches_the_oracle_token_for_token_and_bytes_match_the_
         assert result.cost.sync_layers == expected.sync_layers
 
 
-def test_int8_kv_on_the_wire_costs_what_the_model_says_and_stays_close_to_exact(tiny_engine):
-    rng = random.Random(f"int8-{tiny_engine.name}")
+@pytest.mark.parametrize("wire,fewer,moved",
+                         [("int8", 2.5, 0.25), ("int4", 3.5, None), ("k4v2", 4.0, None), ("int2", 5.0, None)])
+def test_quantised_kv_on_the_wire_costs_what_the_model_says_and_stays_close_to_exact(tiny_engine, wire, fewer, moved):
+    """fewer: a floor on fp32 / encoded bytes; moved: a bound on first-token log-prob changes.
+
+    Random weights say little of 2-4 bit fidelity (their top tokens are near ties); the real
+    model's K/V are tested in tests/test_engine_real.py and measured in RESULTS.md.
+    """
+    rng = random.Random(f"{wire}-{tiny_engine.name}")
     llm, vocab = tiny_engine.llm, len(tiny_engine.tokenizer)
     shape = ModelShape.from_hf_config(tiny_engine.hf.config, torch.float32)
     params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
-    cases = [[random_tokens(rng, vocab, rng.randint(5, 40)) for _ in range(rng.randint(2, 4))] for _ in range(12)]
+    cases = [[random_tokens(rng, vocab, rng.randint(30, 60)) for _ in range(rng.randint(2, 4))] for _ in range(12)]
     exact = llm.generate([FedAttnSession(s, FedAttnConfig(sync_interval=2), params) for s in cases])
-    int8 = llm.generate([FedAttnSession(s, FedAttnConfig(sync_interval=2, kv_wire="int8"), params) for s in cases])
+    encoded = llm.generate([FedAttnSession(s, FedAttnConfig(sync_interval=2, kv_wire=wire), params) for s in cases])
     largest = 0.0
-    for segments, a, b in zip(cases, exact, int8):
-        plan = FedAttnConfig(sync_interval=2, kv_wire="int8").resolve(llm.num_layers, len(segments))
+    for segments, a, b in zip(cases, exact, encoded):
+        plan = FedAttnConfig(sync_interval=2, kv_wire=wire).resolve(llm.num_layers, len(segments))
         costs = participant_costs(shape, plan, [len(s) for s in segments])
         assert b.cost.published_bytes == [c.upload_bytes for c in costs]
-        assert sum(a.cost.published_bytes) / sum(b.cost.published_bytes) > 2.5  # fp32 -> int8 + scales
+        assert sum(a.cost.published_bytes) / sum(b.cost.published_bytes) > fewer
         g = len(segments) - 1
         first_a, first_b = a.outputs[g].logprobs[0], b.outputs[g].logprobs[0]
         common = first_a.keys() & first_b.keys()
-        largest = max(largest, *(abs(first_a[t].logprob - first_b[t].logprob) for t in common))
-    print(f"\nlargest first-token log-prob change from int8 K/V: {largest:.2e}")
-    assert largest < 0.25  # a sanity bound on random weights (a wrong scale moves them by whole units)
+        largest = max([largest, *(abs(first_a[t].logprob - first_b[t].logprob) for t in common)])
+    print(f"\nlargest first-token log-prob change from {wire} K/V: {largest:.2e}")
+    assert moved is None or largest < moved  # a wrong int8 scale moves them by whole units
 
 
 @pytest.mark.parametrize("with_prefix", [False, True], ids=["segments", "public prefix + segments"])

@@ -99,9 +99,9 @@ def assert_all_freed(local, coordinator, engines=(0, 1, 2), deadline_s: float = 
 
 
 def test_federated_tokens_equal_colocated_and_payload_bytes_equal_the_cost_model(local, colocated):
-    """Exact and int8 K/V on the wire: both modes compute on the same values and count the same bytes."""
+    """Exact and quantised K/V on the wire: both modes compute on the same values and count the same bytes."""
     rng = random.Random("federated-grid")
-    wires = (KVWire.NATIVE, KVWire.INT8)
+    wires = tuple(KVWire)
     cases = [random_case(rng, len(colocated.tokenizer), colocated.num_layers, wires) for _ in range(24)]
     sessions = [case.session() for case in cases]
     placement = [[rng.randrange(3) for _ in s.segments] for s in sessions]

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from kernels import dequantize_int8, gather_tokens, merge_attention, partial_attention, quantize_int8
+from kernels import (dequantize_groups, dequantize_int8, gather_tokens, merge_attention, partial_attention,
+                     quantize_groups, quantize_int8)
 
 
 def naive(query, key, value, scale, allowed):
@@ -86,3 +87,50 @@ def test_int8_quantisation_error_is_within_half_a_step_of_each_scale(dtype, dim,
     assert torch.all((back - x.float()).abs() <= scale * (0.5 + 1e-5))  # half a step, up to float rounding
     assert torch.all(back[5] == 0) and q.abs().amax() == 127
     assert dequantize_int8(q, scale, dtype).dtype == dtype
+
+
+def _outlier_kv(tokens: int, channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """(tokens, 3, channels) with magnitudes spread over decades across tokens and channels, like real keys."""
+    generator = torch.Generator().manual_seed(tokens * channels)
+    x = torch.randn(tokens, 3, channels, generator=generator)
+    return (x * torch.logspace(-2, 2, tokens)[:, None, None] * torch.logspace(-1, 1, channels) + 3.0).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dim,group,channels,scale_shape", [
+    (0, 32, 64, (3, 3, 64)),  # keys: groups of tokens per channel, the last one partial (70 = 32 + 32 + 6)
+    (-1, 32, 64, (70, 3, 2)),  # values: groups of channels per token
+    (-1, 4, 6, (70, 3, 2)),  # channels that fill neither whole groups nor whole bytes
+])
+def test_grouped_codes_are_within_half_a_stored_step_of_every_value(dtype, bits, dim, group, channels, scale_shape):
+    x = _outlier_kv(70, channels, dtype)
+    x[40] = 0.5  # a constant token: exact for values (a zero-width group), and no harm to keys
+    codes, scale, low = quantize_groups(x, bits, dim, group)
+    assert codes.dtype == torch.uint8 and codes.shape == (70, 3, -(-channels * bits // 8))
+    assert scale.shape == low.shape == scale_shape and scale.dtype == low.dtype == torch.float16
+    back = dequantize_groups(codes, scale, low, bits, dim, group, channels, torch.float32)
+    step = scale.float().repeat_interleave(group, dim).narrow(dim, 0, x.shape[dim])
+    assert torch.all((back - x.float()).abs() <= step * (0.5 + 1e-3))  # half a step, up to float rounding
+    if dim == -1:
+        assert torch.all(back[40] == 0.5)
+    assert int(codes.max()) < 256 and dequantize_groups(codes, scale, low, bits, dim, group, channels, dtype).dtype == dtype
+    assert all(torch.equal(a, b) for a, b in zip(quantize_groups(x, bits, dim, group), (codes, scale, low)))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_codes_use_every_level_and_pack_low_bits_first(bits):
+    levels = 1 << bits
+    x = torch.arange(levels, dtype=torch.float32).repeat(2).view(1, 1, 2 * levels)  # one token, one group of all
+    codes, scale, low = quantize_groups(x, bits, -1, 2 * levels)
+    assert float(low) == 0 and float(scale) == 1
+    expected = [sum(c << (bits * i) for i, c in enumerate(chunk))
+                for chunk in torch.arange(levels).repeat(2).view(-1, 8 // bits).tolist()]
+    assert codes.flatten().tolist() == expected
+
+
+def test_values_beyond_float16_are_clamped_not_turned_into_infinities():
+    x = torch.tensor([[[-1e6, 0.0, 1e6, 1.0]]])
+    codes, scale, low = quantize_groups(x, 4, -1, 4)
+    back = dequantize_groups(codes, scale, low, 4, -1, 4, 4, torch.float32)
+    assert torch.isfinite(back).all() and back[0, 0, 0] <= -65000 and back[0, 0, 2] >= 65000

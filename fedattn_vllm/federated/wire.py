@@ -2,7 +2,7 @@
 
 Every message is a ZeroMQ multipart message [header, *tensors]. The header is a small
 msgpack map (operation, session, participant, layer, credential, and each tensor's dtype
-and shape); K and V (or their int8 encoding and scales) travel as their raw bytes in frames
+and shape); K and V (or their quantised encoding and scales) travel as their raw bytes in frames
 of their own: no JSON, no base64, no copies beyond the socket's.
 """
 
@@ -11,9 +11,10 @@ from __future__ import annotations
 import msgspec
 import torch
 
-Tensors = tuple[torch.Tensor, ...]  # K and V, or an encoding of them (e.g. int8 K, V and their scales)
+Tensors = tuple[torch.Tensor, ...]  # K and V, or an encoding of them (e.g. quantised K and V codes and their scales)
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.int8)}
+_DTYPES = {str(d).removeprefix("torch."): d
+           for d in (torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8)}
 _encoder, _decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(dict)
 
 
@@ -27,7 +28,7 @@ def encode(header: dict, tensors: Tensors | None = None) -> list[bytes | memoryv
         return [_encoder.encode(header)]
     tensors = tuple(t.detach().contiguous().cpu() for t in tensors)
     if not tensors or any(t.dtype not in _DTYPES.values() or t.numel() == 0 for t in tensors):
-        raise WireError("tensors must be non-empty, of a wire dtype (float32, bfloat16, float16, int8)")
+        raise WireError(f"tensors must be non-empty, of a wire dtype ({', '.join(_DTYPES)})")
     header = {**header, "tensors": [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in tensors]}
     return [_encoder.encode(header), *(memoryview(t.view(torch.uint8).numpy()).cast("B") for t in tensors)]
 
