@@ -3,7 +3,7 @@
 # The defaults are what RESULTS.md ran: the headline on the whole test set (1319, in two shards),
 # 300 problems for its key comparisons, 50-100 elsewhere (LIMIT overrides those), FIDELITY_LIMIT
 # problems per fidelity sweep. Figures: python -m fedattn_vllm.eval plots
-#   bash scripts/eval_sweeps.sh [headline|fidelity|attention|splits|interval|participants|placement|sparse|grid|all]
+#   bash scripts/eval_sweeps.sh [headline|fidelity|attention|splits|interval|participants|placement|sparse|crossparty|grid|all]
 # `grid` extends every accuracy point to 300 problems (every run is saved in evaluation/gsm8k, so --resume skips them all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +47,9 @@ sparse() {
   done
   run -N 4 -H 4 --kv-share-ratio 0.5 --publisher-dense --limit "${LIMIT:-100}"
 }
+crossparty() {  # the cross-party recall modes on GSM8K: the generator reads every layer, exact and 4/2-bit K/V
+  for wire in native k4v2; do to300 -N 4 -H 2 --generator-sync-interval 1 --kv-wire "$wire"; done
+}
 grid() {  # the rest of the issue's accuracy grid, every point to 300 problems (shards extend the runs above)
   for h in 2 8 24; do run -N 4 -H "$h" --offset 100 --limit 200; done
   for h in 3 6 12; do to300 -N 4 -H "$h"; done
@@ -70,7 +73,7 @@ grid() {  # the rest of the issue's accuracy grid, every point to 300 problems (
 }
 
 case "${1:-all}" in
-  all) headline; fidelity; attention; interval; splits; placement; sparse; participants; grid ;;
-  headline|fidelity|attention|splits|interval|participants|placement|sparse|grid) "$1" ;;
+  all) headline; fidelity; attention; interval; splits; placement; sparse; participants; crossparty; grid ;;
+  headline|fidelity|attention|splits|interval|participants|placement|sparse|crossparty|grid) "$1" ;;
   *) echo "unknown phase: $1" >&2; exit 2 ;;
 esac

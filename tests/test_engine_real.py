@@ -57,3 +57,24 @@ def test_the_generator_reading_every_layer_with_a_public_prefix_matches_the_orac
         identical += result.outputs[len(segments) - 1].token_ids == expected.tokens[len(segments) - 1]
     print(f"\n{identical}/{len(cases)} identical for 16 tokens")
     assert identical >= len(cases) - 1
+
+
+@pytest.mark.parametrize("wire", ["int4", "k4v2"])  # int2 loses a fifth of the answers (RESULTS.md)
+def test_low_bit_kv_on_the_wire_keeps_the_recall_answers_of_exact_kv(wire):
+    """The recall mode (the generator reads every layer, public prefix) with 2-4 bit K/V answers as exact K/V does."""
+    from fedattn_vllm.eval.recall import session_parts
+    from fedattn_vllm.eval.recall_cases import make_cases
+
+    llm = federated_engine("default", **REAL_ENGINE_ARGS)
+    cases = make_cases(llm.tokenizer, 10)  # N = 2..6, every kind of fact
+    prompts = [session_parts(llm.tokenizer, case, "federated", public_prefix=True) for case in cases]
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+
+    def answers(config: FedAttnConfig) -> list[bool]:
+        results = llm.generate([FedAttnSession(s, config, params, public_prefix=p) for p, s in prompts])
+        return [case.correct(r.outputs[len(s) - 1].text) for case, (_, s), r in zip(cases, prompts, results)]
+
+    exact = answers(FedAttnConfig(sync_interval=2, generator_sync_interval=1))
+    encoded = answers(FedAttnConfig(sync_interval=2, generator_sync_interval=1, kv_wire=wire))
+    print(f"\nrecall answers: exact K/V {sum(exact)}/{len(cases)}, {wire} {sum(encoded)}/{len(cases)}")
+    assert sum(exact) >= 8 and sum(a and b for a, b in zip(exact, encoded)) >= sum(exact) - 1

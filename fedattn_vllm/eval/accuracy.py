@@ -34,6 +34,8 @@ def run_name(args: argparse.Namespace) -> str:
         parts.append(f"hp{args.publisher_sync_interval}")
     if getattr(args, "generator_sync_interval", None):
         parts.append(f"hg{args.generator_sync_interval}")
+    if getattr(args, "kv_wire", "native") != "native":
+        parts.append(args.kv_wire)
     return "-".join(parts + [f"o{args.offset}", f"n{args.limit}", f"s{args.seed}"])
 
 
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> dict:
     config = FedAttnConfig(sync_interval=args.sync_interval, placement=args.placement, seed=args.seed,
                            kv_share_ratio=share_ratio(args), kv_selection=args.kv_selection,
                            publisher_sync_interval=args.publisher_sync_interval,
-                           generator_sync_interval=args.generator_sync_interval)
+                           generator_sync_interval=args.generator_sync_interval, kv_wire=args.kv_wire)
     llm = engine(args)
     problems = gsm8k.problems()[args.offset: None if args.limit is None else args.offset + args.limit]
     splits = [gsm8k.segments(llm.tokenizer, p, args.shots, args.participants, args.split) for p in problems]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+WIRES = ("native", "int8", "int4", "k4v2", "int2")  # fedattn_vllm.config.KVWire, without importing torch for --help
+
 
 def add_run_arguments(p: argparse.ArgumentParser, out: Path, max_tokens: int) -> None:
     """Model, precision, which items, sampling budget, engine memory, and where the results go."""
@@ -13,6 +15,7 @@ def add_run_arguments(p: argparse.ArgumentParser, out: Path, max_tokens: int) ->
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--kv-wire", default="native", choices=WIRES, help="encoding of the shared K/V")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--kv-cache-gib", type=float, default=2.0)
     p.add_argument("--out", type=Path, default=out, help="directory for the JSONL and summary")

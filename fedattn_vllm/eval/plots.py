@@ -44,6 +44,7 @@ class Setting:
     publisher_interval: int | None
     publisher_dense: bool = False
     generator_interval: int | None = None
+    wire: str = "native"  # kv_wire
 
     @property
     def label(self) -> str:
@@ -53,7 +54,8 @@ class Setting:
         if self.ratio < 1:
             text += f" r={self.ratio:g} {self.selection}" + (" publisher r=1" if self.publisher_dense else "")
         text += f" Hp={self.publisher_interval}" if self.publisher_interval else ""
-        return text + (f" Hg={self.generator_interval}" if self.generator_interval else "")
+        text += f" Hg={self.generator_interval}" if self.generator_interval else ""
+        return text + (f" {self.wire}" if self.wire != "native" else "")
 
 
 @dataclass
@@ -86,7 +88,7 @@ def _setting(args: dict) -> Setting:
                    args["split"] if n > 1 else "-", args["shots"], args["kv_share_ratio"],
                    args["kv_selection"] if args["kv_share_ratio"] < 1 else "-", args.get("publisher_sync_interval"),
                    args.get("publisher_dense", False) and args["kv_share_ratio"] < 1,
-                   args.get("generator_sync_interval") if n > 1 else None)
+                   args.get("generator_sync_interval") if n > 1 else None, args.get("kv_wire", "native"))
 
 
 def load_accuracy(directory: Path) -> dict[Setting, Accuracy]:
@@ -143,7 +145,7 @@ def _alone(ax, runs: dict[Setting, Accuracy]) -> None:
 
 def _dense(s: Setting, shots: int = 4) -> bool:
     return (s.participants > 1 and s.shots == shots and s.ratio == 1 and not s.publisher_interval
-            and not s.generator_interval)
+            and not s.generator_interval and s.wire == "native")
 
 
 def _save(fig, out: Path, name: str) -> Path:
@@ -259,7 +261,8 @@ def _frontier_family(s: Setting) -> str:
     if s.participants == 1:
         return "centralised"
     if s.generator_interval:
-        return f"generator reads every {s.generator_interval} layer(s), H={s.interval}"
+        wire = f", {s.wire}" if s.wire != "native" else ""
+        return f"generator reads every {s.generator_interval} layer(s), H={s.interval}{wire}"
     if s.ratio < 1:
         publisher = ", publisher r=1" if s.publisher_dense else ""
         return f"sparse ({s.selection.replace('_', ' ')}), H={s.interval}{publisher}"

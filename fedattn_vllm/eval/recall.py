@@ -36,7 +36,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--public-prefix", action="store_true", help="the chat template's head as the public prefix")
     p.add_argument("--kv-share-ratio", type=float, default=1.0)
     p.add_argument("--kv-selection", default="random")
-    p.add_argument("--kv-wire", default="native")
     p.add_argument("--count", type=int, default=250, help="cases (N and kind cycle over them)")
 
 
