@@ -31,10 +31,12 @@ def main() -> None:
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key)
     model = client.models.list().data[0].id
     print(f"server model: {model}")
-    paper = {"generator_sync_interval": None}  # the paper's semantics: the question holder reads only at sync layers
-    for label, fedattn in [("the server's default: sync every 2nd layer, the question holder reads every layer", None),
+    # the paper's semantics: the question holder reads only at sync layers, exact K/V on the wire
+    paper = {"generator_sync_interval": None, "kv_wire": "native"}
+    for label, fedattn in [("the server's default: sync every 2nd layer, the question holder reads every layer, "
+                            "4-bit keys and 2-bit values on the wire", None),
                            ("the paper's FedAttn, sync every 4th layer", {"sync_interval": 4, **paper}),
-                           ("every layer synced (= centralised)", {"sync_interval": 1}),
+                           ("every layer synced, exact K/V (= centralised)", {"sync_interval": 1, **paper}),
                            ("no sync layers (each party alone)", {"placement": "explicit", "sync_layers": [], **paper})]:
         extra = {"participants": PARTIES, **({"fedattn": fedattn} if fedattn is not None else {})}
         reply = client.chat.completions.create(model=model, messages=[], max_tokens=32, temperature=0, extra_body=extra)

@@ -3,9 +3,10 @@
 Runs FedAttn inside a vLLM engine (colocated: every party is a request of one engine whose
 prompt is only its own segment) on the default model, and prints each party's segment
 length, the answer without any sync layer, with the paper's FedAttn at the chosen sync
-interval, with the server's default (H = 2, the question holder reading every layer), and
-with every layer synced (H = 1, identical to centralised inference), and the K/V bytes
-each party published and received, measured at the exchange.
+interval, with the server's default (H = 2, the question holder reading every layer, K/V
+as 4-bit keys and 2-bit values), and with every layer synced (H = 1, identical to
+centralised inference), and the K/V bytes each party published and received, measured at
+the exchange.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from vllm import SamplingParams
 
-    from fedattn_vllm.config import FedAttnConfig
+    from fedattn_vllm.config import RECOMMENDED, FedAttnConfig
     from fedattn_vllm.engine import FederatedLLM, FedAttnSession
     from fedattn_vllm.prompting import encode_segments
 
@@ -47,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = {
         "no sync layers (each party alone)": FedAttnConfig(placement="explicit", sync_layers=()),
         f"the paper's FedAttn, H={args.sync_interval}": FedAttnConfig(sync_interval=args.sync_interval),
-        "H=2, the question holder reads every layer (the server's default)":
-            FedAttnConfig(sync_interval=2, generator_sync_interval=1),
+        "H=2, the question holder reads every layer, 4-bit keys and 2-bit values on the wire (the server's default)":
+            RECOMMENDED,
         "FedAttn H=1 (= centralised)": FedAttnConfig(sync_interval=1),
     }
     params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)

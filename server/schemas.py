@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedattn_vllm.config import FedAttnConfig
+from fedattn_vllm.config import RECOMMENDED, FedAttnConfig
 
 Segment = str | list[int]  # a participant's private text, or its token ids
 
@@ -14,14 +14,15 @@ Segment = str | list[int]  # a participant's private text, or its token ids
 class FedAttnBlock(BaseModel):
     """The session's FedAttn settings (fields of fedattn_vllm.FedAttnConfig).
 
-    The defaults are the best point measured on the recall benchmark (RESULTS.md): everyone syncs
-    every 2nd layer and the generators read everyone at every layer. `generator_sync_interval: null`
-    gives the paper's semantics (with `sync_interval: 4`, the paper's default).
+    The defaults are the best point measured on the recall benchmark (fedattn_vllm.config.RECOMMENDED,
+    RESULTS.md): everyone syncs every 2nd layer, the generators read everyone at every layer, and K/V
+    travel as 4-bit keys and 2-bit values. `kv_wire: "native"` gives exact K/V; with
+    `generator_sync_interval: null` and `sync_interval: 4` it is the paper's default.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    sync_interval: int = 2
+    sync_interval: int = RECOMMENDED.sync_interval
     placement: str = "uniform"
     sync_layers: list[int] | None = None
     kv_share_ratio: float | list[float] = 1.0
@@ -29,9 +30,9 @@ class FedAttnBlock(BaseModel):
     publisher: int = -1
     publisher_sync_interval: int | None = None
     generators: list[int] = Field(default_factory=lambda: [-1])
-    generator_sync_interval: int | None = 1
+    generator_sync_interval: int | None = RECOMMENDED.generator_sync_interval
     seed: int = 0
-    kv_wire: str = "native"
+    kv_wire: str = RECOMMENDED.kv_wire.value
 
     def to_config(self) -> FedAttnConfig:
         """The FedAttnConfig these settings give (null fields take the config's defaults); raises FedAttnConfigError."""

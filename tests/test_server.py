@@ -13,7 +13,7 @@ import openai
 import pytest
 from conftest import federated_engine, greedy, plain_engine
 
-from fedattn_vllm.config import FedAttnConfig
+from fedattn_vllm.config import RECOMMENDED
 from fedattn_vllm.engine import FedAttnSession
 from fedattn_vllm.prompting import encode_segments
 from server.launch import free_port, wait_until_healthy
@@ -83,7 +83,7 @@ def test_multi_party_completion_equals_the_offline_api(server):
                "generator_sync_interval": None}  # the paper's semantics: one field away from the default
     body = {"participants": parts, "fedattn": fedattn, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     reply = post(server, "/v1/completions", body).json()
-    config = FedAttnConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fedattn.items()})
+    config = FedAttnBlock(**fedattn).to_config()  # the server's defaults for the rest (K/V as k4v2)
     [expected] = federated_engine(MODEL).generate([FedAttnSession(parts, config, greedy(6))])
     assert [(c["participant"], c["text"]) for c in reply["choices"]] == [(g, o.text) for g, o in expected.outputs.items()]
     assert reply["fedattn"]["published_bytes"] == expected.cost.published_bytes
@@ -98,7 +98,7 @@ def test_multi_party_chat_frames_the_parts_as_one_user_turn(server):
     llm = federated_engine(MODEL)
     prefix, segments = encode_segments(llm.tokenizer, parts, chat=True)
     default = FedAttnBlock().to_config()  # the server's default: the best measured recall point
-    assert (default.sync_interval, default.generator_sync_interval) == (2, 1)
+    assert default == RECOMMENDED and (default.sync_interval, default.generator_sync_interval) == (2, 1)
     [expected] = llm.generate([FedAttnSession(segments, default, greedy(5), public_prefix=prefix)])
     assert reply["choices"][0]["message"] == {"role": "assistant", "content": expected.outputs[1].text}
     assert reply["object"] == "chat.completion" and reply["fedattn"]["sync_layers"] == list(range(6))
@@ -113,7 +113,7 @@ def test_a_public_prefix_beside_participants_is_seen_by_all_and_exchanged_by_non
             "max_tokens": 4, "temperature": 0, "ignore_eos": True,
             "fedattn": {"sync_interval": 2, "generator_sync_interval": 1}}
     reply = post(server, "/v1/completions", body).json()
-    config = FedAttnConfig(sync_interval=2, generator_sync_interval=1)
+    config = FedAttnBlock(**body["fedattn"]).to_config()
     [expected] = federated_engine(MODEL).generate([FedAttnSession(body["participants"], config, greedy(4),
                                                                   public_prefix=body["public_prefix"])])
     assert reply["choices"][0]["text"] == expected.outputs[1].text

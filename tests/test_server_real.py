@@ -23,7 +23,8 @@ def test_a_three_party_chat_on_the_real_model_equals_the_offline_api(tmp_path_fa
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY)
         reply = client.chat.completions.create(
             model="qwen2.5-coder-0.5b-instruct", messages=[], max_tokens=24, temperature=0,
-            extra_body={"participants": PARTIES, "fedattn": {"sync_interval": 1}, "ignore_eos": True})
+            extra_body={"participants": PARTIES, "fedattn": {"sync_interval": 1, "kv_wire": "native"},
+                        "ignore_eos": True})
     finally:
         process.terminate()
         process.wait(timeout=60)
