@@ -154,10 +154,12 @@ def main() -> None:
     args = parse_args()
     from transformers import AutoConfig
 
-    dtype = getattr(torch, args.dtype)
-    hf = AutoConfig.from_pretrained(resolve_model(args.model)).get_text_config(decoder=True)
-    shape = ModelShape.from_hf_config(hf, dtype)
-    result = codec(args, shape, hf.num_attention_heads, dtype) if args.part == "codec" else fidelity(args)
+    if args.part == "codec":
+        dtype = getattr(torch, args.dtype)
+        hf = AutoConfig.from_pretrained(resolve_model(args.model)).get_text_config(decoder=True)
+        result = codec(args, ModelShape.from_hf_config(hf, dtype), hf.num_attention_heads, dtype)
+    else:
+        result = fidelity(args)
     out = args.out or Path(f"benchmarks/results/kv_wire_{args.part}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "machine": platform.processor() or platform.machine(),
