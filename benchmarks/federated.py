@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 
 from fedattn_vllm import gsm8k
-from fedattn_vllm.config import FedAttnConfig, FedAttnPlan
+from fedattn_vllm.config import FedAttnConfig, FedAttnPlan, KVWire
 from fedattn_vllm.engine import FedAttnSession
 from fedattn_vllm.federated.local import LocalCluster
 from fedattn_vllm.models import resolve_model
@@ -43,11 +43,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--participants", type=int, default=4)
     parser.add_argument("--sync-interval", type=int, default=4)
     parser.add_argument("--generator-sync-interval", type=int, help="the generator also reads every H_g layers")
+    parser.add_argument("--kv-wire", default="native", choices=[w.value for w in KVWire], help="encoding of the shared K/V")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--link-gbps", type=float, default=1.0, help="projection: link bandwidth per machine")
     parser.add_argument("--rtt-ms", type=float, default=1.0, help="projection: round trip to the coordinator")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/federated.json"))
-    return parser.parse_args()
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/federated-<setting>.json")
+    args = parser.parse_args()
+    if args.out is None:
+        hg = f"-hg{args.generator_sync_interval}" if args.generator_sync_interval else ""
+        args.out = Path(f"benchmarks/results/federated-N{args.participants}-H{args.sync_interval}{hg}-{args.kv_wire}.json")
+    return args
 
 
 def cpu_seconds(pids: list[int]) -> list[float]:
@@ -73,7 +78,8 @@ def main() -> None:
     args = parse_args()
     engine_args = {"dtype": args.dtype, "max_model_len": 4096, "max_num_batched_tokens": 8192, "seed": 0,
                    "kv_cache_memory_bytes": 512 << 20}
-    config = FedAttnConfig(sync_interval=args.sync_interval, generator_sync_interval=args.generator_sync_interval)
+    config = FedAttnConfig(sync_interval=args.sync_interval, generator_sync_interval=args.generator_sync_interval,
+                           kv_wire=args.kv_wire)
     n = args.participants
     print(f"starting a coordinator and {n} engines ...", flush=True)
     with LocalCluster(args.model, engines=n, engine_args=engine_args, timeout_s=300) as local:
@@ -125,7 +131,7 @@ def summarise(args, samples, plan: FedAttnPlan, num_layers: int, prompts) -> dic
     wire = median(sum(s["cost"]["published_wire_bytes"]) + sum(s["cost"]["received_wire_bytes"]) for s in pipelined)
     payload = median(sum(s["cost"]["published_bytes"]) + sum(s["cost"]["received_bytes"]) for s in pipelined)
     print(f"\n{args.problems} GSM8K prompts x {args.rounds} rounds, {args.shots}-shot TokEx, N={n}, "
-          f"H={args.sync_interval}, H_g={args.generator_sync_interval}, {args.dtype}; first prompt's segments "
+          f"H={args.sync_interval}, H_g={args.generator_sync_interval}, kv_wire={args.kv_wire}, {args.dtype}; first prompt's segments "
           f"{tokens} tokens")
     print(f"{'mode':<12} {'TTFT median (s)':>16} {'vs centralised':>15}")
     for mode, seconds in ttft.items():

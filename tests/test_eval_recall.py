@@ -5,6 +5,7 @@ import subprocess
 import sys
 from collections import Counter
 
+import pytest
 from conftest import load_hf
 
 from fedattn_vllm.eval.records import read_rows, rows_path
@@ -23,6 +24,16 @@ def test_cases_are_deterministic_balanced_and_hold_the_fact_where_they_say():
         assert c.fact.answer not in c.parts[-1]  # the question gives nothing away
         for page in c.parts[:-1]:
             assert MIN_TOKENS <= len(tokenizer(page, add_special_tokens=False)["input_ids"]) <= MAX_TOKENS + 60
+
+
+def test_cases_of_one_n_are_the_benchmarks_own_cases_of_that_n():
+    tokenizer = load_hf("tiny-qwen2")[1]
+    everything = make_cases(tokenizer, 30)
+    sixes = make_cases(tokenizer, 4, offset=2, participants=6)
+    assert [c.parts for c in sixes] == [c.parts for c in everything if c.participants == 6][2:6]
+    assert {c.kind for c in make_cases(tokenizer, 5, participants=6)} == set(KINDS)
+    with pytest.raises(ValueError, match="participants"):
+        make_cases(tokenizer, 1, participants=7)
 
 
 def test_answers_match_only_as_whole_values():

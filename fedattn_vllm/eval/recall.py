@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-share-ratio", type=float, default=1.0)
     p.add_argument("--kv-selection", default="random")
     p.add_argument("--count", type=int, default=250, help="cases (N and kind cycle over them)")
+    p.add_argument("--participants", "-N", type=int, help="only the benchmark's cases with this N (2..6)")
 
 
 def config_of(args: argparse.Namespace):
@@ -67,6 +68,8 @@ def run_name(args: argparse.Namespace) -> str:
             parts.append(args.kv_wire)
     if args.public_prefix:
         parts.append("pp")
+    if args.participants:
+        parts.append(f"N{args.participants}")
     return "-".join(parts + [f"o{args.offset}", f"n{args.count}", f"s{args.seed}"])
 
 
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> dict:
 
     config = config_of(args)
     llm = engine(args)
-    cases = make_cases(llm.tokenizer, args.count, args.seed, args.offset)
+    cases = make_cases(llm.tokenizer, args.count, args.seed, args.offset, args.participants)
     prompts = [session_parts(llm.tokenizer, c, args.mode, args.public_prefix) for c in cases]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     # One random draw per case (seed + its index), as in the GSM8K runs.

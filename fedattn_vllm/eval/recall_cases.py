@@ -143,5 +143,13 @@ def make_case(tokenizer, index: int, seed: int = 0) -> RecallCase:
     return RecallCase(index, kind, n, holder, tuple(parts), fact)
 
 
-def make_cases(tokenizer, count: int, seed: int = 0, offset: int = 0) -> list[RecallCase]:
-    return [make_case(tokenizer, i, seed) for i in range(offset, offset + count)]
+def make_cases(
+    tokenizer, count: int, seed: int = 0, offset: int = 0, participants: int | None = None
+) -> list[RecallCase]:
+    """Cases offset..offset+count-1 of the benchmark; with `participants`, of its cases with that N only."""
+    if participants is None:
+        return [make_case(tokenizer, i, seed) for i in range(offset, offset + count)]
+    if participants not in PARTICIPANTS:
+        raise ValueError(f"participants: {participants} is not in {PARTICIPANTS.start}..{PARTICIPANTS.stop - 1}")
+    first = PARTICIPANTS.index(participants)
+    return [make_case(tokenizer, first + i * len(PARTICIPANTS), seed) for i in range(offset, offset + count)]
