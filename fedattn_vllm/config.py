@@ -106,6 +106,8 @@ class FedAttnConfig:
         if self.kv_selection not in SELECTORS:
             raise FedAttnConfigError("kv_selection", f"unknown {self.kv_selection!r}; one of {sorted(SELECTORS)}")
         set_("local_keep_ratio", _check_ratio("local_keep_ratio", self.local_keep_ratio))
+        if SELECTORS[self.kv_selection].needs_queries and self.local_keep_ratio != 1.0:
+            raise FedAttnConfigError("local_keep_ratio", f"{self.kv_selection!r} selection chooses shared tokens only")
         _check_index("publisher", self.publisher)
         if self.publisher_sync_interval is not None:
             hp = self.publisher_sync_interval
@@ -237,14 +239,15 @@ class FedAttnPlan:
         return layer in self.publish_layers[participant]
 
     def _select(
-        self, purpose: str, participant: int, layer: int, length: int, ratio: float, keys: torch.Tensor | None
+        self, purpose: str, participant: int, layer: int, length: int, ratio: float,
+        keys: torch.Tensor | None, queries: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         count = kept_count(length, ratio)
         if count == length:
             return None
         selector = SELECTORS[self.config.kv_selection]
-        choose = functools.partial(selector.select, length, count, seed=self.config.seed,
-                                   participant=participant, layer=layer, purpose=purpose, keys=keys)
+        choose = functools.partial(selector.select, length, count, seed=self.config.seed, participant=participant,
+                                   layer=layer, purpose=purpose, keys=keys, queries=queries)
         if selector.needs_keys:  # depends on the data: nothing to cache
             return choose()
         key = (purpose, participant, layer, length)
@@ -253,13 +256,15 @@ class FedAttnPlan:
         return self._selection_cache[key]
 
     def shared_positions(
-        self, participant: int, layer: int, length: int, keys: torch.Tensor | None = None
+        self, participant: int, layer: int, length: int, keys: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Segment positions whose K/V `participant` shares at a sync `layer` (None: all of them).
 
-        keys: the participant's keys at `layer` (length, H_kv, D), for a selector that needs them.
+        keys: the participant's post-RoPE keys at `layer` (length, H_kv, D), for a selector that needs them;
+        queries: the question queries of `question_askers(participant)` at `layer` (rows, H, D), scaled.
         """
-        return self._select("share", participant, layer, length, self.share_ratios[participant], keys)
+        return self._select("share", participant, layer, length, self.share_ratios[participant], keys, queries)
 
     def kept_positions(
         self, participant: int, layer: int, length: int, keys: torch.Tensor | None = None
@@ -270,6 +275,22 @@ class FedAttnPlan:
     @property
     def selection_needs_keys(self) -> bool:
         return SELECTORS[self.config.kv_selection].needs_keys
+
+    @property
+    def selection_needs_queries(self) -> bool:
+        return SELECTORS[self.config.kv_selection].needs_queries
+
+    def question_askers(self, participant: int) -> tuple[int, ...]:
+        """Generators whose question queries choose what `participant` shares (question selection)."""
+        return tuple(g for g in self.generators if g != participant)
+
+    def asks(self, participant: int, layer: int, length: int) -> tuple[int, ...]:
+        """Generators whose question queries `participant` (of `length` tokens) receives at `layer`: those
+        of question selection, at a layer where it publishes fewer than all of its tokens."""
+        if not (self.selection_needs_queries and self.publishes(participant, layer)
+                and self.shared_count(participant, length) < length):
+            return ()
+        return self.question_askers(participant)
 
     def shared_count(self, participant: int, length: int) -> int:
         """Tokens `participant` shares at each of its sync layers."""

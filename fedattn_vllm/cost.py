@@ -8,6 +8,7 @@ import torch
 
 from fedattn_vllm.config import FedAttnPlan, KVWire
 from fedattn_vllm.kv_wire import payload_bytes
+from fedattn_vllm.selection import question_bytes
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class ModelShape:
         """K and V of `tokens` shared tokens at one layer, as encoded for the exchange."""
         return payload_bytes(wire, tokens, self.num_kv_heads, self.head_dim, self.bytes_per_element)
 
+    def question_bytes(self, generator_tokens: int) -> int:
+        """A generator's question queries at one layer (question selection), in the engine's dtype."""
+        return question_bytes(generator_tokens, self.num_heads, self.head_dim, self.bytes_per_element)
+
     def layer_flops(self, t_q: int, t_kv: int) -> int:
         """2*T_q*d^2*(2+2r) + 4*T_q*T_kv*d + 6*T_q*d*d_ff, r = KV heads / query heads."""
         d, r = self.hidden_size, self.num_kv_heads / self.num_heads
@@ -56,8 +61,8 @@ class ModelShape:
 class ParticipantCost:
     tokens: int  # L_n
     sync_layers: int  # layers at which it publishes
-    upload_bytes: int  # K/V it publishes
-    download_bytes: int  # foreign K/V it needs (earlier participants; everyone if it generates)
+    upload_bytes: int  # K/V it publishes, and a generator's question queries (question selection)
+    download_bytes: int  # foreign K/V it needs (earlier participants; everyone if it generates), questions
     prefill_flops: int  # attention + MLP over its own tokens
     kv_cache_bytes: int  # own K/V at every layer + the foreign K/V it holds
 
@@ -73,6 +78,9 @@ def participant_costs(shape: ModelShape, plan: FedAttnPlan, lengths: list[int],
     n_all = range(len(lengths))
     shared = [plan.shared_count(m, lengths[m]) for m in n_all]
     layer_bytes = [shape.shared_layer_bytes(shared[m], plan.config.kv_wire) for m in n_all]
+    layers = range(shape.num_layers)
+    # question selection: (asker, layer) -> readers; a generator sends its queries once a layer
+    asked = [(g, l) for m in n_all for l in layers for g in plan.asks(m, l, lengths[m])]
     costs = []
     for n, length in enumerate(lengths):
         own = prefix_len + length
@@ -88,8 +96,10 @@ def participant_costs(shape: ModelShape, plan: FedAttnPlan, lengths: list[int],
             ParticipantCost(
                 tokens=length,
                 sync_layers=len(plan.publish_layers[n]),
-                upload_bytes=len(plan.publish_layers[n]) * layer_bytes[n],
-                download_bytes=sum(layer_bytes[m] for m, _ in fetched),
+                upload_bytes=len(plan.publish_layers[n]) * layer_bytes[n]
+                + len({l for g, l in asked if g == n}) * shape.question_bytes(length),
+                download_bytes=sum(layer_bytes[m] for m, _ in fetched)
+                + sum(shape.question_bytes(lengths[g]) for l in layers for g in plan.asks(n, l, length)),
                 prefill_flops=flops,
                 # foreign K/V is held decoded, in the engine's dtype
                 kv_cache_bytes=shape.num_layers * own * per_token + sum(shared[m] for m, _ in fetched) * per_token,

@@ -36,12 +36,17 @@ class KVExchange(ABC):
         self._stats: dict[str, ExchangeStats] = {}
 
     def _count_published(self, session: str, participant: int, kv: Payload) -> None:
-        with self._lock:
-            self._stats.setdefault(session, ExchangeStats()).published_bytes[participant] += kv_nbytes(kv)
+        self.count_bytes(session, participant, published=kv_nbytes(kv))
 
     def _count_received(self, session: str, viewer: int, kv: Payload) -> None:
+        self.count_bytes(session, viewer, received=kv_nbytes(kv))
+
+    def count_bytes(self, session: str, participant: int, *, published: int = 0, received: int = 0) -> None:
+        """Count bytes that moved beside the K/V payloads (the generators' question queries)."""
         with self._lock:
-            self._stats.setdefault(session, ExchangeStats()).received_bytes[viewer] += kv_nbytes(kv)
+            stats = self._stats.setdefault(session, ExchangeStats())
+            stats.published_bytes[participant] += published
+            stats.received_bytes[participant] += received
 
     def stats(self, session: str) -> ExchangeStats:
         """K/V payload bytes each participant published and received in `session` (through this exchange)."""

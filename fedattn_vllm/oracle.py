@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError, FedAttnPlan, KVWire
+from fedattn_vllm.selection import QUESTION_ROWS
 
 Tokens = list[int]
 
@@ -53,20 +55,32 @@ class _Visibility:
             mask[self.offsets[participant] + positions] = True
         return mask
 
-    def keys(self, layer: int, layer_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _segment(self, n: int, rows: torch.Tensor) -> torch.Tensor:
+        return rows[self.offsets[n]: self.offsets[n] + self.lengths[n]]
+
+    def questions(self, participant: int, layer_queries: torch.Tensor) -> torch.Tensor:
+        """(rows, H, D): the question queries of the generators that choose what `participant` shares."""
+        return torch.cat([self._segment(g, layer_queries)[-QUESTION_ROWS:]
+                          for g in self.plan.question_askers(participant)] or [layer_queries[:0]])
+
+    def keys(
+        self, layer: int, layer_keys: torch.Tensor | None = None, layer_queries: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(L,) bools: keys visible to their owner, and keys their owner shares at `layer` (public: both).
 
-        layer_keys (L, H_kv, D): every prompt token's key at `layer`, for a selector that reads them.
+        layer_keys (L, H_kv, D), layer_queries (L, H, D, scaled): every prompt token's post-RoPE key
+        and query at `layer`, for a selector that reads them.
         """
         if layer in self._keys:
             return self._keys[layer]
         own = self.owner == self.public
         shared = own.clone()
         for n, length in enumerate(self.lengths):
-            keys = None if layer_keys is None else layer_keys[self.offsets[n]: self.offsets[n] + length]
+            keys = None if layer_keys is None else self._segment(n, layer_keys)
             own |= self._positions_mask(n, self.plan.kept_positions(n, layer, length, keys))
             if self.plan.publishes(n, layer):
-                shared |= self._positions_mask(n, self.plan.shared_positions(n, layer, length, keys))
+                queries = None if layer_queries is None else self.questions(n, layer_queries)
+                shared |= self._positions_mask(n, self.plan.shared_positions(n, layer, length, keys, queries))
         self._keys[layer] = own, shared
         return own, shared
 
@@ -78,9 +92,11 @@ class _Visibility:
         pair = torch.cat([pair, torch.ones(n, 1, dtype=torch.bool)], dim=1)  # everyone sees the prefix
         return torch.cat([pair, torch.zeros(1, n + 1, dtype=torch.bool)])  # the prefix sees only itself
 
-    def prefill_mask(self, layer: int, layer_keys: torch.Tensor | None = None) -> torch.Tensor:
+    def prefill_mask(
+        self, layer: int, layer_keys: torch.Tensor | None = None, layer_queries: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(L, L) bool [query, key]: causal, own kept tokens, visible foreign shared tokens, and itself."""
-        own, shared = self.keys(layer, layer_keys)
+        own, shared = self.keys(layer, layer_keys, layer_queries)
         length = self.owner.numel()
         same = self.owner[:, None] == self.owner[None, :]
         foreign = self._sees(layer, prefill=True)[self.owner][:, self.owner]
@@ -116,19 +132,24 @@ class FedAttnOracle:
         eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else model.config.eos_token_id
         self.eos_token_ids = set([eos] if isinstance(eos, int) else eos or [])
 
-    def _layer_keys(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor:
-        """(L, H_kv, D) keys layer `layer_idx` computes from `hidden` (1, L, d), before RoPE (same norms)."""
-        layer = self.decoder.layers[layer_idx]
-        keys = layer.self_attn.k_proj(layer.input_layernorm(hidden))[0]
-        return keys.view(keys.shape[0], -1, layer.self_attn.head_dim)
+    def _layer_queries_keys(self, layer_idx: int, hidden: torch.Tensor, position_embeddings) -> tuple:
+        """(L, H, D) queries times the attention scale and (L, H_kv, D) keys that layer `layer_idx`
+        computes from `hidden` (1, L, d), after RoPE, as its attention sees them."""
+        attn = self.decoder.layers[layer_idx].self_attn
+        normed = self.decoder.layers[layer_idx].input_layernorm(hidden)
+        q, k = (proj(normed).view(1, hidden.shape[1], -1, attn.head_dim).transpose(1, 2)
+                for proj in (attn.q_proj, attn.k_proj))
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)  # (1, heads, L, D)
+        return q[0].transpose(0, 1) * attn.scaling, k[0].transpose(0, 1)
 
     def _layers(self, hidden, positions, masks, cache, hidden_out=None):
-        """Run every decoder layer with its own mask, masks(layer, its input); returns the final-norm hidden states."""
+        """Run every decoder layer with its own mask, masks(layer, its input, position embeddings);
+        returns the final-norm hidden states."""
         position_embeddings = self.decoder.rotary_emb(hidden, positions[None, :])
         for layer_idx, layer in enumerate(self.decoder.layers):
             hidden = layer(
                 hidden,
-                attention_mask=_additive(masks(layer_idx, hidden), hidden.dtype),
+                attention_mask=_additive(masks(layer_idx, hidden, position_embeddings), hidden.dtype),
                 position_ids=positions[None, :],
                 past_key_values=cache,
                 use_cache=True,
@@ -169,9 +190,11 @@ class FedAttnOracle:
         cache = DynamicCache(config=self.model.config)
         hidden = self.decoder.embed_tokens(input_ids)
         hidden_out = [hidden[0]] if output_hidden_states else None
-        def prefill_mask(layer: int, layer_input: torch.Tensor) -> torch.Tensor:
-            keys = self._layer_keys(layer, layer_input) if plan.selection_needs_keys else None
-            return vis.prefill_mask(layer, keys)
+        def prefill_mask(layer: int, layer_input: torch.Tensor, position_embeddings) -> torch.Tensor:
+            if not plan.selection_needs_keys:
+                return vis.prefill_mask(layer)
+            queries, keys = self._layer_queries_keys(layer, layer_input, position_embeddings)
+            return vis.prefill_mask(layer, keys, queries if plan.selection_needs_queries else None)
 
         normed = self._layers(hidden, torch.arange(prompt_len), prefill_mask, cache, hidden_out)
 
@@ -196,7 +219,7 @@ class FedAttnOracle:
                 position = torch.tensor([prompt_len + step - 1])
                 hidden = self.decoder.embed_tokens(torch.tensor([[token]]))
                 normed_step = self._layers(
-                    hidden, position, lambda l, _: vis.decode_mask(l, g, step), own_cache
+                    hidden, position, lambda l, *_: vis.decode_mask(l, g, step), own_cache
                 )
                 logits = self.model.lm_head(normed_step[0, -1]).float()
             out.tokens[g] = tokens

@@ -2,7 +2,7 @@
 # The cross-party recall frontier behind RESULTS.md, in priority order; resumable (finished runs are skipped).
 # Key points on 250 cases, secondary ones on 100 (COUNT and COUNT_MINOR override); N = 2..6 and five kinds
 # of fact are balanced over the cases. Figures and tables: python -m fedattn_vllm.eval plots
-#   bash scripts/recall_sweeps.sh [baselines|key|wire|minor|six|all]
+#   bash scripts/recall_sweeps.sh [baselines|key|wire|minor|six|question|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-evaluation/recall}
@@ -26,9 +26,13 @@ minor() {  # the paper at other H, nobody but the generator reading, key-norm se
   COUNT=${COUNT_MINOR:-100} run -H 2 "${PREFIX_HG1[@]}" --kv-share-ratio 0.5 --kv-selection key_norm
   COUNT=${COUNT_MINOR:-100} run -H 4 --public-prefix
 }
+question() {  # question-aware selection (the generators' queries choose the shared tokens) against key norms
+  run -H 2 "${PREFIX_HG1[@]}" --kv-wire k4v2 --kv-share-ratio 0.25 --kv-selection question
+  COUNT=${COUNT_MINOR:-100} run -H 2 "${PREFIX_HG1[@]}" --kv-wire k4v2 --kv-share-ratio 0.25 --kv-selection key_norm
+}
 six() {  # N = 6, the hardest N, on 200 of its own cases: centralised against the server's default
   COUNT=${COUNT_SIX:-200} run --mode centralised -N 6
   COUNT=${COUNT_SIX:-200} run -H 2 "${PREFIX_HG1[@]}" --kv-wire k4v2 -N 6
 }
-all() { baselines; key; wire; minor; six; }
+all() { baselines; key; wire; minor; six; question; }
 "${1:-all}"

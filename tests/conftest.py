@@ -117,7 +117,8 @@ class Case:
         return f"prefix={len(self.prefix)} lengths={self.lengths} {self.config}"
 
 
-def random_case(rng: random.Random, vocab: int, num_layers: int, wires: tuple[KVWire, ...] = (KVWire.NATIVE,)) -> Case:
+def random_case(rng: random.Random, vocab: int, num_layers: int, wires: tuple[KVWire, ...] = (KVWire.NATIVE,),
+                selections: tuple[str, ...] = ("random", "key_norm")) -> Case:
     """Segments, public prefix, config and max_tokens for one randomised session of the grid."""
     n = rng.randint(1, 4)
     lengths = [rng.choice([1, 2, rng.randint(1, 12), rng.randint(10, 40)]) for _ in range(n)]
@@ -136,7 +137,7 @@ def random_case(rng: random.Random, vocab: int, num_layers: int, wires: tuple[KV
     elif ratio == "per participant":
         options["kv_share_ratio"] = tuple(rng.choice([0.2, 0.5, 1.0]) for _ in range(n))
     if ratio != "dense":
-        options["kv_selection"] = rng.choice(["random", "key_norm"])
+        options["kv_selection"] = rng.choice(selections)
     options["generators"] = tuple(rng.sample(range(n), rng.randint(1, n)))
     if len(wires) > 1:
         options["kv_wire"] = rng.choice(wires)

@@ -27,6 +27,7 @@ from fedattn_vllm.schedule import Placement
         ({"kv_selection": "psychic"}, "kv_selection"),
         ({"kv_wire": "int3"}, "kv_wire"),
         ({"local_keep_ratio": 0}, "local_keep_ratio"),
+        ({"local_keep_ratio": 0.5, "kv_selection": "question"}, "local_keep_ratio"),
         ({"publisher": "last"}, "publisher"),
         ({"publisher_sync_interval": 0}, "publisher_sync_interval"),
         ({"placement": "explicit", "sync_layers": [0], "publisher_sync_interval": 2}, "publisher_sync_interval"),

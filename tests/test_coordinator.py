@@ -159,6 +159,7 @@ def test_generator_layers_are_readable_by_the_generators_only(coordinator):
     {"config": {}, "num_layers": 10**9, "num_participants": 2},
     {"config": {}, "num_layers": 6, "num_participants": 0},
     {"config": {"generators": [5]}, "num_layers": 6, "num_participants": 2},
+    {"config": {"kv_share_ratio": 0.5, "kv_selection": "question"}, "num_layers": 6, "num_participants": 2},
 ])
 def test_a_malformed_session_is_refused_and_the_coordinator_keeps_serving(coordinator, header):
     from fedattn_vllm.federated.client import CoordinatorConnection

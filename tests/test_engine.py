@@ -19,10 +19,15 @@ from fedattn_vllm.exchange import InProcessKVExchange, KVExchangeError
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
 
 
-def test_randomised_grid_matches_the_oracle_token_for_token_and_bytes_match_the_cost_model(tiny_engine):
-    rng = random.Random(f"grid-{tiny_engine.name}")
+@pytest.mark.parametrize("grid,selections,count", [("grid", ("random", "key_norm"), 48),
+                                                   ("question grid", ("question",), 24)])
+def test_randomised_grid_matches_the_oracle_token_for_token_and_bytes_match_the_cost_model(
+    tiny_engine, grid, selections, count
+):
+    rng = random.Random(f"{grid}-{tiny_engine.name}")
     llm, oracle = tiny_engine.llm, tiny_engine.oracle
-    cases = [random_case(rng, len(tiny_engine.tokenizer), llm.num_layers) for _ in range(48)]
+    cases = [random_case(rng, len(tiny_engine.tokenizer), llm.num_layers, selections=selections)
+             for _ in range(count)]
     results = llm.generate([case.session() for case in cases])
     shape = ModelShape.from_hf_config(tiny_engine.hf.config, torch.float32)
     for case, result in zip(cases, results):

@@ -64,6 +64,8 @@ def saved(tmp_path):
     _recall_run(recall, "centralised", [True, True, True, False])
     _recall_run(recall, "H4-uniform-hg1-pp", [True, False, False, False])
     _recall_run(recall, "H4-uniform-hg1-pp", [True, True], offset=4)  # a second shard
+    _recall_run(recall, "centralised-N6", [False, True])  # runs on one N's cases (--participants)
+    _recall_run(recall, "H4-uniform-hg1-pp-N6", [True, True])
     combined = json.loads((fid / "combined.json").read_text())
     combined["variants"][0]["config"] |= {"placement": "explicit", "sync_layers": []}
     (fid / "combined.json").write_text(json.dumps(combined))
@@ -117,6 +119,7 @@ def test_recall_shards_merge_and_pair_with_centralised(saved):
     tables = "\n".join(recall_report.tables(runs))
     assert "| H4-uniform-hg1-pp | 6 | 50.0% | 18.8-81.2% | 67% | 33% | 2 | 2.3 |" in tables
     assert "| H4-uniform-hg1-pp | 4 | 2 | 0 | 0.5 |" in tables  # cases 0-3 in common: 1 and 2 only centralised
+    assert "| H4-uniform-hg1-pp-N6 | 2 | 0 | 1 | 1 |" in tables  # paired with centralised on the same N only
 
 
 def test_the_no_sync_variant_is_found_by_its_config(saved):

@@ -6,6 +6,7 @@ Runs of one setting made with --offset are merged case by case (each case counte
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,12 @@ class RecallRun:
 def _label(run: str) -> str:
     parts = run.split("-")
     return "-".join(parts[parts.index("recall") + 1: -3]) or "?"
+
+
+def _one_n(label: str) -> str:
+    """'-N6' for a run of the benchmark's N=6 cases only (--participants), else ''."""
+    match = re.search(r"-N\d+$", label)
+    return match.group(0) if match else ""
 
 
 def load_recall(directory: Path) -> dict[str, RecallRun]:
@@ -98,12 +105,13 @@ def tables(runs: dict[str, RecallRun]) -> list[str]:
         per_n = " | ".join(f"{100 * run.accuracy(n)[0]:.0f}%" for n in ns)
         lines.append(f"| {run.label} | {cases} | {100 * acc:.1f}% | {100 * lo:.1f}-{100 * hi:.1f}% | {per_n} "
                      f"| {run.published_bytes / 2**10:.0f} | {run.prefill_flops / 1e9:.1f} |")
-    central = runs.get("centralised")
-    if central is not None:
-        lines += ["", "Paired with centralised on the same cases (McNemar exact, two-sided, uncorrected):", "",
+    if any(label.startswith("centralised") for label in runs):
+        lines += ["", "Paired with centralised on the same cases (runs of one N with centralised on that N; "
+                  "McNemar exact, two-sided, uncorrected):", "",
                   "| setting | cases | only centralised right | only setting right | p |", "|---|---:|---:|---:|---:|"]
         for run in sorted(runs.values(), key=lambda r: r.label):
-            if run is central:
+            central = runs.get("centralised" + _one_n(run.label))
+            if central is None or run is central:
                 continue
             a, b = central.outcomes(), run.outcomes()
             common = a.keys() & b.keys()

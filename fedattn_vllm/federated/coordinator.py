@@ -141,6 +141,9 @@ class Coordinator:
             raise Refused("bad_request", f"a session needs a config, and num_layers and num_participants in 1..{MAX_SIZE}")
         try:
             plan = FedAttnConfig(**config).resolve(num_layers, n)
+            if plan.selection_needs_queries:
+                raise FedAttnConfigError("kv_selection", "'question' needs the generators' queries at every layer, "
+                                         "which federated mode does not carry yet (colocated only)")
         except FedAttnConfigError as error:
             raise Refused("bad_request", f"config.{error}") from None
         credentials = [secrets.token_bytes(16) for _ in range(n)]

@@ -15,6 +15,7 @@ import torch
 
 from fedattn_vllm.exchange import KVExchangeError
 from fedattn_vllm.kv_wire import decode_kv, encode_kv
+from fedattn_vllm.selection import QUESTION_ROWS, question_bytes
 from fedattn_vllm.vllm_ext.batch import FedAttnBatch, ParticipantRows, current_batch
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
 from kernels import gather_tokens, merge_attention, partial_attention
@@ -29,9 +30,13 @@ def apply_sync_layer(
     query/output (T, H, D), key/value (T, H_kv, D): post-RoPE, rows as in `batch`.
     """
     # Pass 1: publish, so a participant later in this same batch finds its predecessors.
+    asked: set[tuple[str, int]] = set()  # (session, generator) whose questions went out at this layer
     for e in batch.entries:
         if e.prefill and e.session.plan.publishes(e.participant, layer):
-            _isolated(e, _publish, layer, key, value)
+            questions = _questions(batch, e, query, scale) if e.session.plan.selection_needs_queries else None
+            _isolated(e, _publish, layer, key, value, questions)
+            if questions is not None and e.session.error is None:
+                _count_questions(e, layer, query, asked)
     # Pass 2: attention over own + foreign K/V for the rows that see any.
     for e in batch.entries:
         if layer in e.session.plan.sync_layers:  # elsewhere nobody in the session shares: stock output stands
@@ -48,10 +53,34 @@ def _isolated(entry: ParticipantRows, step, *args) -> None:
         entry.session.fail(str(error))
 
 
-def _publish(e: ParticipantRows, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+def _questions(batch: FedAttnBatch, e: ParticipantRows, query: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """(rows, H, D) scaled question queries of the generators that choose what `e` shares (None: one is
+    not in this step; colocated sessions prefill in one step, so the session then fails)."""
+    askers = e.session.plan.question_askers(e.participant)
+    found = {a.participant: a for a in batch.entries if a.session is e.session and a.prefill and a.participant in askers}
+    if len(found) != len(askers):
+        return None
+    return torch.cat([query[found[g].segment_rows][-QUESTION_ROWS:] for g in askers] or [query[:0]]) * scale
+
+
+def _count_questions(e: ParticipantRows, layer: int, query: torch.Tensor, asked: set) -> None:
+    """Bytes of the question queries `e` received (each generator sends its own once a layer)."""
+    state = e.session
+    for g in state.plan.asks(e.participant, layer, state.lengths[e.participant]):
+        nbytes = question_bytes(state.lengths[g], query.shape[1], query.shape[2], query.element_size())
+        REGISTRY.exchange.count_bytes(state.session_id, e.participant, received=nbytes)
+        if (state.session_id, g) not in asked:
+            asked.add((state.session_id, g))
+            REGISTRY.exchange.count_bytes(state.session_id, g, published=nbytes)
+
+
+def _publish(e: ParticipantRows, layer: int, key: torch.Tensor, value: torch.Tensor,
+             questions: torch.Tensor | None) -> None:
     state, n = e.session, e.participant
+    if state.plan.selection_needs_queries and questions is None:
+        raise KVExchangeError(f"participant {n}: question selection needs the generators' prefill in the same step")
     keys = key[e.segment_rows]  # the public prefix is never exchanged
-    shared = state.plan.shared_positions(n, layer, state.lengths[n], keys)
+    shared = state.plan.shared_positions(n, layer, state.lengths[n], keys, questions)
     kv = (gather_tokens(keys, shared), gather_tokens(value[e.segment_rows], shared))
     REGISTRY.exchange.publish(state.session_id, n, layer, encode_kv(kv, state.plan.config.kv_wire))
 
