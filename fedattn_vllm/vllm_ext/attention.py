@@ -33,7 +33,8 @@ def apply_sync_layer(
     asked: set[tuple[str, int]] = set()  # (session, generator) whose questions went out at this layer
     for e in batch.entries:
         if e.prefill and e.session.plan.publishes(e.participant, layer):
-            questions = _questions(batch, e, query, scale) if e.session.plan.selection_needs_queries else None
+            asks = e.session.plan.asks(e.participant, layer, e.session.lengths[e.participant])
+            questions = _questions(batch, e, query, scale) if asks else None
             _isolated(e, _publish, layer, key, value, questions)
             if questions is not None and e.session.error is None:
                 _count_questions(e, layer, query, asked)
@@ -77,7 +78,7 @@ def _count_questions(e: ParticipantRows, layer: int, query: torch.Tensor, asked:
 def _publish(e: ParticipantRows, layer: int, key: torch.Tensor, value: torch.Tensor,
              questions: torch.Tensor | None) -> None:
     state, n = e.session, e.participant
-    if state.plan.selection_needs_queries and questions is None:
+    if questions is None and state.plan.asks(n, layer, state.lengths[n]):
         raise KVExchangeError(f"participant {n}: question selection needs the generators' prefill in the same step")
     keys = key[e.segment_rows]  # the public prefix is never exchanged
     shared = state.plan.shared_positions(n, layer, state.lengths[n], keys, questions)
