@@ -27,6 +27,10 @@ class FedAttnConfigError(ValueError):
         self.message = message
 
 
+MAX_SEED = 1 << 63  # seeds reach torch and vLLM, which take signed 64-bit integers
+MAX_INTERVAL = 1 << 20  # intervals and layer indices: far beyond any model's depth, well inside vLLM's integers
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -39,8 +43,14 @@ def _check_ratio(name: str, value: object) -> float:
     return float(value)
 
 
+def _check_interval(name: str, value: object) -> int:
+    if not _is_int(value) or not 1 <= value <= MAX_INTERVAL:
+        raise FedAttnConfigError(name, f"must be an int in [1, {MAX_INTERVAL}], got {value!r}")
+    return value
+
+
 def _check_index(name: str, value: object, n: int | None = None) -> int:
-    if not _is_int(value):
+    if not _is_int(value) or not -MAX_INTERVAL <= value < MAX_INTERVAL:
         raise FedAttnConfigError(name, f"must be a participant index (int), got {value!r}")
     if n is not None and not -n <= value < n:
         raise FedAttnConfigError(name, f"participant {value} out of range for {n} participants")
@@ -79,8 +89,7 @@ class FedAttnConfig:
         def set_(name: str, value: object) -> None:  # frozen: normalise via object.__setattr__
             object.__setattr__(self, name, value)
 
-        if not _is_int(self.sync_interval) or self.sync_interval < 1:
-            raise FedAttnConfigError("sync_interval", f"must be an int >= 1, got {self.sync_interval!r}")
+        _check_interval("sync_interval", self.sync_interval)
         try:
             set_("placement", Placement(self.placement))
         except ValueError:
@@ -90,7 +99,7 @@ class FedAttnConfig:
             if self.sync_layers is None or isinstance(self.sync_layers, (str, bytes)):
                 raise FedAttnConfigError("sync_layers", "placement 'explicit' needs a list of layers")
             layers = tuple(self.sync_layers)
-            if not all(_is_int(l) and l >= 0 for l in layers):
+            if not all(_is_int(l) and 0 <= l < MAX_INTERVAL for l in layers):
                 raise FedAttnConfigError("sync_layers", f"must be layer indices >= 0, got {layers!r}")
             if len(set(layers)) != len(layers):
                 raise FedAttnConfigError("sync_layers", f"has duplicates: {layers!r}")
@@ -110,23 +119,19 @@ class FedAttnConfig:
             raise FedAttnConfigError("local_keep_ratio", f"{self.kv_selection!r} selection chooses shared tokens only")
         _check_index("publisher", self.publisher)
         if self.publisher_sync_interval is not None:
-            hp = self.publisher_sync_interval
-            if not _is_int(hp) or hp < 1:
-                raise FedAttnConfigError("publisher_sync_interval", f"must be an int >= 1, got {hp!r}")
+            _check_interval("publisher_sync_interval", self.publisher_sync_interval)
             if self.placement is Placement.EXPLICIT:
                 raise FedAttnConfigError("publisher_sync_interval", "needs an interval placement, not 'explicit'")
         if self.generator_sync_interval is not None:
-            hg = self.generator_sync_interval
-            if not _is_int(hg) or hg < 1:
-                raise FedAttnConfigError("generator_sync_interval", f"must be an int >= 1, got {hg!r}")
+            _check_interval("generator_sync_interval", self.generator_sync_interval)
         if isinstance(self.generators, (str, bytes)) or not hasattr(self.generators, "__iter__"):
             raise FedAttnConfigError("generators", f"must be a list of participant indices, got {self.generators!r}")
         generators = tuple(_check_index("generators", g) for g in self.generators)
         if not generators:
             raise FedAttnConfigError("generators", "at least one participant must generate")
         set_("generators", generators)
-        if not _is_int(self.seed):
-            raise FedAttnConfigError("seed", f"must be an int, got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < MAX_SEED:
+            raise FedAttnConfigError("seed", f"must be an int in [0, 2**63), got {self.seed!r}")
         try:
             set_("kv_wire", KVWire(self.kv_wire))
         except ValueError:
@@ -242,7 +247,7 @@ class FedAttnPlan:
         self, purpose: str, participant: int, layer: int, length: int, ratio: float,
         keys: torch.Tensor | None, queries: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        count = kept_count(length, ratio)
+        count = kept_count(length, ratio)  # = shared_count for purpose "share"
         if count == length:
             return None
         selector = SELECTORS[self.config.kv_selection]
@@ -265,6 +270,10 @@ class FedAttnPlan:
         queries: the question queries of `question_askers(participant)` at `layer` (rows, H, D), scaled.
         """
         return self._select("share", participant, layer, length, self.share_ratios[participant], keys, queries)
+
+    def shared_count(self, participant: int, length: int) -> int:
+        """How many of its `length` segment tokens `participant` shares at a sync layer."""
+        return kept_count(length, self.share_ratios[participant])
 
     def kept_positions(
         self, participant: int, layer: int, length: int, keys: torch.Tensor | None = None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from fedattn_vllm.config import KVWire
-from fedattn_vllm.exchange import KV, Payload
+from fedattn_vllm.exchange import KV, KVExchangeError, Payload, kv_nbytes
 from kernels import dequantize_groups, dequantize_int8, quantize_groups, quantize_int8
 
 _HALF = 2  # bytes of a float16 scale or minimum
@@ -75,6 +75,22 @@ def decode_kv(payload: Payload, wire: KVWire, dtype: torch.dtype) -> KV:
     if wire in LOW_BIT:
         return LOW_BIT[wire].decode(payload, dtype)
     return payload[0], payload[1]
+
+
+def decode_checked(payload: Payload, wire: KVWire, dtype: torch.dtype, shape: tuple[int, int, int]) -> KV:
+    """decode_kv of a payload from another party, checked to be what a (T, H_kv, D) `shape` encodes:
+    its byte count, its decoded shapes and dtypes, finite values. KVExchangeError if not."""
+    tokens, heads, head_dim = shape
+    expected = payload_bytes(wire, tokens, heads, head_dim, dtype.itemsize)
+    if kv_nbytes(payload) != expected:
+        raise KVExchangeError(f"a {wire.value} payload of {shape} is {expected} bytes, got {kv_nbytes(payload)}")
+    try:
+        kv = decode_kv(payload, wire, dtype)
+    except (RuntimeError, ValueError, IndexError) as error:
+        raise KVExchangeError(f"malformed {wire.value} payload: {error}") from None
+    if any(t.shape != shape or t.dtype != dtype or not torch.isfinite(t).all() for t in kv):
+        raise KVExchangeError(f"a {wire.value} payload that does not decode to finite {tuple(shape)} {dtype}")
+    return kv
 
 
 def payload_bytes(wire: KVWire, tokens: int, heads: int, head_dim: int, element_size: int) -> int:

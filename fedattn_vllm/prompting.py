@@ -9,16 +9,17 @@ participant, so every segment stays private text.
 
 from __future__ import annotations
 
-_MARK = "\x00FEDATTN_CONTENT\x00"
+import secrets
 
 
 def chat_frame(tokenizer, system: str | None = None) -> tuple[str, str]:
     """(head, tail) of the chat template around one user message's content."""
+    mark = f"\x00{secrets.token_hex(16)}\x00"  # fresh each time: no text can contain it
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [
-        {"role": "user", "content": _MARK}
+        {"role": "user", "content": mark}
     ]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    head, tail = rendered.split(_MARK)
+    head, tail = rendered.split(mark)
     return head, tail
 
 

@@ -10,25 +10,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
 from fedattn_vllm.engine import FedAttnSession, FedAttnSessionError, SessionResult
-from server.backend import Backend
 from fedattn_vllm.prompting import chat_prefix, encode_part, encode_segments
+from server.backend import Backend
+from server.guard import RequestGuard, error_body
 from server.metrics import Metrics
 from server.private import JoinError, PrivateSessions
 from server.schemas import (ChatCompletionRequest, CompletionRequest, FedAttnBlock, SessionCreateRequest,
                             SessionJoinRequest)
 from server.settings import ServerSettings
-from server.worker import QueueFull, Timings
+from server.worker import EngineDead, QueueFull, Timings
 
 log = logging.getLogger("server")
 
@@ -41,46 +43,84 @@ class APIError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
-def _error_body(message: str, kind: str, param: str | None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+def _param(loc: tuple) -> str | None:
+    """A validation error's location as the request names it: `participants[1]`, `fedattn.seed`.
+
+    Pydantic adds the member of a union it tried (`str`, `list[int]`, `function-after[...]`); those are dropped.
+    """
+    name = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif not (part in _UNION_TAGS or "[" in part or part.startswith(_UNION_TAG_PREFIXES)):
+            name += f".{part}" if name else part
+    return name or None
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "bytes"}
+_UNION_TAG_PREFIXES = ("function-", "lax-or-strict", "json-or-python", "constrained-")
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
     state: dict = {}
 
+    # Tokenizing and chat templating run here, off the event loop (one thread: tokenizers are not re-entrant).
+    text_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedattn-tokenizer")
+
+    async def off_loop(function, *args):
+        return await asyncio.get_running_loop().run_in_executor(text_thread, function, *args)
+
     async def lifespan(app: FastAPI):
         metrics = Metrics()
         backend = Backend.start(settings, metrics)
-        state.update(backend=backend, metrics=metrics, private=PrivateSessions(),
+        state.update(backend=backend, metrics=metrics,
+                     private=PrivateSessions(backend.worker.acquire, backend.worker.release),
                      model=settings.served_model_name or backend.model_name)
         metrics.queue_depth.set_function(lambda: backend.worker.queue_depth)
         yield
         backend.close()
+        text_thread.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="fedattn-vllm", lifespan=lifespan)
+    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError):
-        return JSONResponse(_error_body(error.message, error.kind, error.param), status_code=error.status)
+        return JSONResponse(error_body(error.message, error.kind, error.param), status_code=error.status)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError):
-        first = error.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        return JSONResponse(_error_body(f"{param}: {first['msg']}", "invalid_request_error", param), status_code=400)
+        first = max(error.errors(), key=lambda e: len(e["loc"]))  # of a union's members, the one that got furthest
+        param = _param(tuple(first["loc"]))
+        if first["type"] == "json_invalid":
+            message, param = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
+        else:
+            message = f"{param}: {first['msg']}" if param else first["msg"]
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                body = _error_body("a valid API key is required (Authorization: Bearer ...)", "authentication_error",
-                                   None, "invalid_api_key")
-                return JSONResponse(body, status_code=401)
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException):  # unknown routes, methods, unreadable bodies
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        code = "request_too_large" if error.status_code == 413 else None  # the guard counted a body past the cap
+        return JSONResponse(error_body(str(error.detail), kind, None, code), status_code=error.status_code,
+                            headers=getattr(error, "headers", None))
+
+    @app.exception_handler(EngineDead)
+    async def engine_dead(_: Request, error: EngineDead):
+        return JSONResponse(error_body(f"the engine is down: {error}", "server_error", None, "engine_dead"),
+                            status_code=503)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, error: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body(f"internal server error ({type(error).__name__})", "server_error", None),
+                            status_code=500)
 
     @app.get("/health")
     async def health():
+        problem = state["backend"].worker.health()
+        if problem is not None:
+            return JSONResponse({"status": "unavailable", "error": problem}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -102,8 +142,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if body.public_prefix is not None and body.participants is None:
             raise APIError(400, "public_prefix: only with participants (multi-party)", "public_prefix")
         parts = body.participants if body.participants is not None else [body.prompt]
-        segments = [_encode(p, f"participants[{i}]" if body.participants else "prompt") for i, p in enumerate(parts)]
-        prefix = _encode_prefix(body.public_prefix)
+        segments = [await _encode(p, f"participants[{i}]" if body.participants else "prompt")
+                    for i, p in enumerate(parts)]
+        prefix = await _encode_prefix(body.public_prefix)
         return await _run(request, body, prefix, segments, "text_completion", body.max_tokens or 16,
                           "participants" if body.participants else "prompt")
 
@@ -119,30 +160,32 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise APIError(400, "public_prefix: in chat the system message is the public prefix (use `system`)",
                            "public_prefix")
         if body.messages is not None:
-            text = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
-                                                 add_generation_prompt=True)
-            prefix, segments = [], [tokenizer(text, add_special_tokens=False)["input_ids"]]
+            prefix, segments = [], [await off_loop(_chat_ids, tokenizer, [m.model_dump() for m in body.messages])]
         else:
             for i, part in enumerate(body.participants):
                 if not part:
-                    raise APIError(400, "is empty", f"participants[{i}]")
-            prefix, segments = encode_segments(tokenizer, body.participants, chat=True, system=body.system)
+                    raise APIError(400, f"participants[{i}]: is empty", f"participants[{i}]")
+            prefix, segments = await off_loop(lambda: encode_segments(tokenizer, body.participants, chat=True,
+                                                                      system=body.system))
         return await _run(request, body, prefix, segments, "chat.completion", body.max_tokens,
                           "participants" if body.participants else "messages")
 
-    def _encode(segment, param: str) -> list[int]:
-        """A segment's token ids: text tokenized, ids checked against the vocabulary."""
+    async def _encode(segment, param: str) -> list[int]:
+        """A segment's token ids: text tokenized (off the event loop), ids checked against the vocabulary."""
         tokenizer = state["backend"].tokenizer
-        ids = tokenizer(segment, add_special_tokens=False)["input_ids"] if isinstance(segment, str) else segment
+        if isinstance(segment, str):
+            ids = await off_loop(lambda: tokenizer(segment, add_special_tokens=False)["input_ids"])
+        else:
+            ids = segment
         if not ids:
             raise APIError(400, f"{param}: is empty", param)
         if not all(0 <= t < len(tokenizer) for t in ids):
             raise APIError(400, f"{param}: token ids must be in the vocabulary (0..{len(tokenizer) - 1})", param)
         return ids
 
-    def _encode_prefix(prefix) -> list[int]:
+    async def _encode_prefix(prefix) -> list[int]:
         """The public prefix's token ids ([] for none or empty)."""
-        return _encode(prefix, "public_prefix") if prefix not in (None, "", []) else []
+        return await _encode(prefix, "public_prefix") if prefix not in (None, "", []) else []
 
     def _check_model(name: str) -> None:
         if name != state["model"]:
@@ -161,8 +204,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise APIError(400, str(error), f"fedattn.{error.field}") from None
         prompt_len = len(prefix) + sum(len(s) for s in segments)
         if prompt_len + (max_tokens or 1) > settings.max_model_len:
-            raise APIError(400, f"{prompt_param}: {prompt_len} prompt tokens + max_tokens="
-                           f"{max_tokens} exceed max_model_len={settings.max_model_len}", prompt_param)
+            # the one to change: max_tokens when it was asked for and the prompt alone fits
+            param = "max_tokens" if body.max_tokens is not None and prompt_len < settings.max_model_len else prompt_param
+            raise APIError(400, f"{param}: {prompt_len} prompt tokens + max_tokens="
+                           f"{max_tokens} exceed max_model_len={settings.max_model_len}", param)
         sampling = _sampling(body, max_tokens)
         if settings.log_requests:
             log.info("request %s: %d participants, %s, public prefix %d", kind, len(segments),
@@ -234,7 +279,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             result = future.result() if error is None else None
             if error is not None or result.error:
                 message = str(error) if error is not None else result.error
-                yield f"data: {json.dumps(_error_body(message, 'server_error', None))}\n\n"
+                yield f"data: {json.dumps(error_body(message, 'server_error', None))}\n\n"
             else:
                 yield _chunk(response_id, kind, created, [{"index": g, **piece(""), "finish_reason": out.finish_reason}
                                                           for g, out in result.outputs.items()])
@@ -283,14 +328,31 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise APIError(400, "system: only with chat (use public_prefix)", "system")
         tokenizer = state["backend"].tokenizer
         if body.chat:
-            prefix = chat_prefix(tokenizer, body.system)
+            prefix = await off_loop(chat_prefix, tokenizer, body.system)
         else:
-            prefix = _encode_prefix(body.public_prefix)
-        session = state["private"].create(body.participants, config, _sampling(body, body.max_tokens), body.chat,
-                                          body.join_timeout_s, prefix)
+            prefix = await _encode_prefix(body.public_prefix)
+        try:
+            session = state["private"].create(body.participants, config, _sampling(body, body.max_tokens), body.chat,
+                                              body.join_timeout_s, prefix)
+        except QueueFull as error:
+            raise APIError(429, str(error), None, "rate_limit_error") from None
         return {"id": session.session_id, "object": "fedattn.session", "generators": list(plan.generators),
-                "join_timeout_s": body.join_timeout_s,
+                "join_timeout_s": body.join_timeout_s, "host_token": session.host_token,
                 "participants": [{"index": n, "token": t} for n, t in enumerate(session.tokens)]}
+
+    @app.get("/v1/fedattn/sessions")
+    async def list_sessions():
+        """Open private sessions (waiting for parts): ids, sizes, who joined; no tokens."""
+        return {"object": "list", "data": state["private"].listing()}
+
+    @app.delete("/v1/fedattn/sessions/{session_id}")
+    async def delete_session(session_id: str, request: Request):
+        """The host ends an open session (header `X-FedAttn-Host-Token`); whoever joined gets an error."""
+        try:
+            state["private"].delete(session_id, request.headers.get("x-fedattn-host-token", ""))
+        except JoinError as error:
+            raise APIError(error.status, str(error), error.param) from None
+        return {"id": session_id, "object": "fedattn.session.deleted", "deleted": True}
 
     @app.post("/v1/fedattn/sessions/{session_id}/participants/{participant}")
     async def join_session(session_id: str, participant: int, body: SessionJoinRequest, request: Request):
@@ -302,9 +364,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
         except JoinError as error:
             raise APIError(error.status, str(error), error.param) from None
         if isinstance(body.content, str):
-            segment = encode_part(backend.tokenizer, body.content, participant, session.size, chat=session.chat)
+            segment = await off_loop(lambda: encode_part(backend.tokenizer, body.content, participant, session.size,
+                                                         chat=session.chat))
         else:
-            segment = _encode(body.content, "content")
+            segment = await _encode(body.content, "content")
         generators = session.config.resolve(backend.num_layers, session.size).generators
         if participant in generators and body.stream:
             session.streams[participant] = asyncio.Queue()
@@ -313,13 +376,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
             _start_private(session)
         try:
             started = await _unless_disconnected(request, asyncio.shield(session.started))
-        except JoinError as error:  # someone never joined, or left
-            raise APIError(error.status, str(error), None, "timeout_error") from None
+        except JoinError as error:  # someone never joined, or left, or the host deleted the session
+            raise APIError(error.status, str(error), None, error.kind) from None
         if started is None:  # this client left: the session ends for everyone
             if session.started.done() and session.started.exception() is None:
                 state["backend"].worker.cancel(session.worker_session)
             else:
-                private.fail(session_id, f"participant {participant} disconnected before the session started")
+                private.fail(session_id, JoinError(409, f"participant {participant} disconnected before the session "
+                                                   "started", None, "cancelled_error"))
             return JSONResponse({}, status_code=499)
         future, timings = started
         response_id = f"fedsess-{uuid.uuid4().hex}"
@@ -335,12 +399,19 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if result is None:  # a participant that leaves ends the session for everyone
             state["backend"].worker.cancel(session.worker_session)
             return JSONResponse({}, status_code=499)
+        if result.error == "cancelled":  # another participant left
+            raise APIError(409, "session ended: a participant disconnected", None, "cancelled_error")
         if result.error:
             raise APIError(500, f"session ended: {result.error}", None, "server_error")
         reply = _response(result, timings, response_id, kind)
-        if participant not in generators:  # a usage record only
+        if participant not in generators:  # a usage record of its own part only
+            usage = reply["fedattn"]
+            own = {"participants": usage["participants"], "tokens": usage["tokens"][participant],
+                   "public_prefix_tokens": usage["public_prefix_tokens"], "sync_layers": usage["sync_layers"],
+                   "published_bytes": usage["published_bytes"][participant],
+                   "received_bytes": usage["received_bytes"][participant]}
             return {"id": response_id, "object": "fedattn.participation", "session": session_id,
-                    "participant": participant, "fedattn": reply["fedattn"]}
+                    "participant": participant, "fedattn": own}
         reply["choices"] = [c for c in reply["choices"] if c["participant"] == participant]
         return reply
 
@@ -356,9 +427,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 loop.call_soon_threadsafe(session.streams[generator].put_nowait, (generator, text, finished))
 
         try:
-            worker_session, future, timings = state["backend"].worker.submit(fedattn_session, on_text)
-        except QueueFull as error:
-            session.started.set_exception(JoinError(429, str(error)))
+            worker_session, future, timings = state["backend"].worker.submit(fedattn_session, on_text, held=True)
+        except EngineDead as error:
+            session.started.set_exception(JoinError(503, f"the engine is down: {error}", None, "server_error"))
             return
         session.worker_session = worker_session
         session.started.set_result((future, timings))
@@ -366,12 +437,21 @@ def create_app(settings: ServerSettings) -> FastAPI:
     return app
 
 
+def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def _sampling(body, max_tokens: int | None):
+    """vLLM's SamplingParams of the request; what vLLM refuses is a 400."""
     from vllm import SamplingParams
 
-    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                          stop=body.stop, presence_penalty=body.presence_penalty,
-                          frequency_penalty=body.frequency_penalty, ignore_eos=body.ignore_eos)
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                              stop=body.stop, presence_penalty=body.presence_penalty,
+                              frequency_penalty=body.frequency_penalty, ignore_eos=body.ignore_eos)
+    except ValueError as error:
+        raise APIError(400, f"sampling parameters: {error}", None) from None
 
 
 def _config(block: FedAttnBlock | None, single: bool) -> FedAttnConfig:

@@ -39,10 +39,11 @@ class Backend:
         if settings.engine_endpoints:
             if not settings.coordinator:
                 raise ValueError("--engine-endpoints needs --coordinator")
-            control = os.environ.get("FEDATTN_ENGINE_KEY")
+            keys = {name: os.environ.get(name) for name in ("FEDATTN_ADMIN_KEY", "FEDATTN_ENGINE_KEY")}
+            if missing := [name for name, key in keys.items() if not key]:
+                raise ValueError(f"--engine-endpoints needs the keys in the environment: set {', '.join(missing)}")
             cluster = FederatedCluster(settings.engine_endpoints, settings.coordinator,
-                                       os.environ["FEDATTN_ADMIN_KEY"].encode(),
-                                       control_key=control.encode() if control else None,
+                                       keys["FEDATTN_ADMIN_KEY"].encode(), control_key=keys["FEDATTN_ENGINE_KEY"].encode(),
                                        timeout_s=settings.session_timeout_s)
         else:
             local = LocalCluster(settings.model, engines=settings.engines, engine_args=engine_args,

@@ -3,8 +3,11 @@
 A host creates a session (size, FedAttn settings, sampling) and gets one join token per
 participant, which it hands out. Each participant posts its part with its token; the
 session runs once all parts are in. Generators receive the answer (streamed if asked),
-the others a usage record. If a participant does not join in time, or one disconnects,
-everyone in the session gets an error and nothing of it is kept.
+the others a usage record of their own part. If a participant does not join in time, or
+one disconnects, everyone in the session gets an error and nothing of it is kept. An open
+session holds one of the server's session slots from its creation (`acquire`/`release`,
+the engine worker's), so abandoned sessions cannot pile up; the host lists its open
+sessions and deletes one with the host token it got at creation.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ from dataclasses import dataclass, field
 
 
 class JoinError(Exception):
-    """A join the session refuses: `status` and `param` for the OpenAI error shape."""
+    """A join the session refuses, or the end of a session: `status`, `param` and `kind` for the OpenAI error shape."""
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
         super().__init__(message)
-        self.status, self.param = status, param
+        self.status, self.param, self.kind = status, param, kind
 
 
 @dataclass
@@ -33,6 +36,7 @@ class PrivateSession:
     sampling: object  # vllm.SamplingParams
     chat: bool
     tokens: list[str]
+    host_token: str  # lets the host delete the session before it starts
     deadline: float
     prefix: list[int]  # the public prefix's token ids (the chat template head in chat)
     parts: dict[int, list[int]] = field(default_factory=dict)  # participant -> its token ids
@@ -50,19 +54,37 @@ class PrivateSession:
 
 
 class PrivateSessions:
-    """Open sessions by id, each failed as a whole when its join deadline passes."""
+    """Open sessions by id, each failed as a whole when its join deadline passes.
 
-    def __init__(self) -> None:
+    `acquire()` takes a server session slot (raising when none is free) and `release()`
+    gives it back; an open session holds one until it starts (the engine then owns it) or ends.
+    """
+
+    def __init__(self, acquire, release) -> None:
         self.sessions: dict[str, PrivateSession] = {}
+        self._acquire, self._release = acquire, release
 
     def create(self, size: int, config, sampling, chat: bool, join_timeout_s: float,
                prefix: list[int]) -> PrivateSession:
+        self._acquire()
         session = PrivateSession(f"fedsess-{uuid.uuid4().hex}", size, config, sampling, chat,
-                                 [secrets.token_urlsafe(24) for _ in range(size)], time.monotonic() + join_timeout_s,
-                                 prefix)
+                                 [secrets.token_urlsafe(24) for _ in range(size)], secrets.token_urlsafe(24),
+                                 time.monotonic() + join_timeout_s, prefix)
         self.sessions[session.session_id] = session
         asyncio.get_running_loop().call_later(join_timeout_s, self._expire, session.session_id)
         return session
+
+    def listing(self) -> list[dict]:
+        """Open sessions: id, size, who joined, seconds left to join (no tokens, no content)."""
+        now = time.monotonic()
+        return [{"id": s.session_id, "object": "fedattn.session", "participants": s.size, "joined": sorted(s.parts),
+                 "expires_in_s": round(max(0.0, s.deadline - now), 3)} for s in self.sessions.values()]
+
+    def delete(self, session_id: str, host_token: str) -> None:
+        session = self.get(session_id)
+        if not hmac.compare_digest(host_token.encode(), session.host_token.encode()):
+            raise JoinError(403, f"bad host token for session {session_id}", "host_token")
+        self.fail(session_id, JoinError(409, "the host deleted the session", None, "cancelled_error"))
 
     def get(self, session_id: str) -> PrivateSession:
         session = self.sessions.get(session_id)
@@ -71,19 +93,20 @@ class PrivateSessions:
         return session
 
     def close_joins(self, session_id: str) -> None:
-        """Every part is in: the session leaves the registry (later joins get 404)."""
+        """Every part is in: the session leaves the registry (later joins get 404); its slot goes to the engine."""
         self.sessions.pop(session_id, None)
 
-    def fail(self, session_id: str, message: str) -> None:
-        """End the session for everyone: waiters get `message`; its parts are dropped."""
+    def fail(self, session_id: str, error: JoinError) -> None:
+        """End the session for everyone before it starts: waiters get `error`; its parts and its slot are freed."""
         session = self.sessions.pop(session_id, None)
         if session is not None:
             session.parts.clear()
+            self._release()
             if not session.started.done():
-                session.started.set_exception(JoinError(408, message))
+                session.started.set_exception(error)
 
     def _expire(self, session_id: str) -> None:
         session = self.sessions.get(session_id)
         if session is not None and len(session.parts) < session.size:
             missing = sorted(set(range(session.size)) - set(session.parts))
-            self.fail(session_id, f"participants {missing} did not join in time")
+            self.fail(session_id, JoinError(408, f"participants {missing} did not join in time", None, "timeout_error"))

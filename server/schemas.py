@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedattn_vllm.config import RECOMMENDED, FedAttnConfig
+from fedattn_vllm.config import MAX_SEED, RECOMMENDED, FedAttnConfig
 
 Segment = str | list[int]  # a participant's private text, or its token ids
+StopString = Annotated[str, Field(min_length=1)]
 
 
 class FedAttnBlock(BaseModel):
@@ -47,8 +48,8 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED - 1)  # it reaches torch: a signed 64-bit integer
+    stop: StopString | list[StopString] | None = Field(None, max_length=16)
     n: Literal[1] = 1
     stream: bool = False
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)

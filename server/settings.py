@@ -34,6 +34,7 @@ class ServerSettings(BaseSettings):
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1 routes")
     max_participants: int = Field(16, ge=1, description="participants per multi-party request")
     max_sessions: int = Field(256, ge=1, description="sessions queued or running at once (then 429)")
+    max_body_bytes: int = Field(8 << 20, ge=1024, description="largest request body accepted (then 413)")
     log_requests: bool = Field(False, description="log each request's participant count and segment lengths (never text)")
 
     @classmethod

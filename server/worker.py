@@ -1,7 +1,11 @@
 """The engine thread: the only thread that touches the engine; request handlers talk to it through a queue.
 
 Handlers `submit` a whole session (segments as token ids) and get a Future for its
-result; a generator's text can be streamed through `on_text`. Two backends:
+result; a generator's text can be streamed through `on_text`. Nothing a session does can
+stop the thread: an error is its session's alone where it can be told apart (admission,
+start), else it fails the sessions in flight; after MAX_CONSECUTIVE_FAILURES failed
+rounds in a row the engine is declared dead (`dead` says why; /health turns 503 and new
+sessions are refused at once). Two backends:
   EngineWorker   colocated: one in-process FederatedLLM, sessions admitted whole in order;
   ClusterWorker  federated: engine processes behind the orchestrator (FederatedCluster);
                  each engine holds only its participants. Text arrives whole at the end.
@@ -10,22 +14,29 @@ result; a generator's text can be streamed through `on_text`. Two backends:
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
-from abc import ABC, abstractmethod
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from fedattn_vllm.engine import FedAttnSession, FederatedLLM, SessionResult
+from fedattn_vllm.engine import FedAttnSession, FederatedLLM, SessionCost, SessionResult
 
+log = logging.getLogger(__name__)
 TextCallback = Callable[[int, str, bool], None]  # (generator, new text, finished)
+MAX_CONSECUTIVE_FAILURES = 3  # failed engine rounds in a row after which the engine counts as dead
 
 
 class QueueFull(RuntimeError):
     """More sessions are queued or running than the server allows."""
+
+
+class EngineDead(RuntimeError):
+    """The engine failed for good; the server cannot run sessions until it is restarted."""
 
 
 @dataclass
@@ -57,6 +68,8 @@ class _Worker(ABC):
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._outstanding = 0
+        self._failures = 0  # consecutive failed rounds of the loop
+        self.dead: str | None = None  # why the engine is dead, once it is
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="fedattn-engine", daemon=True)
         self._thread.start()
@@ -66,11 +79,32 @@ class _Worker(ABC):
         """Sessions waiting to enter the engine."""
         return 0
 
-    def submit(self, session: FedAttnSession, on_text: TextCallback | None = None) -> tuple[str, Future, Timings]:
+    def health(self) -> str | None:
+        """Why sessions cannot run now (None: they can)."""
+        return self.dead
+
+    def acquire(self) -> None:
+        """Take one of the `max_sessions` slots (QueueFull if none is free); `submit` takes one itself unless held."""
+        if self.dead is not None:
+            raise EngineDead(self.dead)
         with self._lock:
             if self._outstanding >= self.max_sessions:
                 raise QueueFull(f"{self._outstanding} sessions in flight (max_sessions={self.max_sessions})")
             self._outstanding += 1
+
+    def release(self) -> None:
+        """Give back a slot taken with `acquire` that no session was submitted with."""
+        with self._lock:
+            self._outstanding -= 1
+
+    def submit(self, session: FedAttnSession, on_text: TextCallback | None = None, *,
+               held: bool = False) -> tuple[str, Future, Timings]:
+        """Queue a session; `held`: its slot was taken with `acquire` (and is released when it ends)."""
+        if held and self.dead is not None:
+            self.release()
+            raise EngineDead(self.dead)
+        if not held:
+            self.acquire()
         job = _Job(f"srv-{next(self._ids)}", session, Future(), on_text)
         self._inbox.put(("submit", job))
         return job.session_id, job.future, job.timings
@@ -85,8 +119,22 @@ class _Worker(ABC):
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._drain(block=self._idle())
-            self._tick()
+            if self.dead is not None:
+                self._fail_queued()
+                continue
+            try:
+                self._drain(block=self._idle())
+                busy = not self._idle()
+                self._tick()
+                if busy:  # a round that drove the engine without error
+                    self._failures = 0
+            except Exception as error:  # nothing may stop this thread: fail what is in flight, go on
+                self._failures += 1
+                log.exception("engine round failed (%d in a row); failing the sessions in flight", self._failures)
+                self._fail_in_flight(f"internal error: {type(error).__name__}: {error}")
+                if self._failures >= MAX_CONSECUTIVE_FAILURES:
+                    self.dead = f"the engine failed {self._failures} times in a row (last: {error!r})"
+                    log.error("engine declared dead: %s", self.dead)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -99,7 +147,7 @@ class _Worker(ABC):
                 try:
                     self._admit(payload)
                 except Exception as error:  # validation: the handler turns it into a 4xx
-                    self._release_slot()
+                    self.release()
                     payload.future.set_exception(error)
             else:
                 self._cancel(payload)
@@ -108,17 +156,38 @@ class _Worker(ABC):
             except queue.Empty:
                 return
 
+    def _fail_queued(self) -> None:
+        """The engine is dead: whatever still arrives fails at once."""
+        while True:
+            try:
+                kind, payload = self._inbox.get(timeout=0.1)
+            except queue.Empty:
+                return
+            if kind == "submit":
+                self.release()
+                payload.future.set_exception(EngineDead(self.dead))
+
+    def _settle_failed(self, job: _Job, why: str, cleanup: Callable[[], SessionResult] | None = None) -> None:
+        """Settle `job` as failed; `cleanup` frees its engine state (a failure there is logged, not raised)."""
+        result = None
+        if cleanup is not None:
+            try:
+                result = cleanup()
+            except Exception:
+                log.exception("freeing a failed session raised")
+        if result is None or result.error is None:
+            n = len(job.session.segments)
+            result = SessionResult({}, SessionCost([len(s) for s in job.session.segments], (), [0] * n, [0] * n),
+                                   error=why)
+        self._settle(job, result)
+
     def _settle(self, job: _Job, result: SessionResult) -> None:
         job.timings.total_s = time.perf_counter() - job.timings.submitted
-        self._release_slot()
+        self.release()
         if self._on_finished is not None:
             self._on_finished(result, job.timings)
         if not job.future.done():
             job.future.set_result(result)
-
-    def _release_slot(self) -> None:
-        with self._lock:
-            self._outstanding -= 1
 
     @abstractmethod
     def _idle(self) -> bool:
@@ -135,6 +204,10 @@ class _Worker(ABC):
     @abstractmethod
     def _tick(self) -> None:
         """Drive the backend once: start what fits, advance, settle what ended."""
+
+    @abstractmethod
+    def _fail_in_flight(self, why: str) -> None:
+        """A round failed where no single session can be blamed: settle every session it held as failed."""
 
 
 class EngineWorker(_Worker):
@@ -169,11 +242,23 @@ class EngineWorker(_Worker):
     def _tick(self) -> None:
         while self._pending and self.llm.reserve(self._pending[0].handle):
             job = self._pending.popleft()
-            self.llm.start(job.handle, job.lengths)
+            try:
+                self.llm.start(job.handle, job.lengths)
+            except Exception as error:  # this session's alone
+                log.exception("starting session %s failed", job.session_id)
+                self._settle_failed(job, f"the engine refused the session: {error}",
+                                    lambda: self.llm.finish(job.handle, str(error)))
+                continue
             self._active[job.handle.session_id] = job
         if self.llm.busy:
             for run in self.llm.step(on_output=self._on_output):
                 self._settle(self._active.pop(run.session_id), self.llm.finish(run))
+
+    def _fail_in_flight(self, why: str) -> None:
+        for job in [*self._pending, *self._active.values()]:
+            self._settle_failed(job, why, lambda: self.llm.finish(job.handle, why))
+        self._pending.clear()
+        self._active.clear()
 
     def _on_output(self, run_id: str, participant: int, output) -> None:
         job = self._active.get(run_id)
@@ -195,9 +280,6 @@ class ClusterWorker(_Worker):
         self._active: dict[str, _Job] = {}  # by the cluster's session id
         super().__init__(**kwargs)
 
-    def _idle(self) -> bool:
-        return not self._active
-
     def _admit(self, job: _Job) -> None:
         job.handle = self.cluster.submit(job.session)  # participant n on engine n % E
         self._active[job.handle] = job
@@ -207,8 +289,21 @@ class ClusterWorker(_Worker):
             if job.session_id == session_id:
                 self.cluster.abort(handle)
 
+    def _fail_in_flight(self, why: str) -> None:
+        for handle, job in self._active.items():
+            self._settle_failed(job, why, lambda: self.cluster.abort(handle, why))
+        self._active.clear()
+
+    def health(self) -> str | None:
+        problems = [self.dead, self.cluster.coordinator_down, *self.cluster.down.values()]
+        return "; ".join(p for p in problems if p) or None
+
+    def _idle(self) -> bool:
+        return not self._active  # the loop still ticks every 0.1 s: engines are watched while idle
+
     def _tick(self) -> None:
         if not self._active:
+            self.cluster.maintain()
             return
         for handle, result in self.cluster.poll(50).items():
             job = self._active.pop(handle, None)

@@ -59,6 +59,40 @@ REAL_ENGINE_ARGS = {"dtype": "float32", "max_model_len": 2048, "max_num_batched_
                     "kv_cache_memory_bytes": 512 << 20}
 
 
+# The server as a real process (tests/test_server*.py): the tiny model, an API key.
+MODEL, KEY = "tiny-qwen2", "test-key"
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+
+
+def start_server(tmp_path_factory, *flags: str):
+    """`python -m server` on the tiny model (later flags override), ready to serve: (url, process, log path)."""
+    import subprocess
+    import sys
+
+    from server.launch import free_port, wait_until_healthy
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    args = [sys.executable, "-m", "server", "--model", MODEL, "--port", str(port), "--max-model-len", "256",
+            "--max-num-batched-tokens", "256", "--kv-cache-gib", "0.0625", "--api-key", KEY, *flags]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_healthy(url, process, log, timeout_s=180)
+    return url, process, log
+
+
+def metric(server: str, name: str) -> float:
+    """A sample's value from the server's /metrics by its exact name and labels (0 if absent)."""
+    import httpx
+
+    for line in httpx.get(f"{server}/metrics").text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == name:
+            return float(value)
+    return 0.0
+
+
 @functools.cache
 def federated_engine(name: str, **engine_args):
     from fedattn_vllm.engine import FederatedLLM

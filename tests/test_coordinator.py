@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedattn_vllm.config import FedAttnConfig, KVWire
-from fedattn_vllm.federated.client import CoordinatorError, NetworkKVExchange, SessionAdmin
+from fedattn_vllm.federated.client import CoordinatorConnection, CoordinatorError, NetworkKVExchange, SessionAdmin
 from fedattn_vllm.federated.coordinator import Coordinator
 from fedattn_vllm.federated.wire import WireError, decode, encode
 from fedattn_vllm.kv_wire import encode_kv
@@ -102,10 +102,10 @@ def test_visibility_credentials_and_layers_are_enforced(coordinator):
     with pytest.raises(CoordinatorError) as duplicate:
         engines[1].publish("s", 1, 0, kv(4))
     assert duplicate.value.code == "conflict"
-    engines[0].join("s", 2, b"x" * 16)  # a forged credential for participant 2
-    with pytest.raises(CoordinatorError) as forged:
-        engines[0].fetch("s", 2, 1, 0)
-    assert forged.value.code == "forbidden"
+    forged = {"op": "fetch", "session": "s", "participant": 2, "source": 1, "layer": 0, "credential": b"x" * 16}
+    with pytest.raises(CoordinatorError) as unanswered:  # a forged credential: dropped unanswered, counted
+        CoordinatorConnection(coordinator.endpoint).call(forged, timeout_s=0.5)
+    assert unanswered.value.code == "unreachable" and coordinator.dropped["unauthenticated"] == 1
 
 
 def test_a_missing_peer_times_out_and_the_coordinator_keeps_serving(coordinator):
@@ -152,29 +152,31 @@ def test_generator_layers_are_readable_by_the_generators_only(coordinator):
         engines[2].publish("s", 2, 1, kv(3))  # nobody else generates: nobody would read it
 
 
-@pytest.mark.parametrize("header", [
-    {"config": {"sync_interval": 0}, "num_layers": 6, "num_participants": 2},
-    {"config": {"bogus": 1}, "num_layers": 6, "num_participants": 2},
-    {"config": "uniform", "num_layers": 6, "num_participants": 2},
-    {"config": {}, "num_layers": 10**9, "num_participants": 2},
-    {"config": {}, "num_layers": 6, "num_participants": 0},
-    {"config": {"generators": [5]}, "num_layers": 6, "num_participants": 2},
-    {"config": {"kv_share_ratio": 0.5, "kv_selection": "question"}, "num_layers": 6, "num_participants": 2},
+@pytest.mark.parametrize("header,answer", [
+    ({"config": {"sync_interval": 0}, "num_layers": 6, "num_participants": 2}, "bad_request"),
+    ({"config": {"bogus": 1}, "num_layers": 6, "num_participants": 2}, "bad_request"),
+    ({"config": {"generators": [5]}, "num_layers": 6, "num_participants": 2}, "bad_request"),
+    ({"config": {"kv_share_ratio": 0.5, "kv_selection": "question"}, "num_layers": 6, "num_participants": 2},
+     "bad_request"),
+    # Not even well-formed (a type, a range): dropped unanswered, counted.
+    ({"config": "uniform", "num_layers": 6, "num_participants": 2}, None),
+    ({"config": {}, "num_layers": 10**9, "num_participants": 2}, None),
+    ({"config": {}, "num_layers": 6, "num_participants": 0}, None),
 ])
-def test_a_malformed_session_is_refused_and_the_coordinator_keeps_serving(coordinator, header):
-    from fedattn_vllm.federated.client import CoordinatorConnection
-
-    connection = CoordinatorConnection(coordinator.endpoint, timeout_s=5)
+def test_a_malformed_session_is_refused_and_the_coordinator_keeps_serving(coordinator, header, answer):
+    connection = CoordinatorConnection(coordinator.endpoint, timeout_s=0.5 if answer is None else 5)
     with pytest.raises(CoordinatorError) as refused:
         connection.call({"op": "open", "admin_key": KEY, "session": "bad", **header})
-    assert refused.value.code == "bad_request" and "bad" not in coordinator.sessions
+    assert refused.value.code == (answer or "unreachable") and "bad" not in coordinator.sessions
+    assert coordinator.dropped["malformed"] == (answer is None)
     open_session(coordinator)  # still serving
 
 
 def test_admin_operations_need_the_admin_key(coordinator):
     with pytest.raises(CoordinatorError) as refused:
-        SessionAdmin(coordinator.endpoint, b"wrong").open("s", FedAttnConfig().resolve(6, 2))
-    assert refused.value.code == "forbidden"
+        SessionAdmin(coordinator.endpoint, b"wrong", timeout_s=0.5).open("s", FedAttnConfig().resolve(6, 2))
+    assert refused.value.code == "unreachable" and coordinator.dropped["unauthenticated"] == 1
+    assert not coordinator.sessions
 
 
 def test_a_separate_process_publishes_what_this_one_fetches(coordinator):

@@ -17,6 +17,7 @@ import time
 import msgspec
 import pytest
 import torch
+import zmq
 from conftest import TINY_ENGINE_ARGS, federated_engine, greedy, random_case, random_tokens
 
 from fedattn_vllm.config import FedAttnConfig, KVWire
@@ -39,10 +40,10 @@ class RecordingCoordinator(Coordinator):
         super().__init__(*args, **kwargs)
         self.received: list[tuple[dict, bytes]] = []  # (header, all frames' bytes)
 
-    def _handle(self, identity, request_id, frames):
-        raw = b"".join(bytes(f.buffer if hasattr(f, "buffer") else f) for f in frames)
-        self.received.append((decode(frames)[0], raw))
-        super()._handle(identity, request_id, frames)
+    def _process(self, identity, request_id, message):
+        raw = b"".join(bytes(f.buffer if hasattr(f, "buffer") else f) for f in message)
+        self.received.append((decode(message)[0], raw))
+        super()._process(identity, request_id, message)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,8 @@ def assert_all_freed(local, coordinator, engines=(0, 1, 2), deadline_s: float = 
     """Nothing of any session is left on any engine or at the coordinator (aborts are asynchronous)."""
     deadline = time.monotonic() + deadline_s
     while True:
-        held = [{k: v for k, v in s.items() if k not in ("event", "ref") and v} for s in local.cluster.status(engines)]
+        held = [{k: v for k, v in s.items() if k not in ("event", "ref", "dropped") and v}
+                for s in local.cluster.status(engines)]
         if not any(held) and not coordinator.sessions:
             return
         assert time.monotonic() < deadline, f"left behind: engines {held}, coordinator {list(coordinator.sessions)}"
@@ -193,6 +195,48 @@ def test_bad_input_is_refused_with_the_field_named_and_other_sessions_complete(l
     assert tokens(results[0]) == tokens(results[2]) == tokens(colocated.generate([good])[0])
 
 
+def test_an_engine_drops_hostile_control_messages_and_keeps_serving(local, coordinator, colocated):
+    """Random and crafted commands (no key, a wrong key, junk fields, a keyed submit that lies) at engine 0."""
+    rng = random.Random(7)
+    key = local._env["FEDATTN_ENGINE_KEY"].encode()
+    submit = {"op": "submit", "key": key, "session": "evil", "num_participants": 2, "segments": {0: [1, 2]},
+              "credentials": {0: b"c" * 16}, "config": {}, "sampling": msgspec.msgpack.encode(None), "wait_s": 1.0}
+    crafted = [
+        {"op": "shutdown"}, {"op": "shutdown", "key": b"guess"}, {"op": "shutdown", "key": 2**63},
+        {"op": "go", "key": key, "sessions": [{"session": "x", "lengths": [-1]}]},
+        {"op": "go", "key": key, "sessions": "all"}, {"op": "abort", "key": key, "session": ["x"]},
+        {**submit, "wait_s": float("inf")}, {**submit, "segments": {0: [2**40]}, "credentials": {0: b"c"}},
+        {**submit, "config": {"seed": 2**64 - 1}}, {**submit, "config": {"bogus": 1}},
+        {**submit, "segments": {5: [1, 2]}, "credentials": {5: b"c"}},
+        {**submit, "segments": {0: "x"}, "credentials": {0: b"c"}, "sampling": b"\xc1junk"},
+        {"op": "status", "key": key, "ref": 2**64 - 1}, {"op": "info", "key": key, "ref": "x"},
+    ]
+    messages = [[msgspec.msgpack.encode(h)] for h in crafted]
+    messages += [[rng.randbytes(rng.randrange(1, 200))] for _ in range(100)]
+    messages += [[msgspec.msgpack.encode({"op": rng.choice(["submit", "go", "abort"]), "key": key,
+                                         "session": rng.randbytes(4)})] for _ in range(50)]
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(local.cluster.links[0].endpoint)
+    try:
+        for frames in messages:
+            socket.send_multipart(frames)
+        replies = []
+        while socket.poll(2000):
+            replies.append(decode(socket.recv_multipart())[0])
+    finally:
+        socket.close(0)
+    # Answered: only the keyed submits that decode (each refused, naming the field) and the status request.
+    assert {r["event"] for r in replies} <= {"done", "status"} and all(r.get("error") for r in replies if r["event"] == "done")
+    assert {r["field"] for r in replies if r["event"] == "done"} == {"segments", "config", "seed", "sampling_params"}
+    [status] = local.cluster.status([0])
+    assert status["dropped"]["unauthenticated"] == 1 and sum(status["dropped"].values()) >= len(messages) - len(replies) - 2
+    assert local.engine_processes[0].poll() is None
+    session = FedAttnSession([random_tokens(rng, VOCAB, 10) for _ in range(3)], FedAttnConfig(sync_interval=1), greedy(3))
+    assert tokens(local.cluster.generate([session])[0]) == tokens(colocated.generate([session])[0])
+    assert_all_freed(local, coordinator)
+
+
 def _stop_on_ready(local, monkeypatch, engine: int, resume_after_s: float | None) -> None:
     """SIGSTOP `engine` the moment it reports a session reserved (so its peers start and wait on it)."""
     original = local.cluster._on_event
@@ -271,3 +315,14 @@ def test_a_killed_engine_fails_its_sessions_while_the_others_complete(local, coo
     assert tokens(results[1]) == tokens(colocated.generate([bystander])[0])
     assert_all_freed(local, coordinator, engines=(0, 1))
     assert tokens(local.cluster.generate([bystander], placement=[[0, 1]])[0]) == tokens(results[1])
+    # Restarted: while it starts, sessions that need it fail at once; then it serves them again.
+    assert "restarting" in local.cluster.down[2] and local.cluster.restarts[2] == 1
+    assert "engine 2 is down" in local.cluster.generate([victim], placement=[[0, 2, 1]])[0].error
+    deadline = time.monotonic() + 180
+    while 2 in local.cluster.down:
+        assert time.monotonic() < deadline, local.cluster.down
+        local.cluster.maintain()
+        time.sleep(0.5)
+    assert local.engine_processes[2].pid == local.cluster.engine_pids[2] != process.pid
+    assert tokens(local.cluster.generate([victim], placement=[[0, 2, 1]])[0]) == tokens(colocated.generate([victim])[0])
+    assert_all_freed(local, coordinator)

@@ -73,6 +73,11 @@ class SessionAdmin:
     def close(self, session: str) -> None:
         self._connection.call({"op": "close", "admin_key": self._key, "session": session})
 
+    def counters(self) -> dict:
+        """The coordinator's sessions, waiting fetches and dropped messages by reason."""
+        reply, _ = self._connection.call({"op": "counters", "admin_key": self._key})
+        return {k: reply[k] for k in ("sessions", "waiters", "dropped")}
+
 
 class NetworkKVExchange(KVExchange):
     """An engine's exchange: its participants publish and fetch through the coordinator.

@@ -1,6 +1,6 @@
 """The orchestrator: runs FedAttn sessions across federated engines, each holding only its participants.
 
-    cluster = FederatedCluster(["tcp://a:5560", "tcp://b:5560"], "tcp://c:5557", admin_key)
+    cluster = FederatedCluster(["tcp://a:5560", "tcp://b:5560"], "tcp://c:5557", admin_key, control_key=engine_key)
     results = cluster.generate(sessions, placement=[[0, 1], ...])  # participant n of session i on engine placement[i][n]
 
 For each session it opens the coordinator session (one credential per participant), sends
@@ -14,11 +14,14 @@ then freed everywhere (coordinator close, engine aborts).
 from __future__ import annotations
 
 import itertools
+import logging
+import subprocess
 import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import msgspec
 import zmq
@@ -26,17 +29,41 @@ import zmq
 from fedattn_vllm.config import FedAttnPlan
 from fedattn_vllm.engine import FedAttnSession, FedAttnSessionError, GeneratorOutput, SessionCost, SessionResult
 from fedattn_vllm.federated.client import CoordinatorError, SessionAdmin
-from fedattn_vllm.federated.wire import decode, encode
+from fedattn_vllm.federated.wire import WireError, decode, encode
+
+log = logging.getLogger(__name__)
+
+
+MAX_RESTARTS = 3  # a local engine that dies is restarted this many times, then left down
 
 
 class EngineUnavailable(RuntimeError):
     """An engine did not answer the orchestrator."""
 
 
+class EngineLauncher(Protocol):
+    """Local engine processes (LocalCluster): watched, and restarted when they die."""
+
+    def process(self, engine: int) -> subprocess.Popen: ...
+
+    def relaunch(self, engine: int) -> None:
+        """Start a fresh process for `engine` (returns at once; `ready_endpoint` says when it serves)."""
+
+    def ready_endpoint(self, engine: int) -> str | None:
+        """The relaunched engine's endpoint once it serves, else None; raises if it died starting."""
+
+    @property
+    def coordinator_process(self) -> subprocess.Popen | None:
+        """The local coordinator (None: not ours to watch)."""
+
+    def relaunch_coordinator(self) -> None:
+        """Start a fresh coordinator on the same endpoint (engines reconnect to it by themselves)."""
+
+
 class EngineLink:
     """The orchestrator's connection to one engine: commands out, events in."""
 
-    def __init__(self, endpoint: str, *, control_key: bytes | None = None):
+    def __init__(self, endpoint: str, *, control_key: bytes):
         self.endpoint = endpoint
         self._key = control_key
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
@@ -46,17 +73,23 @@ class EngineLink:
         self._refs = itertools.count()
 
     def send(self, header: dict) -> None:
-        if self._key is not None:
-            header = {**header, "key": self._key}
-        self.socket.send_multipart(encode(header))
+        self.socket.send_multipart(encode({**header, "key": self._key}))
 
     def receive(self) -> list[dict]:
-        """Every event waiting (never blocks)."""
+        """Every event waiting (never blocks); one that does not decode is dropped."""
         events = list(self.backlog)
         self.backlog.clear()
         while self.socket.poll(0):
-            events.append(decode(self.socket.recv_multipart())[0])
+            if (event := self._decode(self.socket.recv_multipart())) is not None:
+                events.append(event)
         return events
+
+    def _decode(self, frames: list) -> dict | None:
+        try:
+            return decode(frames)[0]
+        except WireError as error:
+            log.warning("engine %s sent a malformed event (%s); dropped", self.endpoint, error)
+            return None
 
     def request(self, op: str, timeout_s: float) -> dict:
         """Send `op` and wait for its reply; other events are kept for `receive`."""
@@ -64,7 +97,9 @@ class EngineLink:
         self.send({"op": op, "ref": ref})
         deadline = time.monotonic() + timeout_s
         while (left := deadline - time.monotonic()) > 0 and self.socket.poll(int(left * 1000) + 1):
-            event = decode(self.socket.recv_multipart())[0]
+            event = self._decode(self.socket.recv_multipart())
+            if event is None:
+                continue
             if event.get("ref") == ref:
                 return event
             self.backlog.append(event)
@@ -96,19 +131,21 @@ class _Flight:
 class FederatedCluster:
     """Runs sessions on federated engines through one coordinator (one orchestrator per pool of engines)."""
 
-    def __init__(self, engines: Sequence[str], coordinator: str, admin_key: bytes, *, control_key: bytes | None = None,
-                 timeout_s: float = 60.0, processes: Sequence | None = None):
+    def __init__(self, engines: Sequence[str], coordinator: str, admin_key: bytes, *, control_key: bytes,
+                 timeout_s: float = 60.0, launcher: EngineLauncher | None = None):
         """`timeout_s`: how long a participant waits for a peer's K/V before its session fails.
 
         An engine blocked in such a wait sends nothing meanwhile, so an engine is declared
         stalled (its sessions failed) only after `2 * timeout_s + 5` s of silence while it owes
-        work. `processes` (optional, one per engine): local engine processes, so a death is
-        noticed at once.
+        work. `launcher` (optional): the local engine processes, so a death is noticed at once
+        and the engine restarted (at most MAX_RESTARTS times each); meanwhile, and for good
+        once it gives up, `down` says why and sessions that need the engine fail at once.
         """
         if not engines:
             raise ValueError("engines: at least one engine endpoint")
+        self._control_key = control_key
         self.links = [EngineLink(endpoint, control_key=control_key) for endpoint in engines]
-        self.processes = list(processes) if processes is not None else None
+        self.launcher = launcher
         self.timeout_s = timeout_s
         self.silence_s = 2 * timeout_s + 5.0
         self.admin = SessionAdmin(coordinator, admin_key)
@@ -118,6 +155,11 @@ class FederatedCluster:
             raise ValueError(f"engines serve different models: {sorted(models)}")
         self.model, self.num_layers = models.pop()
         self.engine_pids = [info["pid"] for info in infos]
+        self.down: dict[int, str] = {}  # engine -> why it cannot take sessions now
+        self.restarts = [0] * len(engines)
+        self.coordinator_restarts = 0
+        self.coordinator_down: str | None = None  # why, once a local coordinator died for good
+        self.gave_up: set[int] = set()  # engines that died more than MAX_RESTARTS times
         self._last_heard = [time.monotonic()] * len(engines)
         self._wave: dict[int, list[dict]] = {}  # engine -> sessions to start in the next wave
         self._flights: dict[str, _Flight] = {}  # sessions submitted and not yet reported by `poll`
@@ -182,9 +224,14 @@ class FederatedCluster:
         self._poller.poll(timeout_ms)
         for e, link in enumerate(self.links):
             for event in link.receive():
-                self._on_event(e, event)
+                try:
+                    self._on_event(e, event)
+                except (KeyError, TypeError, ValueError, AttributeError) as error:  # an event that is not what it says
+                    flight = self._flights.get(str(event.get("session")))
+                    if flight is not None and flight.result is None:
+                        self._fail(flight, f"engine {e} sent a malformed event: {error!r}")
         self._send_wave()
-        self._check_engines()
+        self.maintain()
         ended = {i: f.result for i, f in self._flights.items() if f.result is not None}
         for session_id in ended:
             del self._flights[session_id]
@@ -198,6 +245,12 @@ class FederatedCluster:
 
     def _submit(self, session: FedAttnSession, plan: FedAttnPlan, hosts: dict[int, list[int]], pipelined: bool):
         session_id = f"fedattn-{uuid.uuid4().hex}"
+        down = sorted(set(hosts) & set(self.down))
+        if down or self.coordinator_down:  # fails at once: `poll` reports it
+            flight = self._flights[session_id] = _Flight(session_id, plan, hosts)
+            why = self.coordinator_down or f"engine {down[0]} is down: {self.down[down[0]]}"
+            flight.result = SessionResult(outputs={}, cost=self._cost(flight, None), error=why)
+            return flight
         credentials = self.admin.open(session_id, plan)
         flight = self._flights[session_id] = _Flight(session_id, plan, hosts)
         if not pipelined:
@@ -218,7 +271,7 @@ class FederatedCluster:
 
     def _on_event(self, engine: int, event: dict) -> None:
         self._last_heard[engine] = time.monotonic()
-        flight = self._flights.get(event.get("session"))
+        flight = self._flights.get(str(event.get("session")))
         if flight is None or flight.result is not None:
             return  # heartbeats, and late news of sessions already settled
         kind = event.get("event")
@@ -267,25 +320,85 @@ class FederatedCluster:
         """Unsettled sessions still waiting for news from `engine`."""
         return [f for f in self._flights.values() if f.result is None and engine in f.hosts and engine not in f.done]
 
-    def _check_engines(self) -> None:
-        """Fail the sessions of an engine that died, or was silent for `silence_s` while owing work."""
+    def maintain(self) -> None:
+        """Fail the sessions of an engine that died, or was silent for `silence_s` while owing work; restart
+        local engines that died and reconnect the ones that came back (call it often, idle or not)."""
         now = time.monotonic()
+        self._watch_coordinator()
         for e in range(len(self.links)):
-            owed = self._owed(e)
-            if not owed:
+            if e in self.down:
+                self._await_restart(e)
                 continue
-            process = self.processes[e] if self.processes else None
+            owed = self._owed(e)
+            process = self.launcher.process(e) if self.launcher else None
             if process is not None and process.poll() is not None:
                 why = f"engine {e} exited (code {process.returncode})"
-            elif now - self._last_heard[e] > self.silence_s:
+                self._restart(e, why)
+            elif owed and now - self._last_heard[e] > self.silence_s:
                 why = f"engine {e} sent nothing for {self.silence_s:.0f} s (stalled or unreachable)"
             else:
                 continue
             for flight in owed:
                 self._fail(flight, why)
 
+    def _watch_coordinator(self) -> None:
+        """A local coordinator that died took every open session with it: restart it, fail them all."""
+        process = self.launcher.coordinator_process if self.launcher else None
+        if process is None or process.poll() is None:
+            return
+        why = f"the coordinator exited (code {process.returncode})"
+        if self.coordinator_restarts >= MAX_RESTARTS:
+            if self.coordinator_down is None:
+                self.coordinator_down = f"{why}; not restarted again after {MAX_RESTARTS} restarts"
+                log.error("%s", self.coordinator_down)
+            return
+        self.coordinator_restarts += 1
+        log.warning("%s; restarting it (restart %d of %d)", why, self.coordinator_restarts, MAX_RESTARTS)
+        self.launcher.relaunch_coordinator()
+        for flight in [f for f in self._flights.values() if f.result is None]:
+            self._fail(flight, why)
+
+    def _restart(self, e: int, why: str) -> None:
+        if self.restarts[e] >= MAX_RESTARTS:
+            self.gave_up.add(e)
+            self.down[e] = f"{why}; not restarted again after {MAX_RESTARTS} restarts"
+            log.error("engine %d is down for good: %s", e, self.down[e])
+            return
+        self.restarts[e] += 1
+        self.down[e] = f"{why}; restarting (restart {self.restarts[e]} of {MAX_RESTARTS})"
+        log.warning("engine %d: %s", e, self.down[e])
+        self.launcher.relaunch(e)
+
+    def _await_restart(self, e: int) -> None:
+        """Reconnect engine `e` once its new process serves (the same model); a failed start counts as a death."""
+        if e in self.gave_up:
+            return
+        try:
+            endpoint = self.launcher.ready_endpoint(e)
+            if endpoint is None:
+                return
+            link = EngineLink(endpoint, control_key=self._control_key)
+            info = link.request("info", self.timeout_s)
+        except Exception as error:  # it died while starting, or does not answer
+            return self._restart(e, f"engine {e} failed to restart: {error}")
+        if (info["model"], info["num_layers"]) != (self.model, self.num_layers):
+            link.close()
+            return self._restart(e, f"engine {e} came back serving {info['model']}, not {self.model}")
+        self._poller.unregister(self.links[e].socket)
+        self.links[e].close()
+        self.links[e] = link
+        self._poller.register(link.socket, zmq.POLLIN)
+        self.engine_pids[e] = info["pid"]
+        self._last_heard[e] = time.monotonic()
+        del self.down[e]
+        log.warning("engine %d is back (pid %d)", e, info["pid"])
+
     def _complete(self, flight: _Flight) -> None:
-        stats = self.admin.stats(flight.session_id)
+        try:
+            stats = self.admin.stats(flight.session_id)
+        except CoordinatorError as error:  # the coordinator lost the session (expired, restarted): no bytes to report
+            self._fail(flight, f"the coordinator: {error}")
+            return
         self._close(flight)
         flight.result = SessionResult(outputs=dict(sorted(flight.outputs.items())), cost=self._cost(flight, stats),
                                       wall_s=time.monotonic() - flight.started)

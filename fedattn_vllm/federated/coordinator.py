@@ -3,8 +3,10 @@
 It never sees text or token ids, only K/V tensors, and hands each participant only what
 the spec lets it see. Sessions are opened by the orchestrator (admin key), which gets one
 credential per participant; an engine presents its participant's credential with every
-publish or fetch. A fetch of K/V not yet published waits (pipelined prefill) until it is
-published or the caller's deadline passes. Sessions are freed when closed, or when idle
+publish or fetch. Every message is size-capped, decoded into its typed form (messages.py)
+and authenticated before anything else uses it; a malformed or unauthenticated one is
+dropped unanswered and counted (`dropped`, the admin's `counters`). A fetch of K/V not
+yet published waits (pipelined prefill) until it is published or the caller's deadline passes. Sessions are freed when closed, or when idle
 longer than `session_ttl_s` (an orchestrator that died leaves nothing behind).
 
     python -m fedattn_vllm.federated.coordinator --bind tcp://127.0.0.1:5557
@@ -27,11 +29,12 @@ import zmq
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError, FedAttnPlan
 from fedattn_vllm.exchange import kv_nbytes
-from fedattn_vllm.federated.wire import Tensors, WireError, decode, encode, message_bytes
+from fedattn_vllm.federated import messages as m
+from fedattn_vllm.federated.lifeline import exit_with_parent
+from fedattn_vllm.federated.wire import Dropped, Tensors, WireError, decode, encode, message_bytes
 
 log = logging.getLogger(__name__)
-MAX_WAIT_S = 600.0
-MAX_SIZE = 4096  # bound on a session's layers and participants (a header from outside is range-checked)
+MAX_FRAME_BYTES = 1 << 30  # a larger frame makes ZeroMQ drop its sender (one layer's K/V is far smaller)
 
 
 class Refused(Exception):
@@ -67,15 +70,18 @@ class _Waiter:
 class Coordinator:
     """Runs on one ROUTER socket; `serve_forever` in a thread or its own process."""
 
-    def __init__(self, bind: str, admin_key: bytes, *, session_ttl_s: float = 600.0):
+    def __init__(self, bind: str, admin_key: bytes, *, session_ttl_s: float = 600.0,
+                 max_frame_bytes: int = MAX_FRAME_BYTES):
         self.admin_key = admin_key
         self.session_ttl_s = session_ttl_s
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         self._socket.bind(bind)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sessions: dict[str, Session] = {}
+        self.dropped = Dropped(__name__)  # messages dropped unanswered, by reason
         self._waiters: list[_Waiter] = []
         self._stop = threading.Event()
 
@@ -86,8 +92,7 @@ class Coordinator:
         try:
             while not self._stop.is_set():
                 if poller.poll(timeout=self._poll_ms()):
-                    identity, request_id, *frames = self._socket.recv_multipart(copy=False)
-                    self._handle(identity.bytes, request_id.bytes, frames)
+                    self._receive()
                 self._expire()
         finally:
             self._socket.close(0)
@@ -101,86 +106,89 @@ class Coordinator:
             return 100
         return max(0, min(100, int(1000 * (min(w.deadline for w in self._waiters) - time.monotonic())) + 1))
 
+    def _receive(self) -> None:
+        frames = self._socket.recv_multipart(copy=False)
+        if len(frames) < 3:  # [identity, request id, header, *tensors]
+            return self.dropped.drop("malformed", "too few frames")
+        identity, request_id, *message = frames
+        self._process(identity.bytes, request_id.bytes, message)
+
+    def _process(self, identity: bytes, request_id: bytes, message: list) -> None:
+        """Decode, authenticate, handle and answer one request ([header, *tensors])."""
+        try:
+            request, kv = decode(message, m.CoordinatorRequest)
+        except WireError as error:
+            return self.dropped.drop("malformed", str(error))
+        if not self._authentic(request):
+            return self.dropped.drop("unauthenticated", type(request).__name__)
+        try:
+            reply = self._handle(request, kv, identity, request_id, message_bytes(message))
+        except Refused as error:
+            reply = encode({"ok": False, "code": error.code, "error": str(error)})
+        if reply is not None:
+            self._reply(identity, request_id, reply)
+
+    def _authentic(self, request) -> bool:
+        """The admin key, or the credential of a participant of an open session (unknown sessions pass:
+        they are answered `unknown_session`, which reveals nothing a random id does not)."""
+        if isinstance(request, m.ADMIN_REQUESTS):
+            return hmac.compare_digest(request.admin_key, self.admin_key)
+        session = self.sessions.get(request.session)
+        if session is None:
+            return True
+        return request.participant < len(session.credentials) and hmac.compare_digest(
+            request.credential, session.credentials[request.participant])
+
     def _reply(self, identity: bytes, request_id: bytes, frames: list) -> None:
         self._socket.send_multipart([identity, request_id, *frames], copy=False)
 
     def _error(self, identity: bytes, request_id: bytes, code: str, message: str) -> None:
         self._reply(identity, request_id, encode({"ok": False, "code": code, "error": message}))
 
-    def _handle(self, identity: bytes, request_id: bytes, frames: list) -> None:
-        try:
-            header, kv = decode(frames)
-            op = header.get("op")
-            handler = {"open": self._open, "close": self._close, "stats": self._stats,
-                       "publish": self._publish, "fetch": self._fetch}.get(op)
-            if handler is None:
-                raise Refused("bad_request", f"unknown op {op!r}")
-            reply = handler(header, kv, identity, request_id, message_bytes(frames))
-        except WireError as error:
-            self._error(identity, request_id, "bad_request", str(error))
-        except Refused as error:
-            self._error(identity, request_id, error.code, str(error))
-        except (KeyError, TypeError, ValueError) as error:
-            self._error(identity, request_id, "bad_request", f"malformed request: {error!r}")
-        else:
-            if reply is not None:
-                self._reply(identity, request_id, reply)
+    def _handle(self, request, kv: Tensors | None, identity: bytes, request_id: bytes, size: int):
+        if isinstance(request, m.Open):
+            return self._open(request)
+        if isinstance(request, m.Counters):
+            return encode({"ok": True, "sessions": len(self.sessions), "waiters": len(self._waiters),
+                           "dropped": dict(self.dropped)})
+        session = self._session(request.session)
+        if isinstance(request, m.Close):
+            self._drop(request.session, "closed")
+            return encode({"ok": True})
+        if isinstance(request, m.Stats):
+            return encode({"ok": True, "wire_bytes": _by_participant(session.wire_bytes),
+                           "payload_bytes": _by_participant(session.payload_bytes)})
+        if isinstance(request, m.Publish):
+            return self._publish(session, request, kv, size)
+        return self._fetch(session, request, identity, request_id)
 
     # -- admin -----------------------------------------------------------------------------
-    def _admin(self, header: dict) -> None:
-        if not hmac.compare_digest(bytes(header.get("admin_key", b"")), self.admin_key):
-            raise Refused("forbidden", "admin key required")
-
-    def _open(self, header: dict, kv, *_):
-        self._admin(header)
-        session_id = str(header["session"])
-        if session_id in self.sessions:
-            raise Refused("conflict", f"session {session_id} already exists")
-        config, num_layers, n = header["config"], header["num_layers"], header["num_participants"]
-        if not isinstance(config, dict) or not all(isinstance(v, int) and 1 <= v <= MAX_SIZE for v in (num_layers, n)):
-            raise Refused("bad_request", f"a session needs a config, and num_layers and num_participants in 1..{MAX_SIZE}")
+    def _open(self, request: m.Open):
+        if request.session in self.sessions:
+            raise Refused("conflict", f"session {request.session} already exists")
         try:
-            plan = FedAttnConfig(**config).resolve(num_layers, n)
+            plan = FedAttnConfig(**request.config).resolve(request.num_layers, request.num_participants)
             if plan.selection_needs_queries:
                 raise FedAttnConfigError("kv_selection", "'question' needs the generators' queries at every layer, "
                                          "which federated mode does not carry yet (colocated only)")
         except FedAttnConfigError as error:
             raise Refused("bad_request", f"config.{error}") from None
-        credentials = [secrets.token_bytes(16) for _ in range(n)]
-        self.sessions[session_id] = Session(plan, credentials)
+        except TypeError as error:  # a field FedAttnConfig does not have
+            raise Refused("bad_request", f"config: {error}") from None
+        credentials = [secrets.token_bytes(16) for _ in range(request.num_participants)]
+        self.sessions[request.session] = Session(plan, credentials)
         return encode({"ok": True, "credentials": credentials})
 
-    def _close(self, header: dict, *_):
-        self._admin(header)
-        self._drop(str(header["session"]), "closed")
-        return encode({"ok": True})
-
-    def _stats(self, header: dict, *_):
-        self._admin(header)
-        session = self._session(header)
-        return encode({"ok": True, "wire_bytes": _by_participant(session.wire_bytes),
-                       "payload_bytes": _by_participant(session.payload_bytes)})
-
     # -- participants ---------------------------------------------------------------------
-    def _session(self, header: dict) -> Session:
-        session = self.sessions.get(str(header["session"]))
+    def _session(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
         if session is None:
-            raise Refused("unknown_session", f"no session {header['session']} (never opened, closed or expired)")
+            raise Refused("unknown_session", f"no session {session_id} (never opened, closed or expired)")
         session.last_used = time.monotonic()
         return session
 
-    def _authenticated(self, header: dict) -> tuple[Session, int]:
-        session = self._session(header)
-        participant = int(header["participant"])
-        if not 0 <= participant < len(session.credentials) or not hmac.compare_digest(
-            bytes(header.get("credential", b"")), session.credentials[participant]
-        ):
-            raise Refused("forbidden", f"bad credential for participant {participant}")
-        return session, participant
-
-    def _publish(self, header: dict, kv: Tensors | None, identity, request_id, size: int):
-        session, n = self._authenticated(header)
-        layer = int(header["layer"])
+    def _publish(self, session: Session, request: m.Publish, kv: Tensors | None, size: int):
+        n, layer = request.participant, request.layer
         if kv is None:
             raise Refused("bad_request", "publish carries K and V frames")
         if not session.plan.publishes(n, layer):
@@ -190,19 +198,17 @@ class Coordinator:
         session.kv[n, layer] = kv
         session.wire_bytes[n, "up"] += size
         session.payload_bytes[n, "up"] += kv_nbytes(kv)
-        self._wake(str(header["session"]), n, layer)
+        self._wake(request.session, n, layer)
         return encode({"ok": True})
 
-    def _fetch(self, header: dict, kv, identity: bytes, request_id: bytes, size: int):
-        session, viewer = self._authenticated(header)
-        source, layer = int(header["source"]), int(header["layer"])
-        if not 0 <= source < len(session.credentials) or not session.plan.reads(viewer, source, layer):
+    def _fetch(self, session: Session, request: m.Fetch, identity: bytes, request_id: bytes):
+        viewer, source, layer = request.participant, request.source, request.layer
+        if source >= len(session.credentials) or not session.plan.reads(viewer, source, layer):
             raise Refused("forbidden", f"participant {viewer} may not see participant {source} at layer {layer}")
-        session_id = str(header["session"])
         if (source, layer) in session.kv:
             return self._deliver(session, viewer, source, layer)
-        wait = min(float(header.get("wait_s", 0.0)), MAX_WAIT_S)
-        self._waiters.append(_Waiter(identity, request_id, session_id, viewer, source, layer, time.monotonic() + wait))
+        self._waiters.append(_Waiter(identity, request_id, request.session, viewer, source, layer,
+                                     time.monotonic() + request.wait_s))
         return None
 
     def _deliver(self, session: Session, viewer: int, source: int, layer: int) -> list:
@@ -257,12 +263,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bind", default="tcp://127.0.0.1:5557", help="ZeroMQ endpoint to listen on")
     parser.add_argument("--session-ttl-s", type=float, default=600.0, help="free sessions idle this long")
     parser.add_argument("--ready-file", type=Path, help="write the bound endpoint here once listening")
+    parser.add_argument("--parent-pid", type=int, help="terminate when this process (the launcher) exits")
+    parser.add_argument("--max-frame-mib", type=int, default=MAX_FRAME_BYTES >> 20,
+                        help="largest frame accepted (one tensor of a layer's K/V); a larger one "
+                        "disconnects its sender")
     args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        exit_with_parent(args.parent_pid)
     key = os.environ.get("FEDATTN_ADMIN_KEY")
     if not key:
         parser.error("set FEDATTN_ADMIN_KEY (the orchestrator's secret for opening sessions)")
     logging.basicConfig(level=logging.INFO)
-    coordinator = Coordinator(args.bind, key.encode(), session_ttl_s=args.session_ttl_s)
+    coordinator = Coordinator(args.bind, key.encode(), session_ttl_s=args.session_ttl_s,
+                              max_frame_bytes=args.max_frame_mib << 20)
     log.info("coordinator listening on %s", coordinator.endpoint)
     if args.ready_file:
         write_ready_file(args.ready_file, coordinator.endpoint)

@@ -6,7 +6,9 @@
 Control messages (msgpack headers on a ZeroMQ ROUTER socket; docs/federated.md lists them):
 the orchestrator `submit`s the part of a session this engine hosts (segments, the hosted
 participants' coordinator credentials, config, sampling), then says `go` with every
-participant's segment length, or `abort`. The engine answers `ready` once it has
+participant's segment length, or `abort`. Every command carries the control key
+(FEDATTN_ENGINE_KEY); one that is malformed (messages.py) or unauthenticated is dropped
+unanswered and counted. The engine answers `ready` once it has
 reserved room for a submitted session (strictly in submission order: the deadlock-freedom
 rule in docs/federated.md), `done` when its participants finish or fail, and `alive`
 every second while it holds work. Segments never leave this process; only sync-layer
@@ -29,19 +31,23 @@ import zmq
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
 from fedattn_vllm.engine import FedAttnSessionError, FederatedLLM, _Run
+from fedattn_vllm.federated import messages as m
 from fedattn_vllm.federated.client import NetworkKVExchange
 from fedattn_vllm.federated.coordinator import write_ready_file
-from fedattn_vllm.federated.wire import WireError, decode, encode
+from fedattn_vllm.federated.lifeline import exit_with_parent
+from fedattn_vllm.federated.wire import Dropped, WireError, decode, encode
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
+MAX_CONSECUTIVE_FAILURES = 3  # failed rounds in a row after which the engine process exits
+MAX_COMMAND_BYTES = 64 << 20  # a submit carries the hosted segments (text or ids) and the public prefix
 
 
 class EngineServer:
     """Serves one FederatedLLM to the orchestrator; `serve_forever` runs the engine loop."""
 
-    def __init__(self, llm: FederatedLLM, bind: str, coordinator: str, *, control_key: bytes | None = None):
+    def __init__(self, llm: FederatedLLM, bind: str, coordinator: str, *, control_key: bytes):
         self.llm = llm
         self.exchange = NetworkKVExchange(coordinator)
         REGISTRY.exchange = self.exchange  # this process's sync-layer hook publishes and fetches through it
@@ -49,30 +55,59 @@ class EngineServer:
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_COMMAND_BYTES)
         self._socket.bind(bind)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._queue: deque[tuple[bytes, _Run]] = deque()  # submitted, waiting for room, in submission order
         self._runs: dict[str, tuple[bytes, _Run]] = {}  # reserved or running
         self._waves: deque[list[dict]] = deque()  # go'd sessions, one wave started per engine step
         self._last_beat = 0.0
+        self.dropped = Dropped(__name__)  # control messages dropped unanswered, by reason
         self._stop = False
 
     # -- the loop ----------------------------------------------------------------------------
     def serve_forever(self) -> None:
+        """The engine loop. A round that raises fails the sessions this engine holds, and the loop goes on;
+        after MAX_CONSECUTIVE_FAILURES such rounds the engine exits (a local launcher restarts it)."""
+        failures = 0
         try:
             while not self._stop:
-                self._receive(timeout_ms=0 if self.llm.busy or self._waves else 100)
-                self._reserve_in_order()
-                self._start_wave()
-                if self.llm.busy:
-                    for run in self.llm.step():
-                        self._done(run)
-                self._heartbeat()
+                try:
+                    self._round()
+                    failures = 0
+                except Exception as error:
+                    failures += 1
+                    log.exception("engine round failed (%d in a row); failing the sessions it held", failures)
+                    self._fail_all(f"engine error: {type(error).__name__}: {error}")
+                    if failures >= MAX_CONSECUTIVE_FAILURES:
+                        raise
         finally:
             for _, run in list(self._runs.values()) + list(self._queue):
                 self.llm.finish(run, "engine shutting down")
             self._socket.close(0)
             self._context.term()
+
+    def _round(self) -> None:
+        self._receive(timeout_ms=0 if self.llm.busy or self._waves else 100)
+        self._reserve_in_order()
+        self._start_wave()
+        if self.llm.busy:
+            for run in self.llm.step():
+                self._done(run)
+        self._heartbeat()
+
+    def _fail_all(self, why: str) -> None:
+        """Settle every session this engine holds as failed (its orchestrator learns it from `done`)."""
+        self._waves.clear()
+        held = [*self._queue, *self._runs.values()]
+        self._queue.clear()
+        self._runs.clear()
+        for identity, run in held:
+            try:
+                self.llm.finish(run, why)
+            except Exception:
+                log.exception("freeing session %s failed", run.session_id)
+            self._send(identity, {"event": "done", "session": run.session_id, "error": why})
 
     def _receive(self, timeout_ms: int) -> None:
         if not self._socket.poll(timeout_ms):
@@ -80,58 +115,62 @@ class EngineServer:
         while self._socket.poll(0):
             identity, *frames = self._socket.recv_multipart()
             try:
-                header, _ = decode(frames)
-                self._handle(identity, header)
-            except (WireError, KeyError, TypeError, ValueError) as error:
-                self._send(identity, {"event": "error", "error": f"malformed control message: {error!r}"})
+                command, _ = decode(frames, m.EngineCommand, max_header_bytes=MAX_COMMAND_BYTES)
+            except WireError as error:
+                self.dropped.drop("malformed", str(error))
+                continue
+            if not hmac.compare_digest(command.key, self._control_key):
+                self.dropped.drop("unauthenticated", type(command).__name__)
+                continue
+            self._handle(identity, command)
 
     def _send(self, identity: bytes, header: dict) -> None:
         self._socket.send_multipart([identity, *encode(header)])
 
-    def _handle(self, identity: bytes, header: dict) -> None:
-        if self._control_key is not None and not hmac.compare_digest(bytes(header.get("key", b"")), self._control_key):
-            self._send(identity, {"event": "error", "error": "bad control key"})
-            return
-        op = header.get("op")
-        if op == "submit":
-            self._submit(identity, header)
-        elif op == "go":
-            self._waves.append(list(header["sessions"]))
-        elif op == "abort":
-            self._abort(str(header["session"]))
-        elif op == "info":
-            self._send(identity, {"event": "info", "ref": header.get("ref"), "num_layers": self.llm.num_layers,
+    def _handle(self, identity: bytes, command) -> None:
+        if isinstance(command, m.Submit):
+            self._submit(identity, command)
+        elif isinstance(command, m.Go):
+            self._waves.append(command.sessions)
+        elif isinstance(command, m.Abort):
+            self._abort(command.session)
+        elif isinstance(command, m.Info):
+            self._send(identity, {"event": "info", "ref": command.ref, "num_layers": self.llm.num_layers,
                                   "model": Path(self.llm.model_path).name, "max_model_len": self.llm.max_model_len,
                                   "pid": os.getpid()})
-        elif op == "status":
-            self._send(identity, {"event": "status", "ref": header.get("ref"), **self.status()})
-        elif op == "shutdown":
+        elif isinstance(command, m.Status):
+            self._send(identity, {"event": "status", "ref": command.ref, **self.status()})
+        else:  # m.Shutdown
             self._stop = True
-        else:
-            self._send(identity, {"event": "error", "error": f"unknown op {op!r}"})
 
     # -- sessions ----------------------------------------------------------------------------
-    def _submit(self, identity: bytes, header: dict) -> None:
+    def _submit(self, identity: bytes, command: m.Submit) -> None:
         from vllm import SamplingParams
 
-        session_id = str(header["session"])
+        session_id = command.session
         try:
             if session_id in self._runs or any(run.session_id == session_id for _, run in self._queue):
                 raise FedAttnSessionError("session", f"{session_id} was already submitted")
-            config = FedAttnConfig(**header["config"])
+            hosted = set(command.segments)
+            if hosted != set(command.credentials) or max(hosted) >= command.num_participants:
+                raise FedAttnSessionError("segments", "one credential per hosted participant, each < num_participants")
             try:
-                sampling = msgspec.msgpack.decode(header["sampling"], type=SamplingParams)
-            except msgspec.DecodeError as error:
+                config = FedAttnConfig(**command.config)
+            except TypeError as error:
+                raise FedAttnSessionError("config", str(error)) from None
+            try:
+                sampling = msgspec.msgpack.decode(command.sampling, type=SamplingParams | None)
+            except (msgspec.DecodeError, ValueError, TypeError) as error:
                 raise FedAttnSessionError("sampling_params", str(error)) from None
-            prompts = {int(n): self.llm.encode(segment, f"segments[{n}]") for n, segment in header["segments"].items()}
-            prefix = self.llm.encode_prefix(header.get("public_prefix"))
-            run = self.llm.plan_run(session_id, prompts, int(header["num_participants"]), config, sampling, prefix)
+            prompts = {n: self.llm.encode(segment, f"segments[{n}]") for n, segment in command.segments.items()}
+            prefix = self.llm.encode_prefix(command.public_prefix)
+            run = self.llm.plan_run(session_id, prompts, command.num_participants, config, sampling, prefix)
         except (FedAttnSessionError, FedAttnConfigError) as error:
             self._send(identity, {"event": "done", "session": session_id, "error": str(error),
                                   "field": getattr(error, "field", None)})
             return
-        for n, credential in header["credentials"].items():
-            self.exchange.join(session_id, int(n), credential, wait_s=float(header["wait_s"]))
+        for n, credential in command.credentials.items():
+            self.exchange.join(session_id, n, credential, wait_s=command.wait_s)
         self._queue.append((identity, run))
 
     def _reserve_in_order(self) -> None:
@@ -148,14 +187,13 @@ class EngineServer:
         if not self._waves:
             return
         for item in self._waves.popleft():
-            session_id = str(item["session"])
-            if session_id not in self._runs:
+            if item.session not in self._runs:
                 continue  # aborted meanwhile
-            _, run = self._runs[session_id]
+            _, run = self._runs[item.session]
             try:
-                self.llm.start(run, list(item["lengths"]))
-                log.debug("session %s started", session_id)
-            except FedAttnSessionError as error:
+                self.llm.start(run, item.lengths)
+                log.debug("session %s started", item.session)
+            except Exception as error:  # this session's alone (lengths that do not match, an engine refusal)
                 run.error = str(error)
                 self._done(run)
 
@@ -190,7 +228,7 @@ class EngineServer:
         """What this engine holds: queued and reserved sessions, worker session state, credentials, requests."""
         return {"queued": len(self._queue), "runs": len(self._runs), "sessions": len(REGISTRY),
                 "credentials": self.exchange.joined_sessions(), "requests": self.llm.admission.live_requests,
-                "unfinished": self.llm.engine.get_num_unfinished_requests()}
+                "unfinished": self.llm.engine.get_num_unfinished_requests(), "dropped": dict(self.dropped)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,11 +239,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bind", default="tcp://127.0.0.1:*", help="control endpoint for the orchestrator")
     parser.add_argument("--engine-args", default="{}", help="vLLM engine arguments as a JSON object")
     parser.add_argument("--ready-file", type=Path, help="write the bound endpoint here once serving")
+    parser.add_argument("--parent-pid", type=int, help="terminate when this process (the launcher) exits")
     args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        exit_with_parent(args.parent_pid)
     logging.basicConfig(level=os.environ.get("FEDATTN_LOG_LEVEL", "INFO"))
     key = os.environ.get("FEDATTN_ENGINE_KEY")
+    if not key:
+        parser.error("set FEDATTN_ENGINE_KEY (the orchestrator's secret for this engine's control socket)")
     llm = FederatedLLM(args.model, **json.loads(args.engine_args))
-    server = EngineServer(llm, args.bind, args.coordinator, control_key=key.encode() if key else None)
+    server = EngineServer(llm, args.bind, args.coordinator, control_key=key.encode())
     log.info("fedattn engine serving %s on %s", Path(llm.model_path).name, server.endpoint)
     if args.ready_file:
         write_ready_file(args.ready_file, server.endpoint)

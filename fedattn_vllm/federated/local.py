@@ -5,7 +5,9 @@
 
 Every engine is its own OS process with its own vLLM engine; they talk only through the
 coordinator, exactly as on separate machines. Fresh random keys guard the coordinator's
-admin operations and the engines' control sockets. Process logs go to `log_dir`.
+admin operations and the engines' control sockets. Process logs go to `log_dir`. Every
+process ends with this one (`--parent-pid`, however this one dies); an engine that dies
+is restarted by the cluster (FederatedCluster.maintain).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +28,12 @@ from fedattn_vllm.federated.cluster import FederatedCluster
 
 class LaunchError(RuntimeError):
     """A coordinator or engine process did not come up."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class LocalCluster:
@@ -42,28 +51,51 @@ class LocalCluster:
                      "FEDATTN_ENGINE_KEY": control_key}
         self.processes: list[subprocess.Popen] = []
         try:
+            self.coordinator_process: subprocess.Popen | None = None  # None: a coordinator this cluster does not own
             if coordinator:
                 self.coordinator_endpoint = coordinator[0]
-            else:
-                process = self._launch("coordinator", ["fedattn_vllm.federated.coordinator", "--bind", "tcp://127.0.0.1:*"])
-                self.coordinator_endpoint = self._await_ready(process, "coordinator", start_timeout_s)
-            args = ["fedattn_vllm.federated.engine", "--model", model, "--coordinator", self.coordinator_endpoint,
-                    "--engine-args", json.dumps(engine_args or {})]
-            engine_processes = [self._launch(f"engine{e}", args) for e in range(engines)]
-            endpoints = [self._await_ready(p, f"engine{e}", start_timeout_s) for e, p in enumerate(engine_processes)]
+            else:  # a fixed port, so a restarted coordinator is where every engine already connects
+                self._coordinator_args = ["fedattn_vllm.federated.coordinator",
+                                          "--bind", f"tcp://127.0.0.1:{_free_port()}"]
+                self.coordinator_process = self._launch("coordinator", self._coordinator_args)
+                self.coordinator_endpoint = self._await_ready(self.coordinator_process, "coordinator", start_timeout_s)
+            self._engine_args = ["fedattn_vllm.federated.engine", "--model", model, "--coordinator",
+                                 self.coordinator_endpoint, "--engine-args", json.dumps(engine_args or {})]
+            self.engine_processes = [self._launch(f"engine{e}", self._engine_args) for e in range(engines)]
+            endpoints = [self._await_ready(p, f"engine{e}", start_timeout_s)
+                         for e, p in enumerate(self.engine_processes)]
             self.cluster = FederatedCluster(endpoints, self.coordinator_endpoint, admin_key,
-                                            control_key=control_key.encode(), timeout_s=timeout_s,
-                                            processes=engine_processes)
+                                            control_key=control_key.encode(), timeout_s=timeout_s, launcher=self)
         except BaseException:
             self.close()
             raise
-        self.engine_processes = engine_processes
+
+    # -- the cluster's EngineLauncher -----------------------------------------------------------
+    def process(self, engine: int) -> subprocess.Popen:
+        return self.engine_processes[engine]
+
+    def relaunch(self, engine: int) -> None:
+        self.engine_processes[engine] = self._launch(f"engine{engine}", self._engine_args)
+
+    def relaunch_coordinator(self) -> None:
+        self.coordinator_process = self._launch("coordinator", self._coordinator_args)
+
+    def ready_endpoint(self, engine: int) -> str | None:
+        ready = self.log_dir / f"engine{engine}.ready"
+        if ready.exists():
+            return ready.read_text()
+        process = self.engine_processes[engine]
+        if process.poll() is not None:
+            raise LaunchError(f"engine{engine} exited with code {process.returncode}; "
+                              f"see {self.log_dir / f'engine{engine}.log'}")
+        return None
 
     def _launch(self, name: str, module_args: list[str]) -> subprocess.Popen:
         ready = self.log_dir / f"{name}.ready"
         ready.unlink(missing_ok=True)
         with open(self.log_dir / f"{name}.log", "ab") as log:
-            process = subprocess.Popen([sys.executable, "-m", *module_args, "--ready-file", str(ready)],
+            process = subprocess.Popen([sys.executable, "-m", *module_args, "--ready-file", str(ready),
+                                        "--parent-pid", str(os.getpid())],
                                        stdout=log, stderr=subprocess.STDOUT, env=self._env, start_new_session=True)
         self.processes.append(process)
         return process

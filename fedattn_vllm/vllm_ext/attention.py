@@ -14,7 +14,7 @@ import functools
 import torch
 
 from fedattn_vllm.exchange import KVExchangeError
-from fedattn_vllm.kv_wire import decode_kv, encode_kv
+from fedattn_vllm.kv_wire import decode_checked, encode_kv
 from fedattn_vllm.selection import QUESTION_ROWS, question_bytes
 from fedattn_vllm.vllm_ext.batch import FedAttnBatch, ParticipantRows, current_batch
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
@@ -90,9 +90,10 @@ def _attend(e: ParticipantRows, layer: int, query, key, value, output, scale: fl
     state, n = e.session, e.participant
     own = key[e.rows], value[e.rows]  # prefill: public prefix + segment
 
-    def fetch(source: int):
+    def fetch(source: int):  # checked before use: it comes from another party
         payload = REGISTRY.exchange.fetch(state.session_id, n, source, layer)
-        return decode_kv(payload, state.plan.config.kv_wire, key.dtype)
+        shape = (state.plan.shared_count(source, state.lengths[source]), *key.shape[1:])
+        return decode_checked(payload, state.plan.config.kv_wire, key.dtype, shape)
 
     if not e.prefill:  # a generator's token: one softmax over foreign + own keys (or stock, if no foreign)
         if state.decodes_over_foreign(n, layer):

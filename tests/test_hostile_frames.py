@@ -1,0 +1,185 @@
+"""Hostile ZeroMQ traffic: malformed and unauthenticated frames are dropped and counted, never raised.
+
+The coordinator runs in a thread here (its counters are read directly) and as a real
+process (counters over its admin socket); after each barrage a real session still runs.
+The engine's control socket gets the same treatment in tests/test_federated.py's cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+
+import msgspec
+import pytest
+import torch
+import zmq
+
+from fedattn_vllm.config import FedAttnConfig
+from fedattn_vllm.federated import messages as m
+from fedattn_vllm.federated.client import NetworkKVExchange, SessionAdmin
+from fedattn_vllm.federated.coordinator import Coordinator
+from fedattn_vllm.federated.wire import WireError, decode, encode
+
+KEY = b"hostile-test-admin-key"
+pack = msgspec.msgpack.encode
+
+
+def kv(tokens: int):
+    return tuple(torch.randn(tokens, 2, 8) for _ in range(2))
+
+
+def hostile_messages(rng: random.Random, session: str, credential: bytes) -> list[list[bytes]]:
+    """Random bytes, random msgpack, and crafted headers: wrong types, huge integers, forged keys, bad tensors."""
+    crafted = [
+        {"op": "open", "admin_key": 2**63, "session": "x", "config": {}, "num_layers": 2, "num_participants": 2},
+        {"op": "open", "admin_key": 10**9},
+        {"op": "open", "admin_key": b"wrong", "session": "x", "config": {}, "num_layers": 2, "num_participants": 2},
+        {"op": "open", "admin_key": KEY, "session": "x", "config": {}, "num_layers": 10**12, "num_participants": 2},
+        {"op": "open", "admin_key": KEY, "session": "x" * 10_000, "config": {}, "num_layers": 2, "num_participants": 2},
+        {"op": "fetch", "session": session, "participant": 2**64 - 1, "source": 0, "layer": 0, "credential": credential},
+        {"op": "fetch", "session": session, "participant": -1, "source": 0, "layer": 0, "credential": credential},
+        {"op": "fetch", "session": session, "participant": 1, "source": 0, "layer": 0, "credential": b"forged" * 3},
+        {"op": "fetch", "session": session, "participant": 1, "source": 0, "layer": 0, "credential": credential,
+         "wait_s": float("nan")},
+        {"op": "fetch", "session": session, "participant": 1, "source": 0, "layer": 0, "credential": credential,
+         "wait_s": 1e300},
+        {"op": "publish", "session": session, "participant": 0, "layer": 0, "credential": credential,
+         "tensors": [["float32", [2**40, 2**40]]]},
+        {"op": "publish", "session": session, "participant": 0, "layer": 0, "credential": credential,
+         "tensors": [["complex128", [1]]]},
+        {"op": "publish", "session": session, "participant": 0, "layer": 0, "credential": credential,
+         "tensors": [["float32", [-4]]]},
+        {"op": "close", "admin_key": KEY, "session": session, "sneaky": True},
+        {"op": "stats", "admin_key": [1, 2, 3], "session": session},
+        {"op": "counters"},
+        {"op": None}, {"op": "shutdown"}, {}, [], "open", 12, None,
+    ]
+    messages = [[pack(h)] for h in crafted]
+    messages += [[pack(crafted[10]), b"\0" * 64]]  # a tensor frame that does not match its spec
+    messages += [[pack({"op": "publish"}), *(b"\0" for _ in range(12))]]  # too many frames
+    messages += [[b"\x93" * (m.MAX_SIZE * 40)]]  # a header over the size cap
+    for _ in range(200):
+        kind = rng.randrange(3)
+        if kind == 0:
+            messages.append([rng.randbytes(rng.randrange(0, 300))])
+        elif kind == 1:
+            messages.append([pack(_random_value(rng, 3))])
+        else:  # a real operation with one field replaced by junk
+            header = dict(rng.choice(crafted[5:10]))
+            header[rng.choice(list(header))] = _random_value(rng, 2)
+            messages.append([pack(header), *(rng.randbytes(8) for _ in range(rng.randrange(2)))])
+    return messages
+
+
+def _random_value(rng: random.Random, depth: int):
+    choices = [lambda: rng.randrange(-2**63, 2**64), lambda: rng.random() * 10 ** rng.randrange(-5, 300),
+               lambda: rng.randbytes(rng.randrange(20)), lambda: "".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(5)),
+               lambda: None, lambda: rng.random() < 0.5]
+    if depth:
+        choices += [lambda: [_random_value(rng, depth - 1) for _ in range(rng.randrange(4))],
+                    lambda: {str(rng.randrange(9)): _random_value(rng, depth - 1) for _ in range(rng.randrange(4))},
+                    lambda: {"op": rng.choice(["open", "fetch", "publish", "stats"]), "x": _random_value(rng, depth - 1)}]
+    return rng.choice(choices)()
+
+
+def barrage(endpoint: str, messages: list[list[bytes]]) -> int:
+    """Send every message from a raw DEALER socket; the number of replies that came back within a second."""
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(endpoint)
+    try:
+        for i, frames in enumerate(messages):
+            socket.send_multipart([i.to_bytes(8, "little"), *frames])
+        replies = 0
+        while socket.poll(1000):
+            socket.recv_multipart()
+            replies += 1
+        return replies
+    finally:
+        socket.close(0)
+
+
+def run_session(endpoint: str, name: str) -> None:
+    """A real two-participant exchange: open, publish, a pipelined fetch of identical tensors, stats, close."""
+    plan = FedAttnConfig(sync_interval=1).resolve(2, 2)
+    admin = SessionAdmin(endpoint, KEY, timeout_s=10)
+    credentials = admin.open(name, plan)
+    engines = [NetworkKVExchange(endpoint, wait_s=5.0) for _ in credentials]
+    for n, (engine, credential) in enumerate(zip(engines, credentials)):
+        engine.join(name, n, credential)
+    sent = kv(5)
+    engines[0].publish(name, 0, 1, sent)
+    assert all(torch.equal(a, b) for a, b in zip(sent, engines[1].fetch(name, 1, 0, 1)))
+    assert admin.stats(name)["payload_bytes"]["up"][0] == sum(t.nbytes for t in sent)
+    admin.close(name)
+
+
+def test_typed_headers_refuse_what_crashed_the_coordinator():
+    with pytest.raises(WireError, match="admin_key"):
+        decode([pack({"op": "open", "admin_key": 2**63})], m.CoordinatorRequest)
+    with pytest.raises(WireError, match="unknown field"):
+        decode([pack({"op": "close", "admin_key": b"k", "session": "s", "extra": 1})], m.CoordinatorRequest)
+    with pytest.raises(WireError, match="exceeds"):
+        decode([b"\x80" * 70_000], m.CoordinatorRequest)
+    with pytest.raises(WireError, match=">= 1"):
+        decode([pack({"tensors": [["float32", [3, 0]]]}), b""])
+    with pytest.raises(WireError, match="frames"):
+        decode([pack({}), *([b"x"] * 9)])
+    with pytest.raises(WireError, match="does not carry"):
+        decode([pack({"op": "publish", "tensors": [["float32", [1]]]})])
+    header, tensors = decode(encode({"op": "fetch", "session": "s", "participant": 1, "source": 0, "layer": 3,
+                                     "credential": b"c" * 16, "wait_s": 2.5}), m.CoordinatorRequest)
+    assert isinstance(header, m.Fetch) and header.layer == 3 and tensors is None
+
+
+@pytest.fixture
+def coordinator():
+    server = Coordinator("tcp://127.0.0.1:*", KEY)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, thread
+    server.stop()
+    thread.join(timeout=5)
+
+
+def test_the_coordinator_drops_hostile_frames_and_keeps_serving(coordinator):
+    server, thread = coordinator
+    plan = FedAttnConfig(sync_interval=1).resolve(2, 2)
+    credentials = SessionAdmin(server.endpoint, KEY).open("victim", plan)
+    messages = hostile_messages(random.Random(0), "victim", credentials[1])
+    replies = barrage(server.endpoint, messages)
+    assert thread.is_alive()
+    dropped = server.dropped["malformed"] + server.dropped["unauthenticated"]
+    assert server.dropped["unauthenticated"] >= 2 and dropped + replies == len(messages)
+    # Answered: only well-formed, authenticated requests (refusals included, e.g. a fetch of a layer nobody published).
+    assert replies < 20 and "victim" in server.sessions and "x" not in server.sessions
+    run_session(server.endpoint, "after")
+    assert not server.sessions.keys() - {"victim"}
+
+
+def test_a_coordinator_process_survives_a_barrage_and_counts_it(tmp_path):
+    ready = tmp_path / "coordinator.ready"
+    env = {**os.environ, "FEDATTN_ADMIN_KEY": KEY.decode()}
+    process = subprocess.Popen([sys.executable, "-m", "fedattn_vllm.federated.coordinator", "--bind", "tcp://127.0.0.1:*",
+                                "--ready-file", str(ready), "--parent-pid", str(os.getpid()), "--max-frame-mib", "1"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        endpoint = ready.read_text()
+        messages = hostile_messages(random.Random(1), "nobody", b"c" * 16)
+        barrage(endpoint, messages + [[pack({"op": "publish"}), b"\0" * (2 << 20)]])  # a frame over the cap
+        assert process.poll() is None
+        counters = SessionAdmin(endpoint, KEY).counters()
+        assert sum(counters["dropped"].values()) >= len(messages) - 20 and counters["sessions"] == 0
+        run_session(endpoint, "after")
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -1,0 +1,119 @@
+"""Killed processes behind a real federated server (`--engines 2`, tiny random Qwen2): only the session in
+flight fails, /health tells the truth throughout, the process comes back, and nothing outlives the server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import psutil
+import pytest
+from conftest import HEADERS, MODEL, start_server
+
+TIMEOUT_S = 10  # --session-timeout-s: how long a participant waits for a peer
+
+
+@pytest.fixture(scope="module")
+def cluster_server(tmp_path_factory):
+    url, process, _ = start_server(tmp_path_factory, "--engines", "2", "--session-timeout-s", str(TIMEOUT_S))
+    yield url, process
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def children(process) -> dict[str, psutil.Process]:
+    """The server's coordinator and engine processes, by role ('coordinator', 'engine')."""
+    found = {}
+    for child in psutil.Process(process.pid).children():
+        try:
+            args = " ".join(child.cmdline())
+        except psutil.Error:  # gone, or a zombie the server has not reaped yet
+            continue
+        for role in ("coordinator", "engine"):
+            if f"fedattn_vllm.federated.{role}" in args:
+                found.setdefault(role, []).append(child)
+    return found
+
+
+def long_session(url: str) -> httpx.Response:
+    body = {"model": MODEL, "participants": [[5] * 20, [6] * 20], "max_tokens": 200, "ignore_eos": True,
+            "fedattn": {"sync_interval": 1}}
+    return httpx.post(f"{url}/v1/completions", json=body, headers=HEADERS, timeout=120)
+
+
+def short_session(url: str) -> httpx.Response:
+    body = {"model": MODEL, "participants": [[7] * 10, [8] * 10], "max_tokens": 3, "temperature": 0}
+    return httpx.post(f"{url}/v1/completions", json=body, headers=HEADERS, timeout=120)
+
+
+def wait_healthy(url: str, deadline_s: float) -> list[int]:
+    """Poll /health until 200; the statuses seen on the way."""
+    seen, deadline = [], time.monotonic() + deadline_s
+    while True:
+        status = httpx.get(f"{url}/health", timeout=10).status_code
+        seen.append(status)
+        if status == 200:
+            return seen
+        assert time.monotonic() < deadline, f"/health still {status}"
+        time.sleep(0.5)
+
+
+def kill_mid_session(url: str, victim: psutil.Process, hold: psutil.Process) -> httpx.Response:
+    """SIGKILL `victim` while a session is in flight: `hold` (an engine) is stopped first, so the session
+    cannot finish before the kill, and resumed after it."""
+    hold.send_signal(signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(long_session, url)
+            time.sleep(1.5)  # submitted; waiting on the stopped engine
+            assert not running.done()
+            victim.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            if hold.pid != victim.pid:
+                hold.send_signal(signal.SIGCONT)
+            reply = running.result()
+    finally:
+        if hold.pid != victim.pid and hold.is_running():
+            hold.send_signal(signal.SIGCONT)
+    assert time.monotonic() - killed < TIMEOUT_S + 10, "the session did not fail within its timeout"
+    return reply
+
+
+def test_a_killed_engine_fails_its_session_and_comes_back(cluster_server):
+    url, process = cluster_server
+    assert short_session(url).status_code == 200
+    engine = children(process)["engine"][1]
+    reply = kill_mid_session(url, engine, hold=engine)
+    assert reply.status_code == 500 and "exited" in reply.json()["error"]["message"]
+    health = httpx.get(f"{url}/health", timeout=10)
+    assert health.status_code == 503 and "restarting" in health.json()["error"]
+    assert short_session(url).status_code == 500  # fails at once while it restarts
+    assert 503 in wait_healthy(url, 240)
+    assert engine.pid not in [p.pid for p in children(process)["engine"]]
+    assert short_session(url).status_code == 200
+
+
+def test_a_killed_coordinator_fails_the_session_in_flight_and_comes_back(cluster_server):
+    url, process = cluster_server
+    coordinator = children(process)["coordinator"][0]
+    reply = kill_mid_session(url, coordinator, hold=children(process)["engine"][0])
+    assert reply.status_code == 500
+    wait_healthy(url, 60)
+    deadline = time.monotonic() + 60
+    while (after := short_session(url)).status_code != 200:  # engines reconnect to the new coordinator
+        assert time.monotonic() < deadline, after.text
+        time.sleep(1)
+    assert children(process)["coordinator"][0].pid != coordinator.pid
+
+
+def test_nothing_outlives_a_killed_server(tmp_path_factory):
+    url, process, _ = start_server(tmp_path_factory, "--engines", "2")
+    spawned = [p for group in children(process).values() for p in group]
+    assert len(spawned) == 3
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+    gone, alive = psutil.wait_procs(spawned, timeout=15)
+    assert not alive, f"left behind: {[p.pid for p in alive]}"
