@@ -21,7 +21,7 @@ import zmq
 
 from fedattn_vllm.config import FedAttnConfig
 from fedattn_vllm.federated import messages as m
-from fedattn_vllm.federated.client import NetworkKVExchange, SessionAdmin
+from fedattn_vllm.federated.client import CoordinatorError, NetworkKVExchange, SessionAdmin
 from fedattn_vllm.federated.coordinator import Coordinator
 from fedattn_vllm.federated.wire import WireError, decode, encode
 
@@ -183,3 +183,26 @@ def test_a_coordinator_process_survives_a_barrage_and_counts_it(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_k_v_held_at_the_coordinator_is_bounded_and_freed_with_its_session():
+    server = Coordinator("tcp://127.0.0.1:*", KEY, max_stored_bytes=3 * 2 * 5 * 2 * 8 * 4)  # three K/V payloads
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        plan = FedAttnConfig(sync_interval=1).resolve(4, 2)
+        admin = SessionAdmin(server.endpoint, KEY)
+        credentials = admin.open("big", plan)
+        engine = NetworkKVExchange(server.endpoint)
+        engine.join("big", 0, credentials[0])
+        for layer in range(3):
+            engine.publish("big", 0, layer, kv(5))
+        with pytest.raises(CoordinatorError) as busy:  # an authenticated publisher cannot exhaust memory
+            engine.publish("big", 0, 3, kv(5))
+        assert busy.value.code == "busy" and admin.counters()["stored_bytes"] == server.max_stored_bytes
+        admin.close("big")
+        assert admin.counters()["stored_bytes"] == 0
+        run_session(server.endpoint, "after")
+    finally:
+        server.stop()
+        thread.join(timeout=5)

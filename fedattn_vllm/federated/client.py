@@ -74,9 +74,9 @@ class SessionAdmin:
         self._connection.call({"op": "close", "admin_key": self._key, "session": session})
 
     def counters(self) -> dict:
-        """The coordinator's sessions, waiting fetches and dropped messages by reason."""
+        """The coordinator's open sessions, waiting fetches, K/V bytes held and dropped messages by reason."""
         reply, _ = self._connection.call({"op": "counters", "admin_key": self._key})
-        return {k: reply[k] for k in ("sessions", "waiters", "dropped")}
+        return {k: reply[k] for k in ("sessions", "waiters", "stored_bytes", "dropped")}
 
 
 class NetworkKVExchange(KVExchange):

@@ -35,6 +35,8 @@ from fedattn_vllm.federated.wire import Dropped, Tensors, WireError, decode, enc
 
 log = logging.getLogger(__name__)
 MAX_FRAME_BYTES = 1 << 30  # a larger frame makes ZeroMQ drop its sender (one layer's K/V is far smaller)
+MAX_STORED_BYTES = 8 << 30  # K/V held for all open sessions; a publish beyond it is refused ("busy")
+MAX_WAITERS = 1 << 16  # fetches waiting for a publish; one more is refused ("busy")
 
 
 class Refused(Exception):
@@ -71,9 +73,11 @@ class Coordinator:
     """Runs on one ROUTER socket; `serve_forever` in a thread or its own process."""
 
     def __init__(self, bind: str, admin_key: bytes, *, session_ttl_s: float = 600.0,
-                 max_frame_bytes: int = MAX_FRAME_BYTES):
+                 max_frame_bytes: int = MAX_FRAME_BYTES, max_stored_bytes: int = MAX_STORED_BYTES):
         self.admin_key = admin_key
         self.session_ttl_s = session_ttl_s
+        self.max_stored_bytes = max_stored_bytes
+        self.stored_bytes = 0  # K/V payload held for all open sessions
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -150,7 +154,7 @@ class Coordinator:
             return self._open(request)
         if isinstance(request, m.Counters):
             return encode({"ok": True, "sessions": len(self.sessions), "waiters": len(self._waiters),
-                           "dropped": dict(self.dropped)})
+                           "stored_bytes": self.stored_bytes, "dropped": dict(self.dropped)})
         session = self._session(request.session)
         if isinstance(request, m.Close):
             self._drop(request.session, "closed")
@@ -195,7 +199,10 @@ class Coordinator:
             raise Refused("forbidden", f"participant {n} does not share at layer {layer}")
         if (n, layer) in session.kv:
             raise Refused("conflict", f"participant {n} already published layer {layer}")
+        if self.stored_bytes + kv_nbytes(kv) > self.max_stored_bytes:
+            raise Refused("busy", f"the coordinator holds {self.stored_bytes} bytes of K/V (max {self.max_stored_bytes})")
         session.kv[n, layer] = kv
+        self.stored_bytes += kv_nbytes(kv)
         session.wire_bytes[n, "up"] += size
         session.payload_bytes[n, "up"] += kv_nbytes(kv)
         self._wake(request.session, n, layer)
@@ -207,6 +214,8 @@ class Coordinator:
             raise Refused("forbidden", f"participant {viewer} may not see participant {source} at layer {layer}")
         if (source, layer) in session.kv:
             return self._deliver(session, viewer, source, layer)
+        if len(self._waiters) >= MAX_WAITERS:
+            raise Refused("busy", f"{len(self._waiters)} fetches are waiting already")
         self._waiters.append(_Waiter(identity, request_id, request.session, viewer, source, layer,
                                      time.monotonic() + request.wait_s))
         return None
@@ -226,7 +235,9 @@ class Coordinator:
 
     def _drop(self, session_id: str, why: str) -> None:
         """Free a session's K/V and fail whoever waits on it."""
-        self.sessions.pop(session_id, None)
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            self.stored_bytes -= sum(kv_nbytes(kv) for kv in session.kv.values())
         for w in [w for w in self._waiters if w.session_id == session_id]:
             self._waiters.remove(w)
             self._error(w.identity, w.request_id, "unknown_session", f"session {session_id} {why}")
@@ -264,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--session-ttl-s", type=float, default=600.0, help="free sessions idle this long")
     parser.add_argument("--ready-file", type=Path, help="write the bound endpoint here once listening")
     parser.add_argument("--parent-pid", type=int, help="terminate when this process (the launcher) exits")
+    parser.add_argument("--max-kv-gib", type=float, default=MAX_STORED_BYTES / 2**30,
+                        help="K/V held for all open sessions at once; a publish beyond it is refused")
     parser.add_argument("--max-frame-mib", type=int, default=MAX_FRAME_BYTES >> 20,
                         help="largest frame accepted (one tensor of a layer's K/V); a larger one "
                         "disconnects its sender")
@@ -275,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("set FEDATTN_ADMIN_KEY (the orchestrator's secret for opening sessions)")
     logging.basicConfig(level=logging.INFO)
     coordinator = Coordinator(args.bind, key.encode(), session_ttl_s=args.session_ttl_s,
-                              max_frame_bytes=args.max_frame_mib << 20)
+                              max_frame_bytes=args.max_frame_mib << 20, max_stored_bytes=int(args.max_kv_gib * 2**30))
     log.info("coordinator listening on %s", coordinator.endpoint)
     if args.ready_file:
         write_ready_file(args.ready_file, coordinator.endpoint)
