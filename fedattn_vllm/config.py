@@ -247,7 +247,7 @@ class FedAttnPlan:
         self, purpose: str, participant: int, layer: int, length: int, ratio: float,
         keys: torch.Tensor | None, queries: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        count = kept_count(length, ratio)  # = shared_count for purpose "share"
+        count = kept_count(length, ratio)
         if count == length:
             return None
         selector = SELECTORS[self.config.kv_selection]
@@ -270,10 +270,6 @@ class FedAttnPlan:
         queries: the question queries of `question_askers(participant)` at `layer` (rows, H, D), scaled.
         """
         return self._select("share", participant, layer, length, self.share_ratios[participant], keys, queries)
-
-    def shared_count(self, participant: int, length: int) -> int:
-        """How many of its `length` segment tokens `participant` shares at a sync layer."""
-        return kept_count(length, self.share_ratios[participant])
 
     def kept_positions(
         self, participant: int, layer: int, length: int, keys: torch.Tensor | None = None

@@ -12,10 +12,7 @@ import secrets
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
-def error_body(message: str, kind: str, param: str | None, code: str | int | None = None) -> dict:
-    """The OpenAI error shape."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+from server.errors import error_body
 
 
 class RequestGuard:

@@ -246,8 +246,8 @@ class EngineWorker(_Worker):
                 self.llm.start(job.handle, job.lengths)
             except Exception as error:  # this session's alone
                 log.exception("starting session %s failed", job.session_id)
-                self._settle_failed(job, f"the engine refused the session: {error}",
-                                    lambda: self.llm.finish(job.handle, str(error)))
+                why = f"the engine refused the session: {error}"
+                self._settle_failed(job, why, lambda: self.llm.finish(job.handle, why))
                 continue
             self._active[job.handle.session_id] = job
         if self.llm.busy:

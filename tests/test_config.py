@@ -35,6 +35,12 @@ from fedattn_vllm.schedule import Placement
         ({"generators": 3}, "generators"),
         ({"generators": ["a"]}, "generators"),
         ({"seed": 1.5}, "seed"),
+        ({"seed": 2**63}, "seed"),  # seeds reach torch and vLLM as signed 64-bit integers
+        ({"seed": -1}, "seed"),
+        ({"sync_interval": 2**70}, "sync_interval"),  # every integer of the config is bounded
+        ({"generator_sync_interval": 2**21}, "generator_sync_interval"),
+        ({"publisher": 2**40}, "publisher"),
+        ({"placement": "explicit", "sync_layers": [2**40]}, "sync_layers"),
         ({"generator_sync_interval": 0}, "generator_sync_interval"),
         ({"generator_sync_interval": True}, "generator_sync_interval"),
         ({"generator_sync_interval": 1.0}, "generator_sync_interval"),

@@ -13,12 +13,10 @@ then freed everywhere (coordinator close, engine aborts).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import subprocess
 import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -29,16 +27,12 @@ import zmq
 from fedattn_vllm.config import FedAttnPlan
 from fedattn_vllm.engine import FedAttnSession, FedAttnSessionError, GeneratorOutput, SessionCost, SessionResult
 from fedattn_vllm.federated.client import CoordinatorError, SessionAdmin
-from fedattn_vllm.federated.wire import WireError, decode, encode
+from fedattn_vllm.federated.link import EngineLink
 
 log = logging.getLogger(__name__)
 
 
 MAX_RESTARTS = 3  # a local engine that dies is restarted this many times, then left down
-
-
-class EngineUnavailable(RuntimeError):
-    """An engine did not answer the orchestrator."""
 
 
 class EngineLauncher(Protocol):
@@ -58,55 +52,6 @@ class EngineLauncher(Protocol):
 
     def relaunch_coordinator(self) -> None:
         """Start a fresh coordinator on the same endpoint (engines reconnect to it by themselves)."""
-
-
-class EngineLink:
-    """The orchestrator's connection to one engine: commands out, events in."""
-
-    def __init__(self, endpoint: str, *, control_key: bytes):
-        self.endpoint = endpoint
-        self._key = control_key
-        self.socket = zmq.Context.instance().socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(endpoint)
-        self.backlog: deque[dict] = deque()  # events that arrived while waiting for a reply
-        self._refs = itertools.count()
-
-    def send(self, header: dict) -> None:
-        self.socket.send_multipart(encode({**header, "key": self._key}))
-
-    def receive(self) -> list[dict]:
-        """Every event waiting (never blocks); one that does not decode is dropped."""
-        events = list(self.backlog)
-        self.backlog.clear()
-        while self.socket.poll(0):
-            if (event := self._decode(self.socket.recv_multipart())) is not None:
-                events.append(event)
-        return events
-
-    def _decode(self, frames: list) -> dict | None:
-        try:
-            return decode(frames)[0]
-        except WireError as error:
-            log.warning("engine %s sent a malformed event (%s); dropped", self.endpoint, error)
-            return None
-
-    def request(self, op: str, timeout_s: float) -> dict:
-        """Send `op` and wait for its reply; other events are kept for `receive`."""
-        ref = next(self._refs)
-        self.send({"op": op, "ref": ref})
-        deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0 and self.socket.poll(int(left * 1000) + 1):
-            event = self._decode(self.socket.recv_multipart())
-            if event is None:
-                continue
-            if event.get("ref") == ref:
-                return event
-            self.backlog.append(event)
-        raise EngineUnavailable(f"engine {self.endpoint} did not answer {op!r} within {timeout_s:.0f} s")
-
-    def close(self) -> None:
-        self.socket.close(0)
 
 
 @dataclass

@@ -1,0 +1,82 @@
+"""Errors in the OpenAI shape: `{"error": {"message", "type", "param", "code"}}`, for every status, 500s included."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.worker import EngineDead
+
+log = logging.getLogger("server")
+
+
+def error_body(message: str, kind: str, param: str | None, code: str | int | None = None) -> dict:
+    """The OpenAI error shape."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """An error returned in the OpenAI shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+# Names pydantic gives the members of a union in an error location (not fields of the request).
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "bytes"}
+_UNION_TAG_PREFIXES = ("function-", "lax-or-strict", "json-or-python", "constrained-")
+
+
+def param_name(loc: tuple) -> str | None:
+    """A validation error's location as the request names it: `participants[1]`, `fedattn.seed`.
+
+    Pydantic adds the member of a union it tried (`str`, `list[int]`, `function-after[...]`); those are dropped.
+    """
+    name = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif not (part in _UNION_TAGS or "[" in part or part.startswith(_UNION_TAG_PREFIXES)):
+            name += f".{part}" if name else part
+    return name or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error the app raises, or FastAPI and Starlette raise for it, answered in the OpenAI shape."""
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, error: APIError):
+        return JSONResponse(error_body(error.message, error.kind, error.param), status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError):
+        first = max(error.errors(), key=lambda e: len(e["loc"]))  # of a union's members, the one that got furthest
+        param = param_name(tuple(first["loc"]))
+        if first["type"] == "json_invalid":
+            message, param = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
+        else:
+            message = f"{param}: {first['msg']}" if param else first["msg"]
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException):  # unknown routes, methods, unreadable bodies
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        code = "request_too_large" if error.status_code == 413 else None  # the guard counted a body past the cap
+        return JSONResponse(error_body(str(error.detail), kind, None, code), status_code=error.status_code,
+                            headers=getattr(error, "headers", None))
+
+    @app.exception_handler(EngineDead)
+    async def engine_dead(_: Request, error: EngineDead):
+        return JSONResponse(error_body(f"the engine is down: {error}", "server_error", None, "engine_dead"),
+                            status_code=503)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, error: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body(f"internal server error ({type(error).__name__})", "server_error", None),
+                            status_code=500)
