@@ -35,8 +35,8 @@ def participant(base_url: str, headers: dict, session_id: str, index: int, token
         print(f"party {index + 1} (generator) got the answer: {text.strip()!r}", flush=True)
     else:
         usage = httpx.post(url, json=body, headers=headers, timeout=600).json()["fedattn"]
-        print(f"party {index + 1} shared {usage['published_bytes'][index] / 1024:.0f} KiB of K/V "
-              f"(its {usage['tokens'][index]} tokens stayed private)", flush=True)
+        print(f"party {index + 1} shared {usage['published_bytes'] / 1024:.0f} KiB of K/V "  # its own numbers only
+              f"(its {usage['tokens']} tokens stayed private)", flush=True)
 
 
 def main() -> None:

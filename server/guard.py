@@ -30,7 +30,9 @@ class RequestGuard:
                 return await _reply(send, 401, error_body("a valid API key is required (Authorization: Bearer ...)",
                                                           "authentication_error", None, "invalid_api_key"))
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+        if declared is not None and not declared.isdigit():
+            return await _reply(send, 400, error_body("Content-Length is not a number", "invalid_request_error", None))
+        if declared is not None and int(declared) > self.max_body_bytes:
             return await _reply(send, 413, self._too_large())
         received = 0
 
