@@ -55,7 +55,8 @@ def test_empty_key_sets_are_neutral_in_a_merge():
     empty_out, empty_lse = partial_attention(q, k[:0], v[:0], 0.3)
     assert torch.isneginf(empty_lse).all() and (empty_out == 0).all()
     merged, merged_lse = merge_attention(empty_out, empty_lse, out, lse)
-    assert_close(merged, out) and assert_close(merged_lse, lse)
+    assert_close(merged, out)
+    assert_close(merged_lse, lse)
     both, both_lse = merge_attention(empty_out, empty_lse, empty_out, empty_lse)
     assert (both == 0).all() and torch.isneginf(both_lse).all()
 
@@ -67,7 +68,8 @@ def test_merge_is_associative_over_three_sets():
     left = merge_attention(*merge_attention(*partials[0], *partials[1]), *partials[2])
     right = merge_attention(*partials[0], *merge_attention(*partials[1], *partials[2]))
     whole = partial_attention(q, torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts]), 0.25)
-    assert_close(left[0], whole[0]) and assert_close(right[0], whole[0])
+    assert_close(left[0], whole[0])
+    assert_close(right[0], whole[0])
 
 
 def test_gather_tokens():
