@@ -93,7 +93,7 @@ class _Worker(ABC):
             self._outstanding += 1
 
     def release(self) -> None:
-        """Give back a slot taken with `acquire` that no session was submitted with."""
+        """Give back a slot: one taken with `acquire` that no session was submitted with, or a settled session's."""
         with self._lock:
             self._outstanding -= 1
 
