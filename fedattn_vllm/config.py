@@ -96,7 +96,7 @@ class FedAttnConfig:
             names = ", ".join(p.value for p in Placement)
             raise FedAttnConfigError("placement", f"unknown {self.placement!r}; one of {names}") from None
         if self.placement is Placement.EXPLICIT:
-            if self.sync_layers is None or isinstance(self.sync_layers, (str, bytes)):
+            if not isinstance(self.sync_layers, (list, tuple)):
                 raise FedAttnConfigError("sync_layers", "placement 'explicit' needs a list of layers")
             layers = tuple(self.sync_layers)
             if not all(_is_int(l) and 0 <= l < MAX_INTERVAL for l in layers):
@@ -112,7 +112,7 @@ class FedAttnConfig:
             set_("kv_share_ratio", tuple(_check_ratio("kv_share_ratio", r) for r in self.kv_share_ratio))
         else:
             set_("kv_share_ratio", _check_ratio("kv_share_ratio", self.kv_share_ratio))
-        if self.kv_selection not in SELECTORS:
+        if not isinstance(self.kv_selection, str) or self.kv_selection not in SELECTORS:
             raise FedAttnConfigError("kv_selection", f"unknown {self.kv_selection!r}; one of {sorted(SELECTORS)}")
         set_("local_keep_ratio", _check_ratio("local_keep_ratio", self.local_keep_ratio))
         if SELECTORS[self.kv_selection].needs_queries and self.local_keep_ratio != 1.0:

@@ -1,4 +1,5 @@
 import dataclasses
+import random
 
 import pytest
 
@@ -126,3 +127,17 @@ def test_the_eval_cli_offers_every_wire():
     from fedattn_vllm.eval.cli import WIRES
 
     assert WIRES == tuple(w.value for w in KVWire)
+
+
+def test_any_values_give_a_config_or_an_error_naming_the_field():
+    """What arrives from outside (the server's fedattn block, a coordinator's open) never raises anything else."""
+    rng = random.Random(0)
+    values = [None, 0, -1, 2, 2**62, 1.5, float("nan"), float("inf"), "", "x", "explicit", "question", "k4v2", [], [0],
+              [1, 2], [-1], {}, {"a": 1}, True, b"x", [[1]], [None], ["a"], 0.5, [0.5, 2]]
+    names = [f.name for f in dataclasses.fields(FedAttnConfig)]
+    for _ in range(5000):
+        kwargs = {name: rng.choice(values) for name in rng.sample(names, rng.randint(1, 6))}
+        try:
+            FedAttnConfig(**kwargs).resolve(24, rng.randint(1, 5))
+        except FedAttnConfigError as error:
+            assert error.field in names or error.field == "participants", (kwargs, error)

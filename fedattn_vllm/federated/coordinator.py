@@ -129,6 +129,9 @@ class Coordinator:
             reply = self._handle(request, kv, identity, request_id, message_bytes(message))
         except Refused as error:
             reply = encode({"ok": False, "code": error.code, "error": str(error)})
+        except Exception as error:  # a bug, never a reason to stop relaying for every other session
+            log.exception("handling a %s request failed", type(request).__name__)
+            reply = encode({"ok": False, "code": "internal", "error": f"{type(error).__name__}: {error}"})
         if reply is not None:
             self._reply(identity, request_id, reply)
 
