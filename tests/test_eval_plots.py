@@ -122,6 +122,23 @@ def test_recall_shards_merge_and_pair_with_centralised(saved):
     assert "| H4-uniform-hg1-pp-N6 | 2 | 0 | 1 | 1 |" in tables  # paired with centralised on the same N only
 
 
+def test_runs_of_another_model_get_their_own_table_and_never_merge(saved):
+    from fedattn_vllm.eval import recall_report
+
+    recall, other = saved / "recall", "other-model-1.5b"
+    for path in recall.glob("tiny-float32-recall-centralised-o0-n4-s0.*"):  # the same run, of another model
+        copy = path.read_bytes().replace(b"tiny-", f"{other}-".encode())
+        (recall / path.name.replace("tiny-", f"{other}-")).write_bytes(copy)
+    with pytest.raises(ValueError, match="name the model"):
+        recall_report.load_recall(recall)
+    assert recall_report.recall_models(recall) == ["other-model-1.5b", "tiny"]
+    assert set(recall_report.load_recall(recall, other)) == {"centralised"}
+    assert len(recall_report.load_recall(recall, "tiny")) == 4
+    plots.run(argparse.Namespace(results=saved, out=None))
+    tables = (saved / "figures" / "tables.md").read_text()
+    assert "### Cross-party recall\n" in tables and "### Cross-party recall, tiny\n" in tables
+
+
 def test_the_no_sync_variant_is_found_by_its_config(saved):
     fidelity = plots.load_sweeps(saved / "fidelity")
     assert plots._no_sync_variant(fidelity)["label"] == "no sync"

@@ -432,9 +432,13 @@ def run(args) -> list[Path]:
     made = [accuracy_vs_interval(runs, out), accuracy_vs_participants(runs, out), placement(runs, fidelity, out),
             sparse(runs, fidelity, out), frontier(runs, out), fidelity_layers(fidelity, out),
             fidelity_summary(fidelity, out), attention(load_sweeps(args.results / "attention"), out)]
-    recall = recall_report.load_recall(args.results / "recall")
-    made.append(recall_report.figure(recall, out))
-    (out / "tables.md").write_text(tables(runs, fidelity) + "".join(f"{line}\n" for line in recall_report.tables(recall)))
+    recall_dir, recall_lines = args.results / "recall", []
+    for i, model in enumerate(recall_report.recall_models(recall_dir) if recall_dir.is_dir() else []):
+        recall = recall_report.load_recall(recall_dir, model)
+        if i == 0:  # the figure: the main model's runs ('default' where it has any)
+            made.append(recall_report.figure(recall, out))
+        recall_lines += recall_report.tables(recall, "Cross-party recall" + (f", {model}" if i else ""))
+    (out / "tables.md").write_text(tables(runs, fidelity) + "".join(f"{line}\n" for line in recall_lines))
     made = [p for p in made if p is not None] + [out / "tables.md"]
     for path in made:
         print(path)

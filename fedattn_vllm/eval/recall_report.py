@@ -45,10 +45,26 @@ def _one_n(label: str) -> str:
     return match.group(0) if match else ""
 
 
-def load_recall(directory: Path) -> dict[str, RecallRun]:
+def _model(run: str) -> str:
+    """The model a run was made with: its name up to the dtype before '-recall-'."""
+    return run.split("-recall-")[0].rsplit("-", 1)[0]
+
+
+def recall_models(directory: Path) -> list[str]:
+    """The models with runs in `directory`, 'default' first."""
+    names = {_model(json.loads(p.read_text())["run"]) for p in directory.glob("*.summary.json")}
+    return sorted(names, key=lambda name: (name != "default", name))
+
+
+def load_recall(directory: Path, model: str | None = None) -> dict[str, RecallRun]:
+    """Runs of `model` by label (shards merged); None: the directory must hold runs of one model only."""
     runs: dict[str, RecallRun] = {}
+    if model is None and len(models := recall_models(directory)) > 1:
+        raise ValueError(f"{directory} holds runs of {models}: name the model (labels would collide)")
     for path in sorted(directory.glob("*.summary.json")):
         summary = json.loads(path.read_text())
+        if model is not None and _model(summary["run"]) != model:
+            continue
         label = _label(summary["run"])
         rows = {r["index"]: r for r in read_rows(rows_path(directory, summary["run"]))}
         if label in runs:  # another shard: weigh the means by cases
@@ -91,12 +107,12 @@ def figure(runs: dict[str, RecallRun], out: Path) -> Path | None:
     return path
 
 
-def tables(runs: dict[str, RecallRun]) -> list[str]:
+def tables(runs: dict[str, RecallRun], title: str = "Cross-party recall") -> list[str]:
     """Markdown: every run overall and per N, then each run paired with centralised on the same cases."""
     if not runs:
         return []
     ns = sorted({r["participants"] for run in runs.values() for r in run.rows.values()})
-    lines = ["", "### Cross-party recall", "",
+    lines = ["", f"### {title}", "",
              "| setting | cases | recall | 95% CI | " + " | ".join(f"N={n}" for n in ns)
              + " | K/V KiB published / participant | prefill GFLOPs / participant |",
              "|---|---:|---:|---|" + "---:|" * len(ns) + "---:|---:|"]
