@@ -2,7 +2,7 @@
 # The cross-party recall frontier behind RESULTS.md, in priority order; resumable (finished runs are skipped).
 # Key points on 250 cases, secondary ones on 100 (COUNT and COUNT_MINOR override); N = 2..6 and five kinds
 # of fact are balanced over the cases. Figures and tables: python -m fedattn_vllm.eval plots
-#   bash scripts/recall_sweeps.sh [baselines|key|wire|minor|six|question|all]
+#   bash scripts/recall_sweeps.sh [baselines|key|wire|minor|six|question|large|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-evaluation/recall}
@@ -34,5 +34,11 @@ six() {  # N = 6, the hardest N, on 200 of its own cases: centralised against th
   COUNT=${COUNT_SIX:-200} run --mode centralised -N 6
   COUNT=${COUNT_SIX:-200} run -H 2 "${PREFIX_HG1[@]}" --kv-wire k4v2 -N 6
 }
-all() { baselines; key; wire; minor; six; question; }
+large() {  # the key points on qwen2.5-coder-1.5b-instruct (3x the CPU time): centralised, the default, the paper's H=4
+  local big=(--model qwen2.5-coder-1.5b-instruct)
+  COUNT=${COUNT_LARGE:-100} run "${big[@]}" --mode centralised
+  COUNT=${COUNT_LARGE:-100} run "${big[@]}" -H 2 "${PREFIX_HG1[@]}" --kv-wire k4v2
+  COUNT=${COUNT_LARGE:-100} run "${big[@]}" -H 4
+}
+all() { baselines; key; wire; minor; six; question; large; }
 "${1:-all}"
