@@ -118,7 +118,7 @@ def tables(runs: dict[str, RecallRun], title: str = "Cross-party recall") -> lis
              "|---|---:|---:|---|" + "---:|" * len(ns) + "---:|---:|"]
     for run in sorted(runs.values(), key=lambda r: -r.accuracy()[0]):
         acc, lo, hi, cases = run.accuracy()
-        per_n = " | ".join(f"{100 * run.accuracy(n)[0]:.0f}%" for n in ns)
+        per_n = " | ".join(f"{100 * run.accuracy(n)[0]:.0f}%" if run.outcomes(n) else "-" for n in ns)
         lines.append(f"| {run.label} | {cases} | {100 * acc:.1f}% | {100 * lo:.1f}-{100 * hi:.1f}% | {per_n} "
                      f"| {run.published_bytes / 2**10:.0f} | {run.prefill_flops / 1e9:.1f} |")
     if any(label.startswith("centralised") for label in runs):
