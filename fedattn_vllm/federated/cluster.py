@@ -318,6 +318,7 @@ class FederatedCluster:
         """Reconnect engine `e` once its new process serves (the same model); a failed start counts as a death."""
         if e in self.gave_up:
             return
+        link = None
         try:
             endpoint = self.launcher.ready_endpoint(e)
             if endpoint is None:
@@ -325,6 +326,8 @@ class FederatedCluster:
             link = EngineLink(endpoint, control_key=self._control_key)
             info = link.request("info", self.timeout_s)
         except Exception as error:  # it died while starting, or does not answer
+            if link is not None:
+                link.close()
             return self._restart(e, f"engine {e} failed to restart: {error}")
         if (info["model"], info["num_layers"]) != (self.model, self.num_layers):
             link.close()
