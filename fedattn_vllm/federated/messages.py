@@ -34,7 +34,7 @@ Config = Annotated[dict[str, Any], Meta(max_length=64)]  # FedAttnConfig's field
 
 
 class _Message(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, frozen=True):
-    pass
+    """A header tagged by its `op`; a field it does not declare makes it malformed."""
 
 
 # -- coordinator requests ------------------------------------------------------------------
