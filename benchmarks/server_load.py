@@ -26,8 +26,9 @@ from pathlib import Path
 import httpx
 
 from fedattn_vllm import gsm8k
+from fedattn_vllm.federated.local import free_port
 from fedattn_vllm.models import resolve_model
-from server.launch import free_port, wait_until_healthy
+from server.launch import wait_until_healthy
 
 
 def parse_args() -> argparse.Namespace:

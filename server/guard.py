@@ -20,20 +20,23 @@ class RequestGuard:
         self.app = app
         self.expected = f"Bearer {api_key}".encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.too_large = f"the request body exceeds {max_body_bytes} bytes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
         if self.expected is not None and scope["path"].startswith("/v1/"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
+            given = headers.get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
                 return await _reply(send, 401, error_body("a valid API key is required (Authorization: Bearer ...)",
                                                           "authentication_error", None, "invalid_api_key"))
-        declared = dict(scope["headers"]).get(b"content-length")
+        declared = headers.get(b"content-length")
         if declared is not None and not declared.isdigit():
             return await _reply(send, 400, error_body("Content-Length is not a number", "invalid_request_error", None))
         if declared is not None and int(declared) > self.max_body_bytes:
-            return await _reply(send, 413, self._too_large())
+            return await _reply(send, 413, error_body(self.too_large, "invalid_request_error", None,
+                                                      "request_too_large"))
         received = 0
 
         async def capped_receive() -> Message:  # a body without Content-Length is counted as it arrives
@@ -42,14 +45,10 @@ class RequestGuard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise HTTPException(413, self._too_large()["error"]["message"])
+                    raise HTTPException(413, self.too_large)  # errors.py answers it as request_too_large
             return message
 
         await self.app(scope, capped_receive, send)
-
-    def _too_large(self) -> dict:
-        return error_body(f"the request body exceeds {self.max_body_bytes} bytes", "invalid_request_error", None,
-                          "request_too_large")
 
 
 async def _reply(send: Send, status: int, body: dict) -> None:

@@ -1,19 +1,14 @@
-"""Starting HTTP servers as processes on loopback (tests, benchmarks): a free port, wait until healthy."""
+"""Starting HTTP servers as processes on loopback (tests, benchmarks): wait until healthy.
+
+(A free port: fedattn_vllm.federated.local.free_port.)"""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:

@@ -69,7 +69,8 @@ def start_server(tmp_path_factory, *flags: str):
     import subprocess
     import sys
 
-    from server.launch import free_port, wait_until_healthy
+    from fedattn_vllm.federated.local import free_port
+    from server.launch import wait_until_healthy
 
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"

@@ -30,7 +30,8 @@ class LaunchError(RuntimeError):
     """A coordinator or engine process did not come up."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that is free now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -56,7 +57,7 @@ class LocalCluster:
                 self.coordinator_endpoint = coordinator[0]
             else:  # a fixed port, so a restarted coordinator is where every engine already connects
                 self._coordinator_args = ["fedattn_vllm.federated.coordinator",
-                                          "--bind", f"tcp://127.0.0.1:{_free_port()}"]
+                                          "--bind", f"tcp://127.0.0.1:{free_port()}"]
                 self.coordinator_process = self._launch("coordinator", self._coordinator_args)
                 self.coordinator_endpoint = self._await_ready(self.coordinator_process, "coordinator", start_timeout_s)
             self._engine_args = ["fedattn_vllm.federated.engine", "--model", model, "--coordinator",
