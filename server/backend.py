@@ -44,7 +44,8 @@ class Backend:
                 raise ValueError(f"--engine-endpoints needs the keys in the environment: set {', '.join(missing)}")
             cluster = FederatedCluster(settings.engine_endpoints, settings.coordinator,
                                        keys["FEDATTN_ADMIN_KEY"].encode(), control_key=keys["FEDATTN_ENGINE_KEY"].encode(),
-                                       timeout_s=settings.session_timeout_s)
+                                       keys=None if settings.insecure else _orchestrator_keys(settings),
+                                       insecure=settings.insecure, timeout_s=settings.session_timeout_s)
         else:
             local = LocalCluster(settings.model, engines=settings.engines, engine_args=engine_args,
                                  timeout_s=settings.session_timeout_s)
@@ -56,3 +57,17 @@ class Backend:
         self.worker.close()
         if self.local_cluster is not None:
             self.local_cluster.close()
+
+
+def _orchestrator_keys(settings: ServerSettings):
+    """The CURVE keys of --engine-endpoints: this server's keypair, the coordinator's and engines' public keys."""
+    from fedattn_vllm.federated.curve import Keypair, OrchestratorKeys, public_key
+
+    if settings.keypair is None or settings.coordinator_key is None:
+        raise ValueError("--engine-endpoints encrypts its links: give --keypair and --coordinator-key "
+                         "(or --insecure for plaintext on loopback)")
+    if len(settings.engine_keys) != len(settings.engine_endpoints):
+        raise ValueError(f"--engine-keys: {len(settings.engine_keys)} public keys for "
+                         f"{len(settings.engine_endpoints)} --engine-endpoints (one each, in order)")
+    return OrchestratorKeys(Keypair.load(settings.keypair), public_key(settings.coordinator_key),
+                            tuple(public_key(path) for path in settings.engine_keys))

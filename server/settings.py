@@ -6,9 +6,10 @@ Precedence: flags > environment > the file named by FEDATTN_SERVER_CONFIG > defa
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 
@@ -30,12 +31,27 @@ class ServerSettings(BaseSettings):
     engine_endpoints: list[str] = Field(default_factory=list, description="attach to running federated engines "
                                         "(ZeroMQ endpoints; keys from FEDATTN_ADMIN_KEY / FEDATTN_ENGINE_KEY)")
     coordinator: str | None = Field(None, description="the coordinator of --engine-endpoints")
+    keypair: Path | None = Field(None, description="--engine-endpoints: this server's CURVE .key_secret file "
+                                 "(python -m fedattn_vllm.federated.curve new)")
+    coordinator_key: Path | None = Field(None, description="--engine-endpoints: the coordinator's public key file")
+    engine_keys: list[Path] = Field(default_factory=list, description="--engine-endpoints: each engine's public key "
+                                    "file, in the same order")
+    insecure: bool = Field(False, description="--engine-endpoints: plaintext ZeroMQ, no peer authentication "
+                           "(loopback tests only); --engines N always encrypts with fresh keys")
+    ssl_keyfile: Path | None = Field(None, description="serve HTTPS with this private key (PEM)")
+    ssl_certfile: Path | None = Field(None, description="... and this certificate chain (PEM)")
     session_timeout_s: float = Field(60.0, gt=0, description="federated: how long a participant waits for a peer")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1 routes")
     max_participants: int = Field(16, ge=1, description="participants per multi-party request")
     max_sessions: int = Field(256, ge=1, description="sessions queued or running at once (then 429)")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="largest request body accepted (then 413)")
     log_requests: bool = Field(False, description="log each request's participant count and segment lengths (never text)")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
+        return self
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

@@ -24,7 +24,8 @@ from fedattn_vllm.config import FedAttnConfig, KVWire
 from fedattn_vllm.cost import ModelShape, participant_costs
 from fedattn_vllm.engine import FedAttnSession, FedAttnSessionError
 from fedattn_vllm.federated.coordinator import Coordinator
-from fedattn_vllm.federated.local import LocalCluster
+from fedattn_vllm.federated.curve import ClientCurve, Keypair, ServerCurve, new_keypair, public_key
+from fedattn_vllm.federated.local import LocalCluster, local_keys
 from fedattn_vllm.federated.wire import decode
 
 MODEL = "tiny-qwen2"
@@ -47,8 +48,15 @@ class RecordingCoordinator(Coordinator):
 
 
 @pytest.fixture(scope="module")
-def coordinator():
-    server = RecordingCoordinator("tcp://127.0.0.1:*", ADMIN_KEY)
+def keys_dir(tmp_path_factory):
+    """Every process's CURVE keypair; each trusts all of them (as a LocalCluster's own do)."""
+    return local_keys(tmp_path_factory.mktemp("keys"), engines=3)
+
+
+@pytest.fixture(scope="module")
+def coordinator(keys_dir):
+    server = RecordingCoordinator("tcp://127.0.0.1:*", ADMIN_KEY,
+                                  curve=ServerCurve(Keypair.load(keys_dir / "coordinator.key_secret"), keys_dir))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -57,9 +65,10 @@ def coordinator():
 
 
 @pytest.fixture(scope="module")
-def local(coordinator, tmp_path_factory):
+def local(coordinator, keys_dir, tmp_path_factory):
     with LocalCluster(MODEL, engines=3, engine_args=TINY_ENGINE_ARGS, timeout_s=TIMEOUT_S,
-                      log_dir=tmp_path_factory.mktemp("cluster"), coordinator=(coordinator.endpoint, ADMIN_KEY)) as c:
+                      log_dir=tmp_path_factory.mktemp("cluster"), coordinator=(coordinator.endpoint, ADMIN_KEY),
+                      keys_dir=keys_dir) as c:
         yield c
 
 
@@ -195,8 +204,35 @@ def test_bad_input_is_refused_with_the_field_named_and_other_sessions_complete(l
     assert tokens(results[0]) == tokens(results[2]) == tokens(colocated.generate([good])[0])
 
 
-def test_an_engine_drops_hostile_control_messages_and_keeps_serving(local, coordinator, colocated):
-    """Random and crafted commands (no key, a wrong key, junk fields, a keyed submit that lies) at engine 0."""
+def _control_socket(local, curve: ClientCurve | None) -> zmq.Socket:
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        curve.apply(socket)
+    socket.connect(local.cluster.links[0].endpoint)
+    return socket
+
+
+def test_an_engine_admits_only_the_keys_it_trusts(local, keys_dir, tmp_path):
+    """A control client with an unknown CURVE key, or none, is never heard: not even its status request."""
+    new_keypair(tmp_path, "stranger")
+    status = msgspec.msgpack.encode({"op": "status", "key": local._env["FEDATTN_ENGINE_KEY"].encode(), "ref": 1})
+    [before] = local.cluster.status([0])
+    for curve in [ClientCurve(Keypair.load(tmp_path / "stranger.key_secret"), public_key(keys_dir / "engine0.key")),
+                  None]:
+        socket = _control_socket(local, curve)
+        try:
+            socket.send_multipart([status])
+            assert not socket.poll(1500)
+        finally:
+            socket.close(0)
+    [after] = local.cluster.status([0])
+    assert after["dropped"] == before["dropped"]  # nothing reached the engine's parser: ZeroMQ's authenticator did
+
+
+def test_an_engine_drops_hostile_control_messages_and_keeps_serving(local, coordinator, colocated, keys_dir):
+    """Random and crafted commands (no key, a wrong key, junk fields, a keyed submit that lies) at engine 0,
+    from a peer it trusts (the orchestrator's CURVE key: an insider)."""
     rng = random.Random(7)
     key = local._env["FEDATTN_ENGINE_KEY"].encode()
     submit = {"op": "submit", "key": key, "session": "evil", "num_participants": 2, "segments": {0: [1, 2]},
@@ -215,9 +251,8 @@ def test_an_engine_drops_hostile_control_messages_and_keeps_serving(local, coord
     messages += [[rng.randbytes(rng.randrange(1, 200))] for _ in range(100)]
     messages += [[msgspec.msgpack.encode({"op": rng.choice(["submit", "go", "abort"]), "key": key,
                                          "session": rng.randbytes(4)})] for _ in range(50)]
-    socket = zmq.Context.instance().socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.connect(local.cluster.links[0].endpoint)
+    socket = _control_socket(local, ClientCurve(Keypair.load(keys_dir / "orchestrator.key_secret"),
+                                                public_key(keys_dir / "engine0.key")))
     try:
         for frames in messages:
             socket.send_multipart(frames)

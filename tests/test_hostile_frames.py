@@ -166,7 +166,8 @@ def test_a_coordinator_process_survives_a_barrage_and_counts_it(tmp_path):
     ready = tmp_path / "coordinator.ready"
     env = {**os.environ, "FEDATTN_ADMIN_KEY": KEY.decode()}
     process = subprocess.Popen([sys.executable, "-m", "fedattn_vllm.federated.coordinator", "--bind", "tcp://127.0.0.1:*",
-                                "--ready-file", str(ready), "--parent-pid", str(os.getpid()), "--max-frame-mib", "1"],
+                                "--ready-file", str(ready), "--parent-pid", str(os.getpid()), "--max-frame-mib", "1",
+                                "--insecure"],  # the barrage is an insider's: what gets past CURVE (test_curve.py)
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60

@@ -22,3 +22,24 @@ def test_bad_values_are_refused_naming_the_setting():
         ServerSettings(port=70000)
     with pytest.raises(ValidationError, match="dtype"):
         ServerSettings(dtype="int3")
+
+
+def test_https_needs_both_files():
+    with pytest.raises(ValidationError, match="--ssl-keyfile and --ssl-certfile"):
+        ServerSettings(ssl_keyfile="key.pem")
+
+
+def test_attached_engines_need_curve_keys_unless_insecure(tmp_path):
+    from fedattn_vllm.federated.curve import new_keypair
+    from server.backend import _orchestrator_keys
+
+    for name in ("server", "coordinator", "engine"):
+        new_keypair(tmp_path, name)
+    attach = {"engine_endpoints": ["tcp://a:5560", "tcp://b:5560"], "coordinator": "tcp://c:5557"}
+    with pytest.raises(ValueError, match="--keypair and --coordinator-key"):
+        _orchestrator_keys(ServerSettings(**attach))
+    keyed = {**attach, "keypair": tmp_path / "server.key_secret", "coordinator_key": tmp_path / "coordinator.key"}
+    with pytest.raises(ValueError, match="1 public keys for 2"):
+        _orchestrator_keys(ServerSettings(**keyed, engine_keys=[tmp_path / "engine.key"]))
+    keys = _orchestrator_keys(ServerSettings(**keyed, engine_keys=[tmp_path / "engine.key"] * 2))
+    assert keys.engines[0] == keys.engines[1] != keys.coordinator

@@ -9,6 +9,7 @@ import zmq
 
 from fedattn_vllm.config import FedAttnPlan
 from fedattn_vllm.exchange import KVExchange, KVExchangeError, Payload
+from fedattn_vllm.federated.curve import ClientCurve
 from fedattn_vllm.federated.wire import decode, encode
 
 
@@ -21,12 +22,14 @@ class CoordinatorError(KVExchangeError):
 
 
 class CoordinatorConnection:
-    """Synchronous request/reply over one DEALER socket (use one per thread)."""
+    """Synchronous request/reply over one DEALER socket (use one per thread); `curve`: None = plaintext."""
 
-    def __init__(self, endpoint: str, *, timeout_s: float = 30.0):
+    def __init__(self, endpoint: str, *, timeout_s: float = 30.0, curve: ClientCurve | None = None):
         self._context = zmq.Context.instance()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self._socket)
         self._socket.connect(endpoint)
         self.timeout_s = timeout_s
         self._counter = 0
@@ -54,8 +57,8 @@ class CoordinatorConnection:
 class SessionAdmin:
     """The orchestrator's side: opens sessions (getting per-participant credentials), reads counters, closes."""
 
-    def __init__(self, endpoint: str, admin_key: bytes, *, timeout_s: float = 30.0):
-        self._connection = CoordinatorConnection(endpoint, timeout_s=timeout_s)
+    def __init__(self, endpoint: str, admin_key: bytes, *, timeout_s: float = 30.0, curve: ClientCurve | None = None):
+        self._connection = CoordinatorConnection(endpoint, timeout_s=timeout_s, curve=curve)
         self._key = admin_key
 
     def open(self, session: str, plan: FedAttnPlan) -> list[bytes]:
@@ -86,9 +89,10 @@ class NetworkKVExchange(KVExchange):
     waits up to the session's `wait_s` for K/V not yet published (pipelined prefill), then fails.
     """
 
-    def __init__(self, endpoint: str, *, wait_s: float = 60.0):
+    def __init__(self, endpoint: str, *, wait_s: float = 60.0, curve: ClientCurve | None = None):
         super().__init__()
         self.endpoint = endpoint
+        self._curve = curve
         self.wait_s = wait_s  # unless the session sets its own
         self._local = threading.local()
         self._credentials: dict[tuple[str, int], bytes] = {}
@@ -96,7 +100,7 @@ class NetworkKVExchange(KVExchange):
 
     def _connection(self) -> CoordinatorConnection:
         if getattr(self._local, "pid", None) != os.getpid():  # one socket per thread and process
-            self._local.connection, self._local.pid = CoordinatorConnection(self.endpoint), os.getpid()
+            self._local.connection, self._local.pid = CoordinatorConnection(self.endpoint, curve=self._curve), os.getpid()
         return self._local.connection
 
     def join(self, session: str, participant: int, credential: bytes, *, wait_s: float | None = None) -> None:

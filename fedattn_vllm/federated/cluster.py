@@ -27,6 +27,7 @@ import zmq
 from fedattn_vllm.config import FedAttnPlan
 from fedattn_vllm.engine import FedAttnSession, FedAttnSessionError, GeneratorOutput, SessionCost, SessionResult
 from fedattn_vllm.federated.client import CoordinatorError, SessionAdmin
+from fedattn_vllm.federated.curve import OrchestratorKeys
 from fedattn_vllm.federated.link import EngineLink
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ class FederatedCluster:
     """Runs sessions on federated engines through one coordinator (one orchestrator per pool of engines)."""
 
     def __init__(self, engines: Sequence[str], coordinator: str, admin_key: bytes, *, control_key: bytes,
-                 timeout_s: float = 60.0, launcher: EngineLauncher | None = None):
+                 keys: OrchestratorKeys | None = None, insecure: bool = False, timeout_s: float = 60.0,
+                 launcher: EngineLauncher | None = None):
         """`timeout_s`: how long a participant waits for a peer's K/V before its session fails.
 
         An engine blocked in such a wait sends nothing meanwhile, so an engine is declared
@@ -85,15 +87,22 @@ class FederatedCluster:
         work. `launcher` (optional): the local engine processes, so a death is noticed at once
         and the engine restarted (at most MAX_RESTARTS times each); meanwhile, and for good
         once it gives up, `down` says why and sessions that need the engine fail at once.
+        `keys`: CURVE on every link (curve.py); plaintext only with `insecure=True`.
         """
         if not engines:
             raise ValueError("engines: at least one engine endpoint")
+        if keys is None and not insecure:
+            raise ValueError("keys: encrypted links need the orchestrator's keypair and its peers' public keys "
+                             "(or insecure=True for plaintext on loopback)")
+        if keys is not None and len(keys.engines) != len(engines):
+            raise ValueError(f"keys: {len(keys.engines)} engine public keys for {len(engines)} engines")
         self._control_key = control_key
-        self.links = [EngineLink(endpoint, control_key=control_key) for endpoint in engines]
+        self._keys = keys
+        self.links = [self._link(e, endpoint) for e, endpoint in enumerate(engines)]
         self.launcher = launcher
         self.timeout_s = timeout_s
         self.silence_s = 2 * timeout_s + 5.0
-        self.admin = SessionAdmin(coordinator, admin_key)
+        self.admin = SessionAdmin(coordinator, admin_key, curve=keys and keys.to_coordinator())
         infos = [link.request("info", timeout_s) for link in self.links]
         models = {(info["model"], info["num_layers"]) for info in infos}
         if len(models) != 1:
@@ -111,6 +120,9 @@ class FederatedCluster:
         self._poller = zmq.Poller()
         for link in self.links:
             self._poller.register(link.socket, zmq.POLLIN)
+
+    def _link(self, e: int, endpoint: str) -> EngineLink:
+        return EngineLink(endpoint, control_key=self._control_key, curve=self._keys and self._keys.to_engine(e))
 
     # -- validation ------------------------------------------------------------------------
     def _check(self, i: int, session: FedAttnSession, placement: Sequence[int] | None, pipelined: bool):
@@ -323,7 +335,7 @@ class FederatedCluster:
             endpoint = self.launcher.ready_endpoint(e)
             if endpoint is None:
                 return
-            link = EngineLink(endpoint, control_key=self._control_key)
+            link = self._link(e, endpoint)
             info = link.request("info", self.timeout_s)
         except Exception as error:  # it died while starting, or does not answer
             if link is not None:

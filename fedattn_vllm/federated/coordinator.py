@@ -9,7 +9,8 @@ dropped unanswered and counted (`dropped`, the admin's `counters`). A fetch of K
 yet published waits (pipelined prefill) until it is published or the caller's deadline passes. Sessions are freed when closed, or when idle
 longer than `session_ttl_s` (an orchestrator that died leaves nothing behind).
 
-    python -m fedattn_vllm.federated.coordinator --bind tcp://127.0.0.1:5557
+    python -m fedattn_vllm.federated.coordinator --bind tcp://0.0.0.0:5557 \\
+        --keypair keys/coordinator.key_secret --trust keys/peers   # CURVE: curve.py
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import zmq
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError, FedAttnPlan
 from fedattn_vllm.exchange import kv_nbytes
+from fedattn_vllm.federated import curve as link_security
 from fedattn_vllm.federated import messages as m
+from fedattn_vllm.federated.curve import ServerCurve
 from fedattn_vllm.federated.lifeline import exit_with_parent
 from fedattn_vllm.federated.wire import Dropped, Tensors, WireError, decode, encode, message_bytes
 
@@ -73,15 +76,20 @@ class Coordinator:
     """Runs on one ROUTER socket; `serve_forever` in a thread or its own process."""
 
     def __init__(self, bind: str, admin_key: bytes, *, session_ttl_s: float = 600.0,
-                 max_frame_bytes: int = MAX_FRAME_BYTES, max_stored_bytes: int = MAX_STORED_BYTES):
+                 max_frame_bytes: int = MAX_FRAME_BYTES, max_stored_bytes: int = MAX_STORED_BYTES,
+                 curve: ServerCurve | None = None):
+        """`curve`: encrypt, and accept only the engines and orchestrators it trusts (None: plaintext)."""
         self.admin_key = admin_key
         self.session_ttl_s = session_ttl_s
         self.max_stored_bytes = max_stored_bytes
         self.stored_bytes = 0  # K/V payload held for all open sessions
         self._context = zmq.Context()
+        self._authenticator = curve.start(self._context) if curve is not None else None
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+        if curve is not None:
+            curve.apply(self._socket)
         self._socket.bind(bind)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sessions: dict[str, Session] = {}
@@ -100,6 +108,8 @@ class Coordinator:
                 self._expire()
         finally:
             self._socket.close(0)
+            if self._authenticator is not None:
+                self._authenticator.stop()
             self._context.term()
 
     def stop(self) -> None:
@@ -283,16 +293,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-frame-mib", type=int, default=MAX_FRAME_BYTES >> 20,
                         help="largest frame accepted (one tensor of a layer's K/V); a larger one "
                         "disconnects its sender")
+    link_security.add_arguments(parser, serves=True, coordinator_client=False)
     args = parser.parse_args(argv)
     if args.parent_pid is not None:
         exit_with_parent(args.parent_pid)
     key = os.environ.get("FEDATTN_ADMIN_KEY")
     if not key:
         parser.error("set FEDATTN_ADMIN_KEY (the orchestrator's secret for opening sessions)")
+    curve = link_security.server_curve(args, parser)
     logging.basicConfig(level=logging.INFO)
     coordinator = Coordinator(args.bind, key.encode(), session_ttl_s=args.session_ttl_s,
-                              max_frame_bytes=args.max_frame_mib << 20, max_stored_bytes=int(args.max_kv_gib * 2**30))
-    log.info("coordinator listening on %s", coordinator.endpoint)
+                              max_frame_bytes=args.max_frame_mib << 20, max_stored_bytes=int(args.max_kv_gib * 2**30),
+                              curve=curve)
+    log.info("coordinator listening on %s (%s)", coordinator.endpoint,
+             "plaintext: --insecure" if curve is None else f"CURVE, trusting the keys in {args.trust}")
     if args.ready_file:
         write_ready_file(args.ready_file, coordinator.endpoint)
     coordinator.serve_forever()

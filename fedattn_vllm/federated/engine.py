@@ -1,7 +1,8 @@
 """A federated engine: one vLLM engine hosting some participants' segments, driven by the orchestrator.
 
     python -m fedattn_vllm.federated.engine --model default --coordinator tcp://10.0.0.1:5557 \\
-        --bind tcp://0.0.0.0:5560
+        --bind tcp://0.0.0.0:5560 --keypair keys/engine-a.key_secret --trust keys/peers \\
+        --coordinator-key keys/peers/coordinator.key
 
 Control messages (msgpack headers on a ZeroMQ ROUTER socket; docs/federated.md lists them):
 the orchestrator `submit`s the part of a session this engine hosts (segments, the hosted
@@ -31,9 +32,11 @@ import zmq
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
 from fedattn_vllm.engine import FedAttnSessionError, FederatedLLM, _Run
+from fedattn_vllm.federated import curve as link_security
 from fedattn_vllm.federated import messages as m
 from fedattn_vllm.federated.client import NetworkKVExchange
 from fedattn_vllm.federated.coordinator import write_ready_file
+from fedattn_vllm.federated.curve import ClientCurve, ServerCurve
 from fedattn_vllm.federated.lifeline import exit_with_parent
 from fedattn_vllm.federated.wire import Dropped, WireError, decode, encode
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
@@ -47,15 +50,21 @@ MAX_COMMAND_BYTES = 64 << 20  # a submit carries the hosted segments (text or id
 class EngineServer:
     """Serves one FederatedLLM to the orchestrator; `serve_forever` runs the engine loop."""
 
-    def __init__(self, llm: FederatedLLM, bind: str, coordinator: str, *, control_key: bytes):
+    def __init__(self, llm: FederatedLLM, bind: str, coordinator: str, *, control_key: bytes,
+                 curve: ServerCurve | None = None, coordinator_curve: ClientCurve | None = None):
+        """`curve`: the control socket's keys and whom it admits; `coordinator_curve`: the link to the
+        coordinator (None: plaintext)."""
         self.llm = llm
-        self.exchange = NetworkKVExchange(coordinator)
+        self.exchange = NetworkKVExchange(coordinator, curve=coordinator_curve)
         REGISTRY.exchange = self.exchange  # this process's sync-layer hook publishes and fetches through it
         self._control_key = control_key
         self._context = zmq.Context()
+        self._authenticator = curve.start(self._context) if curve is not None else None
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_COMMAND_BYTES)
+        if curve is not None:
+            curve.apply(self._socket)
         self._socket.bind(bind)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._queue: deque[tuple[bytes, _Run]] = deque()  # submitted, waiting for room, in submission order
@@ -85,6 +94,8 @@ class EngineServer:
             for _, run in list(self._runs.values()) + list(self._queue):
                 self.llm.finish(run, "engine shutting down")
             self._socket.close(0)
+            if self._authenticator is not None:
+                self._authenticator.stop()
             self._context.term()
 
     def _round(self) -> None:
@@ -240,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engine-args", default="{}", help="vLLM engine arguments as a JSON object")
     parser.add_argument("--ready-file", type=Path, help="write the bound endpoint here once serving")
     parser.add_argument("--parent-pid", type=int, help="terminate when this process (the launcher) exits")
+    link_security.add_arguments(parser, serves=True, coordinator_client=True)
     args = parser.parse_args(argv)
     if args.parent_pid is not None:
         exit_with_parent(args.parent_pid)
@@ -247,9 +259,13 @@ def main(argv: list[str] | None = None) -> None:
     key = os.environ.get("FEDATTN_ENGINE_KEY")
     if not key:
         parser.error("set FEDATTN_ENGINE_KEY (the orchestrator's secret for this engine's control socket)")
+    curve = link_security.server_curve(args, parser)
+    coordinator_curve = link_security.coordinator_client_curve(args, parser)
     llm = FederatedLLM(args.model, **json.loads(args.engine_args))
-    server = EngineServer(llm, args.bind, args.coordinator, control_key=key.encode())
-    log.info("fedattn engine serving %s on %s", Path(llm.model_path).name, server.endpoint)
+    server = EngineServer(llm, args.bind, args.coordinator, control_key=key.encode(), curve=curve,
+                          coordinator_curve=coordinator_curve)
+    log.info("fedattn engine serving %s on %s (%s)", Path(llm.model_path).name, server.endpoint,
+             "plaintext: --insecure" if curve is None else f"CURVE, trusting the keys in {args.trust}")
     if args.ready_file:
         write_ready_file(args.ready_file, server.endpoint)
     server.serve_forever()

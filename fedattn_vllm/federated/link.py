@@ -9,6 +9,7 @@ from collections import deque
 
 import zmq
 
+from fedattn_vllm.federated.curve import ClientCurve
 from fedattn_vllm.federated.wire import WireError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -21,11 +22,14 @@ class EngineUnavailable(RuntimeError):
 class EngineLink:
     """The orchestrator's connection to one engine: commands out, events in."""
 
-    def __init__(self, endpoint: str, *, control_key: bytes):
+    def __init__(self, endpoint: str, *, control_key: bytes, curve: ClientCurve | None = None):
+        """`curve`: the orchestrator's keypair and this engine's public key (None: plaintext)."""
         self.endpoint = endpoint
         self._key = control_key
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self.socket)
         self.socket.connect(endpoint)
         self.backlog: deque[dict] = deque()  # events that arrived while waiting for a reply
         self._refs = itertools.count()

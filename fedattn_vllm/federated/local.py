@@ -5,7 +5,9 @@
 
 Every engine is its own OS process with its own vLLM engine; they talk only through the
 coordinator, exactly as on separate machines. Fresh random keys guard the coordinator's
-admin operations and the engines' control sockets. Process logs go to `log_dir`. Every
+admin operations and the engines' control sockets, and every link is CURVE-encrypted with
+a keypair per process, made in `keys_dir` (`log_dir`/keys unless given) and trusted by each
+other (`insecure=True`: plaintext). Process logs go to `log_dir`. Every
 process ends with this one (`--parent-pid`, however this one dies); an engine that dies
 is restarted by the cluster (FederatedCluster.maintain).
 """
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 from fedattn_vllm.federated.cluster import FederatedCluster
+from fedattn_vllm.federated.curve import Keypair, OrchestratorKeys, new_keypair, public_key
 
 
 class LaunchError(RuntimeError):
@@ -37,13 +40,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_keys(directory: str | Path, engines: int) -> Path:
+    """The keypairs of a local cluster in `directory` (made where missing): `coordinator`, `orchestrator`
+    and `engine0`.. Every process trusts the directory's public keys."""
+    directory = Path(directory)
+    for name in ["coordinator", "orchestrator", *_engine_names(engines)]:
+        if not (directory / f"{name}.key_secret").exists():
+            new_keypair(directory, name)
+    return directory
+
+
+def _engine_names(engines: int) -> list[str]:
+    return [f"engine{e}" for e in range(engines)]
+
+
+def _security_flags(process: str, trust: Path | None) -> list[str]:
+    """A local process's link-security flags: its keypair, trusting `trust`'s public keys (None: plaintext)."""
+    if trust is None:
+        return ["--insecure"]
+    flags = ["--keypair", str(trust / f"{process}.key_secret"), "--trust", str(trust)]
+    return flags if process == "coordinator" else [*flags, "--coordinator-key", str(trust / "coordinator.key")]
+
+
 class LocalCluster:
     def __init__(self, model: str = "default", engines: int = 2, *, engine_args: dict | None = None,
                  timeout_s: float = 60.0, start_timeout_s: float = 600.0, log_dir: str | Path | None = None,
-                 env: dict[str, str] | None = None, coordinator: tuple[str, bytes] | None = None):
-        """`coordinator`: (endpoint, admin key) of a running coordinator to use instead of starting one."""
+                 env: dict[str, str] | None = None, coordinator: tuple[str, bytes] | None = None,
+                 keys_dir: str | Path | None = None, insecure: bool = False):
+        """`coordinator`: (endpoint, admin key) of a running coordinator to use instead of starting one
+        (with CURVE, it serves `keys_dir`/coordinator.key_secret and trusts `keys_dir`: see `local_keys`)."""
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="fedattn-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        trust = None if insecure else local_keys(keys_dir or self.log_dir / "keys", engines)
+        self._security = {name: _security_flags(name, trust) for name in ["coordinator", *_engine_names(engines)]}
+        keys = trust and OrchestratorKeys(Keypair.load(trust / "orchestrator.key_secret"),
+                                          public_key(trust / "coordinator.key"),
+                                          tuple(public_key(trust / f"{name}.key") for name in _engine_names(engines)))
         admin_key = coordinator[1] if coordinator else secrets.token_hex(16).encode()
         control_key = secrets.token_hex(16)
         # Engines share this machine's cores: one OpenMP team each, no oversubscription (unless told otherwise).
@@ -66,7 +98,8 @@ class LocalCluster:
             endpoints = [self._await_ready(p, f"engine{e}", start_timeout_s)
                          for e, p in enumerate(self.engine_processes)]
             self.cluster = FederatedCluster(endpoints, self.coordinator_endpoint, admin_key,
-                                            control_key=control_key.encode(), timeout_s=timeout_s, launcher=self)
+                                            control_key=control_key.encode(), keys=keys, insecure=insecure,
+                                            timeout_s=timeout_s, launcher=self)
         except BaseException:
             self.close()
             raise
@@ -95,8 +128,8 @@ class LocalCluster:
         ready = self.log_dir / f"{name}.ready"
         ready.unlink(missing_ok=True)
         with open(self.log_dir / f"{name}.log", "ab") as log:
-            process = subprocess.Popen([sys.executable, "-m", *module_args, "--ready-file", str(ready),
-                                        "--parent-pid", str(os.getpid())],
+            process = subprocess.Popen([sys.executable, "-m", *module_args, *self._security[name],
+                                        "--ready-file", str(ready), "--parent-pid", str(os.getpid())],
                                        stdout=log, stderr=subprocess.STDOUT, env=self._env, start_new_session=True)
         self.processes.append(process)
         return process
