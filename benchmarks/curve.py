@@ -1,12 +1,14 @@
-"""What CURVE costs on the K/V path: publish + fetch round trips through a real coordinator, encrypted and plaintext.
+"""What link security costs on the K/V path: publish + fetch through a real coordinator, plaintext, CURVE, CURVE + sealed.
 
     .venv/bin/python benchmarks/curve.py --tokens 50 200 400 --rounds 200
 
 One coordinator per setting, in this process's threads, on loopback; two engine-side
 clients publish one layer's K/V of a participant (the default model's shape: 2 KV heads x
 64 channels) and fetch it back, settings interleaved round by round. Payloads as the
-product sends them: exact fp32 and k4v2 (kv_wire.py). Reported: median round trip per
-setting and the ratio encrypted / plaintext, in benchmarks/results/curve.json.
+product sends them: exact fp32 and k4v2 (kv_wire.py); "sealed" adds end-to-end sealing of
+the payload (sealing.py) on top of CURVE. Reported: median round trip per setting, the
+ratios to plaintext, and the bytes on the wire beyond the payload (header, seal tags) per
+publish, in benchmarks/results/curve.json.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fedattn_vllm.federated.client import NetworkKVExchange, SessionAdmin
 from fedattn_vllm.federated.coordinator import Coordinator
 from fedattn_vllm.federated.curve import ClientCurve, Keypair, ServerCurve, public_key
 from fedattn_vllm.federated.local import local_keys
+from fedattn_vllm.federated.sealing import new_seal_key
 from fedattn_vllm.kv_wire import encode_kv
 
 ADMIN_KEY = b"benchmark-admin-key"
@@ -40,24 +43,28 @@ def serve(curve: ServerCurve | None) -> tuple[Coordinator, threading.Thread]:
     return coordinator, thread
 
 
-def round_trips(endpoint: str, curves: dict, payload, sessions: int) -> list[float]:
-    """Seconds per publish + fetch of `payload`, one fresh session each (a layer is published once)."""
+def round_trips(endpoint: str, curves: dict, payload, sessions: int, sealed: bool) -> tuple[list[float], int]:
+    """Seconds per publish + fetch of `payload`, one fresh session each (a layer is published once), and the
+    publish's bytes on the wire beyond the payload."""
     admin = SessionAdmin(endpoint, ADMIN_KEY, curve=curves.get("orchestrator"))
     engines = [NetworkKVExchange(endpoint, curve=curves.get("engine")) for _ in range(2)]
     plan = FedAttnConfig(sync_interval=1).resolve(1, 2)
-    seconds = []
+    seconds, overhead = [], 0
     for s in range(sessions):
         name = f"s{s}"
+        seal_key = new_seal_key() if sealed else None
         for n, credential in enumerate(admin.open(name, plan)):
-            engines[n].join(name, n, credential)
+            engines[n].join(name, n, credential, seal_key=seal_key)
         started = time.perf_counter()
         engines[0].publish(name, 0, 0, payload)
         engines[1].fetch(name, 1, 0, 0)
         seconds.append(time.perf_counter() - started)
+        stats = admin.stats(name)
+        overhead = stats["wire_bytes"]["up"][0] - stats["payload_bytes"]["up"][0]
         admin.close(name)
         for engine in engines:
             engine.release(name)
-    return seconds
+    return seconds, overhead
 
 
 def main() -> None:
@@ -69,10 +76,11 @@ def main() -> None:
     keys = local_keys(tempfile.mkdtemp(prefix="fedattn-curve-"), engines=1)
     client = {name: ClientCurve(Keypair.load(keys / f"{name}.key_secret"), public_key(keys / "coordinator.key"))
               for name in ("orchestrator", "engine0")}
-    settings = {"plaintext": (None, {}),
-                "curve": (ServerCurve(Keypair.load(keys / "coordinator.key_secret"), keys),
-                          {"orchestrator": client["orchestrator"], "engine": client["engine0"]})}
-    servers = {name: serve(curve) for name, (curve, _) in settings.items()}
+    server_curve = ServerCurve(Keypair.load(keys / "coordinator.key_secret"), keys)
+    client_curves = {"orchestrator": client["orchestrator"], "engine": client["engine0"]}
+    settings = {"plaintext": (None, {}, False), "curve": (server_curve, client_curves, False),
+                "curve_sealed": (server_curve, client_curves, True)}
+    servers = {name: serve(curve) for name, (curve, _, _) in settings.items()}  # one coordinator each
     rows = []
     try:
         for tokens in args.tokens:
@@ -81,13 +89,18 @@ def main() -> None:
                 payload = encode_kv(kv, wire)
                 nbytes = sum(t.nbytes for t in payload)
                 samples = {name: [] for name in settings}
+                overhead = {}
                 for _ in range(max(1, args.rounds // 20)):  # interleaved in blocks of 20
-                    for name, (_, curves) in settings.items():
-                        samples[name] += round_trips(servers[name][0].endpoint, curves, payload, 20)
+                    for name, (_, curves, sealed) in settings.items():
+                        seconds, overhead[name] = round_trips(servers[name][0].endpoint, curves, payload, 20, sealed)
+                        samples[name] += seconds
                 medians = {name: statistics.median(s) for name, s in samples.items()}
                 row = {"tokens": tokens, "kv_wire": wire.value, "payload_bytes": nbytes,
                        **{f"{name}_ms": round(1e3 * m, 4) for name, m in medians.items()},
-                       "curve_over_plaintext": round(medians["curve"] / medians["plaintext"], 3)}
+                       **{f"{name}_over_plaintext": round(medians[name] / medians["plaintext"], 3)
+                          for name in ("curve", "curve_sealed")},
+                       **{f"{name}_framing_bytes": b for name, b in overhead.items()},
+                       "sealed_framing_fraction": round(overhead["curve_sealed"] / nbytes, 5)}
                 rows.append(row)
                 print(row, flush=True)
     finally:

@@ -10,7 +10,8 @@ import zmq
 from fedattn_vllm.config import FedAttnPlan
 from fedattn_vllm.exchange import KVExchange, KVExchangeError, Payload
 from fedattn_vllm.federated.curve import ClientCurve
-from fedattn_vllm.federated.wire import decode, encode
+from fedattn_vllm.federated.sealing import SessionSeal
+from fedattn_vllm.federated.wire import SealedPayload, decode, encode
 
 
 class CoordinatorError(KVExchangeError):
@@ -87,6 +88,7 @@ class NetworkKVExchange(KVExchange):
 
     The engine knows only the credentials of the participants it hosts (`join`). A fetch
     waits up to the session's `wait_s` for K/V not yet published (pipelined prefill), then fails.
+    A session joined with a seal key publishes sealed K/V and accepts only K/V sealed with it (sealing.py).
     """
 
     def __init__(self, endpoint: str, *, wait_s: float = 60.0, curve: ClientCurve | None = None):
@@ -97,17 +99,21 @@ class NetworkKVExchange(KVExchange):
         self._local = threading.local()
         self._credentials: dict[tuple[str, int], bytes] = {}
         self._wait_s: dict[str, float] = {}
+        self._seals: dict[str, SessionSeal] = {}
 
     def _connection(self) -> CoordinatorConnection:
         if getattr(self._local, "pid", None) != os.getpid():  # one socket per thread and process
             self._local.connection, self._local.pid = CoordinatorConnection(self.endpoint, curve=self._curve), os.getpid()
         return self._local.connection
 
-    def join(self, session: str, participant: int, credential: bytes, *, wait_s: float | None = None) -> None:
+    def join(self, session: str, participant: int, credential: bytes, *, wait_s: float | None = None,
+             seal_key: bytes | None = None) -> None:
         with self._lock:
             self._credentials[session, participant] = credential
             if wait_s is not None:
                 self._wait_s[session] = wait_s
+            if seal_key is not None:
+                self._seals[session] = SessionSeal(seal_key, session)
 
     def joined_sessions(self) -> int:
         """Sessions this engine holds credentials for."""
@@ -124,7 +130,8 @@ class NetworkKVExchange(KVExchange):
     def publish(self, session: str, participant: int, layer: int, kv: Payload) -> None:
         header = {"op": "publish", "session": session, "participant": participant, "layer": layer,
                   "credential": self._credential(session, participant)}
-        self._connection().call(header, kv)
+        seal = self._seal(session)
+        self._connection().call(header, kv if seal is None else seal.seal(participant, layer, kv))
         self._count_published(session, participant, kv)
 
     def fetch(self, session: str, viewer: int, source: int, layer: int) -> Payload:
@@ -132,13 +139,26 @@ class NetworkKVExchange(KVExchange):
             wait_s = self._wait_s.get(session, self.wait_s)
         header = {"op": "fetch", "session": session, "participant": viewer, "source": source, "layer": layer,
                   "credential": self._credential(session, viewer), "wait_s": wait_s}
-        _, kv = self._connection().call(header, timeout_s=wait_s + 5.0)
+        _, payload = self._connection().call(header, timeout_s=wait_s + 5.0)
+        seal = self._seal(session)
+        if seal is not None:
+            kv = seal.open(source, layer, payload)
+        elif isinstance(payload, SealedPayload) or payload is None:
+            raise KVExchangeError(f"participant {source}'s K/V at layer {layer}: sealed, or missing, in a session "
+                                  "without a seal key")
+        else:
+            kv = payload
         self._count_received(session, viewer, kv)
         return kv
+
+    def _seal(self, session: str) -> SessionSeal | None:
+        with self._lock:
+            return self._seals.get(session)
 
     def release(self, session: str) -> None:
         with self._lock:
             self._stats.pop(session, None)
             self._wait_s.pop(session, None)
+            self._seals.pop(session, None)
             for key in [k for k in self._credentials if k[0] == session]:
                 del self._credentials[key]

@@ -29,6 +29,7 @@ from fedattn_vllm.engine import FedAttnSession, FedAttnSessionError, GeneratorOu
 from fedattn_vllm.federated.client import CoordinatorError, SessionAdmin
 from fedattn_vllm.federated.curve import OrchestratorKeys
 from fedattn_vllm.federated.link import EngineLink
+from fedattn_vllm.federated.sealing import new_seal_key
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ class FederatedCluster:
     """Runs sessions on federated engines through one coordinator (one orchestrator per pool of engines)."""
 
     def __init__(self, engines: Sequence[str], coordinator: str, admin_key: bytes, *, control_key: bytes,
-                 keys: OrchestratorKeys | None = None, insecure: bool = False, timeout_s: float = 60.0,
-                 launcher: EngineLauncher | None = None):
+                 keys: OrchestratorKeys | None = None, insecure: bool = False, seal: bool = True,
+                 timeout_s: float = 60.0, launcher: EngineLauncher | None = None):
         """`timeout_s`: how long a participant waits for a peer's K/V before its session fails.
 
         An engine blocked in such a wait sends nothing meanwhile, so an engine is declared
@@ -87,7 +88,8 @@ class FederatedCluster:
         work. `launcher` (optional): the local engine processes, so a death is noticed at once
         and the engine restarted (at most MAX_RESTARTS times each); meanwhile, and for good
         once it gives up, `down` says why and sessions that need the engine fail at once.
-        `keys`: CURVE on every link (curve.py); plaintext only with `insecure=True`.
+        `keys`: CURVE on every link (curve.py); plaintext only with `insecure=True`. `seal`: each
+        session's K/V sealed end to end between its engines, unreadable to the coordinator (sealing.py).
         """
         if not engines:
             raise ValueError("engines: at least one engine endpoint")
@@ -98,6 +100,7 @@ class FederatedCluster:
             raise ValueError(f"keys: {len(keys.engines)} engine public keys for {len(engines)} engines")
         self._control_key = control_key
         self._keys = keys
+        self.seal = seal
         self.links = [self._link(e, endpoint) for e, endpoint in enumerate(engines)]
         self.launcher = launcher
         self.timeout_s = timeout_s
@@ -213,6 +216,7 @@ class FederatedCluster:
         if not pipelined:
             flight.serial_order = sorted(hosts, key=lambda e: hosts[e][0])
         sampling = msgspec.msgpack.encode(session.sampling_params) if session.sampling_params is not None else None
+        seal_key = new_seal_key() if self.seal else None  # to the session's engines only, never the coordinator
         for engine, participants in hosts.items():
             if self._owed(engine) == [flight]:
                 self._last_heard[engine] = time.monotonic()  # its silence counts from now
@@ -222,7 +226,7 @@ class FederatedCluster:
                 "credentials": {n: credentials[n] for n in participants},
                 "public_prefix": _plain(session.public_prefix) if session.public_prefix is not None else None,
                 "config": session.config.to_dict(), "sampling": sampling or msgspec.msgpack.encode(None),
-                "wait_s": self.timeout_s,
+                "wait_s": self.timeout_s, "seal_key": seal_key,
             })
         return flight
 

@@ -29,12 +29,11 @@ from pathlib import Path
 import zmq
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError, FedAttnPlan
-from fedattn_vllm.exchange import kv_nbytes
 from fedattn_vllm.federated import curve as link_security
 from fedattn_vllm.federated import messages as m
 from fedattn_vllm.federated.curve import ServerCurve
 from fedattn_vllm.federated.lifeline import exit_with_parent
-from fedattn_vllm.federated.wire import Dropped, Tensors, WireError, decode, encode, message_bytes
+from fedattn_vllm.federated.wire import Dropped, WirePayload, WireError, decode, encode, message_bytes, payload_nbytes
 
 log = logging.getLogger(__name__)
 MAX_FRAME_BYTES = 1 << 30  # a larger frame makes ZeroMQ drop its sender (one layer's K/V is far smaller)
@@ -54,7 +53,7 @@ class Refused(Exception):
 class Session:
     plan: FedAttnPlan  # who publishes where and who may see whom: the plan's own rule
     credentials: list[bytes]
-    kv: dict[tuple[int, int], Tensors] = field(default_factory=dict)  # (participant, layer) -> K/V
+    kv: dict[tuple[int, int], WirePayload] = field(default_factory=dict)  # (participant, layer) -> K/V, maybe sealed
     # (participant, "up" | "down") -> bytes on the wire; payload bytes (K/V only) likewise
     wire_bytes: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
     payload_bytes: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
@@ -162,7 +161,7 @@ class Coordinator:
     def _error(self, identity: bytes, request_id: bytes, code: str, message: str) -> None:
         self._reply(identity, request_id, encode({"ok": False, "code": code, "error": message}))
 
-    def _handle(self, request, kv: Tensors | None, identity: bytes, request_id: bytes, size: int):
+    def _handle(self, request, kv: WirePayload | None, identity: bytes, request_id: bytes, size: int):
         if isinstance(request, m.Open):
             return self._open(request)
         if isinstance(request, m.Counters):
@@ -204,7 +203,7 @@ class Coordinator:
         session.last_used = time.monotonic()
         return session
 
-    def _publish(self, session: Session, request: m.Publish, kv: Tensors | None, size: int):
+    def _publish(self, session: Session, request: m.Publish, kv: WirePayload | None, size: int):
         n, layer = request.participant, request.layer
         if kv is None:
             raise Refused("bad_request", "publish carries K and V frames")
@@ -212,12 +211,12 @@ class Coordinator:
             raise Refused("forbidden", f"participant {n} does not share at layer {layer}")
         if (n, layer) in session.kv:
             raise Refused("conflict", f"participant {n} already published layer {layer}")
-        if self.stored_bytes + kv_nbytes(kv) > self.max_stored_bytes:
+        if self.stored_bytes + payload_nbytes(kv) > self.max_stored_bytes:
             raise Refused("busy", f"the coordinator holds {self.stored_bytes} bytes of K/V (max {self.max_stored_bytes})")
         session.kv[n, layer] = kv
-        self.stored_bytes += kv_nbytes(kv)
+        self.stored_bytes += payload_nbytes(kv)
         session.wire_bytes[n, "up"] += size
-        session.payload_bytes[n, "up"] += kv_nbytes(kv)
+        session.payload_bytes[n, "up"] += payload_nbytes(kv)
         self._wake(request.session, n, layer)
         return encode({"ok": True})
 
@@ -237,7 +236,7 @@ class Coordinator:
         kv = session.kv[source, layer]
         frames = encode({"ok": True}, kv)
         session.wire_bytes[viewer, "down"] += message_bytes(frames)
-        session.payload_bytes[viewer, "down"] += kv_nbytes(kv)
+        session.payload_bytes[viewer, "down"] += payload_nbytes(kv)
         return frames
 
     def _wake(self, session_id: str, source: int, layer: int) -> None:
@@ -250,7 +249,7 @@ class Coordinator:
         """Free a session's K/V and fail whoever waits on it."""
         session = self.sessions.pop(session_id, None)
         if session is not None:
-            self.stored_bytes -= sum(kv_nbytes(kv) for kv in session.kv.values())
+            self.stored_bytes -= sum(payload_nbytes(kv) for kv in session.kv.values())
         for w in [w for w in self._waiters if w.session_id == session_id]:
             self._waiters.remove(w)
             self._error(w.identity, w.request_id, "unknown_session", f"session {session_id} {why}")

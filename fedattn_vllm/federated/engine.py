@@ -181,7 +181,7 @@ class EngineServer:
                                   "field": getattr(error, "field", None)})
             return
         for n, credential in command.credentials.items():
-            self.exchange.join(session_id, n, credential, wait_s=command.wait_s)
+            self.exchange.join(session_id, n, credential, wait_s=command.wait_s, seal_key=command.seal_key)
         self._queue.append((identity, run))
 
     def _reserve_in_order(self) -> None:

@@ -68,6 +68,7 @@ class Publish(_Message, tag="publish"):
     layer: Index
     credential: Secret
     tensors: TensorSpecs
+    sealed: bool = False  # the frames are sealed with the session's key (sealing.py)
 
 
 class Fetch(_Message, tag="fetch"):
@@ -94,6 +95,7 @@ class Submit(_Message, tag="submit"):
     sampling: Annotated[bytes, Meta(max_length=1 << 20)]  # msgpack of vllm.SamplingParams, or of None
     wait_s: WaitS
     public_prefix: Segment | None = None
+    seal_key: Annotated[bytes, Meta(min_length=32, max_length=32)] | None = None  # K/V sealed end to end
 
 
 class GoItem(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections import Counter
+from dataclasses import dataclass
 
 import msgspec
 import torch
@@ -43,15 +44,53 @@ class Dropped(Counter):
             self._log.warning("dropped a %s message (%s); %d dropped so far", reason, detail[:200], total)
 
 
-def encode(header: dict, tensors: Tensors | None = None) -> list[bytes | memoryview]:
-    """Frames of one message; with `tensors`, the header gains each one's dtype and shape."""
-    if tensors is None:
-        return [_encoder.encode(header)]
+TAG_BYTES = 16  # a sealed payload's authentication tag (sealing.py)
+
+
+@dataclass(frozen=True)
+class SealedPayload:
+    """A payload's tensors sealed together by their session's key (sealing.py): relayed, counted, never read."""
+
+    specs: tuple[TensorSpec, ...]  # each tensor's dtype and shape before sealing
+    frame: bytes | memoryview  # the tensors' bytes back to back, encrypted, and the tag
+
+    @property
+    def payload_bytes(self) -> int:
+        """The tensors' own bytes (what the cost model counts)."""
+        return sum(spec_bytes(spec) for spec in self.specs)
+
+
+WirePayload = Tensors | SealedPayload  # what a publish or a fetch's reply carries
+
+
+def payload_nbytes(payload: WirePayload) -> int:
+    """The tensors' own bytes, sealed or not (what the cost model counts)."""
+    if isinstance(payload, SealedPayload):
+        return payload.payload_bytes
+    return sum(t.numel() * t.element_size() for t in payload)
+
+
+def tensor_spec(tensor: torch.Tensor) -> TensorSpec:
+    return str(tensor.dtype).removeprefix("torch."), list(tensor.shape)
+
+
+def tensor_frames(tensors: Tensors) -> list[memoryview]:
+    """Each tensor's raw bytes (no copy of a contiguous CPU tensor)."""
     tensors = tuple(t.detach().contiguous().cpu() for t in tensors)
     if not tensors or any(t.dtype not in _DTYPES.values() or t.numel() == 0 for t in tensors):
         raise WireError(f"tensors must be non-empty, of a wire dtype ({', '.join(_DTYPES)})")
-    header = {**header, "tensors": [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in tensors]}
-    return [_encoder.encode(header), *(memoryview(t.view(torch.uint8).numpy()).cast("B") for t in tensors)]
+    return [memoryview(t.view(torch.uint8).numpy()).cast("B") for t in tensors]
+
+
+def encode(header: dict, payload: WirePayload | None = None) -> list[bytes | memoryview]:
+    """Frames of one message; with a payload, the header gains each tensor's dtype and shape (and `sealed`)."""
+    if payload is None:
+        return [_encoder.encode(header)]
+    if isinstance(payload, SealedPayload):
+        return [_encoder.encode({**header, "tensors": [list(s) for s in payload.specs], "sealed": True}),
+                payload.frame]
+    frames = tensor_frames(payload)
+    return [_encoder.encode({**header, "tensors": [tensor_spec(t) for t in payload]}), *frames]
 
 
 @functools.cache
@@ -75,7 +114,8 @@ def decode(frames: list, into: type = dict, *, max_header_bytes: int = MAX_HEADE
         header = _decoder(into).decode(head)
     except msgspec.DecodeError as error:
         raise WireError(f"bad header: {error}") from None
-    specs = header.get("tensors") if isinstance(header, dict) else getattr(header, "tensors", None)
+    field = header.get if isinstance(header, dict) else functools.partial(getattr, header)
+    specs, sealed = field("tensors", None), field("sealed", False) is True
     if len(frames) == 1:
         if specs is not None:
             raise WireError("the header lists tensors the message does not carry")
@@ -84,17 +124,27 @@ def decode(frames: list, into: type = dict, *, max_header_bytes: int = MAX_HEADE
         specs = msgspec.convert(specs, TensorSpecs) if isinstance(header, dict) else specs
     except msgspec.ValidationError as error:
         raise WireError(f"bad tensor specs: {error}") from None
-    if specs is None or len(specs) != len(frames) - 1:
-        raise WireError("a tensor message lists each tensor frame's dtype and shape in its header")
-    return header, tuple(_tensor(spec, frame) for spec, frame in zip(specs, frames[1:]))
+    if specs is None or len(frames) != 1 + (1 if sealed else len(specs)):
+        raise WireError("a tensor message lists each tensor's dtype and shape in its header, and carries one frame "
+                        "per tensor (one for them all, sealed)")
+    if sealed:
+        frame = _buffer(frames[1])
+        if len(frame) != sum(spec_bytes(s) for s in specs) + TAG_BYTES:
+            raise WireError(f"a sealed frame of {len(frame)} bytes for tensors {specs}")
+        return header, SealedPayload(tuple(tuple(s) for s in specs), frame)
+    return header, tuple(tensor_from_frame(spec, frame) for spec, frame in zip(specs, frames[1:]))
 
 
-def _tensor(spec: TensorSpec, frame) -> torch.Tensor:
-    dtype, shape = _DTYPES[spec[0]], tuple(spec[1])
+def tensor_from_frame(spec: TensorSpec, frame) -> torch.Tensor:
+    """The tensor a frame of `spec`'s size holds (an owned copy); WireError if the size differs."""
     buffer = _buffer(frame)
-    if len(buffer) != torch.Size(shape).numel() * dtype.itemsize:
-        raise WireError(f"tensor frame has {len(buffer)} bytes, header says {shape} {spec[0]}")
-    return torch.frombuffer(bytearray(buffer), dtype=torch.uint8).view(dtype).view(shape)
+    if len(buffer) != spec_bytes(spec):
+        raise WireError(f"tensor frame has {len(buffer)} bytes, header says {tuple(spec[1])} {spec[0]}")
+    return torch.frombuffer(bytearray(buffer), dtype=torch.uint8).view(_DTYPES[spec[0]]).view(tuple(spec[1]))
+
+
+def spec_bytes(spec: TensorSpec) -> int:
+    return torch.Size(spec[1]).numel() * _DTYPES[spec[0]].itemsize
 
 
 def _buffer(frame):
