@@ -133,7 +133,10 @@ class FederatedLLM:
             raise FedAttnEngineError("model", f"architecture {arch} is not supported; one of {sorted(FEDATTN_ARCHITECTURES)}")
         self.model_path = str(path)
         self.num_layers = hf_config.num_hidden_layers
-        args = {"enforce_eager": True, "max_num_batched_tokens": 16384, **engine_args, **_REQUIRED_ENGINE_ARGS}
+        # Without chunked prefill one step computes a whole sequence: the batch must hold the longest one.
+        longest = engine_args.get("max_model_len") or getattr(hf_config, "max_position_embeddings", None) or 16384
+        args = {"enforce_eager": True, "max_num_batched_tokens": max(16384, longest), **engine_args,
+                **_REQUIRED_ENGINE_ARGS}
         if _on_cpu() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             args.setdefault("kv_cache_memory_bytes", DEFAULT_CPU_KV_CACHE_BYTES)
         self.llm = LLM(model=str(path), hf_overrides={"architectures": [FEDATTN_ARCHITECTURES[arch]]}, **args)

@@ -8,7 +8,6 @@ cd "$(dirname "$0")/.."
 CACHE="${FEDATTN_CACHE_DIR:-$HOME/.cache/fedattn-vllm}"
 VENV="$CACHE/venv"
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${FEDATTN_EXTRAS:-cpu,dev}"
 # Pulled in by vLLM as CUDA builds that break `import transformers` on CPU; text models need none.
 UNWANTED="torchvision torchaudio torchcodec"
 
@@ -19,7 +18,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip "setuptools>=77" wheel
 fi
 
-stamp="$VENV/.fedattn-deps"
+stamp="$VENV/.fedattn-deps"  # "<hash of pyproject.toml and this script> <extras>" of the last install
+# The extras installed last stay unless FEDATTN_EXTRAS says otherwise: a CUDA venv is never turned back into a CPU one.
+EXTRAS="${FEDATTN_EXTRAS:-$(cut -s -d' ' -f2 "$stamp" 2>/dev/null || true)}"
+EXTRAS="${EXTRAS:-cpu,dev}"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) $EXTRAS"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing dependencies (.[$EXTRAS]); first run takes a few minutes"

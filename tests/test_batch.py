@@ -8,7 +8,7 @@ import torch
 from vllm import SamplingParams
 
 from fedattn_vllm.config import FedAttnConfig
-from fedattn_vllm.vllm_ext.batch import FedAttnBatch
+from fedattn_vllm.vllm_ext.batch import FedAttnBatch, UntestedVLLMError, check_vllm_version
 from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, REGISTRY
 
 LENGTHS = [4, 3, 5]
@@ -65,3 +65,19 @@ def test_a_segment_not_computed_whole_fails_its_session_instead_of_computing_som
     batch = FedAttnBatch.from_runner(runner([("p2", 2, done, scheduled)]))
     assert batch is None
     assert "not computed whole" in REGISTRY.failed(["s"])["s"]
+
+
+def test_another_vllm_series_is_refused_unless_allowed():
+    check_vllm_version("0.32.0", allow_untested=False)
+    check_vllm_version("0.32.3+cpu", allow_untested=False)
+    with pytest.raises(UntestedVLLMError, match="FEDATTN_ALLOW_UNTESTED_VLLM"):
+        check_vllm_version("0.33.0", allow_untested=False)
+    check_vllm_version("0.33.0", allow_untested=True)
+
+
+def test_a_runner_without_the_state_it_reads_is_refused_by_name():
+    stand_in = runner([("p2", 2, 0, 5)])
+    del stand_in.query_start_loc
+    with pytest.raises(UntestedVLLMError, match="query_start_loc"):
+        FedAttnBatch.from_runner(stand_in)
+

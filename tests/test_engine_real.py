@@ -78,3 +78,16 @@ def test_low_bit_kv_on_the_wire_keeps_the_recall_answers_of_exact_kv(wire):
     encoded = answers(FedAttnConfig(sync_interval=2, generator_sync_interval=1, kv_wire=wire))
     print(f"\nrecall answers: exact K/V {sum(exact)}/{len(cases)}, {wire} {sum(encoded)}/{len(cases)}")
     assert sum(exact) >= 8 and sum(a and b for a, b in zip(exact, encoded)) >= sum(exact) - 1
+
+
+def test_the_readme_example_starts_with_no_engine_arguments():
+    """FederatedLLM("default", dtype="float32") as the README writes it: the model's own 32768-token context,
+    so one engine step (no chunked prefill) must hold that many tokens."""
+    from fedattn_vllm.engine import FederatedLLM
+
+    llm = FederatedLLM("default", dtype="float32")
+    scheduler = llm.engine.vllm_config.scheduler_config
+    assert llm.max_model_len == 32768 and scheduler.max_num_batched_tokens >= llm.max_model_len
+    [result] = llm.generate([FedAttnSession(["Alice's notes: the door code is 4417.", "Question: the door code?"],
+                                            FedAttnConfig(), SamplingParams(temperature=0.0, max_tokens=4))])
+    assert result.error is None and len(result.outputs[1].token_ids) == 4

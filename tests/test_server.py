@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -270,6 +272,14 @@ def test_federated_private_session(federated_server):
                                                                "temperature": 0, "ignore_eos": True}).json()
     assert replies[1].json()["choices"][0]["message"] == one_call["choices"][0]["message"]
     assert replies[0].json()["object"] == "fedattn.participation"
+
+
+def test_the_one_call_example_runs_against_federated_engines(federated_server):
+    """examples/one_call.py with the openai client, where the answer arrives whole (no time to first token)."""
+    example = subprocess.run([sys.executable, "examples/one_call.py", "--base-url", f"{federated_server}/v1",
+                              "--api-key", KEY], capture_output=True, text=True, timeout=300)
+    assert example.returncode == 0, example.stderr[-2000:]
+    assert example.stdout.count("answered in") == 4 and "an ordinary single-party chat request" in example.stdout
 
 
 def test_prompts_are_never_logged(server_log):

@@ -6,6 +6,7 @@ order) and made current for the duration of the model call.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -37,6 +38,9 @@ class FedAttnBatch:
     @classmethod
     def from_runner(cls, runner) -> FedAttnBatch | None:
         """The batch's participant requests (None when it has none)."""
+        if missing := [name for name in RUNNER_STATE if not hasattr(runner, name)]:
+            raise UntestedVLLMError(f"vLLM's model runner has no {', '.join(missing)}: this vLLM is not the "
+                                    f"{TESTED_VLLM}x series FedAttn reads")
         batch = runner.input_batch
         starts = runner.query_start_loc.np
         entries = []
@@ -85,13 +89,31 @@ def active(batch: FedAttnBatch):
         _current = None
 
 
+TESTED_VLLM = "0.32."  # the vLLM series whose model runner internals `from_runner` reads
+RUNNER_STATE = ("input_batch", "query_start_loc", "requests")  # what it reads of the runner, besides the request ids
+
+
+class UntestedVLLMError(RuntimeError):
+    """The installed vLLM is not the series the runner hook was written against."""
+
+
+def check_vllm_version(version: str, allow_untested: bool) -> None:
+    if not version.startswith(TESTED_VLLM) and not allow_untested:
+        raise UntestedVLLMError(
+            f"vllm {version}: FedAttn's runner hook reads model-runner internals of vllm {TESTED_VLLM}x only; "
+            f"install vllm=={TESTED_VLLM}* (or set FEDATTN_ALLOW_UNTESTED_VLLM=1 and check the results against "
+            "the oracle: tests/test_engine.py)")
+
+
 def install_runner_hook() -> None:
     """Wrap the model runner's `_model_forward` (meant for overriding) once per process."""
+    import vllm
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     original = GPUModelRunner._model_forward
     if getattr(original, "_fedattn", False):
         return
+    check_vllm_version(vllm.__version__, os.environ.get("FEDATTN_ALLOW_UNTESTED_VLLM") == "1")
 
     def _model_forward(self, input_ids=None, positions=None, *args, **kwargs):
         batch = FedAttnBatch.from_runner(self)
