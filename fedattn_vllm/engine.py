@@ -126,7 +126,7 @@ class FederatedLLM:
         from fedattn_vllm.plugin import register
 
         register()  # the entry point does this too; the engine lives in this process
-        path = resolve_model(model)
+        path = resolve_model(model, engine_args.get("revision"))
         hf_config = AutoConfig.from_pretrained(path)
         arch = (hf_config.architectures or ["?"])[0]
         if arch not in FEDATTN_ARCHITECTURES:
@@ -137,6 +137,7 @@ class FederatedLLM:
         longest = engine_args.get("max_model_len") or getattr(hf_config, "max_position_embeddings", None) or 16384
         args = {"enforce_eager": True, "max_num_batched_tokens": max(16384, longest), **engine_args,
                 **_REQUIRED_ENGINE_ARGS}
+        args.pop("revision", None)  # `path` is that revision already
         if _on_cpu() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             args.setdefault("kv_cache_memory_bytes", DEFAULT_CPU_KV_CACHE_BYTES)
         self.llm = LLM(model=str(path), hf_overrides={"architectures": [FEDATTN_ARCHITECTURES[arch]]}, **args)

@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import uvicorn
+from pydantic import ValidationError
 from pydantic_settings import CliApp
 
 from server.app import create_app
 from server.settings import ServerSettings
 
 
+def parse(argv: list[str]) -> ServerSettings:
+    """Settings from the command line: `python -m server [MODEL] [--flags]`, like `vllm serve`; a bad value
+    exits 2 with one line per problem (no traceback)."""
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model", argv[0], *argv[1:]]
+    try:
+        return CliApp.run(ServerSettings, cli_args=argv)
+    except ValidationError as error:
+        problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" if e["loc"]
+                             else e["msg"] for e in error.errors())
+        print(f"python -m server: error: {problems}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main() -> None:
-    settings = CliApp.run(ServerSettings)
+    settings = parse(sys.argv[1:])
     logging.basicConfig(level=logging.INFO)
     # access_log off: request lines carry no prompt text, but nothing about a request is logged by default
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, access_log=False,

@@ -48,7 +48,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         backend = Backend.start(settings, metrics)
         state.update(backend=backend, metrics=metrics,
                      private=PrivateSessions(backend.worker.acquire, backend.worker.release),
-                     model=settings.served_model_name or backend.model_name)
+                     model=settings.served_name)
         metrics.queue_depth.set_function(lambda: backend.worker.queue_depth)
         yield
         backend.close()

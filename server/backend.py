@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from server.settings import ServerSettings
 from server.worker import ClusterWorker, EngineWorker
@@ -15,20 +14,20 @@ class Backend:
     worker: object  # EngineWorker | ClusterWorker
     tokenizer: object
     num_layers: int
-    model_name: str
     local_cluster: object | None = None  # LocalCluster the server started, stopped with it
 
     @classmethod
     def start(cls, settings: ServerSettings, metrics) -> Backend:
         engine_args = {"dtype": settings.dtype, "max_model_len": settings.max_model_len, "seed": 0,
                        "max_num_batched_tokens": settings.max_num_batched_tokens,
-                       "kv_cache_memory_bytes": int(settings.kv_cache_gib * 2**30)}
+                       "kv_cache_memory_bytes": int(settings.kv_cache_gib * 2**30),
+                       **({"revision": settings.revision} if settings.revision else {})}
         limits = {"max_sessions": settings.max_sessions, "on_finished": metrics.session_finished}
         if not settings.engines and not settings.engine_endpoints:
             from fedattn_vllm.engine import FederatedLLM
 
             llm = FederatedLLM(settings.model, **engine_args)
-            return cls(EngineWorker(llm, **limits), llm.tokenizer, llm.num_layers, Path(llm.model_path).name)
+            return cls(EngineWorker(llm, **limits), llm.tokenizer, llm.num_layers)
         from transformers import AutoTokenizer
 
         from fedattn_vllm.federated.cluster import FederatedCluster
@@ -50,8 +49,8 @@ class Backend:
             local = LocalCluster(settings.model, engines=settings.engines, engine_args=engine_args,
                                  timeout_s=settings.session_timeout_s)
             cluster = local.cluster
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(settings.model))
-        return cls(ClusterWorker(cluster, **limits), tokenizer, cluster.num_layers, cluster.model, local)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(settings.model, settings.revision))
+        return cls(ClusterWorker(cluster, **limits), tokenizer, cluster.num_layers, local)
 
     def close(self) -> None:
         self.worker.close()

@@ -17,8 +17,12 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FEDATTN_SERVER_", cli_prog_name="python -m server",
                                       cli_kebab_case=True, extra="forbid")
 
-    model: str = Field("default", description="model alias, local Hugging Face directory or hub id")
-    served_model_name: str | None = Field(None, description="name clients use (default: the model's directory name)")
+    model: str = Field("default", description="a local Hugging Face directory, one of ours (fedattn-models list; "
+                       "'default'), or a Hugging Face Hub model: org/name, or a bare Qwen2/Llama name such as "
+                       "Qwen2.5-7B-Instruct (HF_HOME, HF_HUB_OFFLINE honoured)")
+    revision: str | None = Field(None, description="a Hub model's branch, tag or commit (default: its main branch)")
+    served_model_name: str | None = Field(None, description="name clients use (default: --model as given, an alias "
+                                          "as the name it stands for)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
@@ -46,6 +50,12 @@ class ServerSettings(BaseSettings):
     max_sessions: int = Field(256, ge=1, description="sessions queued or running at once (then 429)")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="largest request body accepted (then 413)")
     log_requests: bool = Field(False, description="log each request's participant count and segment lengths (never text)")
+
+    @property
+    def served_name(self) -> str:
+        from fedattn_vllm.models.registry import ALIASES
+
+        return self.served_model_name or ALIASES.get(self.model, self.model)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerSettings:

@@ -64,8 +64,8 @@ MODEL, KEY = "tiny-qwen2", "test-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 
 
-def start_server(tmp_path_factory, *flags: str):
-    """`python -m server` on the tiny model (later flags override), ready to serve: (url, process, log path)."""
+def start_server(tmp_path_factory, *flags: str, model: str = MODEL):
+    """`python -m server MODEL` (the tiny model; later flags override), ready to serve: (url, process, log path)."""
     import subprocess
     import sys
 
@@ -74,7 +74,7 @@ def start_server(tmp_path_factory, *flags: str):
 
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    args = [sys.executable, "-m", "server", "--model", MODEL, "--port", str(port), "--max-model-len", "256",
+    args = [sys.executable, "-m", "server", model, "--port", str(port), "--max-model-len", "256",
             "--max-num-batched-tokens", "256", "--kv-cache-gib", "0.0625", "--api-key", KEY, *flags]
     with open(log, "wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
@@ -180,3 +180,20 @@ def random_case(rng: random.Random, vocab: int, num_layers: int, wires: tuple[KV
     # At least two tokens, so every generator decodes once and reads everyone's K/V (as the cost model counts).
     return Case([random_tokens(rng, vocab, length) for length in lengths], prefix, FedAttnConfig(**options),
                 rng.randint(2, 10))
+
+
+def make_hub_cache(home, monkeypatch):
+    """A Hugging Face cache under `home` (set as HF_HOME, offline) holding the tiny model as Qwen/Qwen2.5-Tiny,
+    its main branch and tag v1; returns the repository's cache folder."""
+    from fedattn_vllm.models.tiny import build_tiny_model
+
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = home / "hub" / "models--Qwen--Qwen2.5-Tiny"
+    for ref, commit in (("main", "a" * 40), ("v1", "b" * 40)):
+        build_tiny_model("tiny-qwen2", repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return repo
+

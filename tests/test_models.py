@@ -2,6 +2,7 @@ import hashlib
 import json
 
 import pytest
+from conftest import make_hub_cache
 
 from fedattn_vllm.models import ModelProvisionError, canonical_name, resolve_model
 from fedattn_vllm.models.gguf_build import assemble_gguf
@@ -23,9 +24,33 @@ def test_tiny_models_are_deterministic(tmp_path, name):
 
 
 def test_unknown_model_names_are_rejected():
-    with pytest.raises(ModelProvisionError, match="unknown model 'gpt-9'"):
+    with pytest.raises(ModelProvisionError, match="'gpt-9' is not a local directory, not one of ours .*not a Hub id"):
         resolve_model("gpt-9")
+    with pytest.raises(ModelProvisionError, match="unknown model 'gpt-9'"):
+        canonical_name("gpt-9")
     assert canonical_name("default") == "qwen2.5-coder-0.5b-instruct"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    return make_hub_cache(tmp_path / "hf", monkeypatch)
+
+
+def test_hub_ids_and_bare_names_resolve_from_the_cache_offline(hub_cache):
+    main, tag = hub_cache / "snapshots" / ("a" * 40), hub_cache / "snapshots" / ("b" * 40)
+    assert resolve_model("Qwen/Qwen2.5-Tiny") == main
+    assert resolve_model("Qwen2.5-Tiny") == main  # the organisation from the family's name
+    assert resolve_model("Qwen/Qwen2.5-Tiny", revision="v1") == tag
+    assert (main / "config.json").is_file()
+
+
+def test_a_hub_model_missing_offline_says_what_was_tried(hub_cache):
+    with pytest.raises(ModelProvisionError, match="Qwen/Qwen2.5-7B is not in the Hugging Face cache .*HF_HUB_OFFLINE"):
+        resolve_model("Qwen2.5-7B")
+    with pytest.raises(ModelProvisionError, match="'qwen2.5-coder-0.5b-instruct' is provisioned from a quantised GGUF"):
+        resolve_model("Qwen/Qwen2.5-Coder-0.5B-Instruct")
+    with pytest.raises(ModelProvisionError, match="revision nope"):
+        resolve_model("Qwen/Qwen2.5-Tiny", revision="nope")
 
 
 def test_local_directories_pass_through(tmp_path):

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from conftest import HEADERS, KEY, MODEL, federated_engine, greedy, metric, plain_engine, start_server
+from conftest import HEADERS, KEY, MODEL, federated_engine, greedy, make_hub_cache, metric, plain_engine, start_server
 
 from fedattn_vllm.config import RECOMMENDED
 from fedattn_vllm.engine import FedAttnSession
@@ -280,6 +280,21 @@ def test_the_one_call_example_runs_against_federated_engines(federated_server):
                               "--api-key", KEY], capture_output=True, text=True, timeout=300)
     assert example.returncode == 0, example.stderr[-2000:]
     assert example.stdout.count("answered in") == 4 and "an ordinary single-party chat request" in example.stdout
+
+
+def test_a_hub_model_named_like_vllm_users_name_it(tmp_path_factory, monkeypatch):
+    """`python -m server Qwen2.5-Tiny` (positional, bare name, offline from the Hub cache), federated engines too."""
+    make_hub_cache(tmp_path_factory.mktemp("hf"), monkeypatch)
+    url, process, _ = start_server(tmp_path_factory, "--engines", "2", model="Qwen2.5-Tiny")
+    try:
+        assert [m["id"] for m in httpx.get(f"{url}/v1/models", headers=HEADERS).json()["data"]] == ["Qwen2.5-Tiny"]
+        body = {"model": "Qwen2.5-Tiny", "participants": [list(range(10, 20)), list(range(30, 36))], "max_tokens": 3,
+                "temperature": 0, "ignore_eos": True}
+        reply = httpx.post(f"{url}/v1/completions", json=body, headers=HEADERS, timeout=60)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 def test_prompts_are_never_logged(server_log):

@@ -43,3 +43,15 @@ def test_attached_engines_need_curve_keys_unless_insecure(tmp_path):
         _orchestrator_keys(ServerSettings(**keyed, engine_keys=[tmp_path / "engine.key"]))
     keys = _orchestrator_keys(ServerSettings(**keyed, engine_keys=[tmp_path / "engine.key"] * 2))
     assert keys.engines[0] == keys.engines[1] != keys.coordinator
+
+
+def test_the_command_line_takes_the_model_positionally_and_exits_2_on_bad_values(capsys):
+    from server.__main__ import parse
+
+    assert parse(["Qwen/Qwen2.5-7B", "--port", "9000"]).model == "Qwen/Qwen2.5-7B"
+    assert parse(["--model", "tiny-qwen2"]).served_name == "tiny-qwen2"
+    assert parse([]).served_name == "qwen2.5-coder-0.5b-instruct"  # an alias serves under the name it stands for
+    with pytest.raises(SystemExit) as exit_:
+        parse(["--port", "abc"])
+    assert exit_.value.code == 2 and "--port: Input should be a valid integer" in capsys.readouterr().err
+

