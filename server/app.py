@@ -169,7 +169,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise APIError(429, str(error), None, "rate_limit_error") from None
         response_id = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
         if stream is not None:
-            return StreamingResponse(_stream(worker, session_id, future, stream, response_id, kind),
+            generators = sorted(config.resolve(state["backend"].num_layers, len(segments)).generators)
+            return StreamingResponse(_stream(worker, session_id, future, stream, response_id, kind,
+                                             {g: i for i, g in enumerate(generators)}, _include_usage(body), timings),
                                      media_type="text/event-stream")
         try:
             result = await _unless_disconnected(request, asyncio.wrap_future(future))
@@ -198,38 +200,70 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 task.cancel()
                 return None
 
-    def _chunk(response_id: str, kind: str, created: int, choices: list[dict]) -> str:
+    def _chunk(response_id: str, kind: str, created: int, choices: list[dict], **extra) -> str:
         """One server-sent event of a streamed completion."""
         obj = kind if kind == "text_completion" else f"{kind}.chunk"
-        body = {"id": response_id, "object": obj, "created": created, "model": state["model"], "choices": choices}
+        body = {"id": response_id, "object": obj, "created": created, "model": state["model"], "choices": choices,
+                **extra}
         return f"data: {json.dumps(body)}\n\n"
 
-    async def _stream(worker, session_id, future, stream: asyncio.Queue, response_id: str, kind: str):
+    async def _stream(worker, session_id, future, stream: asyncio.Queue, response_id: str, kind: str,
+                      index_of: dict[int, int], include_usage: bool, timings: Timings):
+        """Server-sent events: per choice (`index_of`: generator -> choice index) a role delta first (chat), its
+        text as it comes, a last chunk with its finish reason and the session's `fedattn` block, then the usage
+        (`stream_options.include_usage`)."""
         created = int(time.time())
 
-        def piece(text: str) -> dict:
-            return {"text": text} if kind == "text_completion" else {"delta": {"content": text}}
+        def choice(g: int, text: str, finish_reason: str | None = None, role: bool = False) -> dict:
+            if kind == "text_completion":
+                content = {"text": text, "logprobs": None}
+            else:
+                content = {"delta": {"role": "assistant", "content": text} if role else {"content": text}}
+            return {"index": index_of[g], "participant": g, **content, "finish_reason": finish_reason}
 
         try:
+            if kind != "text_completion":
+                yield _chunk(response_id, kind, created, [choice(g, "", role=True) for g in index_of])
             while not (future.done() and stream.empty()):
                 try:
                     generator, text, _ = await asyncio.wait_for(stream.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     continue
                 if text:
-                    yield _chunk(response_id, kind, created, [{"index": generator, **piece(text), "finish_reason": None}])
+                    yield _chunk(response_id, kind, created, [choice(generator, text)])
             error = future.exception()
             result = future.result() if error is None else None
             if error is not None or result.error:
                 message = str(error) if error is not None else result.error
                 yield f"data: {json.dumps(error_body(message, 'server_error', None))}\n\n"
             else:
-                yield _chunk(response_id, kind, created, [{"index": g, **piece(""), "finish_reason": out.finish_reason}
-                                                          for g, out in result.outputs.items()])
+                yield _chunk(response_id, kind, created,
+                             [choice(g, "", result.outputs[g].finish_reason) for g in index_of],
+                             fedattn=_fedattn_block(result, timings))
+                if include_usage:
+                    yield _chunk(response_id, kind, created, [], usage=_usage(result))
             yield "data: [DONE]\n\n"
         except asyncio.CancelledError:  # the client disconnected mid-stream
             worker.cancel(session_id)
             raise
+
+    def _include_usage(body) -> bool:
+        return body.stream_options is not None and body.stream_options.include_usage
+
+    def _usage(result: SessionResult) -> dict:
+        completion_tokens = sum(len(out.token_ids) for out in result.outputs.values())
+        prompt_tokens = result.cost.prefix_tokens + sum(result.cost.tokens)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def _fedattn_block(result: SessionResult, timings: Timings) -> dict:
+        return {
+            "participants": len(result.cost.tokens), "tokens": result.cost.tokens,
+            "public_prefix_tokens": result.cost.prefix_tokens,
+            "sync_layers": list(result.cost.sync_layers),
+            "published_bytes": result.cost.published_bytes, "received_bytes": result.cost.received_bytes,
+            "timings": {"time_to_first_token_s": timings.first_token_s, "total_s": timings.total_s},
+        }
 
     def _response(result: SessionResult, timings: Timings, response_id: str, kind: str) -> dict:
         choices = []
@@ -237,21 +271,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             content = {"text": out.text, "logprobs": None} if kind == "text_completion" else \
                 {"message": {"role": "assistant", "content": out.text}}
             choices.append({"index": i, "participant": g, **content, "finish_reason": out.finish_reason})
-        completion_tokens = sum(len(out.token_ids) for out in result.outputs.values())
-        prompt_tokens = result.cost.prefix_tokens + sum(result.cost.tokens)
-        return {
-            "id": response_id, "object": kind, "created": int(time.time()), "model": state["model"],
-            "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-            "fedattn": {
-                "participants": len(result.cost.tokens), "tokens": result.cost.tokens,
-                "public_prefix_tokens": result.cost.prefix_tokens,
-                "sync_layers": list(result.cost.sync_layers),
-                "published_bytes": result.cost.published_bytes, "received_bytes": result.cost.received_bytes,
-                "timings": {"time_to_first_token_s": timings.first_token_s, "total_s": timings.total_s},
-            },
-        }
+        return {"id": response_id, "object": kind, "created": int(time.time()), "model": state["model"],
+                "choices": choices, "usage": _usage(result), "fedattn": _fedattn_block(result, timings)}
 
     @app.post("/v1/fedattn/sessions")
     async def create_session(body: SessionCreateRequest):
@@ -331,9 +352,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
         future, timings = started
         response_id = f"fedsess-{uuid.uuid4().hex}"
         kind = "chat.completion" if session.chat else "text_completion"
-        if participant in session.streams:
+        if participant in session.streams:  # its own answer, as choice 0
             return StreamingResponse(_stream(state["backend"].worker, session.worker_session, future,
-                                             session.streams[participant], response_id, kind),
+                                             session.streams[participant], response_id, kind, {participant: 0},
+                                             body.include_usage, timings),
                                      media_type="text/event-stream")
         try:
             result = await _unless_disconnected(request, asyncio.wrap_future(future))

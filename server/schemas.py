@@ -41,6 +41,10 @@ class FedAttnBlock(BaseModel):
         return FedAttnConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # a last chunk with the usage (and no choices), as OpenAI and vLLM send it
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI fields we do not use are accepted and ignored
 
@@ -52,6 +56,7 @@ class _Sampling(BaseModel):
     stop: StopString | list[StopString] | None = Field(None, max_length=16)
     n: Literal[1] = 1
     stream: bool = False
+    stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     ignore_eos: bool = False  # vLLM's extension
@@ -97,3 +102,4 @@ class SessionJoinRequest(BaseModel):
     token: str
     content: Segment = Field(min_length=1)
     stream: bool = False
+    include_usage: bool = False  # streamed: a last chunk with the usage

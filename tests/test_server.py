@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -118,6 +119,34 @@ def test_streaming_gives_the_same_text_in_pieces(server):
             pieces.append(choice["text"])
             finish = choice["finish_reason"] or finish
     assert "".join(pieces) == whole and len(pieces) > 2 and finish == "length"
+
+
+def test_the_openai_clients_stream_helpers_assemble_a_multi_party_chat(server):
+    """`client.chat.completions.stream()` (sync and async) over two generators: choice indexes 0 and 1, the
+    role first, the usage chunk last, and the same text as the answer in one piece."""
+    parts = ["alice: the code is 4417. ", "bob: the room is 12. ", "carol: what is the code?"]
+    extra = {"participants": parts, "fedattn": {"generators": [0, 2]}, "ignore_eos": True}
+    args = {"model": MODEL, "messages": [], "max_tokens": 6, "temperature": 0, "extra_body": extra}
+    whole = post(server, "/v1/chat/completions", {"participants": parts, "fedattn": extra["fedattn"], "max_tokens": 6,
+                                                  "temperature": 0, "ignore_eos": True}).json()
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY)
+    with client.chat.completions.stream(**args, stream_options={"include_usage": True}) as stream:
+        chunks = [event.chunk for event in stream if event.type == "chunk"]
+        final = stream.current_completion_snapshot  # (get_final_completion refuses finish_reason "length")
+    assert [c.message.content for c in final.choices] == [c["message"]["content"] for c in whole["choices"]]
+    assert [c.message.role for c in final.choices] == ["assistant", "assistant"]
+    assert chunks[0].choices[0].delta.role == "assistant" and not chunks[-1].choices
+    assert chunks[-1].usage.completion_tokens == 12 and final.usage.prompt_tokens == whole["usage"]["prompt_tokens"]
+    assert chunks[-2].model_extra["fedattn"]["published_bytes"] == whole["fedattn"]["published_bytes"]
+
+    async def streamed() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY) as aclient:
+            async with aclient.chat.completions.stream(**args) as astream:
+                async for _ in astream:
+                    pass
+                return [c.message.content for c in astream.current_completion_snapshot.choices]
+
+    assert asyncio.run(streamed()) == [c["message"]["content"] for c in whole["choices"]]
 
 
 BAD = [
