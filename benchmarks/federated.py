@@ -8,6 +8,8 @@ Each GSM8K prompt (TokEx split) runs one session at a time, modes interleaved ro
   pipelined    all participants start at once; participant n waits at a sync layer only
                for 1..n-1's K/V of that layer;
   serial       participant n starts when n-1 has finished.
+With --compare-security a second cluster runs beside it with plaintext links and unsealed
+K/V, and its pipelined sessions join the interleaved rounds (what CURVE and sealing cost).
 Reported: median TTFT (max_tokens=1), each engine's CPU time per session (its participant's
 compute), bytes on the wire. This machine's cores are shared by all engines, so the wall
 clock of the federated modes is inflated; the projection to one machine per participant
@@ -19,6 +21,7 @@ time at --link-gbps and --rtt-ms) and says what N machines would give.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -47,11 +50,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--link-gbps", type=float, default=1.0, help="projection: link bandwidth per machine")
     parser.add_argument("--rtt-ms", type=float, default=1.0, help="projection: round trip to the coordinator")
+    parser.add_argument("--compare-security", action="store_true",
+                        help="also run pipelined sessions on a plaintext, unsealed cluster (same rounds)")
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/federated-<setting>.json")
     args = parser.parse_args()
     if args.out is None:
         hg = f"-hg{args.generator_sync_interval}" if args.generator_sync_interval else ""
-        args.out = Path(f"benchmarks/results/federated-N{args.participants}-H{args.sync_interval}{hg}-{args.kv_wire}.json")
+        security = "-security" if args.compare_security else ""
+        args.out = Path(f"benchmarks/results/federated-N{args.participants}-H{args.sync_interval}{hg}-{args.kv_wire}"
+                        f"{security}.json")
     return args
 
 
@@ -82,7 +89,10 @@ def main() -> None:
                            kv_wire=args.kv_wire)
     n = args.participants
     print(f"starting a coordinator and {n} engines ...", flush=True)
-    with LocalCluster(args.model, engines=n, engine_args=engine_args, timeout_s=300) as local:
+    with contextlib.ExitStack() as clusters:
+        local = clusters.enter_context(LocalCluster(args.model, engines=n, engine_args=engine_args, timeout_s=300))
+        plain = clusters.enter_context(LocalCluster(args.model, engines=n, engine_args=engine_args, timeout_s=300,
+                                                    insecure=True, seal=False)) if args.compare_security else None
         from transformers import AutoTokenizer
         from vllm import SamplingParams
 
@@ -96,16 +106,21 @@ def main() -> None:
             "serial": lambda s: cluster.generate([FedAttnSession(s, config, first_token)], [list(range(n))],
                                                  pipelined=False),
         }
-        modes["pipelined"](prompts[0])  # warm-up: allocator pools, first-call paths
+        if plain is not None:
+            modes["pipelined_plaintext"] = lambda s: plain.cluster.generate([FedAttnSession(s, config, first_token)],
+                                                                            [list(range(n))])
+        for mode in modes.keys() & {"pipelined", "pipelined_plaintext"}:
+            modes[mode](prompts[0])  # warm-up: allocator pools, first-call paths
         samples: dict[str, list[dict]] = {mode: [] for mode in modes}
         for _ in range(args.rounds):
             for segments in prompts:
                 for mode, run in modes.items():
-                    before = cpu_seconds(cluster.engine_pids)
+                    pids = (plain if mode == "pipelined_plaintext" else local).cluster.engine_pids
+                    before = cpu_seconds(pids)
                     started = time.perf_counter()
                     [result] = run(segments)
                     wall = time.perf_counter() - started
-                    cpu = [b - a for a, b in zip(before, cpu_seconds(cluster.engine_pids))]
+                    cpu = [b - a for a, b in zip(before, cpu_seconds(pids))]
                     assert result.error is None, result.error
                     samples[mode].append({"ttft_s": wall, "cpu_s": cpu, "cost": result.cost.__dict__})
         plan = config.resolve(cluster.num_layers, n)
@@ -127,15 +142,13 @@ def summarise(args, samples, plan: FedAttnPlan, num_layers: int, prompts) -> dic
     projected = projected_pipelined_s(compute, plan, layer_bytes, num_layers, args.link_gbps, args.rtt_ms)
     projected_serial = sum(compute)
     tokens = [len(s) for s in prompts[0]]
-    pipelined = samples["pipelined"]
-    wire = median(sum(s["cost"]["published_wire_bytes"]) + sum(s["cost"]["received_wire_bytes"]) for s in pipelined)
-    payload = median(sum(s["cost"]["published_bytes"]) + sum(s["cost"]["received_bytes"]) for s in pipelined)
+    wire, payload = _bytes(samples["pipelined"])
     print(f"\n{args.problems} GSM8K prompts x {args.rounds} rounds, {args.shots}-shot TokEx, N={n}, "
           f"H={args.sync_interval}, H_g={args.generator_sync_interval}, kv_wire={args.kv_wire}, {args.dtype}; first prompt's segments "
           f"{tokens} tokens")
-    print(f"{'mode':<12} {'TTFT median (s)':>16} {'vs centralised':>15}")
+    print(f"{'mode':<20} {'TTFT median (s)':>16} {'vs centralised':>15}")
     for mode, seconds in ttft.items():
-        print(f"{mode:<12} {seconds:>16.3f} {seconds / ttft['centralised']:>14.2f}x")
+        print(f"{mode:<20} {seconds:>16.3f} {seconds / ttft['centralised']:>14.2f}x")
     print(f"per-participant compute (CPU s, serial runs, median): {[round(c, 3) for c in compute]}; "
           f"centralised {central_cpu:.3f}")
     print(f"projected with one machine per participant ({args.link_gbps} Gbit/s, {args.rtt_ms} ms RTT): "
@@ -143,12 +156,27 @@ def summarise(args, samples, plan: FedAttnPlan, num_layers: int, prompts) -> dic
           f"serial {projected_serial:.3f} s")
     print(f"bytes per session on the wire {wire:,} (K/V payload {payload:,}, framing "
           f"{100 * (wire - payload) / payload:.3f}%)")
+    security = {}
+    if "pipelined_plaintext" in samples:
+        plain_wire, _ = _bytes(samples["pipelined_plaintext"])
+        security = {"ttft_ratio_secure_over_plaintext": ttft["pipelined"] / ttft["pipelined_plaintext"],
+                    "wire_bytes_plaintext": plain_wire}
+        print(f"CURVE + sealed vs plaintext, pipelined: TTFT {security['ttft_ratio_secure_over_plaintext']:.3f}x; "
+              f"bytes counted on the wire {wire:,} vs {plain_wire:,}")
     return {
         "args": vars(args), "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform()},
         "ttft_median_s": ttft, "compute_cpu_s": compute, "centralised_cpu_s": central_cpu,
         "projected_pipelined_s": projected, "projected_serial_s": projected_serial,
-        "wire_bytes": wire, "payload_bytes": payload, "samples": samples,
+        "wire_bytes": wire, "payload_bytes": payload, **security, "samples": samples,
     }
+
+
+def _bytes(rows: list[dict]) -> tuple[int, int]:
+    """Median bytes per session: whole messages on the wire, and K/V payload."""
+    wire = statistics.median(sum(s["cost"]["published_wire_bytes"]) + sum(s["cost"]["received_wire_bytes"])
+                             for s in rows)
+    payload = statistics.median(sum(s["cost"]["published_bytes"]) + sum(s["cost"]["received_bytes"]) for s in rows)
+    return wire, payload
 
 
 if __name__ == "__main__":

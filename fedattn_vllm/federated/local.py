@@ -66,9 +66,10 @@ class LocalCluster:
     def __init__(self, model: str = "default", engines: int = 2, *, engine_args: dict | None = None,
                  timeout_s: float = 60.0, start_timeout_s: float = 600.0, log_dir: str | Path | None = None,
                  env: dict[str, str] | None = None, coordinator: tuple[str, bytes] | None = None,
-                 keys_dir: str | Path | None = None, insecure: bool = False):
+                 keys_dir: str | Path | None = None, insecure: bool = False, seal: bool = True):
         """`coordinator`: (endpoint, admin key) of a running coordinator to use instead of starting one
-        (with CURVE, it serves `keys_dir`/coordinator.key_secret and trusts `keys_dir`: see `local_keys`)."""
+        (with CURVE, it serves `keys_dir`/coordinator.key_secret and trusts `keys_dir`: see `local_keys`).
+        `seal`: K/V sealed end to end past the coordinator (FederatedCluster)."""
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="fedattn-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         trust = None if insecure else local_keys(keys_dir or self.log_dir / "keys", engines)
@@ -98,7 +99,7 @@ class LocalCluster:
             endpoints = [self._await_ready(p, f"engine{e}", start_timeout_s)
                          for e, p in enumerate(self.engine_processes)]
             self.cluster = FederatedCluster(endpoints, self.coordinator_endpoint, admin_key,
-                                            control_key=control_key.encode(), keys=keys, insecure=insecure,
+                                            control_key=control_key.encode(), keys=keys, insecure=insecure, seal=seal,
                                             timeout_s=timeout_s, launcher=self)
         except BaseException:
             self.close()
