@@ -13,8 +13,10 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version as package_version
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -24,10 +26,10 @@ from fedattn_vllm.prompting import chat_prefix, encode_part, encode_segments
 from server.backend import Backend
 from server.errors import APIError, error_body, install_error_handlers
 from server.guard import RequestGuard
-from server.metrics import Metrics
+from server.metrics import CountRejections, Metrics
 from server.private import JoinError, PrivateSessions
-from server.schemas import (ChatCompletionRequest, CompletionRequest, FedAttnBlock, SessionCreateRequest,
-                            SessionJoinRequest)
+from server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, FedAttnBlock,
+                            SessionCreateRequest, SessionJoinRequest, TokenizeRequest)
 from server.settings import ServerSettings
 from server.worker import EngineDead, QueueFull, Timings
 
@@ -43,19 +45,25 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def off_loop(function, *args):
         return await asyncio.get_running_loop().run_in_executor(text_thread, function, *args)
 
+    metrics = Metrics(settings.served_name)
+
     async def lifespan(app: FastAPI):
-        metrics = Metrics()
         backend = Backend.start(settings, metrics)
         state.update(backend=backend, metrics=metrics,
                      private=PrivateSessions(backend.worker.acquire, backend.worker.release),
                      model=settings.served_name)
-        metrics.queue_depth.set_function(lambda: backend.worker.queue_depth)
+        metrics.waiting.set_function(lambda: backend.worker.queue_depth)
+        metrics.running.set_function(lambda: backend.worker.running)
         yield
         backend.close()
         text_thread.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="fedattn-vllm", lifespan=lifespan)
     app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(CountRejections, metrics=metrics)  # outermost: sees the guard's refusals too
+    if settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"])
 
     install_error_handlers(app)
 
@@ -67,13 +75,48 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/metrics")
-    async def metrics():
+    async def prometheus_text():
         return PlainTextResponse(generate_latest(state["metrics"].registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version():
+        import vllm
+
+        return {"version": package_version("fedattn-vllm"), "vllm": vllm.__version__}
+
+    def _model_card() -> dict:
+        return {"id": state["model"], "object": "model", "created": 0, "owned_by": "fedattn-vllm",
+                "max_model_len": settings.max_model_len}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": state["model"], "object": "model", "created": 0,
-                                            "owned_by": "fedattn-vllm", "max_model_len": settings.max_model_len}]}
+        return {"object": "list", "data": [_model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        _check_model(model)
+        return _model_card()
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        _check_model(body.model)
+        tokenizer = state["backend"].tokenizer
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", "prompt")
+        if body.prompt is not None:
+            ids = await off_loop(lambda: tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"])
+        else:
+            ids = await off_loop(_chat_ids, tokenizer, [m.model_dump() for m in body.messages],
+                                 body.add_generation_prompt)
+        return {"count": len(ids), "max_model_len": settings.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        _check_model(body.model)
+        tokenizer = state["backend"].tokenizer
+        if not all(0 <= t < len(tokenizer) for t in body.tokens):
+            raise APIError(400, f"tokens: token ids must be in the vocabulary (0..{len(tokenizer) - 1})", "tokens")
+        return {"prompt": await off_loop(tokenizer.decode, body.tokens)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -402,8 +445,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     return app
 
 
-def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

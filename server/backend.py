@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from server.settings import ServerSettings
 from server.worker import ClusterWorker, EngineWorker
@@ -27,7 +28,7 @@ class Backend:
             from fedattn_vllm.engine import FederatedLLM
 
             llm = FederatedLLM(settings.model, **engine_args)
-            return cls(EngineWorker(llm, **limits), llm.tokenizer, llm.num_layers)
+            return cls(EngineWorker(llm, **limits), _with_chat_template(llm.tokenizer, settings), llm.num_layers)
         from transformers import AutoTokenizer
 
         from fedattn_vllm.federated.cluster import FederatedCluster
@@ -50,7 +51,7 @@ class Backend:
                                  timeout_s=settings.session_timeout_s)
             cluster = local.cluster
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(settings.model, settings.revision))
-        return cls(ClusterWorker(cluster, **limits), tokenizer, cluster.num_layers, local)
+        return cls(ClusterWorker(cluster, **limits), _with_chat_template(tokenizer, settings), cluster.num_layers, local)
 
     def close(self) -> None:
         self.worker.close()
@@ -70,3 +71,12 @@ def _orchestrator_keys(settings: ServerSettings):
                          f"{len(settings.engine_endpoints)} --engine-endpoints (one each, in order)")
     return OrchestratorKeys(Keypair.load(settings.keypair), public_key(settings.coordinator_key),
                             tuple(public_key(path) for path in settings.engine_keys))
+
+
+def _with_chat_template(tokenizer, settings: ServerSettings):
+    """The tokenizer, with --chat-template (a file's contents, or the template itself) replacing the model's."""
+    if settings.chat_template is not None:
+        path = Path(settings.chat_template).expanduser()
+        tokenizer.chat_template = path.read_text() if path.is_file() else settings.chat_template
+    return tokenizer
+

@@ -103,3 +103,19 @@ class SessionJoinRequest(BaseModel):
     content: Segment = Field(min_length=1)
     stream: bool = False
     include_usage: bool = False  # streamed: a last chunk with the usage
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages under the model's chat template."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model: str
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=1 << 20)
+

@@ -45,6 +45,10 @@ class ServerSettings(BaseSettings):
     ssl_keyfile: Path | None = Field(None, description="serve HTTPS with this private key (PEM)")
     ssl_certfile: Path | None = Field(None, description="... and this certificate chain (PEM)")
     session_timeout_s: float = Field(60.0, gt=0, description="federated: how long a participant waits for a peer")
+    allowed_origins: list[str] = Field(default_factory=list, description="CORS: origins browsers may call from "
+                                       "(e.g. '[\"https://app.example\"]'; none by default)")
+    chat_template: str | None = Field(None, description="a Jinja chat template, or a file holding one, instead of "
+                                      "the model's")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on /v1 routes")
     max_participants: int = Field(16, ge=1, description="participants per multi-party request")
     max_sessions: int = Field(256, ge=1, description="sessions queued or running at once (then 429)")

@@ -79,6 +79,11 @@ class _Worker(ABC):
         """Sessions waiting to enter the engine."""
         return 0
 
+    @property
+    def running(self) -> int:
+        """Sessions in the engine (federated: handed to the cluster)."""
+        return len(self._active)
+
     def health(self) -> str | None:
         """Why sessions cannot run now (None: they can)."""
         return self.dead

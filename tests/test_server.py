@@ -23,7 +23,7 @@ from server.schemas import FedAttnBlock
 @pytest.fixture(scope="module")
 def server_log(tmp_path_factory):
     """Colocated: one in-process engine serves every session; (url, its log file)."""
-    url, process, log = start_server(tmp_path_factory)
+    url, process, log = start_server(tmp_path_factory, "--allowed-origins", '["https://app.example"]')
     yield url, log
     process.terminate()
     process.wait(timeout=30)
@@ -50,6 +50,39 @@ def post(server, path: str, body: dict) -> httpx.Response:
 def test_models_and_health(server):
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
     assert [m["id"] for m in httpx.get(f"{server}/v1/models", headers=HEADERS).json()["data"]] == [MODEL]
+
+
+def test_vllms_utility_endpoints(server):
+    assert httpx.get(f"{server}/version").json()["vllm"].startswith("0.32")
+    assert httpx.get(f"{server}/v1/models/{MODEL}", headers=HEADERS).json()["id"] == MODEL
+    missing = httpx.get(f"{server}/v1/models/other", headers=HEADERS)
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+    tokens = post(server, "/tokenize", {"prompt": "hello world"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 0 and tokens["max_model_len"] == 256
+    assert post(server, "/detokenize", {"tokens": tokens["tokens"]}).json()["prompt"] == "hello world"
+    chat = post(server, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > 3
+    bad = post(server, "/detokenize", {"tokens": [10**6]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    preflight = httpx.options(f"{server}/v1/completions", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in httpx.get(f"{server}/health", headers={"Origin": "https://evil"}).headers
+
+
+def test_metrics_count_tokens_latency_and_rejections_per_model(server):
+    label = f'model_name="{MODEL}"'
+    before = {name: metric(server, f"{name}{{{label}}}") for name in
+              ("fedattn_prompt_tokens_total", "fedattn_generation_tokens_total", "fedattn_e2e_request_latency_seconds_count")}
+    refused = metric(server, f'fedattn_requests_rejected_total{{{label},status="401"}}')
+    assert post(server, "/v1/completions", {"prompt": list(range(40, 52)), "max_tokens": 3, "temperature": 0,
+                                            "ignore_eos": True}).status_code == 200
+    assert httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "x"}).status_code == 401
+    after = {name: metric(server, f"{name}{{{label}}}") for name in before}
+    assert [after[n] - before[n] for n in before] == [12, 3, 1]
+    assert metric(server, f'fedattn_requests_rejected_total{{{label},status="401"}}') == refused + 1
+    text = httpx.get(f"{server}/metrics").text
+    assert f"fedattn_num_requests_running{{{label}}}" in text and f"fedattn_num_requests_waiting{{{label}}}" in text
 
 
 def test_single_party_completion_equals_plain_vllm(server):
@@ -262,7 +295,7 @@ def test_a_participant_that_never_joins_fails_the_session_for_everyone(server):
 
 
 def test_a_streaming_generator_that_disconnects_ends_its_private_session(server):
-    before = metric(server, 'fedattn_sessions_total{outcome="cancelled"}')
+    before = metric(server, 'fedattn_sessions_total{model_name="tiny-qwen2",outcome="cancelled"}')
     session = create_session(server, participants=2, max_tokens=200, ignore_eos=True, chat=False)
     with ThreadPoolExecutor(1) as pool:
         other = pool.submit(join, server, session, 0, list(range(10, 30)))
@@ -273,7 +306,7 @@ def test_a_streaming_generator_that_disconnects_ends_its_private_session(server)
             next(response.iter_lines())  # the answer started; then this client leaves
         reply = other.result()
     assert reply.status_code == 409 and reply.json()["error"]["type"] == "cancelled_error"
-    assert metric(server, 'fedattn_sessions_total{outcome="cancelled"}') == before + 1
+    assert metric(server, 'fedattn_sessions_total{model_name="tiny-qwen2",outcome="cancelled"}') == before + 1
 
 
 def test_federated_engines_behind_the_server_answer_like_the_offline_api(federated_server):

@@ -55,3 +55,16 @@ def test_the_command_line_takes_the_model_positionally_and_exits_2_on_bad_values
         parse(["--port", "abc"])
     assert exit_.value.code == 2 and "--port: Input should be a valid integer" in capsys.readouterr().err
 
+
+def test_a_chat_template_from_a_file_or_inline_replaces_the_models(tmp_path):
+    from types import SimpleNamespace
+
+    from server.backend import _with_chat_template
+
+    template = "{% for m in messages %}[{{ m.content }}]{% endfor %}"
+    (tmp_path / "t.jinja").write_text(template)
+    for given in (str(tmp_path / "t.jinja"), template):
+        tokenizer = _with_chat_template(SimpleNamespace(chat_template="model's"), ServerSettings(chat_template=given))
+        assert tokenizer.chat_template == template
+    assert _with_chat_template(SimpleNamespace(chat_template="model's"), ServerSettings()).chat_template == "model's"
+
