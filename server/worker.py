@@ -42,7 +42,7 @@ class EngineDead(RuntimeError):
 @dataclass
 class Timings:
     submitted: float = field(default_factory=time.perf_counter)
-    first_token_s: float | None = None  # time to the first generated token (colocated only)
+    first_token_s: float | None = None  # time to the first generated token (federated: as its engine reports it)
     total_s: float | None = None
 
 
@@ -286,8 +286,16 @@ class ClusterWorker(_Worker):
         super().__init__(**kwargs)
 
     def _admit(self, job: _Job) -> None:
-        job.handle = self.cluster.submit(job.session)  # participant n on engine n % E
-        self._active[job.handle] = job
+        job.handle = self.cluster.submit(job.session, on_text=lambda g, piece: self._on_text(job, g, piece))
+        self._active[job.handle] = job  # participant n on engine n % E
+
+    def _on_text(self, job: _Job, generator: int, piece: str) -> None:
+        """A generator's new text, as its engine reports it after each step."""
+        if job.timings.first_token_s is None:
+            job.timings.first_token_s = time.perf_counter() - job.timings.submitted
+        job.sent[generator] = job.sent.get(generator, 0) + len(piece)
+        if job.on_text is not None:
+            job.on_text(generator, piece, False)
 
     def _cancel(self, session_id: str) -> None:
         for handle, job in self._active.items():
@@ -314,7 +322,9 @@ class ClusterWorker(_Worker):
             job = self._active.pop(handle, None)
             if job is None:
                 continue
-            if job.on_text is not None:
-                for g, out in result.outputs.items():
-                    job.on_text(g, out.text, True)
+            for g, out in result.outputs.items():  # the rest: the last step's text arrives with the result
+                if job.timings.first_token_s is None and out.token_ids:
+                    job.timings.first_token_s = time.perf_counter() - job.timings.submitted
+                if job.on_text is not None:
+                    job.on_text(g, out.text[job.sent.get(g, 0):], True)
             self._settle(job, result)

@@ -337,11 +337,26 @@ def test_federated_private_session(federated_server):
 
 
 def test_the_one_call_example_runs_against_federated_engines(federated_server):
-    """examples/one_call.py with the openai client, where the answer arrives whole (no time to first token)."""
+    """examples/one_call.py with the openai client."""
     example = subprocess.run([sys.executable, "examples/one_call.py", "--base-url", f"{federated_server}/v1",
                               "--api-key", KEY], capture_output=True, text=True, timeout=300)
     assert example.returncode == 0, example.stderr[-2000:]
-    assert example.stdout.count("answered in") == 4 and "an ordinary single-party chat request" in example.stdout
+    assert example.stdout.count("time to first token") == 4 and "an ordinary single-party chat request" in example.stdout
+
+
+def test_federated_streams_arrive_token_by_token(federated_server):
+    body = {"participants": [list(range(10, 30)), list(range(50, 60))], "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True}
+    whole = post(federated_server, "/v1/completions", body).json()
+    pieces = []
+    with httpx.stream("POST", f"{federated_server}/v1/completions", json={"model": MODEL, **body, "stream": True},
+                      headers=HEADERS, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and (choices := json.loads(line[6:])["choices"]) and choices[0]["text"]:
+                pieces.append(choices[0]["text"])
+    assert "".join(pieces) == whole["choices"][0]["text"] and len(pieces) > 2
+    timings = whole["fedattn"]["timings"]
+    assert 0 < timings["time_to_first_token_s"] < timings["total_s"]
 
 
 def test_a_hub_model_named_like_vllm_users_name_it(tmp_path_factory, monkeypatch):

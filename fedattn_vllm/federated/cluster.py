@@ -17,7 +17,7 @@ import logging
 import subprocess
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 
 MAX_RESTARTS = 3  # a local engine that dies is restarted this many times, then left down
+TextCallback = Callable[[int, str], None]  # (generator, the text it added since the last call)
 
 
 class EngineLauncher(Protocol):
@@ -73,6 +74,7 @@ class _Flight:
     error: str | None = None
     error_field: str | None = None
     result: SessionResult | None = None
+    on_text: TextCallback | None = None  # a generator's text as its engine reports it (streaming)
 
 
 class FederatedCluster:
@@ -174,10 +176,14 @@ class FederatedCluster:
                 self.abort(session_id, "the orchestrator stopped")
         return [results[s] for s in order]
 
-    def submit(self, session: FedAttnSession, placement: Sequence[int] | None = None) -> str:
-        """Start one session (pipelined); `poll` reports its result. Returns its id."""
+    def submit(self, session: FedAttnSession, placement: Sequence[int] | None = None, *,
+               on_text: TextCallback | None = None) -> str:
+        """Start one session (pipelined); `poll` reports its result, and meanwhile calls `on_text` with each
+        generator's new text as its engine generates it. Returns its id."""
         plan, hosts = self._check(0, session, placement, True)
-        return self._submit(session, plan, hosts, True).session_id
+        flight = self._submit(session, plan, hosts, True)
+        flight.on_text = on_text
+        return flight.session_id
 
     def poll(self, timeout_ms: int = 100) -> dict[str, SessionResult]:
         """Handle the engines' news for up to `timeout_ms`; the sessions that ended, by id."""
@@ -246,6 +252,12 @@ class FederatedCluster:
             if len(flight.ready) == len(flight.hosts):
                 for e in (flight.serial_order[:1] if flight.serial_order else flight.hosts):
                     self._go(flight, e)
+        elif kind == "tokens":
+            for g, piece in event["outputs"].items():
+                if int(g) not in flight.plan.generators or not isinstance(piece, str):
+                    raise ValueError(f"text for participant {g}, not a generator of session {flight.session_id}")
+                if flight.on_text is not None:
+                    flight.on_text(int(g), piece)
         elif kind == "done":
             if event.get("error"):
                 flight.error_field = event.get("field")

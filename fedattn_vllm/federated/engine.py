@@ -11,7 +11,8 @@ participant's segment length, or `abort`. Every command carries the control key
 (FEDATTN_ENGINE_KEY); one that is malformed (messages.py) or unauthenticated is dropped
 unanswered and counted. The engine answers `ready` once it has
 reserved room for a submitted session (strictly in submission order: the deadlock-freedom
-rule in docs/federated.md), `done` when its participants finish or fail, and `alive`
+rule in docs/federated.md), `tokens` with its generators' new text after each step,
+`done` when its participants finish or fail, and `alive`
 every second while it holds work. Segments never leave this process; only sync-layer
 K/V does, through the coordinator.
 """
@@ -70,6 +71,7 @@ class EngineServer:
         self._queue: deque[tuple[bytes, _Run]] = deque()  # submitted, waiting for room, in submission order
         self._runs: dict[str, tuple[bytes, _Run]] = {}  # reserved or running
         self._waves: deque[list[dict]] = deque()  # go'd sessions, one wave started per engine step
+        self._sent: dict[tuple[str, int], int] = {}  # (session, generator) -> characters streamed so far
         self._last_beat = 0.0
         self.dropped = Dropped(__name__)  # control messages dropped unanswered, by reason
         self._stop = False
@@ -103,8 +105,12 @@ class EngineServer:
         self._reserve_in_order()
         self._start_wave()
         if self.llm.busy:
-            for run in self.llm.step():
+            pieces: dict[str, dict[int, str]] = {}  # session -> generator -> text new in this step
+            for run in self.llm.step(on_output=lambda session, n, output: self._new_text(pieces, session, n, output)):
                 self._done(run)
+            for session_id, outputs in pieces.items():
+                if session_id in self._runs:
+                    self._send(self._runs[session_id][0], {"event": "tokens", "session": session_id, "outputs": outputs})
         self._heartbeat()
 
     def _fail_all(self, why: str) -> None:
@@ -113,6 +119,7 @@ class EngineServer:
         held = [*self._queue, *self._runs.values()]
         self._queue.clear()
         self._runs.clear()
+        self._sent.clear()
         for identity, run in held:
             try:
                 self.llm.finish(run, why)
@@ -215,10 +222,27 @@ class EngineServer:
             self.llm.finish(entry[1], "aborted")
         if session_id in self._runs:
             _, run = self._runs.pop(session_id)
+            self._forget_text(session_id)
             self.llm.finish(run, "aborted")
+
+    def _new_text(self, pieces: dict, session_id: str, participant: int, output) -> None:
+        """Note a generator's text new in this step (the orchestrator streams it; `done` carries the whole)."""
+        entry = self._runs.get(session_id)
+        if entry is None or output.finished or participant not in entry[1].plan.generators:
+            return
+        text = output.outputs[0].text
+        sent = self._sent.setdefault((session_id, participant), 0)
+        if len(text) > sent:
+            pieces.setdefault(session_id, {})[participant] = text[sent:]
+            self._sent[session_id, participant] = len(text)
+
+    def _forget_text(self, session_id: str) -> None:
+        for key in [k for k in self._sent if k[0] == session_id]:
+            del self._sent[key]
 
     def _done(self, run: _Run) -> None:
         identity, _ = self._runs.pop(run.session_id)
+        self._forget_text(run.session_id)
         result = self.llm.finish(run, run.error)
         log.debug("session %s done%s", run.session_id, f": {result.error}" if result.error else "")
         self._send(identity, {
