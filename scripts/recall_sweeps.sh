@@ -30,9 +30,12 @@ question() {  # question-aware selection (the generators' queries choose the sha
   run -H 2 "${PREFIX_HG1[@]}" --kv-wire k4v2 --kv-share-ratio 0.25 --kv-selection question
   COUNT=${COUNT_MINOR:-100} run -H 2 "${PREFIX_HG1[@]}" --kv-wire k4v2 --kv-share-ratio 0.25 --kv-selection key_norm
 }
-six() {  # N = 6, the hardest N, on 200 of its own cases: centralised against the server's default
+six() {  # N = 6, the hardest N, on 200 of its own cases: centralised against the server's default, and every
+  # layer synced with k4v2 (hg1 already publishes every layer: H=1 costs no more uploads, only reads)
   COUNT=${COUNT_SIX:-200} run --mode centralised -N 6
   COUNT=${COUNT_SIX:-200} run -H 2 "${PREFIX_HG1[@]}" --kv-wire k4v2 -N 6
+  COUNT=${COUNT_SIX:-200} run -H 1 --public-prefix --kv-wire k4v2 -N 6
+  run -H 1 --public-prefix --kv-wire k4v2
 }
 large() {  # the key points on qwen2.5-coder-1.5b-instruct (3x the CPU time): centralised, the default, the paper's H=4
   local big=(--model qwen2.5-coder-1.5b-instruct)
