@@ -27,7 +27,8 @@ from transformers import AutoConfig
 from fedattn_vllm import gsm8k
 from fedattn_vllm.config import FedAttnConfig
 from fedattn_vllm.cost import ModelShape, participant_costs
-from fedattn_vllm.engine import FederatedLLM, FedAttnSession
+from fedattn_vllm.engine import FederatedLLM
+from fedattn_vllm.session import FedAttnSession
 from fedattn_vllm.models import resolve_model
 
 

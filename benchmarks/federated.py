@@ -32,7 +32,7 @@ import psutil
 
 from fedattn_vllm import gsm8k
 from fedattn_vllm.config import FedAttnConfig, FedAttnPlan, KVWire
-from fedattn_vllm.engine import FedAttnSession
+from fedattn_vllm.session import FedAttnSession
 from fedattn_vllm.federated.local import LocalCluster
 from fedattn_vllm.models import resolve_model
 

@@ -112,7 +112,8 @@ def fidelity(args: argparse.Namespace) -> dict:
     from vllm import SamplingParams
 
     from fedattn_vllm import gsm8k
-    from fedattn_vllm.engine import FederatedLLM, FedAttnSession
+    from fedattn_vllm.engine import FederatedLLM
+    from fedattn_vllm.session import FedAttnSession
 
     llm = FederatedLLM(args.model, dtype=args.dtype, max_model_len=4096, max_num_batched_tokens=16384, seed=0,
                        kv_cache_memory_bytes=1 << 30)

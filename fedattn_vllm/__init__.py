@@ -9,8 +9,8 @@ from fedattn_vllm.schedule import Placement
 _LAZY = {
     "FedAttnOracle": "fedattn_vllm.oracle",
     "FederatedLLM": "fedattn_vllm.engine",
-    "FedAttnSession": "fedattn_vllm.engine",
-    "FedAttnSessionError": "fedattn_vllm.engine",
+    "FedAttnSession": "fedattn_vllm.session",
+    "FedAttnSessionError": "fedattn_vllm.session",
 }
 
 __all__ = ["FedAttnConfig", "FedAttnConfigError", "FedAttnPlan", "Placement", *_LAZY]

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     from vllm import SamplingParams
 
     from fedattn_vllm.config import RECOMMENDED, FedAttnConfig
-    from fedattn_vllm.engine import FederatedLLM, FedAttnSession
+    from fedattn_vllm.engine import FederatedLLM
+    from fedattn_vllm.session import FedAttnSession
     from fedattn_vllm.prompting import encode_segments
 
     llm = FederatedLLM(args.model, dtype=args.dtype, max_model_len=2048, seed=0)

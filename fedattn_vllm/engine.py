@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from fedattn_vllm.admission import EngineCapacity, GangAdmission, SessionDemand
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError, FedAttnPlan
 from fedattn_vllm.plugin import FEDATTN_ARCHITECTURES
+from fedattn_vllm.session import FedAttnSession, FedAttnSessionError, GeneratorOutput, SessionCost, SessionResult
 from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, REGISTRY
 
 # The engine must run in this process (the exchange is in-process) and on the V1 runner.
@@ -25,55 +26,8 @@ DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30  # vLLM's CPU default sizes the cache from 
 _REQUIRED_ENGINE_ARGS = {"enable_prefix_caching": False, "enable_chunked_prefill": False}
 
 
-class FedAttnSessionError(ValueError):
-    """A session is malformed; `field` names the offending part."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
 class FedAttnEngineError(FedAttnSessionError):
     """An engine argument FedAttn cannot run with; `field` names it."""
-
-
-@dataclass
-class FedAttnSession:
-    segments: Sequence[str | Sequence[int]]  # participant n's private text or token ids, in prompt order
-    config: FedAttnConfig = field(default_factory=FedAttnConfig)
-    sampling_params: object | None = None  # vllm.SamplingParams for the generators (default: greedy, 64)
-    # Public text or token ids (e.g. the system prompt) before participant 0: every participant computes it
-    # and sees it at every layer; never exchanged (beyond the paper). None or empty: no prefix.
-    public_prefix: str | Sequence[int] | None = None
-
-
-@dataclass
-class GeneratorOutput:
-    participant: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    logprobs: list | None = None  # vLLM's per-token {token id: Logprob}, when sampling_params asked for them
-
-
-@dataclass
-class SessionCost:
-    tokens: list[int]  # segment length per participant
-    sync_layers: tuple[int, ...]
-    published_bytes: list[int]  # K/V payload measured at the exchange, per participant
-    received_bytes: list[int]
-    prefix_tokens: int = 0  # the public prefix, computed by every participant (never exchanged)
-    published_wire_bytes: list[int] | None = None  # federated: whole messages on the wire (payload + framing)
-    received_wire_bytes: list[int] | None = None
-
-
-@dataclass
-class SessionResult:
-    outputs: dict[int, GeneratorOutput]  # by generator index (empty if the session failed)
-    cost: SessionCost
-    error: str | None = None  # why the session failed; other sessions of the call are unaffected
-    error_field: str | None = None  # the offending input, when the session was refused for one
-    wall_s: float | None = None  # federated: from submission to the last participant's completion
 
 
 @dataclass
@@ -152,6 +106,7 @@ class FederatedLLM:
             block_size=config.cache_config.block_size,
         ))
         self._active: dict[str, _Run] = {}  # started sessions
+        self._requests: dict[str, tuple[_Run, int]] = {}  # vLLM request id -> (its run, its participant)
 
     def encode(self, segment: str | Sequence[int], field: str) -> list[int]:
         """A segment (or the public prefix) as token ids; text is tokenized without special tokens.
@@ -259,6 +214,7 @@ class FederatedLLM:
         inputs = self.engine.renderer.render_cmpl([{"prompt_token_ids": run.prefix + p} for p in run.prompts.values()])
         for (n, sp), engine_input in zip(params.items(), inputs):
             self.engine.add_request(run.request_id(n), engine_input, sp)
+            self._requests[run.request_id(n)] = (run, n)
         self.admission.start(run.session_id)
         run.started = True
         self._active[run.session_id] = run
@@ -273,12 +229,11 @@ class FederatedLLM:
         `on_output(session_id, participant, request_output)` sees every output of the step (streaming).
         """
         for output in self.engine.step():
+            run, n = self._requests[output.request_id]
             if on_output is not None:
-                session_id, n = output.request_id.rsplit(":", 1)
-                on_output(session_id, int(n), output)
+                on_output(run.session_id, n, output)
             if output.finished:
-                session_id, n = output.request_id.rsplit(":", 1)
-                self._active[session_id].finished[int(n)] = output
+                run.finished[n] = output
                 self.admission.finished(output.request_id)
         self.admission.stepped()
         for session_id, error in REGISTRY.failed(self._active).items():
@@ -322,6 +277,8 @@ class FederatedLLM:
         """Abort what is left of the run (started or only reserved), free its K/V and account for it."""
         run.error = run.error or error
         self._active.pop(run.session_id, None)
+        for request_id in run.request_ids:
+            self._requests.pop(request_id, None)
         unfinished = [run.request_id(n) for n in run.prompts if n not in run.finished]
         if run.started and unfinished:
             self.engine.abort_request(unfinished)

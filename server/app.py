@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
-from fedattn_vllm.engine import FedAttnSession, FedAttnSessionError, SessionResult
+from fedattn_vllm.session import FedAttnSession, FedAttnSessionError, SessionResult
 from fedattn_vllm.prompting import chat_prefix, encode_part, encode_segments
 from server.backend import Backend
 from server.errors import APIError, error_body, install_error_handlers

@@ -24,7 +24,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from fedattn_vllm.engine import FedAttnSession, FederatedLLM, SessionCost, SessionResult
+from fedattn_vllm.engine import FederatedLLM
+
+from fedattn_vllm.session import FedAttnSession, SessionCost, SessionResult
 
 log = logging.getLogger(__name__)
 TextCallback = Callable[[int, str, bool], None]  # (generator, new text, finished)

@@ -144,7 +144,7 @@ class Case:
         return [len(s) for s in self.segments]
 
     def session(self):
-        from fedattn_vllm.engine import FedAttnSession
+        from fedattn_vllm.session import FedAttnSession
 
         return FedAttnSession(self.segments, self.config, greedy(self.max_tokens), public_prefix=self.prefix)
 

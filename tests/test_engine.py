@@ -14,7 +14,8 @@ from vllm import SamplingParams
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
 from fedattn_vllm.cost import ModelShape, participant_costs
-from fedattn_vllm.engine import FedAttnEngineError, FederatedLLM, FedAttnSession, FedAttnSessionError
+from fedattn_vllm.engine import FedAttnEngineError, FederatedLLM
+from fedattn_vllm.session import FedAttnSession, FedAttnSessionError
 from fedattn_vllm.exchange import InProcessKVExchange, KVExchangeError
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
 

@@ -7,7 +7,7 @@ from vllm import SamplingParams
 
 from fedattn_vllm import gsm8k
 from fedattn_vllm.config import FedAttnConfig
-from fedattn_vllm.engine import FedAttnSession
+from fedattn_vllm.session import FedAttnSession
 from fedattn_vllm.oracle import FedAttnOracle
 
 pytestmark = pytest.mark.slow

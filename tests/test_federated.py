@@ -22,7 +22,7 @@ from conftest import TINY_ENGINE_ARGS, federated_engine, greedy, random_case, ra
 
 from fedattn_vllm.config import FedAttnConfig, KVWire
 from fedattn_vllm.cost import ModelShape, participant_costs
-from fedattn_vllm.engine import FedAttnSession, FedAttnSessionError
+from fedattn_vllm.session import FedAttnSession, FedAttnSessionError
 from fedattn_vllm.federated.coordinator import Coordinator
 from fedattn_vllm.federated.curve import ClientCurve, Keypair, ServerCurve, new_keypair, public_key
 from fedattn_vllm.federated.local import LocalCluster, local_keys

@@ -15,7 +15,7 @@ import pytest
 from conftest import HEADERS, KEY, MODEL, federated_engine, greedy, make_hub_cache, metric, plain_engine, start_server
 
 from fedattn_vllm.config import RECOMMENDED
-from fedattn_vllm.engine import FedAttnSession
+from fedattn_vllm.session import FedAttnSession
 from fedattn_vllm.prompting import encode_segments
 from server.schemas import FedAttnBlock
 

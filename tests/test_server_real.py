@@ -6,7 +6,7 @@ from conftest import REAL_ENGINE_ARGS, federated_engine, greedy
 from test_server import KEY, start_server
 
 from fedattn_vllm.config import FedAttnConfig
-from fedattn_vllm.engine import FedAttnSession
+from fedattn_vllm.session import FedAttnSession
 from fedattn_vllm.prompting import encode_segments
 
 pytestmark = pytest.mark.slow

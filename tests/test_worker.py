@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedattn_vllm.engine import FedAttnSession, SessionCost, SessionResult
+from fedattn_vllm.session import FedAttnSession, SessionCost, SessionResult
 from server.worker import MAX_CONSECUTIVE_FAILURES, EngineDead, EngineWorker, QueueFull
 
 

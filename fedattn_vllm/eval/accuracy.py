@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from fedattn_vllm.config import FedAttnConfig
     from fedattn_vllm.cost import ModelShape, participant_costs
-    from fedattn_vllm.engine import FedAttnSession
+    from fedattn_vllm.session import FedAttnSession
 
     config = FedAttnConfig(sync_interval=args.sync_interval, placement=args.placement, seed=args.seed,
                            kv_share_ratio=share_ratio(args), kv_selection=args.kv_selection,

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> dict:
     from vllm import SamplingParams
 
     from fedattn_vllm.cost import ModelShape, participant_costs
-    from fedattn_vllm.engine import FedAttnSession
+    from fedattn_vllm.session import FedAttnSession
 
     config = config_of(args)
     llm = engine(args)

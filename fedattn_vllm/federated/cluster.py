@@ -25,7 +25,7 @@ import msgspec
 import zmq
 
 from fedattn_vllm.config import FedAttnPlan
-from fedattn_vllm.engine import FedAttnSession, FedAttnSessionError, GeneratorOutput, SessionCost, SessionResult
+from fedattn_vllm.session import FedAttnSession, FedAttnSessionError, GeneratorOutput, SessionCost, SessionResult
 from fedattn_vllm.federated.client import CoordinatorError, SessionAdmin
 from fedattn_vllm.federated.curve import OrchestratorKeys
 from fedattn_vllm.federated.link import EngineLink

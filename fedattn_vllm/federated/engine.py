@@ -32,7 +32,8 @@ import msgspec
 import zmq
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
-from fedattn_vllm.engine import FedAttnSessionError, FederatedLLM, _Run
+from fedattn_vllm.engine import FederatedLLM, _Run
+from fedattn_vllm.session import FedAttnSessionError
 from fedattn_vllm.federated import curve as link_security
 from fedattn_vllm.federated import messages as m
 from fedattn_vllm.federated.client import NetworkKVExchange
