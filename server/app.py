@@ -54,6 +54,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
                      model=settings.served_name)
         metrics.waiting.set_function(lambda: backend.worker.queue_depth)
         metrics.running.set_function(lambda: backend.worker.running)
+        if backend.tokenizer.chat_template is None:
+            log.warning("%s has no chat template (a base model?): chat requests are refused; completions work, "
+                        "and --chat-template supplies one", settings.served_name)
         yield
         backend.close()
         text_thread.shutdown(wait=False, cancel_futures=True)
@@ -106,6 +109,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if body.prompt is not None:
             ids = await off_loop(lambda: tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"])
         else:
+            _check_chat_template()
             ids = await off_loop(_chat_ids, tokenizer, [m.model_dump() for m in body.messages],
                                  body.add_generation_prompt)
         return {"count": len(ids), "max_model_len": settings.max_model_len, "tokens": ids}
@@ -137,6 +141,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(body.model)
+        _check_chat_template()
         tokenizer = state["backend"].tokenizer
         if not body.messages:
             body.messages = None  # SDKs that require `messages` send [] beside participants
@@ -172,6 +177,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def _encode_prefix(prefix) -> list[int]:
         """The public prefix's token ids ([] for none or empty)."""
         return await _encode(prefix, "public_prefix") if prefix not in (None, "", []) else []
+
+    def _check_chat_template() -> None:
+        if state["backend"].tokenizer.chat_template is None:
+            raise APIError(400, f"{state['model']} has no chat template: use /v1/completions, or start the server "
+                           "with --chat-template", "messages")
 
     def _check_model(name: str) -> None:
         if name != state["model"]:
@@ -335,6 +345,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise APIError(400, "system: only with chat (use public_prefix)", "system")
         tokenizer = state["backend"].tokenizer
         if body.chat:
+            _check_chat_template()
             prefix = await off_loop(chat_prefix, tokenizer, body.system)
         else:
             prefix = await _encode_prefix(body.public_prefix)

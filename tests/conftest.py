@@ -183,8 +183,8 @@ def random_case(rng: random.Random, vocab: int, num_layers: int, wires: tuple[KV
 
 
 def make_hub_cache(home, monkeypatch):
-    """A Hugging Face cache under `home` (set as HF_HOME, offline) holding the tiny model as Qwen/Qwen2.5-Tiny,
-    its main branch and tag v1; returns the repository's cache folder."""
+    """A Hugging Face cache under `home` (set as HF_HOME, offline) holding the tiny model as Qwen/Qwen2.5-Tiny:
+    its main branch a base model (no chat template), tag v1 with one; returns the repository's cache folder."""
     from fedattn_vllm.models.tiny import build_tiny_model
 
     monkeypatch.setenv("HF_HOME", str(home))
@@ -195,5 +195,6 @@ def make_hub_cache(home, monkeypatch):
         build_tiny_model("tiny-qwen2", repo / "snapshots" / commit)
         (repo / "refs").mkdir(parents=True, exist_ok=True)
         (repo / "refs" / ref).write_text(commit)
+    (repo / "snapshots" / ("a" * 40) / "chat_template.jinja").unlink()
     return repo
 

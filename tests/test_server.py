@@ -360,15 +360,20 @@ def test_federated_streams_arrive_token_by_token(federated_server):
 
 
 def test_a_hub_model_named_like_vllm_users_name_it(tmp_path_factory, monkeypatch):
-    """`python -m server Qwen2.5-Tiny` (positional, bare name, offline from the Hub cache), federated engines too."""
+    """`python -m server Qwen2.5-Tiny` (positional, bare name, offline from the Hub cache), federated engines too;
+    a base model (no chat template) serves completions, refuses chat, and says so in the log."""
     make_hub_cache(tmp_path_factory.mktemp("hf"), monkeypatch)
-    url, process, _ = start_server(tmp_path_factory, "--engines", "2", model="Qwen2.5-Tiny")
+    url, process, log = start_server(tmp_path_factory, "--engines", "2", model="Qwen2.5-Tiny")
     try:
         assert [m["id"] for m in httpx.get(f"{url}/v1/models", headers=HEADERS).json()["data"]] == ["Qwen2.5-Tiny"]
         body = {"model": "Qwen2.5-Tiny", "participants": [list(range(10, 20)), list(range(30, 36))], "max_tokens": 3,
                 "temperature": 0, "ignore_eos": True}
         reply = httpx.post(f"{url}/v1/completions", json=body, headers=HEADERS, timeout=60)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+        chat = httpx.post(f"{url}/v1/chat/completions", json={"model": "Qwen2.5-Tiny", "messages": [
+            {"role": "user", "content": "hi"}]}, headers=HEADERS, timeout=60)
+        assert chat.status_code == 400 and "no chat template" in chat.json()["error"]["message"]
+        assert log.read_text().count("has no chat template (a base model?)") == 1
     finally:
         process.terminate()
         process.wait(timeout=60)
