@@ -183,7 +183,7 @@ def test_admin_operations_need_the_admin_key(coordinator):
 
 def test_a_separate_process_publishes_what_this_one_fetches(coordinator):
     _, engines = open_session(coordinator)
-    credential = engines[0]._credential("s", 0)
+    credential = engines[0]._credential("s", 0)["credential"]
     script = f"""
 import torch
 from fedattn_vllm.federated.client import NetworkKVExchange

@@ -150,3 +150,40 @@ def test_a_peer_the_coordinator_does_not_trust_gets_nothing(keys, secure_coordin
     assert refused.value.code == "unreachable" and not server.sessions
     counters = SessionAdmin(server.endpoint, ADMIN_KEY, timeout_s=10, curve=client(keys, "orchestrator")).counters()
     assert counters["sessions"] == 0  # and it serves its trusted peers as before
+
+
+def test_participants_bound_to_site_keys_need_no_credential_and_nobody_else_can_act_for_them(keys, secure_coordinator):
+    """The opener binds each participant to its site's public key: it holds no credential of anyone's, and a
+    connection with any other key (the opener's, another site's) cannot publish or fetch for that participant."""
+    server, _ = secure_coordinator
+    trusted, _ = keys
+    plan = FedAttnConfig(sync_interval=1).resolve(2, 2)
+    site_keys = [public_key(trusted / "engine.key"), public_key(trusted / "orchestrator.key")]
+    admin = SessionAdmin(server.endpoint, ADMIN_KEY, timeout_s=10, curve=client(keys, "orchestrator"))
+    assert admin.open("bound", plan, participant_keys=site_keys) == []
+    site = [NetworkKVExchange(server.endpoint, wait_s=5.0, curve=client(keys, name)) for name in ("engine",
+                                                                                             "orchestrator")]
+    for n, exchange in enumerate(site):
+        exchange.join("bound", n, None)
+    sent = tuple(torch.ones(3, 2, 64) * k for k in (1.0, 2.0))
+    site[0].publish("bound", 0, 0, sent)
+    assert torch.equal(site[1].fetch("bound", 1, 0, 0)[0], sent[0])
+    impostor = NetworkKVExchange(server.endpoint, wait_s=0.5, curve=client(keys, "orchestrator"))
+    impostor.join("bound", 0, None)  # participant 0 is the engine site's; this connection has another key
+    with pytest.raises(CoordinatorError) as dropped:
+        impostor.publish("bound", 0, 1, sent)
+    assert dropped.value.code == "unreachable" and server.dropped["unauthenticated"] >= 1
+    assert (0, 1) not in server.sessions["bound"].kv
+
+
+def test_binding_participants_to_keys_needs_curve():
+    plain = Coordinator("tcp://127.0.0.1:*", ADMIN_KEY)
+    thread = threading.Thread(target=plain.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(CoordinatorError, match="needs CURVE"):
+            SessionAdmin(plain.endpoint, ADMIN_KEY, timeout_s=10).open(
+                "s", FedAttnConfig().resolve(2, 2), participant_keys=[b"x" * 40, b"y" * 40])
+    finally:
+        plain.stop()
+        thread.join(timeout=5)

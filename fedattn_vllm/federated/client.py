@@ -62,11 +62,13 @@ class SessionAdmin:
         self._connection = CoordinatorConnection(endpoint, timeout_s=timeout_s, curve=curve)
         self._key = admin_key
 
-    def open(self, session: str, plan: FedAttnPlan) -> list[bytes]:
-        """Open `session` for `plan` (sent as its config, depth and size); one credential per participant."""
+    def open(self, session: str, plan: FedAttnPlan, participant_keys: list[bytes] | None = None) -> list[bytes]:
+        """Open `session` for `plan` (sent as its config, depth and size); one credential per participant, or
+        none when `participant_keys` binds each participant to its site's CURVE public key."""
         reply, _ = self._connection.call({
             "op": "open", "admin_key": self._key, "session": session, "config": plan.config.to_dict(),
             "num_layers": plan.num_layers, "num_participants": plan.num_participants,
+            **({"participant_keys": participant_keys} if participant_keys is not None else {}),
         })
         return list(reply["credentials"])
 
@@ -106,10 +108,11 @@ class NetworkKVExchange(KVExchange):
             self._local.connection, self._local.pid = CoordinatorConnection(self.endpoint, curve=self._curve), os.getpid()
         return self._local.connection
 
-    def join(self, session: str, participant: int, credential: bytes, *, wait_s: float | None = None,
+    def join(self, session: str, participant: int, credential: bytes | None, *, wait_s: float | None = None,
              seal_key: bytes | None = None) -> None:
+        """Host `participant` of `session`: its credential (None: the session binds it to this engine's CURVE key)."""
         with self._lock:
-            self._credentials[session, participant] = credential
+            self._credentials[session, participant] = credential or b""
             if wait_s is not None:
                 self._wait_s[session] = wait_s
             if seal_key is not None:
@@ -120,16 +123,17 @@ class NetworkKVExchange(KVExchange):
         with self._lock:
             return len({session for session, _ in self._credentials})
 
-    def _credential(self, session: str, participant: int) -> bytes:
+    def _credential(self, session: str, participant: int) -> dict:
+        """The header field that authenticates `participant` (none when its CURVE key does)."""
         with self._lock:
             credential = self._credentials.get((session, participant))
         if credential is None:
             raise KVExchangeError(f"session {session}: participant {participant} is not hosted by this engine")
-        return credential
+        return {"credential": credential} if credential else {}
 
     def publish(self, session: str, participant: int, layer: int, kv: Payload) -> None:
         header = {"op": "publish", "session": session, "participant": participant, "layer": layer,
-                  "credential": self._credential(session, participant)}
+                  **self._credential(session, participant)}
         seal = self._seal(session)
         self._connection().call(header, kv if seal is None else seal.seal(participant, layer, kv))
         self._count_published(session, participant, kv)
@@ -138,7 +142,7 @@ class NetworkKVExchange(KVExchange):
         with self._lock:
             wait_s = self._wait_s.get(session, self.wait_s)
         header = {"op": "fetch", "session": session, "participant": viewer, "source": source, "layer": layer,
-                  "credential": self._credential(session, viewer), "wait_s": wait_s}
+                  **self._credential(session, viewer), "wait_s": wait_s}
         _, payload = self._connection().call(header, timeout_s=wait_s + 5.0)
         seal = self._seal(session)
         if seal is not None:

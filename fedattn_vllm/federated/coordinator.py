@@ -52,7 +52,8 @@ class Refused(Exception):
 @dataclass
 class Session:
     plan: FedAttnPlan  # who publishes where and who may see whom: the plan's own rule
-    credentials: list[bytes]
+    credentials: list[bytes]  # per participant; empty when `keys` binds them
+    keys: list[bytes] | None = None  # per participant: the CURVE public key (Z85) its connection must have
     kv: dict[tuple[int, int], WirePayload] = field(default_factory=dict)  # (participant, layer) -> K/V, maybe sealed
     # (participant, "up" | "down") -> bytes on the wire; payload bytes (K/V only) likewise
     wire_bytes: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
@@ -132,7 +133,7 @@ class Coordinator:
             request, kv = decode(message, m.CoordinatorRequest)
         except WireError as error:
             return self.dropped.drop("malformed", str(error))
-        if not self._authentic(request):
+        if not self._authentic(request, _peer_key(message[0])):
             return self.dropped.drop("unauthenticated", type(request).__name__)
         try:
             reply = self._handle(request, kv, identity, request_id, message_bytes(message))
@@ -144,15 +145,20 @@ class Coordinator:
         if reply is not None:
             self._reply(identity, request_id, reply)
 
-    def _authentic(self, request) -> bool:
-        """The admin key, or the credential of a participant of an open session (unknown sessions pass:
-        they are answered `unknown_session`, which reveals nothing a random id does not)."""
+    def _authentic(self, request, peer_key: bytes | None) -> bool:
+        """The admin key; or for a participant of an open session, its credential, or in a session binding
+        participants to keys, the CURVE key its connection authenticated with (unknown sessions pass: they are
+        answered `unknown_session`, which reveals nothing a random id does not)."""
         if isinstance(request, m.ADMIN_REQUESTS):
             return hmac.compare_digest(request.admin_key, self.admin_key)
         session = self.sessions.get(request.session)
         if session is None:
             return True
-        return request.participant < len(session.credentials) and hmac.compare_digest(
+        if request.participant >= session.plan.num_participants:
+            return False
+        if session.keys is not None:
+            return peer_key is not None and hmac.compare_digest(peer_key, session.keys[request.participant])
+        return request.credential is not None and hmac.compare_digest(
             request.credential, session.credentials[request.participant])
 
     def _reply(self, identity: bytes, request_id: bytes, frames: list) -> None:
@@ -191,8 +197,15 @@ class Coordinator:
             raise Refused("bad_request", f"config.{error}") from None
         except TypeError as error:  # a field FedAttnConfig does not have
             raise Refused("bad_request", f"config: {error}") from None
-        credentials = [secrets.token_bytes(16) for _ in range(request.num_participants)]
-        self.sessions[request.session] = Session(plan, credentials)
+        keys = request.participant_keys
+        if keys is not None:
+            if self._authenticator is None:
+                raise Refused("bad_request", "participant_keys: binding participants to keys needs CURVE")
+            if len(keys) != request.num_participants:
+                raise Refused("bad_request", f"participant_keys: {len(keys)} keys for {request.num_participants} "
+                              "participants")
+        credentials = [] if keys is not None else [secrets.token_bytes(16) for _ in range(request.num_participants)]
+        self.sessions[request.session] = Session(plan, credentials, keys)
         return encode({"ok": True, "credentials": credentials})
 
     # -- participants ---------------------------------------------------------------------
@@ -222,7 +235,7 @@ class Coordinator:
 
     def _fetch(self, session: Session, request: m.Fetch, identity: bytes, request_id: bytes):
         viewer, source, layer = request.participant, request.source, request.layer
-        if source >= len(session.credentials) or not session.plan.reads(viewer, source, layer):
+        if source >= session.plan.num_participants or not session.plan.reads(viewer, source, layer):
             raise Refused("forbidden", f"participant {viewer} may not see participant {source} at layer {layer}")
         if (source, layer) in session.kv:
             return self._deliver(session, viewer, source, layer)
@@ -263,6 +276,15 @@ class Coordinator:
         for session_id, session in list(self.sessions.items()):
             if now - session.last_used > self.session_ttl_s:
                 self._drop(session_id, f"expired after {self.session_ttl_s:.0f} s idle")
+
+
+def _peer_key(frame) -> bytes | None:
+    """The CURVE public key (Z85) the message's connection authenticated with (ZeroMQ's User-Id; None without CURVE)."""
+    try:
+        user = frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError):
+        return None
+    return user.encode() if user else None
 
 
 def _by_participant(counts: dict[tuple[int, str], int]) -> dict[str, dict[int, int]]:

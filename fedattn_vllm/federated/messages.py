@@ -25,6 +25,7 @@ Index = Annotated[int, Meta(ge=0, lt=MAX_SIZE)]  # a participant or a layer
 Count = Annotated[int, Meta(ge=1, le=MAX_SIZE)]  # layers or participants of a session
 SessionId = Annotated[str, Meta(min_length=1, max_length=128)]
 Secret = Annotated[bytes, Meta(min_length=1, max_length=256)]  # admin and control keys, credentials
+CurveKey = Annotated[bytes, Meta(min_length=40, max_length=40)]  # a CURVE public key, Z85 text
 WaitS = Annotated[float, Meta(ge=0.0, le=MAX_WAIT_S)]
 TokenId = Annotated[int, Meta(ge=0, lt=1 << 31)]
 Segment = Annotated[str, Meta(max_length=16 * MAX_TOKENS)] | Annotated[list[TokenId], Meta(max_length=MAX_TOKENS)]
@@ -44,6 +45,9 @@ class Open(_Message, tag="open"):
     config: Config
     num_layers: Count
     num_participants: Count
+    # Each participant bound to its site's CURVE public key instead of a credential: only a connection
+    # authenticated with that key may act for it, and the opener holds no credential of anyone's.
+    participant_keys: Annotated[list[CurveKey], Meta(max_length=MAX_SIZE)] | None = None
 
 
 class Close(_Message, tag="close"):
@@ -66,8 +70,8 @@ class Publish(_Message, tag="publish"):
     session: SessionId
     participant: Index
     layer: Index
-    credential: Secret
     tensors: TensorSpecs
+    credential: Secret | None = None  # none in a session whose participants are bound to CURVE keys
     sealed: bool = False  # the frames are sealed with the session's key (sealing.py)
 
 
@@ -76,7 +80,7 @@ class Fetch(_Message, tag="fetch"):
     participant: Index  # the viewer
     source: Index
     layer: Index
-    credential: Secret
+    credential: Secret | None = None
     wait_s: WaitS = 0.0
 
 
