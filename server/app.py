@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
 from fedattn_vllm.session import FedAttnSession, FedAttnSessionError, SessionResult
 from fedattn_vllm.prompting import chat_prefix, encode_part, encode_segments
-from server.backend import Backend
+from server.backend import SAMPLING_DEFAULTS, Backend
 from server.errors import APIError, error_body, install_error_handlers
 from server.guard import RequestGuard
 from server.metrics import CountRejections, Metrics
@@ -142,6 +142,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(body.model)
         _check_chat_template()
+        body.max_tokens = body.max_completion_tokens or body.max_tokens  # the newer name wins, as in vLLM
         tokenizer = state["backend"].tokenizer
         if not body.messages:
             body.messages = None  # SDKs that require `messages` send [] beside participants
@@ -204,7 +205,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             param = "max_tokens" if body.max_tokens is not None and prompt_len < settings.max_model_len else prompt_param
             raise APIError(400, f"{param}: {prompt_len} prompt tokens + max_tokens="
                            f"{max_tokens} exceed max_model_len={settings.max_model_len}", param)
-        sampling = _sampling(body, max_tokens)
+        sampling = _sampling(body, max_tokens, state["backend"].sampling_defaults)
         if settings.log_requests:
             log.info("request %s: %d participants, %s, public prefix %d", kind, len(segments),
                      [len(s) for s in segments], len(prefix))
@@ -350,7 +351,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         else:
             prefix = await _encode_prefix(body.public_prefix)
         try:
-            session = state["private"].create(body.participants, config, _sampling(body, body.max_tokens), body.chat,
+            sampling = _sampling(body, body.max_tokens, state["backend"].sampling_defaults)
+            session = state["private"].create(body.participants, config, sampling, body.chat,
                                               body.join_timeout_s, prefix)
         except QueueFull as error:
             raise APIError(429, str(error), None, "rate_limit_error") from None
@@ -461,14 +463,17 @@ def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = Tru
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _sampling(body, max_tokens: int | None):
-    """vLLM's SamplingParams of the request; what vLLM refuses is a 400."""
+def _sampling(body, max_tokens: int | None, defaults: dict):
+    """vLLM's SamplingParams of the request: its own values, else the model's generation_config (`defaults`),
+    else OpenAI's; what vLLM refuses is a 400."""
     from vllm import SamplingParams
 
+    chosen = {name: value if (value := getattr(body, name)) is not None else defaults.get(name, default)
+              for name, default in SAMPLING_DEFAULTS.items()}
     try:
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                              stop=body.stop, presence_penalty=body.presence_penalty,
-                              frequency_penalty=body.frequency_penalty, ignore_eos=body.ignore_eos)
+        return SamplingParams(max_tokens=max_tokens, seed=body.seed, stop=body.stop,
+                              presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                              ignore_eos=body.ignore_eos, **chosen)
     except ValueError as error:
         raise APIError(400, f"sampling parameters: {error}", None) from None
 

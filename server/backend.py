@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ class Backend:
     worker: object  # EngineWorker | ClusterWorker
     tokenizer: object
     num_layers: int
+    sampling_defaults: dict  # the model's generation_config values of SAMPLING_DEFAULTS' fields
     local_cluster: object | None = None  # LocalCluster the server started, stopped with it
 
     @classmethod
@@ -28,7 +30,8 @@ class Backend:
             from fedattn_vllm.engine import FederatedLLM
 
             llm = FederatedLLM(settings.model, **engine_args)
-            return cls(EngineWorker(llm, **limits), _with_chat_template(llm.tokenizer, settings), llm.num_layers)
+            return cls(EngineWorker(llm, **limits), _with_chat_template(llm.tokenizer, settings), llm.num_layers,
+                       sampling_defaults(llm.model_path))
         from transformers import AutoTokenizer
 
         from fedattn_vllm.federated.cluster import FederatedCluster
@@ -50,8 +53,9 @@ class Backend:
             local = LocalCluster(settings.model, engines=settings.engines, engine_args=engine_args,
                                  timeout_s=settings.session_timeout_s)
             cluster = local.cluster
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(settings.model, settings.revision))
-        return cls(ClusterWorker(cluster, **limits), _with_chat_template(tokenizer, settings), cluster.num_layers, local)
+        path = resolve_model(settings.model, settings.revision)
+        return cls(ClusterWorker(cluster, **limits), _with_chat_template(AutoTokenizer.from_pretrained(path), settings),
+                   cluster.num_layers, sampling_defaults(path), local)
 
     def close(self) -> None:
         self.worker.close()
@@ -71,6 +75,16 @@ def _orchestrator_keys(settings: ServerSettings):
                          f"{len(settings.engine_endpoints)} --engine-endpoints (one each, in order)")
     return OrchestratorKeys(Keypair.load(settings.keypair), public_key(settings.coordinator_key),
                             tuple(public_key(path) for path in settings.engine_keys))
+
+
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}  # OpenAI's
+
+
+def sampling_defaults(model_dir: str | Path) -> dict:
+    """The sampling defaults a model ships in its generation_config.json (as vLLM's server applies them)."""
+    path = Path(model_dir) / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return {name: config[name] for name in SAMPLING_DEFAULTS if config.get(name) is not None}
 
 
 def _with_chat_template(tokenizer, settings: ServerSettings):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedattn_vllm.config import MAX_SEED, RECOMMENDED, FedAttnConfig
 
@@ -50,8 +50,12 @@ class _Sampling(BaseModel):
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # Sampling: null or absent takes the model's generation_config, else OpenAI's default (vLLM's rule).
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED - 1)  # it reaches torch: a signed 64-bit integer
     stop: StopString | list[StopString] | None = Field(None, max_length=16)
     n: Literal[1] = 1
@@ -69,14 +73,25 @@ class CompletionRequest(_Sampling):
     public_prefix: Segment | None = None  # multi-party: public text before participant 0, seen by all at every layer
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: str | list[TextPart]  # text, or text parts (joined by newlines, as vLLM does); no images or audio
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, content):
+        return content if isinstance(content, str) else "\n".join(part.text for part in content)
 
 
 class ChatCompletionRequest(_Sampling):
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens (either)
     messages: list[ChatMessage] | None = None
     # multi-party: each participant's private part of one user turn (the chat template frames the whole)
     participants: list[str] | None = Field(None, min_length=1)

@@ -184,7 +184,8 @@ def random_case(rng: random.Random, vocab: int, num_layers: int, wires: tuple[KV
 
 def make_hub_cache(home, monkeypatch):
     """A Hugging Face cache under `home` (set as HF_HOME, offline) holding the tiny model as Qwen/Qwen2.5-Tiny:
-    its main branch a base model (no chat template), tag v1 with one; returns the repository's cache folder."""
+    its main branch a base model (no chat template) sampling greedily by default (generation_config), tag v1 the
+    tiny model as it is; returns the repository's cache folder."""
     from fedattn_vllm.models.tiny import build_tiny_model
 
     monkeypatch.setenv("HF_HOME", str(home))
@@ -195,6 +196,8 @@ def make_hub_cache(home, monkeypatch):
         build_tiny_model("tiny-qwen2", repo / "snapshots" / commit)
         (repo / "refs").mkdir(parents=True, exist_ok=True)
         (repo / "refs" / ref).write_text(commit)
-    (repo / "snapshots" / ("a" * 40) / "chat_template.jinja").unlink()
+    main = repo / "snapshots" / ("a" * 40)
+    (main / "chat_template.jinja").unlink()
+    (main / "generation_config.json").write_text('{"temperature": 0.0, "top_k": 1}')  # greedy unless asked otherwise
     return repo
 

@@ -182,6 +182,21 @@ def test_the_openai_clients_stream_helpers_assemble_a_multi_party_chat(server):
     assert asyncio.run(streamed()) == [c["message"]["content"] for c in whole["choices"]]
 
 
+def test_request_forms_vllm_accepts(server):
+    """Text parts as message content, max_completion_tokens, temperature null, top_k."""
+    parts = [{"type": "text", "text": "hello"}, {"type": "text", "text": "there"}]
+    a = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": parts}], "top_k": 1,
+                                              "max_completion_tokens": 5, "temperature": None, "ignore_eos": True})
+    b = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hello\nthere"}],
+                                              "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+    assert a.status_code == b.status_code == 200
+    assert a.json()["choices"][0]["message"] == b.json()["choices"][0]["message"]
+    assert a.json()["usage"] == b.json()["usage"] and a.json()["usage"]["completion_tokens"] == 5
+    image = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]})
+    assert image.status_code == 400 and image.json()["error"]["param"].startswith("messages[0].content")
+
+
 BAD = [
     ({"model": "other", "prompt": "x"}, 404, "model"),
     ({"prompt": "x", "participants": ["a", "b"]}, 400, "prompt"),
@@ -370,6 +385,10 @@ def test_a_hub_model_named_like_vllm_users_name_it(tmp_path_factory, monkeypatch
                 "temperature": 0, "ignore_eos": True}
         reply = httpx.post(f"{url}/v1/completions", json=body, headers=HEADERS, timeout=60)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+        unsaid = {"model": "Qwen2.5-Tiny", "prompt": list(range(40, 60)), "max_tokens": 6, "ignore_eos": True}
+        texts = [httpx.post(f"{url}/v1/completions", json={**unsaid, **extra}, headers=HEADERS,
+                            timeout=60).json()["choices"][0]["text"] for extra in ({}, {}, {"temperature": 0})]
+        assert texts[0] == texts[1] == texts[2]  # the model's generation_config: greedy
         chat = httpx.post(f"{url}/v1/chat/completions", json={"model": "Qwen2.5-Tiny", "messages": [
             {"role": "user", "content": "hi"}]}, headers=HEADERS, timeout=60)
         assert chat.status_code == 400 and "no chat template" in chat.json()["error"]["message"]
