@@ -46,7 +46,7 @@ def main() -> None:
         for n, (tokens, up, down) in enumerate(zip(usage["tokens"], usage["published_bytes"], usage["received_bytes"])):
             print(f"  party {n + 1}: {tokens} private tokens, published {up / 1024:.1f} KiB, received {down / 1024:.1f} KiB")
         timings = usage["timings"]
-        ttft = timings["time_to_first_token_s"]  # None in federated mode: the answer arrives whole
+        ttft = timings["time_to_first_token_s"]  # None only if no token was generated
         print(f"  time to first token {ttft:.2f} s" if ttft is not None else f"  answered in {timings['total_s']:.2f} s")
     single = client.chat.completions.create(model=model, max_tokens=24, temperature=0,
                                             messages=[{"role": "user", "content": "Say hello in one short sentence."}])

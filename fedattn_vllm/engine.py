@@ -229,6 +229,8 @@ class FederatedLLM:
         `on_output(session_id, participant, request_output)` sees every output of the step (streaming).
         """
         for output in self.engine.step():
+            if output.request_id not in self._requests:  # late news of a request already finished or aborted
+                continue
             run, n = self._requests[output.request_id]
             if on_output is not None:
                 on_output(run.session_id, n, output)

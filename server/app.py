@@ -49,7 +49,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     async def lifespan(app: FastAPI):
         backend = Backend.start(settings, metrics)
-        state.update(backend=backend, metrics=metrics,
+        import vllm
+
+        state.update(backend=backend, metrics=metrics, vllm_version=vllm.__version__,
                      private=PrivateSessions(backend.worker.acquire, backend.worker.release),
                      model=settings.served_name)
         metrics.waiting.set_function(lambda: backend.worker.queue_depth)
@@ -83,9 +85,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.get("/version")
     async def version():
-        import vllm
-
-        return {"version": package_version("fedattn-vllm"), "vllm": vllm.__version__}
+        return {"version": package_version("fedattn-vllm"), "vllm": state["vllm_version"]}
 
     def _model_card() -> dict:
         return {"id": state["model"], "object": "model", "created": 0, "owned_by": "fedattn-vllm",

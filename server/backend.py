@@ -91,6 +91,10 @@ def _with_chat_template(tokenizer, settings: ServerSettings):
     """The tokenizer, with --chat-template (a file's contents, or the template itself) replacing the model's."""
     if settings.chat_template is not None:
         path = Path(settings.chat_template).expanduser()
-        tokenizer.chat_template = path.read_text() if path.is_file() else settings.chat_template
+        try:
+            is_file = path.is_file()
+        except OSError:  # an inline template is rarely a valid path (a name part over 255 bytes)
+            is_file = False
+        tokenizer.chat_template = path.read_text() if is_file else settings.chat_template
     return tokenizer
 

@@ -1,4 +1,5 @@
-"""The server's gate, as pure ASGI middleware: the API key on /v1 routes and a cap on request bodies.
+"""The server's gate, as pure ASGI middleware: the API key on /v1 routes and /tokenize, /detokenize, and a cap on
+request bodies.
 
 Pure ASGI (not Starlette's BaseHTTPMiddleware) so that the app's `receive` stays the
 server's own: a handler's `request.is_disconnected()` sees a client that left.
@@ -15,6 +16,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.errors import error_body
 
 
+PROTECTED = ("/v1/", "/tokenize", "/detokenize")  # routes that need the API key (health, metrics, version do not)
+
 class RequestGuard:
     def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int):
         self.app = app
@@ -26,7 +29,7 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.expected is not None and scope["path"].startswith("/v1/"):
+        if self.expected is not None and scope["path"].startswith(PROTECTED):
             given = headers.get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
                 return await _reply(send, 401, error_body("a valid API key is required (Authorization: Bearer ...)",

@@ -19,14 +19,15 @@ class Metrics:
         self.sessions = Counter("fedattn_sessions", "Sessions by outcome", [*model, "outcome"], registry=registry)
         self.kv_bytes = Counter("fedattn_kv_bytes", "K/V bytes exchanged between participants", [*model, "direction"],
                                 registry=registry)
-        self.rejected = Counter("fedattn_requests_rejected", "Requests answered with an error, by HTTP status",
+        self.rejected = Counter("fedattn_requests_rejected", "Requests answered with an error, by HTTP status "
+                                "(4xx and 503; an unhandled 500 is logged, not counted)",
                                 [*model, "status"], registry=registry)
         self.prompt_tokens = Counter("fedattn_prompt_tokens", "Prompt tokens computed (every participant's segment "
                                      "and the public prefix)", model, registry=registry).labels(model_name)
         self.generation_tokens = Counter("fedattn_generation_tokens", "Tokens generated", model,
                                          registry=registry).labels(model_name)
-        self.ttft = Histogram("fedattn_time_to_first_token_seconds", "Time to the first generated token (colocated; "
-                              "federated answers arrive whole)", model, buckets=LATENCY_BUCKETS,
+        self.ttft = Histogram("fedattn_time_to_first_token_seconds", "Time to the first generated token (federated: "
+                              "as its engine reports it)", model, buckets=LATENCY_BUCKETS,
                               registry=registry).labels(model_name)
         self.e2e = Histogram("fedattn_e2e_request_latency_seconds", "Time from submission to the session's end", model,
                              buckets=LATENCY_BUCKETS, registry=registry).labels(model_name)

@@ -97,6 +97,18 @@ def tokens(result) -> dict[int, list[int]]:
     return {g: out.token_ids for g, out in result.outputs.items()}
 
 
+def test_an_engine_cannot_report_text_for_a_participant_it_does_not_host():
+    from types import SimpleNamespace
+
+    from fedattn_vllm.federated.cluster import FederatedCluster
+
+    flight = SimpleNamespace(plan=SimpleNamespace(generators=(1, 2)), hosts={0: [0, 1], 1: [2]})
+    assert FederatedCluster._generated(flight, 0, {"1": "x"}) == {1: "x"}
+    for engine, outputs in ((0, {"2": "x"}), (1, {"0": "x"}), (1, {"1": "x"})):
+        with pytest.raises(ValueError, match="does not host"):
+            FederatedCluster._generated(flight, engine, outputs)
+
+
 def assert_all_freed(local, coordinator, engines=(0, 1, 2), deadline_s: float = 15.0) -> None:
     """Nothing of any session is left on any engine or at the coordinator (aborts are asynchronous)."""
     deadline = time.monotonic() + deadline_s

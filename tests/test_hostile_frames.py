@@ -132,6 +132,11 @@ def test_typed_headers_refuse_what_crashed_the_coordinator():
         decode([pack({}), *([b"x"] * 9)])
     with pytest.raises(WireError, match="does not carry"):
         decode([pack({"op": "publish", "tensors": [["float32", [1]]]})])
+    for wrapping in ([2**31, 2**31, 4], [2**31, 2**31, 2]):  # int64 element counts that wrap to 0 and to -2**63
+        with pytest.raises(WireError, match="header says"):
+            decode([pack({"tensors": [["float32", wrapping]]}), b""])
+        with pytest.raises(WireError, match="sealed frame"):
+            decode([pack({"tensors": [["float32", wrapping]], "sealed": True}), b"\0" * 16])
     header, tensors = decode(encode({"op": "fetch", "session": "s", "participant": 1, "source": 0, "layer": 3,
                                      "credential": b"c" * 16, "wait_s": 2.5}), m.CoordinatorRequest)
     assert isinstance(header, m.Fetch) and header.layer == 3 and tensors is None

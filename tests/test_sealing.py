@@ -39,10 +39,10 @@ def coordinator():
     thread.join(timeout=5)
 
 
-def join(coordinator, session="s", keys=(b"", b"")):
-    """Two participants' exchanges (sync every layer of 4); keys[n]: n's seal key (b"": a fresh shared one)."""
-    shared = new_seal_key()
-    credentials = SessionAdmin(coordinator.endpoint, ADMIN_KEY).open(session, FedAttnConfig(sync_interval=1).resolve(4, 2))
+def join(coordinator, session="s", keys=None, n=2):
+    """n participants' exchanges (sync every layer of 4); keys[i]: i's seal key (b"": a fresh shared one)."""
+    shared, keys = new_seal_key(), keys or (b"",) * n
+    credentials = SessionAdmin(coordinator.endpoint, ADMIN_KEY).open(session, FedAttnConfig(sync_interval=1).resolve(4, n))
     engines = [NetworkKVExchange(coordinator.endpoint, wait_s=5.0) for _ in credentials]
     for n, (engine, credential) in enumerate(zip(engines, credentials)):
         engine.join(session, n, credential, seal_key=shared if keys[n] == b"" else keys[n])
@@ -72,11 +72,13 @@ def test_sealed_k_v_arrive_exact_and_the_coordinator_holds_only_ciphertext(coord
     assert coordinator.sessions["s"].wire_bytes[0, "up"] - up < 300 + TAG_BYTES  # one tag for the whole payload
 
 
-@pytest.mark.parametrize("meddling", ["a flipped bit", "another layer's payload", "unsealed"])
+@pytest.mark.parametrize("meddling", ["a flipped bit", "another layer's payload", "another participant's payload",
+                                      "unsealed"])
 def test_a_relay_that_alters_swaps_or_unseals_k_v_is_caught(coordinator, meddling):
-    engines = join(coordinator)
+    engines = join(coordinator, n=3)
     engines[0].publish("s", 0, 0, payload(tokens=5))
     engines[0].publish("s", 0, 2, payload(tokens=5))
+    engines[1].publish("s", 1, 0, payload(tokens=5))
 
     def meddle(session, source, layer):
         sealed = session.kv[source, layer]
@@ -86,11 +88,20 @@ def test_a_relay_that_alters_swaps_or_unseals_k_v_is_caught(coordinator, meddlin
             return SealedPayload(sealed.specs, bytes(frame))
         if meddling == "another layer's payload":
             return session.kv[source, 2]
+        if meddling == "another participant's payload":
+            return session.kv[1, layer]
         return payload(tokens=5)
 
     coordinator.meddle = meddle
     with pytest.raises(KVExchangeError, match="failed authentication" if meddling != "unsealed" else "unsealed"):
-        engines[1].fetch("s", 1, 0, 0)
+        engines[2].fetch("s", 2, 0, 0)
+
+
+def test_a_slot_is_sealed_once():
+    seal = SessionSeal(new_seal_key(), "s")
+    seal.seal(0, 3, payload())
+    with pytest.raises(KVExchangeError, match="sealed already"):
+        seal.seal(0, 3, payload(tokens=4))
 
 
 def test_a_participant_without_the_session_key_reads_nothing(coordinator):

@@ -61,7 +61,7 @@ def test_a_chat_template_from_a_file_or_inline_replaces_the_models(tmp_path):
 
     from server.backend import _with_chat_template
 
-    template = "{% for m in messages %}[{{ m.content }}]{% endfor %}"
+    template = "{% for m in messages %}[{{ m.content }}]{% endfor %}" + "{# a long inline template #}" * 12  # > 255 B
     (tmp_path / "t.jinja").write_text(template)
     for given in (str(tmp_path / "t.jinja"), template):
         tokenizer = _with_chat_template(SimpleNamespace(chat_template="model's"), ServerSettings(chat_template=given))

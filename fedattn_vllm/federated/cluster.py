@@ -236,6 +236,23 @@ class FederatedCluster:
             })
         return flight
 
+    @staticmethod
+    def _generated(flight: _Flight, engine: int, outputs: dict) -> dict:
+        """An engine's outputs by generator, each one a generator that engine hosts (ValueError otherwise)."""
+        hosted = {int(g): out for g, out in outputs.items()}
+        if strangers := [g for g in hosted if g not in flight.plan.generators or g not in flight.hosts[engine]]:
+            raise ValueError(f"engine {engine} reported output for participants {strangers}, which it does not "
+                             "host as generators")
+        return hosted
+
+    @staticmethod
+    def _hand_on(flight: _Flight, generator: int, piece: str) -> None:
+        """Give a generator's new text to the session's `on_text`; its failure is the caller's, not the engine's."""
+        try:
+            flight.on_text(generator, piece)
+        except Exception:
+            log.exception("the text callback of session %s failed", flight.session_id)
+
     def _on_event(self, engine: int, event: dict) -> None:
         self._last_heard[engine] = time.monotonic()
         flight = self._flights.get(str(event.get("session")))
@@ -253,20 +270,21 @@ class FederatedCluster:
                 for e in (flight.serial_order[:1] if flight.serial_order else flight.hosts):
                     self._go(flight, e)
         elif kind == "tokens":
-            for g, piece in event["outputs"].items():
-                if int(g) not in flight.plan.generators or not isinstance(piece, str):
-                    raise ValueError(f"text for participant {g}, not a generator of session {flight.session_id}")
-                if flight.on_text is not None:
-                    flight.on_text(int(g), piece)
+            pieces = self._generated(flight, engine, event["outputs"])
+            for g, piece in pieces.items():
+                if not isinstance(piece, str):
+                    raise ValueError(f"text of participant {g} is not a string")
+            if flight.on_text is not None:
+                for g, piece in pieces.items():
+                    self._hand_on(flight, g, piece)
         elif kind == "done":
             if event.get("error"):
                 flight.error_field = event.get("field")
                 self._fail(flight, f"engine {engine}: {event['error']}")
                 return
             flight.done.add(engine)
-            for g, out in event["outputs"].items():
-                flight.outputs[int(g)] = GeneratorOutput(int(g), out["text"], list(out["token_ids"]),
-                                                         out["finish_reason"])
+            for g, out in self._generated(flight, engine, event["outputs"]).items():
+                flight.outputs[g] = GeneratorOutput(g, out["text"], list(out["token_ids"]), out["finish_reason"])
             if flight.serial_order:
                 flight.serial_order.pop(0)
                 if flight.serial_order:

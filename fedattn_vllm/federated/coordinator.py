@@ -31,7 +31,7 @@ import zmq
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError, FedAttnPlan
 from fedattn_vllm.federated import curve as link_security
 from fedattn_vllm.federated import messages as m
-from fedattn_vllm.federated.curve import ServerCurve
+from fedattn_vllm.federated.curve import ServerCurve, bind_or_close
 from fedattn_vllm.federated.lifeline import exit_with_parent
 from fedattn_vllm.federated.wire import Dropped, WirePayload, WireError, decode, encode, message_bytes, payload_nbytes
 
@@ -90,7 +90,7 @@ class Coordinator:
         self._socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         if curve is not None:
             curve.apply(self._socket)
-        self._socket.bind(bind)
+        bind_or_close(self._socket, bind, self._authenticator)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sessions: dict[str, Session] = {}
         self.dropped = Dropped(__name__)  # messages dropped unanswered, by reason
@@ -104,7 +104,11 @@ class Coordinator:
         try:
             while not self._stop.is_set():
                 if poller.poll(timeout=self._poll_ms()):
-                    self._receive()
+                    try:
+                        self._receive()
+                    except Exception:  # a bug reached by one message: it is dropped, never the relay for everyone
+                        self.dropped.drop("internal", "handling a message raised")
+                        log.exception("a message could not be handled; dropped")
                 self._expire()
         finally:
             self._socket.close(0)

@@ -106,9 +106,14 @@ class ServerCurve:
     def __post_init__(self) -> None:
         if not self.trusted.is_dir() or not any(self.trusted.glob("*.key")):
             raise KeyFileError(f"{self.trusted}: the trust directory holds no public key (*.key) files")
+        try:  # ZeroMQ's authenticator only logs a file it cannot read, and would then refuse every peer
+            zmq.auth.load_certificates(self.trusted)
+        except (OSError, ValueError) as error:
+            raise KeyFileError(f"{self.trusted}: a public key file there cannot be read ({error})") from None
 
     def start(self, context: zmq.Context) -> ThreadAuthenticator:
-        """The allow-list check for every CURVE socket of `context`; start before `bind`, `stop` before `term`."""
+        """The allow-list check for every CURVE socket of `context`; start before `bind`, `stop` before `term`.
+        The directory is read now: a peer added later is admitted after a restart."""
         authenticator = ThreadAuthenticator(context)
         authenticator.start()
         authenticator.configure_curve(domain="*", location=str(self.trusted))
@@ -134,6 +139,19 @@ class OrchestratorKeys:
 
     def to_engine(self, engine: int) -> ClientCurve:
         return ClientCurve(self.keypair, self.engines[engine])
+
+
+def bind_or_close(socket: zmq.Socket, endpoint: str, authenticator: ThreadAuthenticator | None) -> None:
+    """Bind; on failure (a port in use) stop the authenticator and close the socket and its context, then raise."""
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError:
+        context = socket.context
+        socket.close(0)
+        if authenticator is not None:
+            authenticator.stop()
+        context.term()
+        raise
 
 
 # -- the command-line flags every process shares ------------------------------------------------

@@ -38,7 +38,7 @@ from fedattn_vllm.federated import curve as link_security
 from fedattn_vllm.federated import messages as m
 from fedattn_vllm.federated.client import NetworkKVExchange
 from fedattn_vllm.federated.coordinator import write_ready_file
-from fedattn_vllm.federated.curve import ClientCurve, ServerCurve
+from fedattn_vllm.federated.curve import ClientCurve, ServerCurve, bind_or_close
 from fedattn_vllm.federated.lifeline import exit_with_parent
 from fedattn_vllm.federated.wire import Dropped, WireError, decode, encode
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
@@ -67,7 +67,7 @@ class EngineServer:
         self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_COMMAND_BYTES)
         if curve is not None:
             curve.apply(self._socket)
-        self._socket.bind(bind)
+        bind_or_close(self._socket, bind, self._authenticator)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._queue: deque[tuple[bytes, _Run]] = deque()  # submitted, waiting for room, in submission order
         self._runs: dict[str, tuple[bytes, _Run]] = {}  # reserved or running

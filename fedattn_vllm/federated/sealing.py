@@ -32,6 +32,7 @@ class SessionSeal:
             raise ValueError(f"seal_key: {KEY_BYTES} bytes, got {len(key)}")
         self._aead = ChaCha20Poly1305(key)
         self._session = session
+        self._sealed: set[tuple[int, int]] = set()  # (participant, layer): each nonce is used once
 
     def _nonce_and_context(self, participant: int, layer: int, specs) -> tuple[bytes, bytes]:
         shapes = ";".join(f"{dtype}{list(shape)}" for dtype, shape in specs)
@@ -39,6 +40,9 @@ class SessionSeal:
                 f"fedattn-kv|{self._session}|{participant}|{layer}|{shapes}".encode())
 
     def seal(self, participant: int, layer: int, tensors: Tensors) -> SealedPayload:
+        if (participant, layer) in self._sealed:  # a second payload under the same nonce would leak both
+            raise KVExchangeError(f"participant {participant}'s K/V at layer {layer} was sealed already")
+        self._sealed.add((participant, layer))
         specs = tuple(tensor_spec(t) for t in tensors)
         nonce, context = self._nonce_and_context(participant, layer, specs)
         return SealedPayload(specs, self._aead.encrypt(nonce, b"".join(tensor_frames(tensors)), context))

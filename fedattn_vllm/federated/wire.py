@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -144,7 +145,8 @@ def tensor_from_frame(spec: TensorSpec, frame) -> torch.Tensor:
 
 
 def spec_bytes(spec: TensorSpec) -> int:
-    return torch.Size(spec[1]).numel() * _DTYPES[spec[0]].itemsize
+    """A tensor's bytes from its declared dtype and shape (Python integers: a hostile shape cannot wrap)."""
+    return math.prod(spec[1]) * _DTYPES[spec[0]].itemsize
 
 
 def _buffer(frame):
