@@ -1,5 +1,9 @@
 """FedAttn in vLLM against the oracle on the real default model (Qwen2.5-Coder-0.5B-Instruct, fp32)."""
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from conftest import REAL_ENGINE_ARGS, federated_engine
@@ -82,12 +86,18 @@ def test_low_bit_kv_on_the_wire_keeps_the_recall_answers_of_exact_kv(wire):
 
 def test_the_readme_example_starts_with_no_engine_arguments():
     """FederatedLLM("default", dtype="float32") as the README writes it: the model's own 32768-token context,
-    so one engine step (no chunked prefill) must hold that many tokens."""
-    from fedattn_vllm.engine import FederatedLLM
+    so one engine step (no chunked prefill) must hold that many tokens. In its own process: shutting an engine
+    down tears down vLLM's process-wide parallel state, which the engines this test run shares still use."""
+    script = textwrap.dedent("""
+        from vllm import SamplingParams
+        from fedattn_vllm import FedAttnConfig, FedAttnSession, FederatedLLM
 
-    llm = FederatedLLM("default", dtype="float32")
-    scheduler = llm.engine.vllm_config.scheduler_config
-    assert llm.max_model_len == 32768 and scheduler.max_num_batched_tokens >= llm.max_model_len
-    [result] = llm.generate([FedAttnSession(["Alice's notes: the door code is 4417.", "Question: the door code?"],
-                                            FedAttnConfig(), SamplingParams(temperature=0.0, max_tokens=4))])
-    assert result.error is None and len(result.outputs[1].token_ids) == 4
+        llm = FederatedLLM("default", dtype="float32")
+        scheduler = llm.engine.vllm_config.scheduler_config
+        assert llm.max_model_len == 32768 and scheduler.max_num_batched_tokens >= llm.max_model_len
+        [result] = llm.generate([FedAttnSession(["Alice's notes: the door code is 4417.", "Question: the door code?"],
+                                                FedAttnConfig(), SamplingParams(temperature=0.0, max_tokens=4))])
+        assert result.error is None and len(result.outputs[1].token_ids) == 4
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
