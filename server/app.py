@@ -8,6 +8,8 @@ block; the response keeps the OpenAI shape and adds a `fedattn` usage block.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
 import time
@@ -21,6 +23,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
+from fedattn_vllm.federated.client import CoordinatorError
+from fedattn_vllm.federated.party import PartyTask, terms_digest
+from fedattn_vllm.federated.sealing import new_seal_key
 from fedattn_vllm.session import FedAttnSession, FedAttnSessionError, SessionResult
 from fedattn_vllm.prompting import chat_prefix, encode_part, encode_segments
 from server.backend import SAMPLING_DEFAULTS, Backend
@@ -29,7 +34,7 @@ from server.guard import RequestGuard
 from server.metrics import CountRejections, Metrics
 from server.private import JoinError, PrivateSessions
 from server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, FedAttnBlock,
-                            SessionCreateRequest, SessionJoinRequest, TokenizeRequest)
+                            Invitation, SessionCreateRequest, SessionJoinRequest, TokenizeRequest)
 from server.settings import ServerSettings
 from server.worker import EngineDead, QueueFull, Timings
 
@@ -350,8 +355,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
             prefix = await off_loop(chat_prefix, tokenizer, body.system)
         else:
             prefix = await _encode_prefix(body.public_prefix)
+        sampling = _sampling(body, body.max_tokens, state["backend"].sampling_defaults)
+        if settings.role == "party":
+            return await _invite(body, config, plan)
         try:
-            sampling = _sampling(body, body.max_tokens, state["backend"].sampling_defaults)
             session = state["private"].create(body.participants, config, sampling, body.chat,
                                               body.join_timeout_s, prefix)
         except QueueFull as error:
@@ -359,6 +366,23 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return {"id": session.session_id, "object": "fedattn.session", "generators": list(plan.generators),
                 "join_timeout_s": body.join_timeout_s, "host_token": session.host_token,
                 "participants": [{"index": n, "token": t} for n, t in enumerate(session.tokens)]}
+
+    async def _invite(body: SessionCreateRequest, config: FedAttnConfig, plan) -> dict:
+        """A session across party-side servers, opened at the coordinator with each participant bound to its
+        site's key: the invitation every party's client hands its own server (with a fresh seal key)."""
+        if body.sites is None or len(body.sites) != body.participants:
+            raise APIError(400, f"sites: one CURVE public key per participant ({body.participants}) at party-side "
+                           "servers", "sites")
+        site = state["backend"].worker.cluster
+        try:
+            session_id = await asyncio.to_thread(site.open_session, [key.encode() for key in body.sites], config)
+        except FedAttnSessionError as error:
+            raise APIError(403, str(error), None, "permission_error") from None
+        except CoordinatorError as error:
+            raise APIError(502, f"the coordinator: {error}", None, "server_error") from None
+        invitation = Invitation(session=session_id, terms=body, seal_key=base64.b64encode(new_seal_key()).decode())
+        return {"id": session_id, "object": "fedattn.session", "generators": list(plan.generators),
+                "join_timeout_s": body.join_timeout_s, "invitation": invitation.model_dump(mode="json")}
 
     @app.get("/v1/fedattn/sessions")
     async def list_sessions():
@@ -376,6 +400,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/fedattn/sessions/{session_id}/participants/{participant}")
     async def join_session(session_id: str, participant: int, body: SessionJoinRequest, request: Request):
+        if settings.role == "party":
+            return await _join_party(session_id, participant, body, request)
+        if body.token is None or body.invitation is not None:
+            raise APIError(400, "token: a private session is joined with its participant's token (invitations are for "
+                           "party-side servers)", "token")
         private: PrivateSessions = state["private"]
         backend: Backend = state["backend"]
         try:
@@ -406,19 +435,24 @@ def create_app(settings: ServerSettings) -> FastAPI:
                                                    "started", None, "cancelled_error"))
             return JSONResponse({}, status_code=499)
         future, timings = started
+        return await _participant_reply(request, body, session_id, participant, generators, session.worker_session,
+                                        future, timings, session.streams.get(participant),
+                                        "chat.completion" if session.chat else "text_completion")
+
+    async def _participant_reply(request: Request, body: SessionJoinRequest, session_id: str, participant: int,
+                                 generators, worker_session: str, future, timings: Timings, stream, kind: str):
+        """A joined participant's answer: a generator's own choice (streamed if it asked), else a usage record."""
         response_id = f"fedsess-{uuid.uuid4().hex}"
-        kind = "chat.completion" if session.chat else "text_completion"
-        if participant in session.streams:  # its own answer, as choice 0
-            return StreamingResponse(_stream(state["backend"].worker, session.worker_session, future,
-                                             session.streams[participant], response_id, kind, {participant: 0},
-                                             body.include_usage, timings),
+        if stream is not None:  # its own answer, as choice 0
+            return StreamingResponse(_stream(state["backend"].worker, worker_session, future, stream, response_id,
+                                             kind, {participant: 0}, body.include_usage, timings),
                                      media_type="text/event-stream")
         try:
             result = await _unless_disconnected(request, asyncio.wrap_future(future))
         except FedAttnSessionError as error:  # the parts together do not fit (e.g. too long)
             raise APIError(400, f"the session was refused: {error}", error.field) from None
         if result is None:  # a participant that leaves ends the session for everyone
-            state["backend"].worker.cancel(session.worker_session)
+            state["backend"].worker.cancel(worker_session)
             return JSONResponse({}, status_code=499)
         if result.error == "cancelled":  # another participant left
             raise APIError(409, "session ended: a participant disconnected", None, "cancelled_error")
@@ -435,6 +469,67 @@ def create_app(settings: ServerSettings) -> FastAPI:
                     "participant": participant, "fedattn": own}
         reply["choices"] = [c for c in reply["choices"] if c["participant"] == participant]
         return reply
+
+    async def _join_party(session_id: str, participant: int, body: SessionJoinRequest, request: Request):
+        """This party's part, on this party's own engine, of a session opened at the coordinator (--role party)."""
+        backend: Backend = state["backend"]
+        site = backend.worker.cluster
+        invitation = body.invitation
+        if invitation is None:
+            raise APIError(400, "invitation: a party-side server joins with the session's invitation (from the "
+                           "server that created it)", "invitation")
+        if invitation.session != session_id:
+            raise APIError(400, f"invitation: made for session {invitation.session}", "invitation.session")
+        terms = invitation.terms
+        if not 0 <= participant < terms.participants:
+            raise APIError(400, f"participant: {participant} is not in 0..{terms.participants - 1}", "participant")
+        if terms.sites is None or len(terms.sites) != terms.participants:
+            raise APIError(400, "invitation.terms.sites: one site key per participant", "invitation.terms.sites")
+        if terms.sites[participant].encode() != site.public_key:
+            raise APIError(403, f"participant {participant} is bound to site {terms.sites[participant]}; this server "
+                           f"is site {site.public_key.decode()}", "participant", "permission_error")
+        try:
+            seal_key = base64.b64decode(invitation.seal_key, validate=True)
+        except ValueError:
+            seal_key = b""
+        if len(seal_key) != 32:
+            raise APIError(400, "invitation.seal_key: 32 bytes in base64", "invitation.seal_key")
+        config = _config(terms.fedattn, single=terms.participants == 1)
+        try:
+            plan = await asyncio.to_thread(site.describe, session_id, participant)
+        except FedAttnSessionError as error:
+            raise APIError(404, str(error), "session", "not_found_error") from None
+        if plan.config.to_dict() != config.to_dict() or plan.num_participants != terms.participants:
+            raise APIError(409, "invitation: its settings differ from the session's at the coordinator", "invitation")
+        if terms.chat:
+            _check_chat_template()
+            prefix = await off_loop(chat_prefix, backend.tokenizer, terms.system)
+        else:
+            prefix = await _encode_prefix(terms.public_prefix)
+        if isinstance(body.content, str):
+            segment = await off_loop(lambda: encode_part(backend.tokenizer, body.content, participant,
+                                                         terms.participants, chat=terms.chat))
+        else:
+            segment = await _encode(body.content, "content")
+        sampling = _sampling(terms, terms.max_tokens, backend.sampling_defaults)
+        digest = terms_digest(session=session_id, terms=terms.model_dump(mode="json"),
+                              seal_key=hashlib.sha256(seal_key).digest())
+        task = PartyTask(session_id, participant, plan, segment, prefix, sampling, seal_key, digest,
+                         terms.join_timeout_s)
+        stream = asyncio.Queue() if participant in plan.generators and body.stream else None
+        loop = asyncio.get_running_loop()
+
+        def on_text(generator: int, text: str, finished: bool) -> None:
+            loop.call_soon_threadsafe(stream.put_nowait, (generator, text, finished))
+
+        try:
+            worker_session, future, timings = backend.worker.submit(task, on_text if stream else None)
+        except QueueFull as error:
+            raise APIError(429, str(error), None, "rate_limit_error") from None
+        except EngineDead as error:
+            raise APIError(503, f"the engine is down: {error}", None, "server_error") from None
+        return await _participant_reply(request, body, session_id, participant, plan.generators, worker_session,
+                                        future, timings, stream, "chat.completion" if terms.chat else "text_completion")
 
     def _start_private(session) -> None:
         """All parts are in: run the session; generators that stream get their pieces."""

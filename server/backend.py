@@ -26,7 +26,7 @@ class Backend:
                        "kv_cache_memory_bytes": int(settings.kv_cache_gib * 2**30),
                        **({"revision": settings.revision} if settings.revision else {})}
         limits = {"max_sessions": settings.max_sessions, "on_finished": metrics.session_finished}
-        if not settings.engines and not settings.engine_endpoints:
+        if not settings.engines and not settings.engine_endpoints and settings.role == "host":
             from fedattn_vllm.engine import FederatedLLM
 
             llm = FederatedLLM(settings.model, **engine_args)
@@ -49,6 +49,12 @@ class Backend:
                                        keys["FEDATTN_ADMIN_KEY"].encode(), control_key=keys["FEDATTN_ENGINE_KEY"].encode(),
                                        keys=None if settings.insecure else _orchestrator_keys(settings),
                                        insecure=settings.insecure, timeout_s=settings.session_timeout_s)
+        elif settings.role == "party":  # this party's own engine; sessions opened with the admin key, if held
+            admin_key = os.environ.get("FEDATTN_ADMIN_KEY")
+            local = LocalCluster(settings.model, engines=1, engine_args=engine_args, timeout_s=settings.session_timeout_s,
+                                 coordinator=(settings.coordinator, admin_key.encode() if admin_key else None),
+                                 site=(settings.keypair, settings.coordinator_key))
+            cluster = local.cluster
         else:
             local = LocalCluster(settings.model, engines=settings.engines, engine_args=engine_args,
                                  timeout_s=settings.session_timeout_s)

@@ -107,14 +107,30 @@ class SessionCreateRequest(_Sampling):
     system: str | None = None  # chat: the system message (the template head is the public prefix)
     public_prefix: Segment | None = None  # not chat: public text or token ids before participant 0
     join_timeout_s: float = Field(60.0, gt=0, le=3600)
+    # party-side servers (--role party): each participant's site, by its CURVE public key (Z85, 40 characters)
+    sites: list[Annotated[str, Field(min_length=40, max_length=40)]] | None = None
 
 
-class SessionJoinRequest(BaseModel):
-    """One participant's own part of a private session."""
+class Invitation(BaseModel):
+    """A session across party-side servers, as its creator's server made it: every party's client hands it to
+    its own server with its part. `terms` are the create request (settings, public prefix, sampling);
+    `seal_key` (base64) seals K/V past the coordinator: the parties' secret, never the coordinator's."""
 
     model_config = ConfigDict(extra="forbid")
 
-    token: str
+    session: str = Field(min_length=1, max_length=128)
+    terms: SessionCreateRequest
+    seal_key: str = Field(min_length=44, max_length=44)
+
+
+class SessionJoinRequest(BaseModel):
+    """One participant's own part of a session: a private session's join token, or at a party-side server
+    the session's invitation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: str | None = None
+    invitation: Invitation | None = None
     content: Segment = Field(min_length=1)
     stream: bool = False
     include_usage: bool = False  # streamed: a last chunk with the usage

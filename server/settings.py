@@ -32,12 +32,17 @@ class ServerSettings(BaseSettings):
     kv_cache_gib: float = Field(2.0, gt=0, description="paged K/V cache size in GiB")
     engines: int = Field(0, ge=0, description="0: one in-process engine (colocated); N: start N engine processes "
                          "on this machine, participant n of a session on engine n % N (federated)")
+    role: Literal["host", "party"] = Field("host", description="host: this server runs every participant "
+                                           "(one engine, --engines or --engine-endpoints); party: one party's own "
+                                           "server and engine, joined to the others through --coordinator "
+                                           "(docs/federated.md: party-side servers)")
     engine_endpoints: list[str] = Field(default_factory=list, description="attach to running federated engines "
                                         "(ZeroMQ endpoints; keys from FEDATTN_ADMIN_KEY / FEDATTN_ENGINE_KEY)")
-    coordinator: str | None = Field(None, description="the coordinator of --engine-endpoints")
-    keypair: Path | None = Field(None, description="--engine-endpoints: this server's CURVE .key_secret file "
-                                 "(python -m fedattn_vllm.federated.curve new)")
-    coordinator_key: Path | None = Field(None, description="--engine-endpoints: the coordinator's public key file")
+    coordinator: str | None = Field(None, description="the coordinator of --engine-endpoints or --role party")
+    keypair: Path | None = Field(None, description="--engine-endpoints, --role party: this server's (site's) CURVE "
+                                 ".key_secret file (python -m fedattn_vllm.federated.curve new)")
+    coordinator_key: Path | None = Field(None, description="--engine-endpoints, --role party: the coordinator's "
+                                         "public key file")
     engine_keys: list[Path] = Field(default_factory=list, description="--engine-endpoints: each engine's public key "
                                     "file, in the same order")
     insecure: bool = Field(False, description="--engine-endpoints: plaintext ZeroMQ, no peer authentication "
@@ -65,6 +70,19 @@ class ServerSettings(BaseSettings):
     def _tls_pair(self) -> ServerSettings:
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
             raise ValueError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
+        return self
+
+    @model_validator(mode="after")
+    def _party(self) -> ServerSettings:
+        if self.role != "party":
+            return self
+        if self.engines or self.engine_endpoints:
+            raise ValueError("--role party runs this party's one engine itself: no --engines or --engine-endpoints")
+        if not self.coordinator:
+            raise ValueError("--role party needs --coordinator (the ZeroMQ endpoint every party joins)")
+        if self.insecure or self.keypair is None or self.coordinator_key is None:
+            raise ValueError("--role party needs --keypair and --coordinator-key, never --insecure: each participant "
+                             "is bound to its site's CURVE key")
         return self
 
     @classmethod

@@ -19,6 +19,8 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from fedattn_vllm.config import FedAttnConfig, KVWire
+from fedattn_vllm.federated.coordinator import Coordinator
+from fedattn_vllm.federated.wire import decode
 from fedattn_vllm.models import resolve_model
 from fedattn_vllm.schedule import Placement
 
@@ -201,3 +203,15 @@ def make_hub_cache(home, monkeypatch):
     (main / "generation_config.json").write_text('{"temperature": 0.0, "top_k": 1}')  # greedy unless asked otherwise
     return repo
 
+
+class RecordingCoordinator(Coordinator):
+    """The real coordinator, keeping a copy of every message it receives."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.received: list[tuple[dict, bytes]] = []  # (header, all frames' bytes)
+
+    def _process(self, identity, request_id, message):
+        raw = b"".join(bytes(f.buffer if hasattr(f, "buffer") else f) for f in message)
+        self.received.append((decode(message)[0], raw))
+        super()._process(identity, request_id, message)

@@ -18,12 +18,11 @@ import msgspec
 import pytest
 import torch
 import zmq
-from conftest import TINY_ENGINE_ARGS, federated_engine, greedy, random_case, random_tokens
+from conftest import TINY_ENGINE_ARGS, RecordingCoordinator, federated_engine, greedy, random_case, random_tokens
 
 from fedattn_vllm.config import FedAttnConfig, KVWire
 from fedattn_vllm.cost import ModelShape, participant_costs
 from fedattn_vllm.session import FedAttnSession, FedAttnSessionError
-from fedattn_vllm.federated.coordinator import Coordinator
 from fedattn_vllm.federated.curve import ClientCurve, Keypair, ServerCurve, new_keypair, public_key
 from fedattn_vllm.federated.local import LocalCluster, local_keys
 from fedattn_vllm.federated.wire import decode
@@ -32,19 +31,6 @@ MODEL = "tiny-qwen2"
 TIMEOUT_S = 6.0
 ADMIN_KEY = b"federated-test-admin"
 VOCAB = 256  # the tiny tokenizer's ids are all valid below this
-
-
-class RecordingCoordinator(Coordinator):
-    """The real coordinator, keeping a copy of every message it receives."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.received: list[tuple[dict, bytes]] = []  # (header, all frames' bytes)
-
-    def _process(self, identity, request_id, message):
-        raw = b"".join(bytes(f.buffer if hasattr(f, "buffer") else f) for f in message)
-        self.received.append((decode(message)[0], raw))
-        super()._process(identity, request_id, message)
 
 
 @pytest.fixture(scope="module")

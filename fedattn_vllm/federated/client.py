@@ -1,4 +1,5 @@
-"""Clients of the coordinator: the orchestrator's session admin and an engine's networked K/V exchange."""
+"""Clients of the coordinator: the orchestrator's session admin, a party-side site's participant calls and an
+engine's networked K/V exchange."""
 
 from __future__ import annotations
 
@@ -83,6 +84,77 @@ class SessionAdmin:
         """The coordinator's open sessions, waiting fetches, K/V bytes held and dropped messages by reason."""
         reply, _ = self._connection.call({"op": "counters", "admin_key": self._key})
         return {k: reply[k] for k in ("sessions", "waiters", "stored_bytes", "dropped")}
+
+    def disconnect(self) -> None:
+        self._connection.close()
+
+
+def describe(endpoint: str, session: str, participant: int, *, curve: ClientCurve | None,
+             timeout_s: float = 10.0) -> dict:
+    """The session's config, depth and size as the coordinator holds them, asked as `participant` (a connection
+    authenticated with that participant's CURVE key); raises CoordinatorError ("unreachable" also when the
+    coordinator drops the request because this site is not that participant)."""
+    connection = CoordinatorConnection(endpoint, timeout_s=timeout_s, curve=curve)
+    try:
+        reply, _ = connection.call({"op": "describe", "session": session, "participant": participant})
+    finally:
+        connection.close()
+    return {k: reply[k] for k in ("config", "num_layers", "num_participants")}
+
+
+class ParticipantCalls:
+    """A party-side site's calls for its own participants. `announce` and `leave` are answered once every
+    participant of the session has made the same call (`answers`, when `socket` polls readable); `fail` at once.
+    Use from one thread."""
+
+    def __init__(self, endpoint: str, *, curve: ClientCurve | None, timeout_s: float = 30.0):
+        self._now = CoordinatorConnection(endpoint, timeout_s=timeout_s, curve=curve)
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)  # held calls: answered in the order released
+        self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self.socket)
+        self.socket.connect(endpoint)
+
+    def announce(self, session: str, participant: int, length: int, prefix_len: int, terms: bytes,
+                 wait_s: float) -> None:
+        self._hold({"op": "announce", "session": session, "participant": participant, "length": length,
+                    "prefix_len": prefix_len, "terms": terms, "wait_s": wait_s})
+
+    def leave(self, session: str, participant: int, wait_s: float) -> None:
+        """Done: answered, with this participant's byte counts, once every participant is."""
+        self._hold({"op": "leave", "session": session, "participant": participant, "wait_s": wait_s})
+
+    def _hold(self, header: dict) -> None:
+        self.socket.send_multipart([f"{header['op']}:{header['session']}".encode(), *encode(header)], copy=False)
+
+    def answers(self) -> list[tuple[str, str, dict | CoordinatorError]]:
+        """(operation, session, reply or refusal) of the held calls answered since the last call."""
+        answered = []
+        while self.socket.poll(0):
+            tag, *frames = self.socket.recv_multipart(copy=False)
+            op, _, session = tag.bytes.decode().partition(":")
+            try:
+                reply, _ = decode(frames)
+            except ValueError as error:
+                reply = {"ok": False, "code": "malformed", "error": str(error)}
+            answered.append((op, session, reply if reply.get("ok") else
+                             CoordinatorError(reply.get("code", "error"), reply.get("error", "refused"))))
+        return answered
+
+    def fail(self, session: str, participant: int, reason: str) -> dict:
+        """End the session for everyone now; this participant's own byte counts."""
+        reply, _ = self._now.call({"op": "leave", "session": session, "participant": participant, "failed": True,
+                                   "reason": reason[:512]})
+        return own_bytes(reply)
+
+    def close(self) -> None:
+        self._now.close()
+        self.socket.close(0)
+
+
+def own_bytes(reply: dict) -> dict:
+    """{"wire_bytes"|"payload_bytes": {"up"|"down": bytes}} of a leave's answer."""
+    return {kind: {d: int(reply[kind][d]) for d in ("up", "down")} for kind in ("wire_bytes", "payload_bytes")}
 
 
 class NetworkKVExchange(KVExchange):

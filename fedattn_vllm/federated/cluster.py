@@ -80,7 +80,7 @@ class _Flight:
 class FederatedCluster:
     """Runs sessions on federated engines through one coordinator (one orchestrator per pool of engines)."""
 
-    def __init__(self, engines: Sequence[str], coordinator: str, admin_key: bytes, *, control_key: bytes,
+    def __init__(self, engines: Sequence[str], coordinator: str, admin_key: bytes | None, *, control_key: bytes,
                  keys: OrchestratorKeys | None = None, insecure: bool = False, seal: bool = True,
                  timeout_s: float = 60.0, launcher: EngineLauncher | None = None):
         """`timeout_s`: how long a participant waits for a peer's K/V before its session fails.
@@ -90,6 +90,7 @@ class FederatedCluster:
         work. `launcher` (optional): the local engine processes, so a death is noticed at once
         and the engine restarted (at most MAX_RESTARTS times each); meanwhile, and for good
         once it gives up, `down` says why and sessions that need the engine fail at once.
+        `admin_key`: the coordinator's key for opening sessions (None: this orchestrator opens none, a party site).
         `keys`: CURVE on every link (curve.py); plaintext only with `insecure=True`. `seal`: each
         session's K/V sealed end to end between its engines, unreadable to the coordinator (sealing.py).
         """
@@ -107,7 +108,8 @@ class FederatedCluster:
         self.launcher = launcher
         self.timeout_s = timeout_s
         self.silence_s = 2 * timeout_s + 5.0
-        self.admin = SessionAdmin(coordinator, admin_key, curve=keys and keys.to_coordinator())
+        self.coordinator = coordinator
+        self.admin = admin_key and SessionAdmin(coordinator, admin_key, curve=keys and keys.to_coordinator())
         infos = [link.request("info", timeout_s) for link in self.links]
         models = {(info["model"], info["num_layers"]) for info in infos}
         if len(models) != 1:
@@ -221,20 +223,24 @@ class FederatedCluster:
         flight = self._flights[session_id] = _Flight(session_id, plan, hosts)
         if not pipelined:
             flight.serial_order = sorted(hosts, key=lambda e: hosts[e][0])
-        sampling = msgspec.msgpack.encode(session.sampling_params) if session.sampling_params is not None else None
         seal_key = new_seal_key() if self.seal else None  # to the session's engines only, never the coordinator
         for engine, participants in hosts.items():
-            if self._owed(engine) == [flight]:
-                self._last_heard[engine] = time.monotonic()  # its silence counts from now
-            self.links[engine].send({
-                "op": "submit", "session": session_id, "num_participants": len(session.segments),
-                "segments": {n: _plain(session.segments[n]) for n in participants},
-                "credentials": {n: credentials[n] for n in participants},
-                "public_prefix": _plain(session.public_prefix) if session.public_prefix is not None else None,
-                "config": session.config.to_dict(), "sampling": sampling or msgspec.msgpack.encode(None),
-                "wait_s": self.timeout_s, "seal_key": seal_key,
-            })
+            self._send_submit(flight, engine, session, {n: credentials[n] for n in participants}, seal_key)
         return flight
+
+    def _send_submit(self, flight: _Flight, engine: int, session: FedAttnSession, credentials: dict[int, bytes | None],
+                     seal_key: bytes | None) -> None:
+        """Hand `engine` its participants of the session (those of `credentials`; None: bound to its CURVE key)."""
+        if self._owed(engine) == [flight]:
+            self._last_heard[engine] = time.monotonic()  # its silence counts from now
+        sampling = session.sampling_params
+        self.links[engine].send({
+            "op": "submit", "session": flight.session_id, "num_participants": flight.plan.num_participants,
+            "segments": {n: _plain(session.segments[n]) for n in credentials}, "credentials": credentials,
+            "public_prefix": _plain(session.public_prefix) if session.public_prefix is not None else None,
+            "config": session.config.to_dict(), "sampling": msgspec.msgpack.encode(sampling),
+            "wait_s": self.timeout_s, "seal_key": seal_key,
+        })
 
     @staticmethod
     def _generated(flight: _Flight, engine: int, outputs: dict) -> dict:
@@ -267,8 +273,7 @@ class FederatedCluster:
                 self._fail(flight, f"engines encoded the public prefix differently ({sorted(flight.prefix_lens)} tokens)")
                 return
             if len(flight.ready) == len(flight.hosts):
-                for e in (flight.serial_order[:1] if flight.serial_order else flight.hosts):
-                    self._go(flight, e)
+                self._on_ready(flight)
         elif kind == "tokens":
             pieces = self._generated(flight, engine, event["outputs"])
             for g, piece in pieces.items():
@@ -291,6 +296,11 @@ class FederatedCluster:
                     self._go(flight, flight.serial_order[0])
             if len(flight.done) == len(flight.hosts):
                 self._complete(flight)
+
+    def _on_ready(self, flight: _Flight) -> None:
+        """Every engine of the session has reserved room and reported its lengths: start it."""
+        for e in (flight.serial_order[:1] if flight.serial_order else flight.hosts):
+            self._go(flight, e)
 
     def _go(self, flight: _Flight, engine: int) -> None:
         """Start the session on `engine` with the next wave."""
@@ -389,35 +399,37 @@ class FederatedCluster:
 
     def _complete(self, flight: _Flight) -> None:
         try:
-            stats = self.admin.stats(flight.session_id)
+            stats = self._release(flight, None)
         except CoordinatorError as error:  # the coordinator lost the session (expired, restarted): no bytes to report
             self._fail(flight, f"the coordinator: {error}")
             return
-        self._close(flight)
         flight.result = SessionResult(outputs=dict(sorted(flight.outputs.items())), cost=self._cost(flight, stats),
                                       wall_s=time.monotonic() - flight.started)
 
     def _fail(self, flight: _Flight, why: str) -> None:
         """Settle the session as failed and free it everywhere: coordinator first (waiters fail fast), then engines."""
         try:
-            stats = self.admin.stats(flight.session_id)
+            stats = self._release(flight, why)
         except CoordinatorError:
             stats = None
-        self._close(flight)
         for e in flight.hosts:
             if e not in flight.done:
                 self.links[e].send({"op": "abort", "session": flight.session_id})
         flight.result = SessionResult(outputs={}, cost=self._cost(flight, stats), error=why,
                                       error_field=flight.error_field, wall_s=time.monotonic() - flight.started)
 
-    def _close(self, flight: _Flight) -> None:
+    def _release(self, flight: _Flight, failed: str | None) -> dict:
+        """The session's byte counts from the coordinator, which then frees it (raises CoordinatorError if it
+        has lost it already)."""
+        stats = self.admin.stats(flight.session_id)
         try:
             self.admin.close(flight.session_id)
         except CoordinatorError:
-            pass  # already gone (expired); nothing of it is left there
+            pass  # expired in between; nothing of it is left there
+        return stats
 
     def _cost(self, flight: _Flight, stats: dict | None) -> SessionCost:
-        n = sum(len(p) for p in flight.hosts.values())
+        n = flight.plan.num_participants
         stats = stats or {"wire_bytes": {"up": {}, "down": {}}, "payload_bytes": {"up": {}, "down": {}}}
 
         def column(kind: str, direction: str) -> list[int]:

@@ -58,7 +58,21 @@ class Session:
     # (participant, "up" | "down") -> bytes on the wire; payload bytes (K/V only) likewise
     wire_bytes: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
     payload_bytes: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
+    announced: dict[int, tuple[int, int, bytes]] = field(default_factory=dict)  # participant -> (length, prefix, terms)
+    left: set[int] = field(default_factory=set)  # participants done (party-side sites): freed when all are
     last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Held:
+    """A participant's announce or leave, answered once every participant of its session has made one."""
+
+    identity: bytes
+    request_id: bytes
+    session_id: str
+    participant: int
+    kind: type  # m.Announce | m.Leave
+    deadline: float
 
 
 @dataclass
@@ -95,6 +109,7 @@ class Coordinator:
         self.sessions: dict[str, Session] = {}
         self.dropped = Dropped(__name__)  # messages dropped unanswered, by reason
         self._waiters: list[_Waiter] = []
+        self._held: list[_Held] = []
         self._stop = threading.Event()
 
     # -- the loop ------------------------------------------------------------------------
@@ -120,9 +135,10 @@ class Coordinator:
         self._stop.set()
 
     def _poll_ms(self) -> int:
-        if not self._waiters:
+        deadlines = [w.deadline for w in [*self._waiters, *self._held]]
+        if not deadlines:
             return 100
-        return max(0, min(100, int(1000 * (min(w.deadline for w in self._waiters) - time.monotonic())) + 1))
+        return max(0, min(100, int(1000 * (min(deadlines) - time.monotonic())) + 1))
 
     def _receive(self) -> None:
         frames = self._socket.recv_multipart(copy=False)
@@ -186,6 +202,13 @@ class Coordinator:
                            "payload_bytes": _by_participant(session.payload_bytes)})
         if isinstance(request, m.Publish):
             return self._publish(session, request, kv, size)
+        if isinstance(request, m.Describe):
+            return encode({"ok": True, "config": session.plan.config.to_dict(), "num_layers": session.plan.num_layers,
+                           "num_participants": session.plan.num_participants})
+        if isinstance(request, m.Announce):
+            return self._announce(session, request, identity, request_id)
+        if isinstance(request, m.Leave):
+            return self._leave(session, request, identity, request_id)
         return self._fetch(session, request, identity, request_id)
 
     # -- admin -----------------------------------------------------------------------------
@@ -249,6 +272,58 @@ class Coordinator:
                                      time.monotonic() + request.wait_s))
         return None
 
+    def _announce(self, session: Session, request: m.Announce, identity: bytes, request_id: bytes):
+        """Hold the announcement until every participant has made one; then answer them all at once, so every
+        site learns that the session can start in the same order (one socket per site keeps it)."""
+        if request.participant in session.announced:
+            raise Refused("conflict", f"participant {request.participant} already announced")
+        self._hold(identity, request_id, request)
+        session.announced[request.participant] = (request.length, request.prefix_len, request.terms)
+        if len(session.announced) < session.plan.num_participants:
+            return None
+        mine = self._release_held(request.session, m.Announce)
+        terms = {(prefix, digest) for _, prefix, digest in session.announced.values()}
+        if len(terms) > 1:  # different public prefixes or settings: every position or answer would be off
+            self._drop(request.session, "refused")
+            reply = encode({"ok": False, "code": "conflict", "error": "the participants joined with different "
+                            "session terms (public prefix, settings or invitation)"})
+        else:
+            reply = encode({"ok": True, "lengths": [session.announced[n][0] for n in range(len(session.announced))]})
+        for announcer in mine:
+            self._reply(announcer.identity, announcer.request_id, reply)
+        return None
+
+    def _leave(self, session: Session, request: m.Leave, identity: bytes, request_id: bytes):
+        """A failure ends the session now (answered with the participant's own byte counts). A participant done is
+        answered, with its own byte counts, once every participant is: the session then ends and is freed; if it
+        fails first, with the failure."""
+        n = request.participant
+        if request.failed:
+            reply = encode({"ok": True, **_own_bytes(session, n)})
+            self._drop(request.session, f"ended: participant {n} failed ({request.reason or 'no reason given'})")
+            return reply
+        if n in session.left:
+            raise Refused("conflict", f"participant {n} already left")
+        self._hold(identity, request_id, request)
+        session.left.add(n)
+        if len(session.left) < session.plan.num_participants:
+            return None
+        for held in self._release_held(request.session, m.Leave):
+            self._reply(held.identity, held.request_id, encode({"ok": True, **_own_bytes(session, held.participant)}))
+        self._drop(request.session, "finished")
+        return None
+
+    def _hold(self, identity: bytes, request_id: bytes, request: m.Announce | m.Leave) -> None:
+        if len(self._waiters) + len(self._held) >= MAX_WAITERS:
+            raise Refused("busy", "too many requests are waiting already")
+        self._held.append(_Held(identity, request_id, request.session, request.participant, type(request),
+                                time.monotonic() + request.wait_s))
+
+    def _release_held(self, session_id: str, kind: type) -> list[_Held]:
+        released = [h for h in self._held if (h.session_id, h.kind) == (session_id, kind)]
+        self._held = [h for h in self._held if h not in released]
+        return released
+
     def _deliver(self, session: Session, viewer: int, source: int, layer: int) -> list:
         kv = session.kv[source, layer]
         frames = encode({"ok": True}, kv)
@@ -267,8 +342,8 @@ class Coordinator:
         session = self.sessions.pop(session_id, None)
         if session is not None:
             self.stored_bytes -= sum(payload_nbytes(kv) for kv in session.kv.values())
-        for w in [w for w in self._waiters if w.session_id == session_id]:
-            self._waiters.remove(w)
+        for w in [w for w in [*self._waiters, *self._held] if w.session_id == session_id]:
+            (self._waiters if isinstance(w, _Waiter) else self._held).remove(w)
             self._error(w.identity, w.request_id, "unknown_session", f"session {session_id} {why}")
 
     def _expire(self) -> None:
@@ -277,6 +352,13 @@ class Coordinator:
             self._waiters.remove(w)
             self._error(w.identity, w.request_id, "timeout",
                         f"participant {w.source}'s K/V at layer {w.layer} did not arrive in time")
+        for held in [h for h in self._held if h.deadline <= now]:
+            self._held.remove(held)
+            session = self.sessions.get(held.session_id)
+            done = (session.announced if held.kind is m.Announce else session.left) if session else {}
+            missing = sorted(set(range(session.plan.num_participants)) - set(done)) if session else []
+            self._error(held.identity, held.request_id, "timeout", f"participants {missing} did not "
+                        f"{'join' if held.kind is m.Announce else 'finish'} in time")
         for session_id, session in list(self.sessions.items()):
             if now - session.last_used > self.session_ttl_s:
                 self._drop(session_id, f"expired after {self.session_ttl_s:.0f} s idle")
@@ -289,6 +371,12 @@ def _peer_key(frame) -> bytes | None:
     except (zmq.ZMQError, AttributeError):
         return None
     return user.encode() if user else None
+
+
+def _own_bytes(session: Session, participant: int) -> dict:
+    """{"wire_bytes"|"payload_bytes": {"up"|"down": bytes}} of one participant."""
+    return {kind: {d: counts.get((participant, d), 0) for d in ("up", "down")}
+            for kind, counts in (("wire_bytes", session.wire_bytes), ("payload_bytes", session.payload_bytes))}
 
 
 def _by_participant(counts: dict[tuple[int, str], int]) -> dict[str, dict[int, int]]:

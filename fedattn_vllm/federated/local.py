@@ -3,6 +3,9 @@
     with LocalCluster("default", engines=3) as local:
         results = local.cluster.generate(sessions, placement)
 
+    # one party's site: its own engine, joined to a coordinator elsewhere (party.py)
+    site = LocalCluster("default", engines=1, coordinator=(endpoint, None), site=("keys/a.key_secret", "keys/coordinator.key"))
+
 Every engine is its own OS process with its own vLLM engine; they talk only through the
 coordinator, exactly as on separate machines. Fresh random keys guard the coordinator's
 admin operations and the engines' control sockets, and every link is CURVE-encrypted with
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +31,7 @@ from pathlib import Path
 
 from fedattn_vllm.federated.cluster import FederatedCluster
 from fedattn_vllm.federated.curve import Keypair, OrchestratorKeys, new_keypair, public_key
+from fedattn_vllm.federated.party import PartySite, SiteKeys
 
 
 class LaunchError(RuntimeError):
@@ -62,27 +67,48 @@ def _security_flags(process: str, trust: Path | None) -> list[str]:
     return flags if process == "coordinator" else [*flags, "--coordinator-key", str(trust / "coordinator.key")]
 
 
+def _site_keys(keypair: str | Path, coordinator_key: str | Path, trust: Path) -> SiteKeys:
+    """A site's keys; its engine's control socket trusts only the site's own public key (`trust`)."""
+    site = SiteKeys(Keypair.load(keypair), public_key(coordinator_key))
+    trust.mkdir(mode=0o700, parents=True, exist_ok=True)
+    shutil.copyfile(Path(keypair).with_suffix(".key"), trust / "site.key")  # beside it, as `curve new` writes it
+    return site
+
+
 class LocalCluster:
     def __init__(self, model: str = "default", engines: int = 2, *, engine_args: dict | None = None,
                  timeout_s: float = 60.0, start_timeout_s: float = 600.0, log_dir: str | Path | None = None,
                  env: dict[str, str] | None = None, coordinator: tuple[str, bytes] | None = None,
-                 keys_dir: str | Path | None = None, insecure: bool = False, seal: bool = True):
+                 keys_dir: str | Path | None = None, insecure: bool = False, seal: bool = True,
+                 site: tuple[str | Path, str | Path] | None = None):
         """`coordinator`: (endpoint, admin key) of a running coordinator to use instead of starting one
         (with CURVE, it serves `keys_dir`/coordinator.key_secret and trusts `keys_dir`: see `local_keys`).
-        `seal`: K/V sealed end to end past the coordinator (FederatedCluster)."""
+        `seal`: K/V sealed end to end past the coordinator (FederatedCluster).
+        `site`: (this party's .key_secret file, the coordinator's public key file): one party's site, its one
+        engine and its orchestrator (`cluster`, a PartySite) both speaking with the party's key; the
+        coordinator's admin key may then be None (this party opens no sessions)."""
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="fedattn-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        trust = None if insecure else local_keys(keys_dir or self.log_dir / "keys", engines)
-        self._security = {name: _security_flags(name, trust) for name in ["coordinator", *_engine_names(engines)]}
-        keys = trust and OrchestratorKeys(Keypair.load(trust / "orchestrator.key_secret"),
-                                          public_key(trust / "coordinator.key"),
-                                          tuple(public_key(trust / f"{name}.key") for name in _engine_names(engines)))
+        if site is not None and (engines != 1 or coordinator is None):
+            raise ValueError("site: one engine, and the coordinator (endpoint, admin key or None) it joins")
+        if site is not None:
+            site_keys = None if insecure else _site_keys(*site, self.log_dir / "trust")
+            self._security = {"engine0": ["--insecure"] if insecure else [
+                "--keypair", str(site[0]), "--trust", str(self.log_dir / "trust"), "--coordinator-key", str(site[1])]}
+        else:
+            trust = None if insecure else local_keys(keys_dir or self.log_dir / "keys", engines)
+            self._security = {name: _security_flags(name, trust) for name in ["coordinator", *_engine_names(engines)]}
+            keys = trust and OrchestratorKeys(Keypair.load(trust / "orchestrator.key_secret"),
+                                              public_key(trust / "coordinator.key"),
+                                              tuple(public_key(trust / f"{name}.key") for name in _engine_names(engines)))
         admin_key = coordinator[1] if coordinator else secrets.token_hex(16).encode()
         control_key = secrets.token_hex(16)
         # Engines share this machine's cores: one OpenMP team each, no oversubscription (unless told otherwise).
         threads = str(max(1, (os.cpu_count() or 1) // engines))
-        self._env = {"OMP_NUM_THREADS": threads, **os.environ, **(env or {}), "FEDATTN_ADMIN_KEY": admin_key.decode(),
-                     "FEDATTN_ENGINE_KEY": control_key}
+        self._env = {"OMP_NUM_THREADS": threads, **os.environ, **(env or {}), "FEDATTN_ENGINE_KEY": control_key}
+        self._env.pop("FEDATTN_ADMIN_KEY", None)  # only a coordinator this cluster starts gets it
+        if coordinator is None:
+            self._env["FEDATTN_ADMIN_KEY"] = admin_key.decode()
         self.processes: list[subprocess.Popen] = []
         try:
             self.coordinator_process: subprocess.Popen | None = None  # None: a coordinator this cluster does not own
@@ -98,9 +124,14 @@ class LocalCluster:
             self.engine_processes = [self._launch(f"engine{e}", self._engine_args) for e in range(engines)]
             endpoints = [self._await_ready(p, f"engine{e}", start_timeout_s)
                          for e, p in enumerate(self.engine_processes)]
-            self.cluster = FederatedCluster(endpoints, self.coordinator_endpoint, admin_key,
-                                            control_key=control_key.encode(), keys=keys, insecure=insecure, seal=seal,
-                                            timeout_s=timeout_s, launcher=self)
+            if site is not None:
+                self.cluster = PartySite(endpoints[0], self.coordinator_endpoint, control_key=control_key.encode(),
+                                         keys=site_keys, admin_key=admin_key, insecure=insecure, timeout_s=timeout_s,
+                                         launcher=self)
+            else:
+                self.cluster = FederatedCluster(endpoints, self.coordinator_endpoint, admin_key,
+                                                control_key=control_key.encode(), keys=keys, insecure=insecure,
+                                                seal=seal, timeout_s=timeout_s, launcher=self)
         except BaseException:
             self.close()
             raise

@@ -5,7 +5,8 @@ field, too long a string or list) is malformed: the receiver drops it and counts
 bounds are the edge's range checks; semantic checks (a credential, a session's plan) come
 after, in the receiver.
 
-  coordinator requests  Open, Close, Stats, Counters (admin key); Publish, Fetch (credential)
+  coordinator requests  Open, Close, Stats, Counters (admin key); Publish, Fetch, and for party-side
+                        sites Describe, Announce, Leave (a participant's credential or CURVE key)
   engine control        Submit, Go, Abort, Info, Status, Shutdown (the engine's control key)
 """
 
@@ -84,7 +85,40 @@ class Fetch(_Message, tag="fetch"):
     wait_s: WaitS = 0.0
 
 
-CoordinatorRequest = Open | Close | Stats | Counters | Publish | Fetch
+class Describe(_Message, tag="describe"):
+    """A participant asks for its session's config, depth and size (party-side sites: the opener is elsewhere)."""
+
+    session: SessionId
+    participant: Index
+    credential: Secret | None = None
+
+
+class Announce(_Message, tag="announce"):
+    """A participant's segment length, its public prefix's length and its session terms' digest; answered once
+    every participant has announced, with every length (positions need them), or refused if they disagree."""
+
+    session: SessionId
+    participant: Index
+    length: Annotated[int, Meta(ge=1, le=MAX_TOKENS)]
+    prefix_len: Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
+    terms: Annotated[bytes, Meta(max_length=64)] = b""
+    credential: Secret | None = None
+    wait_s: WaitS = 0.0
+
+
+class Leave(_Message, tag="leave"):
+    """A participant is done (answered once every participant is: its K/V stays until then) or failed (the
+    session ends now); answered with its own byte counts."""
+
+    session: SessionId
+    participant: Index
+    credential: Secret | None = None
+    failed: bool = False
+    reason: Annotated[str, Meta(max_length=512)] = ""
+    wait_s: WaitS = 0.0
+
+
+CoordinatorRequest = Open | Close | Stats | Counters | Publish | Fetch | Describe | Announce | Leave
 ADMIN_REQUESTS = (Open, Close, Stats, Counters)
 
 
@@ -94,7 +128,8 @@ class Submit(_Message, tag="submit"):
     session: SessionId
     num_participants: Count
     segments: Annotated[dict[Index, Segment], Meta(min_length=1, max_length=MAX_SIZE)]
-    credentials: Annotated[dict[Index, Secret], Meta(min_length=1, max_length=MAX_SIZE)]
+    # None: the session binds that participant to this engine's CURVE key (a party-side site)
+    credentials: Annotated[dict[Index, Secret | None], Meta(min_length=1, max_length=MAX_SIZE)]
     config: Config
     sampling: Annotated[bytes, Meta(max_length=1 << 20)]  # msgpack of vllm.SamplingParams, or of None
     wait_s: WaitS

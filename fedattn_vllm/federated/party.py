@@ -1,0 +1,191 @@
+"""A party-side site: one party's own engine running its own participant of sessions opened elsewhere.
+
+Every party runs a site (its server, its engine, its keypair); a coordinator between them
+relays K/V. A session is opened at the coordinator with each participant bound to its
+site's CURVE public key (`open_session`, by whichever party or host holds the coordinator's
+admin key); nobody holds a credential of anyone else's. Each site then joins with its own
+text, which never leaves it:
+
+    site = PartySite(engine_endpoint, coordinator, keys=SiteKeys(...), control_key=...)
+    flight = site.submit(PartyTask(session, participant=1, segment=ids, ...))   # poll() reports it
+
+    describe   the coordinator says the session's config, depth and size (as participant n: the
+               connection must carry n's key)
+    submit     the site's engine tokenizes nothing new, reserves room and reports the length
+    announce   the coordinator answers once every participant has announced, with every length
+               (positions need them) - and in one order for every site, which starts sessions in
+               that order, one per engine step (the ordering rule of docs/federated.md)
+    run        K/V through the coordinator, sealed with the session key the parties agreed on
+    leave      done: answered once every participant is (its K/V stays until then); or failed: the
+               session ends now, for every site
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+
+from fedattn_vllm.config import FedAttnConfig, FedAttnPlan
+from fedattn_vllm.federated.client import CoordinatorError, ParticipantCalls, SessionAdmin, describe, own_bytes
+from fedattn_vllm.federated.cluster import FederatedCluster, TextCallback, _Flight
+from fedattn_vllm.federated.curve import ClientCurve, Keypair, OrchestratorKeys
+from fedattn_vllm.federated.messages import MAX_WAIT_S
+from fedattn_vllm.session import FedAttnSession, FedAttnSessionError, SessionResult
+
+
+@dataclass(frozen=True)
+class PartyTask:
+    """This site's part of a session opened at the coordinator."""
+
+    session_id: str
+    participant: int
+    plan: FedAttnPlan  # as the coordinator holds it (`PartySite.describe`)
+    segment: list[int]  # this party's own token ids
+    public_prefix: list[int] | None
+    sampling_params: object | None  # vllm.SamplingParams: used if this participant generates
+    seal_key: bytes | None  # the session key the parties agreed on (32 bytes; None: K/V unsealed)
+    terms: bytes  # digest of everything every site must agree on (terms_digest)
+    join_timeout_s: float  # how long to wait for the other participants to join
+
+    @property
+    def segments(self) -> list[list[int]]:
+        """The session's segments as this site knows them: its own, and nothing of anyone else's."""
+        return [self.segment if n == self.participant else [] for n in range(self.plan.num_participants)]
+
+
+def terms_digest(**terms) -> bytes:
+    """A digest of the session's terms (settings, prefix, sampling): sites that joined with different terms are
+    refused together at the coordinator instead of computing a silently different answer."""
+    return hashlib.sha256(msgspec.msgpack.encode(terms, order="sorted")).digest()
+
+
+@dataclass(frozen=True)
+class SiteKeys:
+    """A site's keypair (its engine connects to the coordinator with it too) and the coordinator's public key."""
+
+    keypair: Keypair
+    coordinator: bytes
+
+    def to_coordinator(self) -> ClientCurve:
+        return ClientCurve(self.keypair, self.coordinator)
+
+
+class PartySite(FederatedCluster):
+    """One party's orchestrator over its own engine (engine 0), for sessions whose participants are bound to
+    the parties' CURVE keys. `admin_key` (optional) lets this party open sessions too."""
+
+    def __init__(self, engine: str, coordinator: str, *, control_key: bytes, keys: SiteKeys | None,
+                 admin_key: bytes | None = None, insecure: bool = False, timeout_s: float = 60.0, launcher=None):
+        orchestrator_keys = keys and OrchestratorKeys(keys.keypair, keys.coordinator, (keys.keypair.public,))
+        super().__init__([engine], coordinator, None, control_key=control_key, keys=orchestrator_keys,
+                         insecure=insecure, timeout_s=timeout_s, launcher=launcher)
+        self._admin_key = admin_key
+        self.site_keys = keys
+        self.public_key = keys.keypair.public if keys else None
+        self._calls = ParticipantCalls(coordinator, curve=keys and keys.to_coordinator())
+        self._poller.register(self._calls.socket, zmq.POLLIN)
+        self._tasks: dict[str, PartyTask] = {}  # by session id, while in flight
+
+    # -- sessions ------------------------------------------------------------------------------
+    def open_session(self, site_keys: Sequence[bytes], config: FedAttnConfig) -> str:
+        """Open a session at the coordinator, participant n bound to `site_keys[n]` (Z85): its id (any thread)."""
+        if self._admin_key is None:
+            raise FedAttnSessionError("admin_key", "this site holds no coordinator admin key: it cannot open sessions")
+        session_id = f"fedattn-{uuid.uuid4().hex}"
+        admin = SessionAdmin(self.coordinator, self._admin_key, curve=self.site_keys and self.site_keys.to_coordinator())
+        try:  # a connection of its own: any thread may open sessions
+            admin.open(session_id, config.resolve(self.num_layers, len(site_keys)), list(site_keys))
+        finally:
+            admin.disconnect()
+        return session_id
+
+    def describe(self, session_id: str, participant: int, *, timeout_s: float = 10.0) -> FedAttnPlan:
+        """The session's plan as the coordinator holds it (any thread); FedAttnSessionError if it cannot be used."""
+        try:
+            found = describe(self.coordinator, session_id, participant, timeout_s=timeout_s,
+                             curve=self.site_keys and self.site_keys.to_coordinator())
+        except CoordinatorError as error:
+            if error.code == "unreachable":
+                raise FedAttnSessionError("session", f"the coordinator did not answer for session {session_id}, "
+                                          f"participant {participant}: no such session for this site's key, or "
+                                          "the coordinator is down") from None
+            raise FedAttnSessionError("session", str(error)) from None
+        if found["num_layers"] != self.num_layers:
+            raise FedAttnSessionError("session", f"the session is for a {found['num_layers']}-layer model; this "
+                                      f"site serves {self.model} ({self.num_layers} layers)")
+        return FedAttnConfig(**found["config"]).resolve(found["num_layers"], found["num_participants"])
+
+    def submit(self, task: PartyTask, placement=None, *, on_text: TextCallback | None = None) -> str:
+        """Join with this site's part (its engine, then the coordinator); `poll` reports the result."""
+        if task.session_id in self._flights:
+            raise FedAttnSessionError("session", f"{task.session_id} is already running on this site")
+        flight = self._flights[task.session_id] = _Flight(task.session_id, task.plan, {0: [task.participant]},
+                                                          on_text=on_text)
+        self._tasks[task.session_id] = task
+        if 0 in self.down or self.coordinator_down:  # fails for every site at once; `poll` reports it
+            self._fail(flight, self.coordinator_down or f"the site's engine is down: {self.down[0]}")
+            return task.session_id
+        self._send_submit(flight, 0, FedAttnSession(task.segments, task.plan.config, task.sampling_params,
+                                                    public_prefix=task.public_prefix),
+                          {task.participant: None}, task.seal_key)
+        return task.session_id
+
+    def _on_ready(self, flight: _Flight) -> None:
+        """This site's engine has room and its length: tell the coordinator, and start once every site has."""
+        task = self._tasks[flight.session_id]
+        self._calls.announce(flight.session_id, task.participant, flight.lengths[task.participant],
+                             min(flight.prefix_lens), task.terms, task.join_timeout_s)
+
+    def poll(self, timeout_ms: int = 100):
+        ended = super().poll(timeout_ms)
+        for op, session_id, answer in self._calls.answers():
+            flight = self._flights.get(session_id)
+            if flight is None or flight.result is not None:
+                continue
+            if isinstance(answer, CoordinatorError):
+                self._fail(flight, f"the coordinator: {answer}")
+            elif op == "announce":
+                self._start(flight, answer)
+            else:  # every participant is done
+                flight.result = SessionResult(outputs=dict(sorted(flight.outputs.items())),
+                                              cost=self._cost(flight, self._as_stats(flight, own_bytes(answer))),
+                                              wall_s=time.monotonic() - flight.started)
+        ended.update({i: f.result for i, f in self._flights.items() if f.result is not None})
+        for session_id in ended:
+            self._flights.pop(session_id, None)
+            self._tasks.pop(session_id, None)
+        return ended
+
+    def _start(self, flight: _Flight, answer: dict) -> None:
+        """Every site has announced: start, in the order the coordinator answered (one session per wave)."""
+        own = self._tasks[flight.session_id].participant
+        lengths = answer["lengths"]
+        if len(lengths) != flight.plan.num_participants or lengths[own] != flight.lengths[own]:
+            return self._fail(flight, f"the coordinator announced lengths {lengths} that do not fit this site's")
+        flight.lengths = dict(enumerate(int(n) for n in lengths))
+        self._go(flight, 0)
+        self._send_wave()
+
+    def _complete(self, flight: _Flight) -> None:
+        """This site's part is done: leave; the result comes when every participant's is (or the session fails)."""
+        self._calls.leave(flight.session_id, self._tasks[flight.session_id].participant, MAX_WAIT_S)
+
+    def _release(self, flight: _Flight, failed: str | None) -> dict:
+        """End the session for everyone (`failed` is why); this participant's byte counts, as stats has them."""
+        task = self._tasks[flight.session_id]
+        return self._as_stats(flight, self._calls.fail(flight.session_id, task.participant, failed or "failed"))
+
+    def _as_stats(self, flight: _Flight, own: dict) -> dict:
+        n = self._tasks[flight.session_id].participant
+        return {kind: {d: {n: own[kind][d]} for d in ("up", "down")} for kind in own}
+
+    def close(self) -> None:
+        self._calls.close()
+        super().close()
+
