@@ -130,6 +130,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         _check_model(body.model)
+        _check_host_role("prompt")
         if body.participants is not None and body.prompt in (None, ""):
             body.prompt = None  # SDKs that require `prompt` send "" beside participants
         if (body.prompt is None) == (body.participants is None):
@@ -146,6 +147,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(body.model)
+        _check_host_role("messages")
         _check_chat_template()
         body.max_tokens = body.max_completion_tokens or body.max_tokens  # the newer name wins, as in vLLM
         tokenizer = state["backend"].tokenizer
@@ -188,6 +190,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if state["backend"].tokenizer.chat_template is None:
             raise APIError(400, f"{state['model']} has no chat template: use /v1/completions, or start the server "
                            "with --chat-template", "messages")
+
+    def _check_host_role(param: str) -> None:
+        if settings.role == "party":
+            raise APIError(400, f"{param}: this server is one party's site (--role party): its engine runs only its "
+                           "own part of sessions (create one with POST /v1/fedattn/sessions, join with the invitation)",
+                           param)
 
     def _check_model(name: str) -> None:
         if name != state["model"]:
@@ -456,6 +464,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             return JSONResponse({}, status_code=499)
         if result.error == "cancelled":  # another participant left
             raise APIError(409, "session ended: a participant disconnected", None, "cancelled_error")
+        if result.error_field == "invitation":  # party-side: the sites joined with different invitations
+            raise APIError(409, f"session ended: {result.error}", "invitation", "conflict_error")
         if result.error:
             raise APIError(500, f"session ended: {result.error}", None, "server_error")
         reply = _response(result, timings, response_id, kind)

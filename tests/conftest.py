@@ -205,13 +205,21 @@ def make_hub_cache(home, monkeypatch):
 
 
 class RecordingCoordinator(Coordinator):
-    """The real coordinator, keeping a copy of every message it receives."""
+    """The real coordinator, keeping a copy of every message it receives and of every reply it sends."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.received: list[tuple[dict, bytes]] = []  # (header, all frames' bytes)
+        self.sent: list[bytes] = []  # each reply's frames' bytes
 
     def _process(self, identity, request_id, message):
-        raw = b"".join(bytes(f.buffer if hasattr(f, "buffer") else f) for f in message)
-        self.received.append((decode(message)[0], raw))
+        self.received.append((decode(message)[0], _joined(message)))
         super()._process(identity, request_id, message)
+
+    def _reply(self, identity, request_id, frames):
+        self.sent.append(_joined(frames))
+        super()._reply(identity, request_id, frames)
+
+
+def _joined(frames) -> bytes:
+    return b"".join(bytes(memoryview(f.buffer if hasattr(f, "buffer") else f)) for f in frames)

@@ -75,7 +75,7 @@ class SessionAdmin:
 
     def stats(self, session: str) -> dict:
         reply, _ = self._connection.call({"op": "stats", "admin_key": self._key, "session": session})
-        return {"wire_bytes": reply["wire_bytes"], "payload_bytes": reply["payload_bytes"]}
+        return session_bytes(reply)
 
     def close(self, session: str) -> None:
         self._connection.call({"op": "close", "admin_key": self._key, "session": session})
@@ -142,19 +142,20 @@ class ParticipantCalls:
         return answered
 
     def fail(self, session: str, participant: int, reason: str) -> dict:
-        """End the session for everyone now; this participant's own byte counts."""
+        """End the session for everyone now; every participant's byte counts so far (`session_bytes`)."""
         reply, _ = self._now.call({"op": "leave", "session": session, "participant": participant, "failed": True,
                                    "reason": reason[:512]})
-        return own_bytes(reply)
+        return session_bytes(reply)
 
     def close(self) -> None:
         self._now.close()
         self.socket.close(0)
 
 
-def own_bytes(reply: dict) -> dict:
-    """{"wire_bytes"|"payload_bytes": {"up"|"down": bytes}} of a leave's answer."""
-    return {kind: {d: int(reply[kind][d]) for d in ("up", "down")} for kind in ("wire_bytes", "payload_bytes")}
+def session_bytes(reply: dict) -> dict:
+    """{"wire_bytes"|"payload_bytes": {"up"|"down": {participant: bytes}}} of a stats or leave answer."""
+    return {kind: {d: {int(p): int(size) for p, size in reply[kind][d].items()} for d in ("up", "down")}
+            for kind in ("wire_bytes", "payload_bytes")}
 
 
 class NetworkKVExchange(KVExchange):

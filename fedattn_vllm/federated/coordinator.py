@@ -198,8 +198,7 @@ class Coordinator:
             self._drop(request.session, "closed")
             return encode({"ok": True})
         if isinstance(request, m.Stats):
-            return encode({"ok": True, "wire_bytes": _by_participant(session.wire_bytes),
-                           "payload_bytes": _by_participant(session.payload_bytes)})
+            return encode({"ok": True, **_session_bytes(session)})
         if isinstance(request, m.Publish):
             return self._publish(session, request, kv, size)
         if isinstance(request, m.Describe):
@@ -294,12 +293,12 @@ class Coordinator:
         return None
 
     def _leave(self, session: Session, request: m.Leave, identity: bytes, request_id: bytes):
-        """A failure ends the session now (answered with the participant's own byte counts). A participant done is
-        answered, with its own byte counts, once every participant is: the session then ends and is freed; if it
-        fails first, with the failure."""
+        """A failure ends the session now (answered with every participant's byte counts). A participant done is
+        answered, with every participant's byte counts, once every participant is: the session then ends and is
+        freed; if it fails first, with the failure."""
         n = request.participant
         if request.failed:
-            reply = encode({"ok": True, **_own_bytes(session, n)})
+            reply = encode({"ok": True, **_session_bytes(session)})
             self._drop(request.session, f"ended: participant {n} failed ({request.reason or 'no reason given'})")
             return reply
         if n in session.left:
@@ -308,8 +307,9 @@ class Coordinator:
         session.left.add(n)
         if len(session.left) < session.plan.num_participants:
             return None
+        reply = encode({"ok": True, **_session_bytes(session)})
         for held in self._release_held(request.session, m.Leave):
-            self._reply(held.identity, held.request_id, encode({"ok": True, **_own_bytes(session, held.participant)}))
+            self._reply(held.identity, held.request_id, reply)
         self._drop(request.session, "finished")
         return None
 
@@ -373,10 +373,9 @@ def _peer_key(frame) -> bytes | None:
     return user.encode() if user else None
 
 
-def _own_bytes(session: Session, participant: int) -> dict:
-    """{"wire_bytes"|"payload_bytes": {"up"|"down": bytes}} of one participant."""
-    return {kind: {d: counts.get((participant, d), 0) for d in ("up", "down")}
-            for kind, counts in (("wire_bytes", session.wire_bytes), ("payload_bytes", session.payload_bytes))}
+def _session_bytes(session: Session) -> dict:
+    """{"wire_bytes"|"payload_bytes": {"up"|"down": {participant: bytes}}} (sizes, which every party may know)."""
+    return {"wire_bytes": _by_participant(session.wire_bytes), "payload_bytes": _by_participant(session.payload_bytes)}
 
 
 def _by_participant(counts: dict[tuple[int, str], int]) -> dict[str, dict[int, int]]:

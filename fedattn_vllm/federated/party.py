@@ -32,7 +32,7 @@ import msgspec
 import zmq
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnPlan
-from fedattn_vllm.federated.client import CoordinatorError, ParticipantCalls, SessionAdmin, describe, own_bytes
+from fedattn_vllm.federated.client import CoordinatorError, ParticipantCalls, SessionAdmin, describe, session_bytes
 from fedattn_vllm.federated.cluster import FederatedCluster, TextCallback, _Flight
 from fedattn_vllm.federated.curve import ClientCurve, Keypair, OrchestratorKeys
 from fedattn_vllm.federated.messages import MAX_WAIT_S
@@ -149,12 +149,14 @@ class PartySite(FederatedCluster):
             if flight is None or flight.result is not None:
                 continue
             if isinstance(answer, CoordinatorError):
+                if op == "announce" and answer.code == "conflict":  # the sites joined on different terms
+                    flight.error_field = "invitation"
                 self._fail(flight, f"the coordinator: {answer}")
             elif op == "announce":
                 self._start(flight, answer)
             else:  # every participant is done
                 flight.result = SessionResult(outputs=dict(sorted(flight.outputs.items())),
-                                              cost=self._cost(flight, self._as_stats(flight, own_bytes(answer))),
+                                              cost=self._cost(flight, session_bytes(answer)),
                                               wall_s=time.monotonic() - flight.started)
         ended.update({i: f.result for i, f in self._flights.items() if f.result is not None})
         for session_id in ended:
@@ -177,13 +179,9 @@ class PartySite(FederatedCluster):
         self._calls.leave(flight.session_id, self._tasks[flight.session_id].participant, MAX_WAIT_S)
 
     def _release(self, flight: _Flight, failed: str | None) -> dict:
-        """End the session for everyone (`failed` is why); this participant's byte counts, as stats has them."""
+        """End the session for everyone (`failed` is why): every participant's byte counts so far."""
         task = self._tasks[flight.session_id]
-        return self._as_stats(flight, self._calls.fail(flight.session_id, task.participant, failed or "failed"))
-
-    def _as_stats(self, flight: _Flight, own: dict) -> dict:
-        n = self._tasks[flight.session_id].participant
-        return {kind: {d: {n: own[kind][d]} for d in ("up", "down")} for kind in own}
+        return self._calls.fail(flight.session_id, task.participant, failed or "failed")
 
     def close(self) -> None:
         self._calls.close()

@@ -1,0 +1,156 @@
+"""Party-side servers over HTTP: three `python -m server --role party` processes (tiny random Qwen2, fp32), each
+with its own engine, joined through a recording CURVE coordinator in this process; each client talks only to its
+own site (examples/three_sites.py's flow, whose helpers start the servers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import MODEL, RecordingCoordinator, federated_engine, greedy
+
+from fedattn_vllm.federated.curve import Keypair, ServerCurve, public_key
+from fedattn_vllm.prompting import encode_segments
+from fedattn_vllm.session import FedAttnSession
+from server.schemas import FedAttnBlock
+
+ADMIN_KEY = "three-sites-test-admin"
+PARTS = ["alice: the vault code is 4417. ", "bob: the vault is in the cellar. ", "carol: what is the code?"]
+FEDATTN = {"sync_interval": 2}
+TERMS = {"max_tokens": 6, "temperature": 0, "ignore_eos": True, "system": "You answer in one word.",
+         "fedattn": FEDATTN, "join_timeout_s": 20}
+
+
+def _example():
+    path = Path(__file__).parents[1] / "examples" / "three_sites.py"
+    spec = importlib.util.spec_from_file_location("three_sites", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+three_sites = _example()
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("three-sites") / "keys"
+    three_sites.make_keys(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def coordinator(keys):
+    server = RecordingCoordinator("tcp://127.0.0.1:*", ADMIN_KEY.encode(), session_ttl_s=120.0,
+                                  curve=ServerCurve(Keypair.load(keys / "coordinator.key_secret"), keys / "trust"))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.stop()
+    thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def sites(coordinator, keys, tmp_path_factory):
+    """{site: url}: three party-side servers, logs beside them."""
+    logs = tmp_path_factory.mktemp("three-sites-logs")
+    with ExitStack() as stack:
+        urls = three_sites.start_sites(stack, MODEL, coordinator.endpoint, keys, ADMIN_KEY, logs, "--max-model-len",
+                                       "256", "--max-num-batched-tokens", "256", "--kv-cache-gib", "0.0625",
+                                       "--session-timeout-s", "20")
+        yield urls | {"logs": logs}
+
+
+def urls_of(sites) -> dict[str, str]:
+    return {name: sites[name] for name in three_sites.SITES}
+
+
+def create(sites, keys, **terms) -> dict:
+    reply = httpx.post(f"{sites['a']}/v1/fedattn/sessions", timeout=60, json={
+        "model": MODEL, "participants": 3, "chat": True,
+        "sites": [public_key(keys / f"{name}.key").decode() for name in three_sites.SITES], **TERMS, **terms})
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def join(url: str, session: dict, n: int, content: str, invitation: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{url}/v1/fedattn/sessions/{session['id']}/participants/{n}", timeout=120,
+                      json={"invitation": invitation or session["invitation"], "content": content})
+
+
+def test_three_sites_answer_like_one_engine_and_each_gets_its_own_reply(sites, keys):
+    session, replies = three_sites.ask(urls_of(sites), keys, PARTS, **TERMS)
+    prefix, segments = encode_segments(federated_engine(MODEL).tokenizer, PARTS, chat=True, system=TERMS["system"])
+    config = FedAttnBlock(**FEDATTN).to_config()  # the server's defaults for the rest
+    [expected] = federated_engine(MODEL).generate([FedAttnSession(segments, config, greedy(6), public_prefix=prefix)])
+    answer = replies[2]
+    assert answer["choices"][0]["message"]["content"] == expected.outputs[2].text
+    assert answer["fedattn"]["tokens"] == [len(s) for s in segments]
+    assert answer["fedattn"]["published_bytes"] == expected.cost.published_bytes
+    assert answer["fedattn"]["received_bytes"] == expected.cost.received_bytes
+    for n, reply in enumerate(replies[:2]):  # the others: a usage record of their own part
+        assert reply["object"] == "fedattn.participation" and "choices" not in reply
+        assert reply["fedattn"]["tokens"] == len(segments[n])
+        assert reply["fedattn"]["published_bytes"] == expected.cost.published_bytes[n]
+    assert session["generators"] == [2]
+
+
+def test_no_site_and_not_the_coordinator_receives_another_partys_text_or_token_ids(sites, keys, coordinator):
+    coordinator.received.clear()
+    coordinator.sent.clear()
+    session, replies = three_sites.ask(urls_of(sites), keys, PARTS, **TERMS)
+    assert "choices" in replies[2]
+    # what reaches any site from outside: its own client's request, the invitation, and the coordinator's replies
+    from_outside = b"".join([*coordinator.sent, *(raw for _, raw in coordinator.received),
+                             json.dumps(session["invitation"]).encode()])
+    tokenizer = federated_engine(MODEL).tokenizer
+    for part in PARTS:
+        assert part.encode() not in from_outside and part.split(": ", 1)[1].encode() not in from_outside
+        ids = tokenizer(part, add_special_tokens=False)["input_ids"]
+        for width in (4, 8):  # not as the bytes of any integer width a tensor or header could carry them in
+            assert b"".join(t.to_bytes(width, "little") for t in ids) not in from_outside
+    headers = [header for header, _ in coordinator.received if header.get("session") == session["id"]]
+    assert {h["op"] for h in headers} == {"open", "describe", "announce", "publish", "fetch", "leave"}
+    assert all(h["sealed"] for h in headers if h["op"] == "publish")
+    for log in sites["logs"].glob("site-*.log"):  # and no site logs any text, its own included
+        text = log.read_text(errors="replace")
+        assert not any(part.strip() in text for part in PARTS)
+
+
+def test_a_party_cannot_join_for_another_site_or_with_a_bad_invitation(sites, keys):
+    session = create(sites, keys, join_timeout_s=5)
+    wrong_site = join(sites["b"], session, 0, "x")  # b's server is not participant 0's site
+    assert wrong_site.status_code == 403 and wrong_site.json()["error"]["param"] == "participant"
+    bad_key = join(sites["b"], session, 1, "x", {**session["invitation"], "seal_key": "A" * 43 + "!"})
+    assert bad_key.status_code == 400 and bad_key.json()["error"]["param"] == "invitation.seal_key"
+    unknown = join(sites["b"], {"id": "fedattn-nope"}, 1, "x", {**session["invitation"], "session": "fedattn-nope"})
+    assert unknown.status_code == 404
+    no_invitation = httpx.post(f"{sites['b']}/v1/fedattn/sessions/{session['id']}/participants/1",
+                               json={"token": "t", "content": "x"}, timeout=30)
+    assert no_invitation.status_code == 400 and no_invitation.json()["error"]["param"] == "invitation"
+    one_call = httpx.post(f"{sites['a']}/v1/completions", json={"model": MODEL, "participants": ["x", "y"]}, timeout=30)
+    assert one_call.status_code == 400 and "one party's site" in one_call.json()["error"]["message"]
+    not_admin = httpx.post(f"{sites['b']}/v1/fedattn/sessions", timeout=30, json={
+        "model": MODEL, "participants": 3, "sites": session["invitation"]["terms"]["sites"]})
+    assert not_admin.status_code == 403
+
+
+def test_sites_joining_with_different_invitations_are_refused_together(sites, keys):
+    session = create(sites, keys)
+    altered = {**session["invitation"], "terms": {**session["invitation"]["terms"], "max_tokens": 2}}
+    invitations = [session["invitation"], session["invitation"], altered]
+    with ThreadPoolExecutor(3) as clients:
+        replies = list(clients.map(lambda n: join(sites[three_sites.SITES[n]], session, n, PARTS[n], invitations[n]),
+                                   range(3)))
+    assert [r.status_code for r in replies] == [409, 409, 409]
+    assert all(r.json()["error"]["param"] == "invitation" for r in replies)
+    # the sites serve the next session as usual
+    _, ok = three_sites.ask(urls_of(sites), keys, PARTS, **TERMS)
+    assert "choices" in ok[2]
+
