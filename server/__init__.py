@@ -1,1 +1,1 @@
-"""server: see the README; filled in by later issues."""
+"""The OpenAI-compatible FedAttn server (`python -m server --help`), and `python -m server.invite` for a neutral host."""

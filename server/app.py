@@ -25,16 +25,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
 from fedattn_vllm.federated.client import CoordinatorError
 from fedattn_vllm.federated.party import PartyTask, terms_digest
-from fedattn_vllm.federated.sealing import new_seal_key
 from fedattn_vllm.session import FedAttnSession, FedAttnSessionError, SessionResult
 from fedattn_vllm.prompting import chat_prefix, encode_part, encode_segments
 from server.backend import SAMPLING_DEFAULTS, Backend
 from server.errors import APIError, error_body, install_error_handlers
 from server.guard import RequestGuard
+from server.invite import created
 from server.metrics import CountRejections, Metrics
 from server.private import JoinError, PrivateSessions
 from server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, FedAttnBlock,
-                            Invitation, SessionCreateRequest, SessionJoinRequest, TokenizeRequest)
+                            SessionCreateRequest, SessionJoinRequest, TokenizeRequest)
 from server.settings import ServerSettings
 from server.worker import EngineDead, QueueFull, Timings
 
@@ -388,9 +388,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise APIError(403, str(error), None, "permission_error") from None
         except CoordinatorError as error:
             raise APIError(502, f"the coordinator: {error}", None, "server_error") from None
-        invitation = Invitation(session=session_id, terms=body, seal_key=base64.b64encode(new_seal_key()).decode())
-        return {"id": session_id, "object": "fedattn.session", "generators": list(plan.generators),
-                "join_timeout_s": body.join_timeout_s, "invitation": invitation.model_dump(mode="json")}
+        return created(session_id, body, plan)
 
     @app.get("/v1/fedattn/sessions")
     async def list_sessions():

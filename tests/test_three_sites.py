@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -15,7 +19,7 @@ import httpx
 import pytest
 from conftest import MODEL, RecordingCoordinator, federated_engine, greedy
 
-from fedattn_vllm.federated.curve import Keypair, ServerCurve, public_key
+from fedattn_vllm.federated.curve import Keypair, ServerCurve, new_keypair, public_key
 from fedattn_vllm.prompting import encode_segments
 from fedattn_vllm.session import FedAttnSession
 from server.schemas import FedAttnBlock
@@ -40,8 +44,11 @@ three_sites = _example()
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
+    """The sites' and the coordinator's keys (the example's), and a neutral host's the coordinator trusts too."""
     directory = tmp_path_factory.mktemp("three-sites") / "keys"
     three_sites.make_keys(directory)
+    new_keypair(directory, "host")
+    shutil.copyfile(directory / "host.key", directory / "trust" / "host.key")
     return directory
 
 
@@ -84,11 +91,17 @@ def join(url: str, session: dict, n: int, content: str, invitation: dict | None 
                       json={"invitation": invitation or session["invitation"], "content": content})
 
 
-def test_three_sites_answer_like_one_engine_and_each_gets_its_own_reply(sites, keys):
-    session, replies = three_sites.ask(urls_of(sites), keys, PARTS, **TERMS)
+def one_engine():
+    """The session's answer from the offline API (one engine, every part): (its result, the segments)."""
     prefix, segments = encode_segments(federated_engine(MODEL).tokenizer, PARTS, chat=True, system=TERMS["system"])
     config = FedAttnBlock(**FEDATTN).to_config()  # the server's defaults for the rest
     [expected] = federated_engine(MODEL).generate([FedAttnSession(segments, config, greedy(6), public_prefix=prefix)])
+    return expected, segments
+
+
+def test_three_sites_answer_like_one_engine_and_each_gets_its_own_reply(sites, keys):
+    session, replies = three_sites.ask(urls_of(sites), keys, PARTS, **TERMS)
+    expected, segments = one_engine()
     answer = replies[2]
     assert answer["choices"][0]["message"]["content"] == expected.outputs[2].text
     assert answer["fedattn"]["tokens"] == [len(s) for s in segments]
@@ -154,3 +167,19 @@ def test_sites_joining_with_different_invitations_are_refused_together(sites, ke
     _, ok = three_sites.ask(urls_of(sites), keys, PARTS, **TERMS)
     assert "choices" in ok[2]
 
+
+
+def test_a_neutral_host_opens_a_session_without_an_engine_and_the_sites_join_it(sites, keys, coordinator):
+    opened = subprocess.run(
+        [sys.executable, "-m", "server.invite", "--coordinator", coordinator.endpoint,
+         "--keypair", str(keys / "host.key_secret"), "--coordinator-key", str(keys / "coordinator.key"),
+         *(arg for name in three_sites.SITES for arg in ("--site", str(keys / f"{name}.key"))),
+         "--model", MODEL, "--terms", json.dumps({"chat": True, **TERMS})],
+        env={**os.environ, "FEDATTN_ADMIN_KEY": ADMIN_KEY}, capture_output=True, text=True, timeout=120)
+    assert opened.returncode == 0, opened.stderr
+    session = json.loads(opened.stdout)
+    with ThreadPoolExecutor(3) as clients:
+        replies = list(clients.map(lambda n: join(sites[three_sites.SITES[n]], session, n, PARTS[n]), range(3)))
+    assert [r.status_code for r in replies] == [200, 200, 200]
+    expected, _ = one_engine()
+    assert replies[2].json()["choices"][0]["message"]["content"] == expected.outputs[2].text

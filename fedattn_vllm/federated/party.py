@@ -65,6 +65,19 @@ def terms_digest(**terms) -> bytes:
     return hashlib.sha256(msgspec.msgpack.encode(terms, order="sorted")).digest()
 
 
+def open_session(coordinator: str, admin_key: bytes, curve: ClientCurve | None, site_keys: Sequence[bytes],
+                 plan: FedAttnPlan) -> str:
+    """Open a session at the coordinator with participant n bound to `site_keys[n]` (Z85), as a party site or a
+    neutral host holding the admin key: the session's id. A connection of its own (any thread may call it)."""
+    session_id = f"fedattn-{uuid.uuid4().hex}"
+    admin = SessionAdmin(coordinator, admin_key, curve=curve)
+    try:
+        admin.open(session_id, plan, list(site_keys))
+    finally:
+        admin.disconnect()
+    return session_id
+
+
 @dataclass(frozen=True)
 class SiteKeys:
     """A site's keypair (its engine connects to the coordinator with it too) and the coordinator's public key."""
@@ -97,13 +110,8 @@ class PartySite(FederatedCluster):
         """Open a session at the coordinator, participant n bound to `site_keys[n]` (Z85): its id (any thread)."""
         if self._admin_key is None:
             raise FedAttnSessionError("admin_key", "this site holds no coordinator admin key: it cannot open sessions")
-        session_id = f"fedattn-{uuid.uuid4().hex}"
-        admin = SessionAdmin(self.coordinator, self._admin_key, curve=self.site_keys and self.site_keys.to_coordinator())
-        try:  # a connection of its own: any thread may open sessions
-            admin.open(session_id, config.resolve(self.num_layers, len(site_keys)), list(site_keys))
-        finally:
-            admin.disconnect()
-        return session_id
+        return open_session(self.coordinator, self._admin_key, self.site_keys and self.site_keys.to_coordinator(),
+                            site_keys, config.resolve(self.num_layers, len(site_keys)))
 
     def describe(self, session_id: str, participant: int, *, timeout_s: float = 10.0) -> FedAttnPlan:
         """The session's plan as the coordinator holds it (any thread); FedAttnSessionError if it cannot be used."""
