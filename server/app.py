@@ -352,11 +352,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             plan = config.resolve(state["backend"].num_layers, body.participants)
         except FedAttnConfigError as error:
             raise APIError(400, str(error), f"fedattn.{error.field}") from None
-        if body.chat and body.public_prefix is not None:
-            raise APIError(400, "public_prefix: in chat the system message is the public prefix (use `system`)",
-                           "public_prefix")
-        if body.system is not None and not body.chat:
-            raise APIError(400, "system: only with chat (use public_prefix)", "system")
+        if (broken := body.contradiction(party=settings.role == "party")) is not None:
+            raise APIError(400, broken[1], broken[0])
         tokenizer = state["backend"].tokenizer
         if body.chat:
             _check_chat_template()
@@ -378,9 +375,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def _invite(body: SessionCreateRequest, config: FedAttnConfig, plan) -> dict:
         """A session across party-side servers, opened at the coordinator with each participant bound to its
         site's key: the invitation every party's client hands its own server (with a fresh seal key)."""
-        if body.sites is None or len(body.sites) != body.participants:
-            raise APIError(400, f"sites: one CURVE public key per participant ({body.participants}) at party-side "
-                           "servers", "sites")
         site = state["backend"].worker.cluster
         try:
             session_id = await asyncio.to_thread(site.open_session, [key.encode() for key in body.sites], config)
@@ -489,10 +483,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if invitation.session != session_id:
             raise APIError(400, f"invitation: made for session {invitation.session}", "invitation.session")
         terms = invitation.terms
+        _check_model(terms.model)
+        if (broken := terms.contradiction(party=True)) is not None:
+            raise APIError(400, f"invitation.terms.{broken[1]}", f"invitation.terms.{broken[0]}")
         if not 0 <= participant < terms.participants:
             raise APIError(400, f"participant: {participant} is not in 0..{terms.participants - 1}", "participant")
-        if terms.sites is None or len(terms.sites) != terms.participants:
-            raise APIError(400, "invitation.terms.sites: one site key per participant", "invitation.terms.sites")
         if terms.sites[participant].encode() != site.public_key:
             raise APIError(403, f"participant {participant} is bound to site {terms.sites[participant]}; this server "
                            f"is site {site.public_key.decode()}", "participant", "permission_error")
@@ -504,9 +499,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise APIError(400, "invitation.seal_key: 32 bytes in base64", "invitation.seal_key")
         config = _config(terms.fedattn, single=terms.participants == 1)
         try:
-            plan = await asyncio.to_thread(site.describe, session_id, participant)
+            plan = await asyncio.to_thread(site.describe, session_id, participant,
+                                           sites=[key.encode() for key in terms.sites])
         except FedAttnSessionError as error:
-            raise APIError(404, str(error), "session", "not_found_error") from None
+            if error.field == "session":
+                raise APIError(404, str(error), "session", "not_found_error") from None
+            raise APIError(409, str(error), f"invitation.terms.{error.field}", "conflict_error") from None
         if plan.config.to_dict() != config.to_dict() or plan.num_participants != terms.participants:
             raise APIError(409, "invitation: its settings differ from the session's at the coordinator", "invitation")
         if terms.chat:

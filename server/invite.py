@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         curve = ClientCurve(Keypair.load(args.keypair), public_key(args.coordinator_key))
         terms = SessionCreateRequest(**{**json.loads(args.terms), "model": args.model, "participants": len(sites),
                                         "sites": sites})
+        if (broken := terms.contradiction(party=True)) is not None:
+            parser.error(f"--terms: {broken[1]}")
         plan = (terms.fedattn or FedAttnBlock()).to_config().resolve(_num_layers(args.model, args.revision),
                                                                      len(sites))
     except ValueError as error:  # key files, JSON, the terms' fields, the settings

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedattn_vllm.config import MAX_SEED, RECOMMENDED, FedAttnConfig
+from fedattn_vllm.federated.messages import MAX_WAIT_S
 
 Segment = str | list[int]  # a participant's private text, or its token ids
 StopString = Annotated[str, Field(min_length=1)]
@@ -110,11 +111,25 @@ class SessionCreateRequest(_Sampling):
     # party-side servers (--role party): each participant's site, by its CURVE public key (Z85, 40 characters)
     sites: list[Annotated[str, Field(min_length=40, max_length=40)]] | None = None
 
+    def contradiction(self, *, party: bool) -> tuple[str, str] | None:
+        """(param, message) of the first rule these terms break beyond their fields' own bounds, if any;
+        `party`: a session across party-side servers."""
+        if self.chat and self.public_prefix is not None:
+            return "public_prefix", "public_prefix: in chat the system message is the public prefix (use `system`)"
+        if self.system is not None and not self.chat:
+            return "system", "system: only with chat (use public_prefix)"
+        if party and (self.sites is None or len(self.sites) != self.participants):
+            return "sites", f"sites: one CURVE public key per participant ({self.participants}) at party-side servers"
+        if party and self.join_timeout_s > MAX_WAIT_S:
+            return "join_timeout_s", f"join_timeout_s: at most {MAX_WAIT_S:.0f} s between party-side servers"
+        return None
+
 
 class Invitation(BaseModel):
     """A session across party-side servers, as its creator's server made it: every party's client hands it to
     its own server with its part. `terms` are the create request (settings, public prefix, sampling);
-    `seal_key` (base64) seals K/V past the coordinator: the parties' secret, never the coordinator's."""
+    `seal_key` (base64) seals K/V past the coordinator: known to the parties and to whoever created the
+    session, never to the coordinator."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -6,12 +6,16 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+import zmq
 
 from fedattn_vllm.config import FedAttnConfig, KVWire
-from fedattn_vllm.federated.client import CoordinatorConnection, CoordinatorError, NetworkKVExchange, SessionAdmin
+from fedattn_vllm.federated import coordinator as coordinator_module
+from fedattn_vllm.federated.client import (CoordinatorConnection, CoordinatorError, NetworkKVExchange,
+                                           ParticipantCalls, SessionAdmin)
 from fedattn_vllm.federated.coordinator import Coordinator
 from fedattn_vllm.federated.wire import WireError, decode, encode
 from fedattn_vllm.kv_wire import encode_kv
@@ -128,6 +132,57 @@ def test_closing_frees_the_session_and_fails_its_waiters(coordinator):
         engines[2].fetch("s", 2, 1, 0)  # waits; the session closes under it
     assert closed.value.code == "unknown_session"
     assert "s" not in coordinator.sessions
+
+
+def held_session(coordinator, name: str):
+    """A two-participant session and each participant's own calls, `leave(n, wait_s)` and `alive(n)`."""
+    credentials = SessionAdmin(coordinator.endpoint, KEY).open(name, FedAttnConfig(sync_interval=2).resolve(6, 2))
+    connections = [CoordinatorConnection(coordinator.endpoint) for _ in credentials]
+
+    def call(n: int, **fields):
+        return connections[n].call({"session": name, "participant": n, "credential": credentials[n], **fields})[0]
+
+    return (lambda n, wait_s: call(n, op="leave", wait_s=wait_s)), (lambda n: call(n, op="alive"))
+
+
+def test_a_participant_done_waits_on_while_the_others_say_they_are_computing(coordinator):
+    leave, alive = held_session(coordinator, "held")
+    alive(1)
+    with pytest.raises(CoordinatorError) as pending:
+        leave(0, 0.3)  # 1 is computing (it said so): 0 is told to wait on, and the session stays
+    assert pending.value.code == "pending" and "held" in coordinator.sessions
+    with ThreadPoolExecutor(1) as pool:  # 0 leaves again, 1 finishes: both answered with every participant's bytes
+        first = pool.submit(leave, 0, 5.0)
+        time.sleep(0.2)
+        assert set(leave(1, 5.0)["payload_bytes"]) == {"up", "down"}
+        assert set(first.result()["payload_bytes"]) == {"up", "down"}
+    assert "held" not in coordinator.sessions
+
+
+def test_a_participant_done_stops_waiting_for_one_that_fell_silent(coordinator, monkeypatch):
+    monkeypatch.setattr(coordinator_module, "LIVENESS_S", 0.1)
+    leave, alive = held_session(coordinator, "quiet")
+    alive(1)
+    time.sleep(0.3)  # 1 says nothing more (its site died)
+    with pytest.raises(CoordinatorError, match=r"participants \[1\] did not finish") as gone:
+        leave(0, 0.3)
+    assert gone.value.code == "timeout"
+
+
+def test_a_call_the_coordinator_never_answers_is_reported_overdue(monkeypatch):
+    monkeypatch.setattr(ParticipantCalls, "ANSWER_MARGIN_S", 0.1)
+    silent = zmq.Context.instance().socket(zmq.ROUTER)  # takes every call, answers none (a restarted coordinator)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    calls = ParticipantCalls(f"tcp://127.0.0.1:{port}", curve=None)
+    try:
+        calls.announce("s", 0, length=5, prefix_len=0, terms=b"", wait_s=0.1)
+        calls.alive("t", 1)
+        assert calls.overdue() == [] and calls.outstanding("announce", "s")
+        time.sleep(0.4)
+        assert sorted(calls.overdue()) == [("alive", "t"), ("announce", "s")] and calls.overdue() == []
+    finally:
+        calls.close()
+        silent.close(0)
 
 
 def test_idle_sessions_expire():

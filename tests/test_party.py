@@ -75,10 +75,17 @@ def site_key(keys, name: str) -> bytes:
     return public_key(keys / f"{name}.key")
 
 
-def task(site: PartySite, session_id: str, n: int, segment: list[int], *, seal_key: bytes, terms: bytes = b"terms",
-         prefix=PREFIX, max_tokens: int = 6) -> PartyTask:
-    return PartyTask(session_id, n, site.describe(session_id, n), segment, prefix, greedy(max_tokens), seal_key, terms,
-                     join_timeout_s=TIMEOUT_S)
+def open_session(opener: PartySite, keys, names=SITES) -> tuple[str, list[bytes]]:
+    """A session whose participant n is bound to site names[n]: (its id, the site keys every party is told)."""
+    site_keys = [site_key(keys, name) for name in names]
+    return opener.open_session(site_keys, CONFIG), site_keys
+
+
+def task(site: PartySite, session: tuple[str, list[bytes]], n: int, segment: list[int], *, seal_key: bytes,
+         terms: bytes = b"terms", prefix=PREFIX, max_tokens: int = 6) -> PartyTask:
+    session_id, site_keys = session
+    return PartyTask(session_id, n, site.describe(session_id, n, sites=site_keys), segment, prefix, greedy(max_tokens),
+                     seal_key, terms, join_timeout_s=TIMEOUT_S)
 
 
 def run(pairs: list[tuple[PartySite, PartyTask]], deadline_s: float = 120.0) -> list:
@@ -96,11 +103,11 @@ def run(pairs: list[tuple[PartySite, PartyTask]], deadline_s: float = 120.0) -> 
 
 def three_party(sites, keys, segments=SEGMENTS, **kwargs):
     a, b, c = (sites[name].cluster for name in SITES)
-    session_id = a.open_session([site_key(keys, name) for name in SITES], CONFIG)
+    session = open_session(a, keys)
     seal_key = new_seal_key()
-    pairs = [(site, task(site, session_id, n, segments[n], seal_key=seal_key, **kwargs))
+    pairs = [(site, task(site, session, n, segments[n], seal_key=seal_key, **kwargs))
              for n, site in enumerate((a, b, c))]
-    return session_id, run(pairs)
+    return session[0], run(pairs)
 
 
 def test_three_sites_answer_like_one_engine_and_count_its_bytes(sites, keys, coordinator):
@@ -121,7 +128,8 @@ def test_the_coordinator_holds_no_credential_and_sees_no_token_ids(sites, keys, 
     session_id, results = three_party(sites, keys)
     assert all(r.error is None for r in results)
     headers = [header for header, _ in coordinator.received if header.get("session") == session_id]
-    assert {h["op"] for h in headers} == {"open", "describe", "announce", "publish", "fetch", "leave"}
+    assert {"open", "describe", "announce", "publish", "fetch", "leave"} <= {h["op"] for h in headers} \
+        <= {"open", "describe", "announce", "publish", "fetch", "leave", "alive"}  # alive: a heartbeat, if slow
     assert not any("credential" in h or "credentials" in h or "segments" in h for h in headers)
     assert all(h["sealed"] for h in headers if h["op"] == "publish")
     raw = b"".join(frames for header, frames in coordinator.received if header.get("session") == session_id)
@@ -132,10 +140,13 @@ def test_the_coordinator_holds_no_credential_and_sees_no_token_ids(sites, keys, 
 
 def test_a_site_can_act_only_for_its_own_participant(sites, keys):
     a, b = sites["a"].cluster, sites["b"].cluster
-    session_id = a.open_session([site_key(keys, name) for name in SITES], CONFIG)
-    b.describe(session_id, 1)
+    session_id, site_keys = open_session(a, keys)
+    b.describe(session_id, 1, sites=site_keys)
     with pytest.raises(FedAttnSessionError, match="no such session for this site's key"):
-        b.describe(session_id, 0, timeout_s=1.0)  # dropped unanswered: b's key is not participant 0's
+        b.describe(session_id, 0, sites=site_keys, timeout_s=1.0)  # dropped unanswered: b's key is not 0's
+    with pytest.raises(FedAttnSessionError) as misled:  # told that c computes with it, where the opener bound b
+        b.describe(session_id, 1, sites=[site_keys[0], site_keys[2], site_keys[2]])
+    assert misled.value.field == "sites"
     with pytest.raises(FedAttnSessionError) as refused:
         b.open_session([site_key(keys, name) for name in SITES], CONFIG)
     assert refused.value.field == "admin_key"
@@ -143,18 +154,19 @@ def test_a_site_can_act_only_for_its_own_participant(sites, keys):
 
 def test_sites_that_joined_with_different_terms_are_refused_together(sites, keys):
     a, b = sites["a"].cluster, sites["b"].cluster
-    session_id = a.open_session([site_key(keys, "a"), site_key(keys, "b")], CONFIG)
+    session = open_session(a, keys, ("a", "b"))
     seal_key = new_seal_key()
-    results = run([(a, task(a, session_id, 0, SEGMENTS[0], seal_key=seal_key, terms=b"one prefix")),
-                   (b, task(b, session_id, 1, SEGMENTS[1], seal_key=seal_key, terms=b"another prefix"))])
+    results = run([(a, task(a, session, 0, SEGMENTS[0], seal_key=seal_key, terms=b"one prefix")),
+                   (b, task(b, session, 1, SEGMENTS[1], seal_key=seal_key, terms=b"another prefix"))])
     assert all("different session terms" in r.error for r in results)
 
 
 def test_a_killed_site_fails_its_session_everywhere_and_the_others_keep_serving(sites, keys, coordinator):
     a, b, c = (sites[name].cluster for name in SITES)
-    session_id = a.open_session([site_key(keys, name) for name in SITES], CONFIG)
+    session = open_session(a, keys)
+    session_id = session[0]
     seal_key = new_seal_key()
-    pairs = [(site, task(site, session_id, n, SEGMENTS[n], seal_key=seal_key, max_tokens=32))
+    pairs = [(site, task(site, session, n, SEGMENTS[n], seal_key=seal_key, max_tokens=32))
              for n, site in enumerate((a, b, c))]
     b.submit(pairs[1][1])
     deadline = time.monotonic() + 60
@@ -168,10 +180,10 @@ def test_a_killed_site_fails_its_session_everywhere_and_the_others_keep_serving(
     assert time.monotonic() - started < 3 * TIMEOUT_S + 10
     assert session_id not in coordinator.sessions
     # a and c still serve each other
-    pair_id = a.open_session([site_key(keys, "a"), site_key(keys, "c")], CONFIG)
+    pair = open_session(a, keys, ("a", "c"))
     seal_key = new_seal_key()
-    ok = run([(a, task(a, pair_id, 0, SEGMENTS[0], seal_key=seal_key)),
-              (c, task(c, pair_id, 1, SEGMENTS[2], seal_key=seal_key))])
+    ok = run([(a, task(a, pair, 0, SEGMENTS[0], seal_key=seal_key)),
+              (c, task(c, pair, 1, SEGMENTS[2], seal_key=seal_key))])
     [expected] = federated_engine(MODEL).generate([FedAttnSession([SEGMENTS[0], SEGMENTS[2]], CONFIG, greedy(6),
                                                                   public_prefix=PREFIX)])
     assert ok[0].error is None and ok[1].outputs[1].token_ids == expected.outputs[1].token_ids

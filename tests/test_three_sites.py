@@ -129,7 +129,8 @@ def test_no_site_and_not_the_coordinator_receives_another_partys_text_or_token_i
         for width in (4, 8):  # not as the bytes of any integer width a tensor or header could carry them in
             assert b"".join(t.to_bytes(width, "little") for t in ids) not in from_outside
     headers = [header for header, _ in coordinator.received if header.get("session") == session["id"]]
-    assert {h["op"] for h in headers} == {"open", "describe", "announce", "publish", "fetch", "leave"}
+    assert {"open", "describe", "announce", "publish", "fetch", "leave"} <= {h["op"] for h in headers} \
+        <= {"open", "describe", "announce", "publish", "fetch", "leave", "alive"}  # alive: a heartbeat, if slow
     assert all(h["sealed"] for h in headers if h["op"] == "publish")
     for log in sites["logs"].glob("site-*.log"):  # and no site logs any text, its own included
         text = log.read_text(errors="replace")
@@ -183,3 +184,24 @@ def test_a_neutral_host_opens_a_session_without_an_engine_and_the_sites_join_it(
     assert [r.status_code for r in replies] == [200, 200, 200]
     expected, _ = one_engine()
     assert replies[2].json()["choices"][0]["message"]["content"] == expected.outputs[2].text
+
+
+def test_the_generators_site_streams_the_answer_to_its_own_client(sites, keys):
+    session = create(sites, keys)
+    pieces = []
+
+    def stream_at_c() -> None:
+        body = {"invitation": session["invitation"], "content": PARTS[2], "stream": True}
+        url = f"{sites['c']}/v1/fedattn/sessions/{session['id']}/participants/2"
+        with httpx.stream("POST", url, json=body, timeout=120) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if line.startswith("data: {") and (choices := json.loads(line[6:])["choices"]):
+                    pieces.append(choices[0]["delta"].get("content") or "")
+
+    with ThreadPoolExecutor(3) as clients:
+        others = [clients.submit(join, sites[name], session, n, PARTS[n]) for n, name in enumerate("ab")]
+        clients.submit(stream_at_c).result()
+        assert [o.result().status_code for o in others] == [200, 200]
+    expected, _ = one_engine()
+    assert "".join(pieces) == expected.outputs[2].text and len([p for p in pieces if p]) > 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import zmq
 
@@ -91,48 +92,61 @@ class SessionAdmin:
 
 def describe(endpoint: str, session: str, participant: int, *, curve: ClientCurve | None,
              timeout_s: float = 10.0) -> dict:
-    """The session's config, depth and size as the coordinator holds them, asked as `participant` (a connection
-    authenticated with that participant's CURVE key); raises CoordinatorError ("unreachable" also when the
-    coordinator drops the request because this site is not that participant)."""
+    """The session's config, depth, size and participants' CURVE keys as the coordinator holds them, asked as
+    `participant` (a connection authenticated with that participant's CURVE key); raises CoordinatorError
+    ("unreachable" also when the coordinator drops the request because this site is not that participant)."""
     connection = CoordinatorConnection(endpoint, timeout_s=timeout_s, curve=curve)
     try:
         reply, _ = connection.call({"op": "describe", "session": session, "participant": participant})
     finally:
         connection.close()
-    return {k: reply[k] for k in ("config", "num_layers", "num_participants")}
+    return {k: reply[k] for k in ("config", "num_layers", "num_participants", "participant_keys")}
 
 
 class ParticipantCalls:
-    """A party-side site's calls for its own participants. `announce` and `leave` are answered once every
-    participant of the session has made the same call (`answers`, when `socket` polls readable); `fail` at once.
-    Use from one thread."""
+    """A party-side site's calls for its own participants, answered through `socket` (`answers`, when it polls
+    readable). `announce` and `leave` are held at the coordinator until every participant of the session has made
+    the same call; `alive` (a heartbeat while the part runs) at once; `fail` synchronously. A call unanswered
+    `ANSWER_MARGIN_S` past its wait is `overdue` (the coordinator restarted, or lost it). Use from one thread."""
 
-    def __init__(self, endpoint: str, *, curve: ClientCurve | None, timeout_s: float = 30.0):
+    ANSWER_MARGIN_S = 15.0
+
+    def __init__(self, endpoint: str, *, curve: ClientCurve | None, timeout_s: float = 30.0,
+                 fail_timeout_s: float = 5.0):
         self._now = CoordinatorConnection(endpoint, timeout_s=timeout_s, curve=curve)
-        self.socket = zmq.Context.instance().socket(zmq.DEALER)  # held calls: answered in the order released
+        self._fail_timeout_s = fail_timeout_s  # `fail` blocks its caller (every session of the site): briefly
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)  # answered in the order released
         self.socket.setsockopt(zmq.LINGER, 0)
         if curve is not None:
             curve.apply(self.socket)
         self.socket.connect(endpoint)
+        self._deadlines: dict[tuple[str, str], float] = {}  # (op, session) -> when its answer is overdue
 
     def announce(self, session: str, participant: int, length: int, prefix_len: int, terms: bytes,
                  wait_s: float) -> None:
-        self._hold({"op": "announce", "session": session, "participant": participant, "length": length,
+        self._send({"op": "announce", "session": session, "participant": participant, "length": length,
                     "prefix_len": prefix_len, "terms": terms, "wait_s": wait_s})
 
     def leave(self, session: str, participant: int, wait_s: float) -> None:
-        """Done: answered, with this participant's byte counts, once every participant is."""
-        self._hold({"op": "leave", "session": session, "participant": participant, "wait_s": wait_s})
+        """Done: answered, with every participant's byte counts, once every participant is (or `pending`)."""
+        self._send({"op": "leave", "session": session, "participant": participant, "wait_s": wait_s})
 
-    def _hold(self, header: dict) -> None:
+    def alive(self, session: str, participant: int) -> None:
+        """This participant is still computing: the session does not expire, the others keep waiting."""
+        self._send({"op": "alive", "session": session, "participant": participant})
+
+    def _send(self, header: dict) -> None:
+        self._deadlines[header["op"], header["session"]] = (time.monotonic() + header.get("wait_s", 0.0)
+                                                            + self.ANSWER_MARGIN_S)
         self.socket.send_multipart([f"{header['op']}:{header['session']}".encode(), *encode(header)], copy=False)
 
     def answers(self) -> list[tuple[str, str, dict | CoordinatorError]]:
-        """(operation, session, reply or refusal) of the held calls answered since the last call."""
+        """(operation, session, reply or refusal) of the calls answered since the last call."""
         answered = []
         while self.socket.poll(0):
             tag, *frames = self.socket.recv_multipart(copy=False)
             op, _, session = tag.bytes.decode().partition(":")
+            self._deadlines.pop((op, session), None)
             try:
                 reply, _ = decode(frames)
             except ValueError as error:
@@ -141,10 +155,23 @@ class ParticipantCalls:
                              CoordinatorError(reply.get("code", "error"), reply.get("error", "refused"))))
         return answered
 
+    def outstanding(self, op: str, session: str) -> bool:
+        return (op, session) in self._deadlines
+
+    def overdue(self) -> list[tuple[str, str]]:
+        """(operation, session) of the calls whose answer is overdue (forgotten here once reported)."""
+        now = time.monotonic()
+        late = [key for key, deadline in self._deadlines.items() if deadline < now]
+        for key in late:
+            del self._deadlines[key]
+        return late
+
     def fail(self, session: str, participant: int, reason: str) -> dict:
         """End the session for everyone now; every participant's byte counts so far (`session_bytes`)."""
+        for op in ("announce", "leave", "alive"):
+            self._deadlines.pop((op, session), None)
         reply, _ = self._now.call({"op": "leave", "session": session, "participant": participant, "failed": True,
-                                   "reason": reason[:512]})
+                                   "reason": reason[:512]}, timeout_s=self._fail_timeout_s)
         return session_bytes(reply)
 
     def close(self) -> None:

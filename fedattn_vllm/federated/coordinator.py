@@ -6,8 +6,15 @@ credential per participant; an engine presents its participant's credential with
 publish or fetch. Every message is size-capped, decoded into its typed form (messages.py)
 and authenticated before anything else uses it; a malformed or unauthenticated one is
 dropped unanswered and counted (`dropped`, the admin's `counters`). A fetch of K/V not
-yet published waits (pipelined prefill) until it is published or the caller's deadline passes. Sessions are freed when closed, or when idle
-longer than `session_ttl_s` (an orchestrator that died leaves nothing behind).
+yet published waits (pipelined prefill) until it is published or the caller's deadline passes.
+
+A session may instead bind each participant to a site's CURVE key (party-side sites: the
+opener then holds no credential of anyone's). Such sites `describe` the session, `announce`
+their lengths (held until every participant has, then answered together in one order) and
+`leave` when done (held until all are; `pending` while the others still say `alive`), or
+failed (the session ends for everyone). Sessions are freed when closed, when every
+participant has left, or when idle longer than `session_ttl_s` (an orchestrator that died
+leaves nothing behind).
 
     python -m fedattn_vllm.federated.coordinator --bind tcp://0.0.0.0:5557 \\
         --keypair keys/coordinator.key_secret --trust keys/peers   # CURVE: curve.py
@@ -39,6 +46,7 @@ log = logging.getLogger(__name__)
 MAX_FRAME_BYTES = 1 << 30  # a larger frame makes ZeroMQ drop its sender (one layer's K/V is far smaller)
 MAX_STORED_BYTES = 8 << 30  # K/V held for all open sessions; a publish beyond it is refused ("busy")
 MAX_WAITERS = 1 << 16  # fetches waiting for a publish; one more is refused ("busy")
+LIVENESS_S = 30.0  # a participant still computing that sent nothing for this long is presumed gone
 
 
 class Refused(Exception):
@@ -60,7 +68,12 @@ class Session:
     payload_bytes: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
     announced: dict[int, tuple[int, int, bytes]] = field(default_factory=dict)  # participant -> (length, prefix, terms)
     left: set[int] = field(default_factory=set)  # participants done (party-side sites): freed when all are
+    seen: dict[int, float] = field(default_factory=dict)  # participant -> when it last sent anything
     last_used: float = field(default_factory=time.monotonic)
+
+    def silent(self, participants, now: float) -> list[int]:
+        """Those of `participants` not heard from within LIVENESS_S (a running site says `alive` every few s)."""
+        return [p for p in participants if now - self.seen.get(p, float("-inf")) > LIVENESS_S]
 
 
 @dataclass
@@ -191,7 +204,7 @@ class Coordinator:
         if isinstance(request, m.Open):
             return self._open(request)
         if isinstance(request, m.Counters):
-            return encode({"ok": True, "sessions": len(self.sessions), "waiters": len(self._waiters),
+            return encode({"ok": True, "sessions": len(self.sessions), "waiters": len(self._waiters) + len(self._held),
                            "stored_bytes": self.stored_bytes, "dropped": dict(self.dropped)})
         session = self._session(request.session)
         if isinstance(request, m.Close):
@@ -199,11 +212,15 @@ class Coordinator:
             return encode({"ok": True})
         if isinstance(request, m.Stats):
             return encode({"ok": True, **_session_bytes(session)})
+        session.seen[request.participant] = time.monotonic()  # a participant's request, authenticated
         if isinstance(request, m.Publish):
             return self._publish(session, request, kv, size)
         if isinstance(request, m.Describe):
             return encode({"ok": True, "config": session.plan.config.to_dict(), "num_layers": session.plan.num_layers,
-                           "num_participants": session.plan.num_participants})
+                           "num_participants": session.plan.num_participants,
+                           "participant_keys": [k.decode() for k in session.keys or ()]})
+        if isinstance(request, m.Alive):
+            return encode({"ok": True})
         if isinstance(request, m.Announce):
             return self._announce(session, request, identity, request_id)
         if isinstance(request, m.Leave):
@@ -357,6 +374,11 @@ class Coordinator:
             session = self.sessions.get(held.session_id)
             done = (session.announced if held.kind is m.Announce else session.left) if session else {}
             missing = sorted(set(range(session.plan.num_participants)) - set(done)) if session else []
+            if held.kind is m.Leave and session and not session.silent(missing, now):  # still computing: wait on
+                session.left.discard(held.participant)
+                self._error(held.identity, held.request_id, "pending", f"participants {missing} are still "
+                            "computing: leave again")
+                continue
             self._error(held.identity, held.request_id, "timeout", f"participants {missing} did not "
                         f"{'join' if held.kind is m.Announce else 'finish'} in time")
         for session_id, session in list(self.sessions.items()):

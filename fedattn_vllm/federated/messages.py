@@ -6,7 +6,7 @@ bounds are the edge's range checks; semantic checks (a credential, a session's p
 after, in the receiver.
 
   coordinator requests  Open, Close, Stats, Counters (admin key); Publish, Fetch, and for party-side
-                        sites Describe, Announce, Leave (a participant's credential or CURVE key)
+                        sites Describe, Announce, Leave, Alive (a participant's credential or CURVE key)
   engine control        Submit, Go, Abort, Info, Status, Shutdown (the engine's control key)
 """
 
@@ -107,8 +107,9 @@ class Announce(_Message, tag="announce"):
 
 
 class Leave(_Message, tag="leave"):
-    """A participant is done (answered once every participant is: its K/V stays until then) or failed (the
-    session ends now); answered with its own byte counts."""
+    """A participant is done (answered once every participant is: its K/V stays until then; if the others are
+    still computing when `wait_s` runs out, answered `pending`: leave again) or failed (the session ends now);
+    answered with every participant's byte counts."""
 
     session: SessionId
     participant: Index
@@ -118,7 +119,16 @@ class Leave(_Message, tag="leave"):
     wait_s: WaitS = 0.0
 
 
-CoordinatorRequest = Open | Close | Stats | Counters | Publish | Fetch | Describe | Announce | Leave
+class Alive(_Message, tag="alive"):
+    """A participant still computing (a party-side site's heartbeat while its part runs): its session does not
+    expire, and the participants already done keep waiting for it."""
+
+    session: SessionId
+    participant: Index
+    credential: Secret | None = None
+
+
+CoordinatorRequest = Open | Close | Stats | Counters | Publish | Fetch | Describe | Announce | Leave | Alive
 ADMIN_REQUESTS = (Open, Close, Stats, Counters)
 
 

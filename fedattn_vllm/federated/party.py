@@ -9,20 +9,22 @@ text, which never leaves it:
     site = PartySite(engine_endpoint, coordinator, keys=SiteKeys(...), control_key=...)
     flight = site.submit(PartyTask(session, participant=1, segment=ids, ...))   # poll() reports it
 
-    describe   the coordinator says the session's config, depth and size (as participant n: the
-               connection must carry n's key)
+    describe   the coordinator says the session's config, depth, size and bindings (as participant n:
+               the connection must carry n's key); the site checks them against what it was told
     submit     the site's engine tokenizes nothing new, reserves room and reports the length
     announce   the coordinator answers once every participant has announced, with every length
                (positions need them) - and in one order for every site, which starts sessions in
                that order, one per engine step (the ordering rule of docs/federated.md)
     run        K/V through the coordinator, sealed with the session key the parties agreed on
-    leave      done: answered once every participant is (its K/V stays until then); or failed: the
-               session ends now, for every site
+    alive      while its part runs, every ALIVE_S: the others, done, keep waiting for it
+    leave      done: answered once every participant is (its K/V stays until then; left again while
+               the others are alive); or failed: the session ends now, for every site
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -35,7 +37,10 @@ from fedattn_vllm.config import FedAttnConfig, FedAttnPlan
 from fedattn_vllm.federated.client import CoordinatorError, ParticipantCalls, SessionAdmin, describe, session_bytes
 from fedattn_vllm.federated.cluster import FederatedCluster, TextCallback, _Flight
 from fedattn_vllm.federated.curve import ClientCurve, Keypair, OrchestratorKeys
-from fedattn_vllm.federated.messages import MAX_WAIT_S
+
+log = logging.getLogger(__name__)
+ALIVE_S = 5.0  # a site computing a session says so this often (the coordinator presumes it gone after 30 s)
+LEAVE_WAIT_S = 60.0  # a site done waits this long per leave for the others (then leaves again, if they live)
 from fedattn_vllm.session import FedAttnSession, FedAttnSessionError, SessionResult
 
 
@@ -104,6 +109,7 @@ class PartySite(FederatedCluster):
         self._calls = ParticipantCalls(coordinator, curve=keys and keys.to_coordinator())
         self._poller.register(self._calls.socket, zmq.POLLIN)
         self._tasks: dict[str, PartyTask] = {}  # by session id, while in flight
+        self._alive_at: dict[str, float] = {}  # by session id: when this site last said it is still computing
 
     # -- sessions ------------------------------------------------------------------------------
     def open_session(self, site_keys: Sequence[bytes], config: FedAttnConfig) -> str:
@@ -113,8 +119,11 @@ class PartySite(FederatedCluster):
         return open_session(self.coordinator, self._admin_key, self.site_keys and self.site_keys.to_coordinator(),
                             site_keys, config.resolve(self.num_layers, len(site_keys)))
 
-    def describe(self, session_id: str, participant: int, *, timeout_s: float = 10.0) -> FedAttnPlan:
-        """The session's plan as the coordinator holds it (any thread); FedAttnSessionError if it cannot be used."""
+    def describe(self, session_id: str, participant: int, *, sites: Sequence[bytes],
+                 timeout_s: float = 10.0) -> FedAttnPlan:
+        """The session's plan as the coordinator holds it (any thread), checked against what this party was told:
+        participant n bound to `sites[n]` (Z85 public keys). FedAttnSessionError if it cannot be used: `session`
+        (unknown for this site's key, or the coordinator is down), `sites` (bound to other keys) or `model`."""
         try:
             found = describe(self.coordinator, session_id, participant, timeout_s=timeout_s,
                              curve=self.site_keys and self.site_keys.to_coordinator())
@@ -124,12 +133,15 @@ class PartySite(FederatedCluster):
                                           f"participant {participant}: no such session for this site's key, or "
                                           "the coordinator is down") from None
             raise FedAttnSessionError("session", str(error)) from None
+        if [key.encode() for key in found["participant_keys"]] != list(sites):
+            raise FedAttnSessionError("sites", f"the coordinator binds session {session_id}'s participants to other "
+                                      "sites than this party was told: refusing to compute with them")
         if found["num_layers"] != self.num_layers:
-            raise FedAttnSessionError("session", f"the session is for a {found['num_layers']}-layer model; this "
+            raise FedAttnSessionError("model", f"the session is for a {found['num_layers']}-layer model; this "
                                       f"site serves {self.model} ({self.num_layers} layers)")
         return FedAttnConfig(**found["config"]).resolve(found["num_layers"], found["num_participants"])
 
-    def submit(self, task: PartyTask, placement=None, *, on_text: TextCallback | None = None) -> str:
+    def submit(self, task: PartyTask, *, on_text: TextCallback | None = None) -> str:
         """Join with this site's part (its engine, then the coordinator); `poll` reports the result."""
         if task.session_id in self._flights:
             raise FedAttnSessionError("session", f"{task.session_id} is already running on this site")
@@ -157,19 +169,27 @@ class PartySite(FederatedCluster):
             if flight is None or flight.result is not None:
                 continue
             if isinstance(answer, CoordinatorError):
+                if op == "leave" and answer.code == "pending":  # the others are still computing: wait on
+                    self._leave(flight)
+                    continue
                 if op == "announce" and answer.code == "conflict":  # the sites joined on different terms
                     flight.error_field = "invitation"
                 self._fail(flight, f"the coordinator: {answer}")
             elif op == "announce":
                 self._start(flight, answer)
-            else:  # every participant is done
+            elif op == "leave":  # every participant is done
                 flight.result = SessionResult(outputs=dict(sorted(flight.outputs.items())),
                                               cost=self._cost(flight, session_bytes(answer)),
                                               wall_s=time.monotonic() - flight.started)
+        for op, session_id in self._calls.overdue():
+            if (flight := self._flights.get(session_id)) is not None and flight.result is None:
+                self._fail(flight, f"the coordinator did not answer this site's {op} in time")
+        self._heartbeat()
         ended.update({i: f.result for i, f in self._flights.items() if f.result is not None})
         for session_id in ended:
             self._flights.pop(session_id, None)
             self._tasks.pop(session_id, None)
+            self._alive_at.pop(session_id, None)
         return ended
 
     def _start(self, flight: _Flight, answer: dict) -> None:
@@ -179,17 +199,33 @@ class PartySite(FederatedCluster):
         if len(lengths) != flight.plan.num_participants or lengths[own] != flight.lengths[own]:
             return self._fail(flight, f"the coordinator announced lengths {lengths} that do not fit this site's")
         flight.lengths = dict(enumerate(int(n) for n in lengths))
+        self._alive_at[flight.session_id] = time.monotonic()  # computing from now: `_heartbeat` says so
         self._go(flight, 0)
         self._send_wave()
 
+    def _heartbeat(self) -> None:
+        """`alive` every ALIVE_S for each session this site is still computing (the others may be waiting on it)."""
+        now = time.monotonic()
+        for session_id, last in self._alive_at.items():
+            if now - last >= ALIVE_S and not self._calls.outstanding("alive", session_id):
+                self._alive_at[session_id] = now
+                self._calls.alive(session_id, self._tasks[session_id].participant)
+
     def _complete(self, flight: _Flight) -> None:
         """This site's part is done: leave; the result comes when every participant's is (or the session fails)."""
-        self._calls.leave(flight.session_id, self._tasks[flight.session_id].participant, MAX_WAIT_S)
+        self._alive_at.pop(flight.session_id, None)
+        self._leave(flight)
+
+    def _leave(self, flight: _Flight) -> None:
+        self._calls.leave(flight.session_id, self._tasks[flight.session_id].participant, LEAVE_WAIT_S)
 
     def _release(self, flight: _Flight, failed: str | None) -> dict:
-        """End the session for everyone (`failed` is why): every participant's byte counts so far."""
+        """End the session for everyone: every participant's byte counts so far. Why stays here (an engine's error
+        text is this site's business); the others learn only that this site failed."""
+        if failed:
+            log.warning("session %s failed at this site: %s", flight.session_id, failed)
         task = self._tasks[flight.session_id]
-        return self._calls.fail(flight.session_id, task.participant, failed or "failed")
+        return self._calls.fail(flight.session_id, task.participant, "the participant's site failed")
 
     def close(self) -> None:
         self._calls.close()
