@@ -458,6 +458,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise APIError(409, "session ended: a participant disconnected", None, "cancelled_error")
         if result.error_field == "invitation":  # party-side: the sites joined with different invitations
             raise APIError(409, f"session ended: {result.error}", "invitation", "conflict_error")
+        if result.error_field:  # an engine refused an input (e.g. a part too long for the model)
+            raise APIError(400, f"the session was refused: {result.error}",
+                           "content" if result.error_field == "segments" else result.error_field)
         if result.error:
             raise APIError(500, f"session ended: {result.error}", None, "server_error")
         reply = _response(result, timings, response_id, kind)

@@ -7,10 +7,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedattn_vllm.config import MAX_SEED, RECOMMENDED, FedAttnConfig
-from fedattn_vllm.federated.messages import MAX_WAIT_S
+from fedattn_vllm.federated.messages import MAX_SIZE, MAX_TOKENS, MAX_WAIT_S
 
 Segment = str | list[int]  # a participant's private text, or its token ids
 StopString = Annotated[str, Field(min_length=1)]
+Z85_KEY = r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$"  # a CURVE public key as ZeroMQ writes it
 
 
 class FedAttnBlock(BaseModel):
@@ -50,11 +51,11 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI fields we do not use are accepted and ignored
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)  # integers reach msgpack and vLLM: bounded here
     # Sampling: null or absent takes the model's generation_config, else OpenAI's default (vLLM's rule).
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOKENS)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED - 1)  # it reaches torch: a signed 64-bit integer
@@ -92,7 +93,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens (either)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)  # OpenAI's newer name for max_tokens
     messages: list[ChatMessage] | None = None
     # multi-party: each participant's private part of one user turn (the chat template frames the whole)
     participants: list[str] | None = Field(None, min_length=1)
@@ -109,7 +110,7 @@ class SessionCreateRequest(_Sampling):
     public_prefix: Segment | None = None  # not chat: public text or token ids before participant 0
     join_timeout_s: float = Field(60.0, gt=0, le=3600)
     # party-side servers (--role party): each participant's site, by its CURVE public key (Z85, 40 characters)
-    sites: list[Annotated[str, Field(min_length=40, max_length=40)]] | None = None
+    sites: list[Annotated[str, Field(pattern=Z85_KEY)]] | None = Field(None, max_length=MAX_SIZE)
 
     def contradiction(self, *, party: bool) -> tuple[str, str] | None:
         """(param, message) of the first rule these terms break beyond their fields' own bounds, if any;

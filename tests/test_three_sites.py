@@ -205,3 +205,65 @@ def test_the_generators_site_streams_the_answer_to_its_own_client(sites, keys):
         assert [o.result().status_code for o in others] == [200, 200]
     expected, _ = one_engine()
     assert "".join(pieces) == expected.outputs[2].text and len([p for p in pieces if p]) > 1
+
+
+def _hostile_invitations():
+    """(case, participant, invitation change, content): each must get a 4xx in the OpenAI shape."""
+    def terms(**change):
+        return lambda inv: {**inv, "terms": {**inv["terms"], **change}}
+
+    def field(**change):
+        return lambda inv: {**inv, **change}
+
+    other_site = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yO"  # a well-formed key of a site that is not this one
+    return [
+        ("session type", 1, field(session=7), "x"), ("session long", 1, field(session="s" * 200), "x"),
+        ("seal key short", 1, field(seal_key="AAAA"), "x"), ("seal key not base64", 1, field(seal_key="*" * 44), "x"),
+        ("no terms", 1, lambda inv: {k: v for k, v in inv.items() if k != "terms"}, "x"),
+        ("extra field", 1, field(admin="x"), "x"),
+        ("participants 0", 1, terms(participants=0), "x"), ("participants huge", 1, terms(participants=2**64), "x"),
+        ("max_tokens huge", 1, terms(max_tokens=2**64), "x"), ("top_k huge", 1, terms(top_k=2**64), "x"),
+        ("seed huge", 1, terms(seed=2**64), "x"), ("empty stop", 1, terms(stop=[""]), "x"),
+        ("temperature out of range", 1, terms(temperature=3.0), "x"),
+        ("join timeout past the coordinator's bound", 1, terms(join_timeout_s=1200), "x"),
+        ("sites short", 1, terms(sites=["a" * 40]), "x"), ("site key not Z85", 1, terms(sites=[" " * 40] * 3), "x"),
+        ("another site's participant", 0, None, "x"),
+        ("bound to another site", 1, lambda inv: {**inv, "terms": {**inv["terms"], "sites": [
+            inv["terms"]["sites"][0], other_site, inv["terms"]["sites"][2]]}}, "x"),
+        ("fedattn unknown field", 1, terms(fedattn={"nope": 1}), "x"),
+        ("fedattn bad interval", 1, terms(fedattn={"sync_interval": 0}), "x"),
+        ("settings differ", 1, terms(fedattn={"sync_interval": 3}), "x"),
+        ("another model", 1, terms(model="gpt-4"), "x"),
+        ("public prefix in chat", 1, terms(public_prefix="p"), "x"),
+        ("deep terms", 1, terms(system=json.loads("[" * 64 + "]" * 64)), "x"),
+        ("participant past the end", 5, None, "x"), ("participant negative", -1, None, "x"),
+        ("empty content", 1, None, ""), ("token id out of vocabulary", 1, None, [10**6]),
+        ("token id huge", 1, None, [2**70]),
+    ]
+
+
+@pytest.mark.parametrize("case, participant, change, content", _hostile_invitations(),
+                         ids=[case[0] for case in _hostile_invitations()])
+def test_a_hostile_invitation_gets_a_4xx_in_the_openai_shape(sites, keys, case, participant, change, content):
+    session = hostile_session(sites, keys)
+    invitation = change(session["invitation"]) if change else session["invitation"]
+    reply = httpx.post(f"{sites['b']}/v1/fedattn/sessions/{session['id']}/participants/{participant}", timeout=30,
+                       json={"invitation": invitation, "content": content})
+    assert 400 <= reply.status_code < 500, (reply.status_code, reply.text)
+    assert set(reply.json()["error"]) >= {"message", "type", "param"}
+
+
+_hostile: dict = {}
+
+
+def hostile_session(sites, keys) -> dict:
+    """One session the hostile invitations are forged from (created once; nobody joins it rightly)."""
+    if not _hostile:
+        _hostile.update(create(sites, keys))
+    return _hostile
+
+
+def test_the_sites_serve_after_the_hostile_invitations(sites, keys):
+    _, replies = three_sites.ask(urls_of(sites), keys, PARTS, **TERMS)
+    expected, _ = one_engine()
+    assert replies[2]["choices"][0]["message"]["content"] == expected.outputs[2].text
