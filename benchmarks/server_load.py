@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -86,8 +87,8 @@ def main() -> None:
     ours, plain = free_port(), free_port()
     engine = ["--max-model-len", "4096", "--max-num-batched-tokens", "8192"]
     servers = [
-        start([sys.executable, "-m", "server", "--model", args.model, "--port", str(ours), "--kv-cache-gib", "2", *engine],
-              ours, logs / "server.log"),
+        start([sys.executable, "-m", "server", "--model", args.model, "--port", str(ours), "--kv-cache-gib", "2",
+               "--parent-pid", str(os.getpid()), *engine], ours, logs / "server.log"),
         start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--port", str(plain), "--dtype",
                "float32", "--enforce-eager", "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
                "--kv-cache-memory-bytes", str(2 << 30), *engine], plain, logs / "vllm.log"),

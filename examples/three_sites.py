@@ -60,7 +60,8 @@ def start_coordinator(stack: ExitStack, keys: Path, admin_key: str, logs: Path) 
     """The coordinator process (stopped when `stack` closes): its endpoint."""
     ready = logs / "coordinator.ready"
     process = _start(stack, [sys.executable, "-m", "fedattn_vllm.federated.coordinator", "--bind", "tcp://127.0.0.1:*",
-                             "--ready-file", str(ready), "--keypair", str(keys / "coordinator.key_secret"),
+                             "--ready-file", str(ready), "--parent-pid", str(os.getpid()),
+                             "--keypair", str(keys / "coordinator.key_secret"),
                              "--trust", str(keys / "trust")], logs / "coordinator.log", FEDATTN_ADMIN_KEY=admin_key)
     deadline = time.monotonic() + 60
     while not ready.exists():
@@ -77,6 +78,7 @@ def start_sites(stack: ExitStack, model: str, coordinator: str, keys: Path, admi
     for name in SITES:
         port = free_port()
         args = [sys.executable, "-m", "server", model, "--role", "party", "--port", str(port),
+                "--parent-pid", str(os.getpid()),
                 "--coordinator", coordinator, "--keypair", str(keys / f"{name}.key_secret"),
                 "--coordinator-key", str(keys / "coordinator.key"), *flags]
         admin = {"FEDATTN_ADMIN_KEY": admin_key} if name == "a" else {}

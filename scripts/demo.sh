@@ -7,7 +7,7 @@ PY=.venv/bin/python
 PORT=${FEDATTN_DEMO_PORT:-$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 LOG=$(mktemp -t fedattn-server.XXXXXX.log)
 echo "[demo] starting: python -m server --port $PORT (log: $LOG)"
-$PY -m server --port "$PORT" >"$LOG" 2>&1 &
+$PY -m server --port "$PORT" --parent-pid $$ >"$LOG" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 600); do

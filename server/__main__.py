@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import CliApp
 
+from fedattn_vllm.federated.lifeline import exit_with_parent
 from server.app import create_app
 from server.settings import ServerSettings
 
@@ -29,6 +31,12 @@ def parse(argv: list[str]) -> ServerSettings:
 
 def main() -> None:
     settings = parse(sys.argv[1:])
+    if settings.parent_pid is not None:
+        if settings.parent_pid != os.getppid():  # through a shim (uv run, timeout): the watch would end it at once
+            print(f"python -m server: error: --parent-pid: {settings.parent_pid} is not this process's parent "
+                  f"({os.getppid()})", file=sys.stderr)
+            raise SystemExit(2)
+        exit_with_parent(settings.parent_pid)
     logging.basicConfig(level=logging.INFO)
     # access_log off: request lines carry no prompt text, but nothing about a request is logged by default
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, access_log=False,

@@ -238,22 +238,18 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if stream is not None:
             generators = sorted(config.resolve(state["backend"].num_layers, len(segments)).generators)
             return StreamingResponse(_stream(worker, session_id, future, stream, response_id, kind,
-                                             {g: i for i, g in enumerate(generators)}, _include_usage(body), timings),
+                                             {g: i for i, g in enumerate(generators)}, _include_usage(body), timings,
+                                             prompt_param),
                                      media_type="text/event-stream")
         try:
             result = await _unless_disconnected(request, asyncio.wrap_future(future))
-        except FedAttnConfigError as error:
-            raise APIError(400, str(error), f"fedattn.{error.field}") from None
-        except FedAttnSessionError as error:
-            param = prompt_param if error.field == "segments" else error.field
-            raise APIError(400, f"{param}: {str(error).split(': ', 1)[-1]}", param) from None
+        except (FedAttnConfigError, FedAttnSessionError) as error:
+            raise _refusal(error, prompt_param) from None
         if result is None:
             worker.cancel(session_id)
             return JSONResponse({}, status_code=499)  # the client left
-        if result.error:
-            if result.error_field:  # an engine refused the input (federated mode)
-                raise APIError(400, result.error, prompt_param if result.error_field == "segments" else result.error_field)
-            raise APIError(500, result.error, None, "server_error")
+        if (failure := _failure(result, prompt_param)) is not None:
+            raise failure
         return _response(result, timings, response_id, kind)
 
     async def _unless_disconnected(request: Request, awaitable):
@@ -275,10 +271,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return f"data: {json.dumps(body)}\n\n"
 
     async def _stream(worker, session_id, future, stream: asyncio.Queue, response_id: str, kind: str,
-                      index_of: dict[int, int], include_usage: bool, timings: Timings):
+                      index_of: dict[int, int], include_usage: bool, timings: Timings, segments_param: str):
         """Server-sent events: per choice (`index_of`: generator -> choice index) a role delta first (chat), its
         text as it comes, a last chunk with its finish reason and the session's `fedattn` block, then the usage
-        (`stream_options.include_usage`)."""
+        (`stream_options.include_usage`); or the session's failure (`_failure`) as an error event."""
         created = int(time.time())
 
         def choice(g: int, text: str, finish_reason: str | None = None, role: bool = False) -> dict:
@@ -299,10 +295,15 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 if text:
                     yield _chunk(response_id, kind, created, [choice(generator, text)])
             error = future.exception()
-            result = future.result() if error is None else None
-            if error is not None or result.error:
-                message = str(error) if error is not None else result.error
-                yield f"data: {json.dumps(error_body(message, 'server_error', None))}\n\n"
+            if isinstance(error, (FedAttnConfigError, FedAttnSessionError)):
+                failure = _refusal(error, segments_param)
+            elif error is not None:
+                failure = APIError(500, str(error), None, "server_error")
+            else:
+                result = future.result()
+                failure = _failure(result, segments_param)
+            if failure is not None:
+                yield f"data: {json.dumps(error_body(failure.message, failure.kind, failure.param))}\n\n"
             else:
                 yield _chunk(response_id, kind, created,
                              [choice(g, "", result.outputs[g].finish_reason) for g in index_of],
@@ -445,24 +446,17 @@ def create_app(settings: ServerSettings) -> FastAPI:
         response_id = f"fedsess-{uuid.uuid4().hex}"
         if stream is not None:  # its own answer, as choice 0
             return StreamingResponse(_stream(state["backend"].worker, worker_session, future, stream, response_id,
-                                             kind, {participant: 0}, body.include_usage, timings),
+                                             kind, {participant: 0}, body.include_usage, timings, "content"),
                                      media_type="text/event-stream")
         try:
             result = await _unless_disconnected(request, asyncio.wrap_future(future))
-        except FedAttnSessionError as error:  # the parts together do not fit (e.g. too long)
-            raise APIError(400, f"the session was refused: {error}", error.field) from None
+        except (FedAttnConfigError, FedAttnSessionError) as error:  # e.g. the parts together do not fit
+            raise _refusal(error, "content") from None
         if result is None:  # a participant that leaves ends the session for everyone
             state["backend"].worker.cancel(worker_session)
             return JSONResponse({}, status_code=499)
-        if result.error == "cancelled":  # another participant left
-            raise APIError(409, "session ended: a participant disconnected", None, "cancelled_error")
-        if result.error_field == "invitation":  # party-side: the sites joined with different invitations
-            raise APIError(409, f"session ended: {result.error}", "invitation", "conflict_error")
-        if result.error_field:  # an engine refused an input (e.g. a part too long for the model)
-            raise APIError(400, f"the session was refused: {result.error}",
-                           "content" if result.error_field == "segments" else result.error_field)
-        if result.error:
-            raise APIError(500, f"session ended: {result.error}", None, "server_error")
+        if (failure := _failure(result, "content")) is not None:
+            raise failure
         reply = _response(result, timings, response_id, kind)
         if participant not in generators:  # a usage record of its own part only
             usage = reply["fedattn"]
@@ -580,6 +574,29 @@ def _sampling(body, max_tokens: int | None, defaults: dict):
                               ignore_eos=body.ignore_eos, **chosen)
     except ValueError as error:
         raise APIError(400, f"sampling parameters: {error}", None) from None
+
+
+def _refusal(error: FedAttnConfigError | FedAttnSessionError, segments_param: str) -> APIError:
+    """A session the worker refused before it ran: a 400 naming the field (`segments_param` for a part)."""
+    if isinstance(error, FedAttnConfigError):
+        return APIError(400, str(error), f"fedattn.{error.field}")
+    param = segments_param if error.field == "segments" else error.field
+    return APIError(400, f"{param}: {str(error).split(': ', 1)[-1]}", param)
+
+
+def _failure(result: SessionResult, segments_param: str) -> APIError | None:
+    """What a failed session answers (None: it did not fail): a participant that left is a cancellation (409),
+    sites that joined with different invitations a conflict (409), an input an engine refused a 400 naming it
+    (`segments_param` for a part), anything else a 500."""
+    if result.error is None:
+        return None
+    if result.error == "cancelled":
+        return APIError(409, "session ended: a participant disconnected", None, "cancelled_error")
+    if result.error_field == "invitation":
+        return APIError(409, f"session ended: {result.error}", "invitation", "conflict_error")
+    if result.error_field:
+        return APIError(400, result.error, segments_param if result.error_field == "segments" else result.error_field)
+    return APIError(500, result.error, None, "server_error")
 
 
 def _config(block: FedAttnBlock | None, single: bool) -> FedAttnConfig:

@@ -47,6 +47,8 @@ class ServerSettings(BaseSettings):
                                     "file, in the same order")
     insecure: bool = Field(False, description="--engine-endpoints: plaintext ZeroMQ, no peer authentication "
                            "(loopback tests only); --engines N always encrypts with fresh keys")
+    parent_pid: int | None = Field(None, ge=1, description="exit (as on SIGTERM) once this process, the server's "
+                                   "direct parent, is gone: scripts and tests leave nothing behind")
     ssl_keyfile: Path | None = Field(None, description="serve HTTPS with this private key (PEM)")
     ssl_certfile: Path | None = Field(None, description="... and this certificate chain (PEM)")
     session_timeout_s: float = Field(60.0, gt=0, description="federated: how long a participant waits for a peer")

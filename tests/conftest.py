@@ -66,6 +66,14 @@ MODEL, KEY = "tiny-qwen2", "test-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 
 
+def server_command(port: int, *flags: str, model: str = MODEL) -> list[str]:
+    """`python -m server MODEL` on `port`, sized for the tiny test models (later flags override)."""
+    import sys
+
+    return [sys.executable, "-m", "server", model, "--port", str(port), "--max-model-len", "256",
+            "--max-num-batched-tokens", "256", "--kv-cache-gib", "0.0625", *flags]
+
+
 def start_server(tmp_path_factory, *flags: str, model: str = MODEL):
     """`python -m server MODEL` (the tiny model; later flags override), ready to serve: (url, process, log path)."""
     import subprocess
@@ -76,8 +84,7 @@ def start_server(tmp_path_factory, *flags: str, model: str = MODEL):
 
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    args = [sys.executable, "-m", "server", model, "--port", str(port), "--max-model-len", "256",
-            "--max-num-batched-tokens", "256", "--kv-cache-gib", "0.0625", "--api-key", KEY, *flags]
+    args = server_command(port, "--api-key", KEY, "--parent-pid", str(os.getpid()), *flags, model=model)
     with open(log, "wb") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -364,3 +364,26 @@ def test_a_killed_engine_fails_its_sessions_while_the_others_complete(local, coo
     assert local.engine_processes[2].pid == local.cluster.engine_pids[2] != process.pid
     assert tokens(local.cluster.generate([victim], placement=[[0, 2, 1]])[0]) == tokens(colocated.generate([victim])[0])
     assert_all_freed(local, coordinator)
+
+
+def test_a_restarting_coordinator_is_reported_down_until_it_listens_again(colocated, tmp_path):
+    """A cluster owning its coordinator process: killed, it is restarted; meanwhile sessions fail at once and
+    `coordinator_down` (the server's /health) says why; then the same engines serve through the new one."""
+    session = FedAttnSession([[5] * 8, [6] * 8], FedAttnConfig(sync_interval=2), greedy(3))
+    with LocalCluster(MODEL, engines=1, engine_args=TINY_ENGINE_ARGS, timeout_s=TIMEOUT_S, log_dir=tmp_path) as own:
+        engine_pid = own.cluster.engine_pids[0]
+        own.coordinator_process.kill()
+        own.coordinator_process.wait()
+        own.cluster.maintain()
+        assert "restarting (restart 1 of 3)" in own.cluster.coordinator_down
+        assert "the coordinator exited" in own.cluster.generate([session], placement=[[0, 0]])[0].error
+        deadline = time.monotonic() + 120
+        while own.cluster.coordinator_down is not None:
+            assert time.monotonic() < deadline, own.cluster.coordinator_down
+            own.cluster.maintain()
+            time.sleep(0.1)
+        while (result := own.cluster.generate([session], placement=[[0, 0]])[0]).error is not None:
+            assert time.monotonic() < deadline, result.error  # listening; the engine reconnects by itself
+            time.sleep(0.5)
+        assert tokens(result) == tokens(colocated.generate([session])[0])
+        assert own.cluster.engine_pids[0] == engine_pid and own.cluster.restarts == [0]  # the same engine

@@ -303,7 +303,7 @@ def test_a_participant_that_never_joins_fails_the_session_for_everyone(server):
     started = time.monotonic()
     with ThreadPoolExecutor(2) as pool:
         replies = list(pool.map(lambda n: join(server, session, n, f"part {n}"), range(2)))
-    assert 2 <= time.monotonic() - started < 10
+    assert 2 <= time.monotonic() - started < 60  # after the join timeout, not hanging (loose: loaded CI boxes)
     for reply in replies:
         assert reply.status_code == 408 and "[2] did not join" in reply.json()["error"]["message"]
     assert join(server, session, 2, "late").status_code == 404  # nothing of it is kept

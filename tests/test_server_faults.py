@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
 import pytest
-from conftest import HEADERS, MODEL, start_server
+from conftest import HEADERS, MODEL, server_command, start_server
+
+from fedattn_vllm.federated.local import free_port
 
 TIMEOUT_S = 10  # --session-timeout-s: how long a participant waits for a peer
 
@@ -117,3 +121,42 @@ def test_nothing_outlives_a_killed_server(tmp_path_factory):
     process.wait(timeout=10)
     gone, alive = psutil.wait_procs(spawned, timeout=15)
     assert not alive, f"left behind: {[p.pid for p in alive]}"
+
+
+def test_a_server_started_with_parent_pid_ends_with_whoever_started_it(tmp_path):
+    """Its launcher is SIGKILLed (no cleanup of its own): the server and its engine processes exit by themselves."""
+    port, log = free_port(), tmp_path / "server.log"
+    script = ("import os, subprocess, sys, time\n"
+              f"with open({str(log)!r}, 'wb') as log:\n"
+              f"    server = subprocess.Popen({server_command(port, '--engines', '1')!r} + "
+              "['--parent-pid', str(os.getpid())], stdout=log, stderr=subprocess.STDOUT)\n"
+              "print(server.pid, flush=True)\n"
+              "server.wait()\n")  # the launcher reaps the server if it fails to start
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    spawned: list[psutil.Process] = []
+    try:
+        server = psutil.Process(int(launcher.stdout.readline()))
+        deadline = time.monotonic() + 180
+        while not _healthy(f"http://127.0.0.1:{port}"):
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
+            time.sleep(0.5)
+        spawned = [server, *server.children(recursive=True)]
+        assert len(spawned) >= 3  # the server, its coordinator and its engine
+        launcher.kill()
+        launcher.wait(timeout=10)
+        _, alive = psutil.wait_procs(spawned, timeout=60)
+        assert not alive, f"left behind: {[p.pid for p in alive]}"
+    finally:  # on a failure: nothing left behind by the test either
+        launcher.kill()
+        for process in spawned:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -115,6 +115,24 @@ def test_hostile_requests_get_a_4xx_in_the_openai_shape_and_the_server_keeps_ser
     assert ok.status_code == 200 and httpx.get(f"{server}/health").status_code == 200
 
 
+VALID_BODIES = {"/v1/completions": {"prompt": "x", "max_tokens": 2},
+                "/v1/chat/completions": {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2},
+                "/v1/fedattn/sessions": {"participants": 2, "max_tokens": 2, "join_timeout_s": 1}}
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml",
+                                          "multipart/form-data; boundary=x", "application/json; charset=utf-8"])
+@pytest.mark.parametrize("path", list(VALID_BODIES))
+def test_a_valid_body_declared_as_another_content_type_is_refused_in_the_openai_shape(server, path, content_type):
+    body = json.dumps({"model": MODEL, **VALID_BODIES[path]}).encode()
+    reply = httpx.post(f"{server}{path}", content=body, timeout=30, headers={**HEADERS, "content-type": content_type})
+    if content_type.startswith("application/json"):
+        assert reply.status_code == 200, reply.text
+    else:
+        assert 400 <= reply.status_code < 500, reply.text
+        assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+
+
 def _post(server, path: str, body: dict) -> httpx.Response:
     return httpx.post(f"{server}{path}", json={"model": MODEL, **body}, headers=HEADERS, timeout=60)
 

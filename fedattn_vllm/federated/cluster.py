@@ -56,6 +56,9 @@ class EngineLauncher(Protocol):
     def relaunch_coordinator(self) -> None:
         """Start a fresh coordinator on the same endpoint (engines reconnect to it by themselves)."""
 
+    def coordinator_ready(self) -> bool:
+        """Whether the relaunched coordinator listens."""
+
 
 @dataclass
 class _Flight:
@@ -119,7 +122,8 @@ class FederatedCluster:
         self.down: dict[int, str] = {}  # engine -> why it cannot take sessions now
         self.restarts = [0] * len(engines)
         self.coordinator_restarts = 0
-        self.coordinator_down: str | None = None  # why, once a local coordinator died for good
+        self.coordinator_down: str | None = None  # why, while a local coordinator restarts or once it died for good
+        self._coordinator_restarting = False
         self.gave_up: set[int] = set()  # engines that died more than MAX_RESTARTS times
         self._last_heard = [time.monotonic()] * len(engines)
         self._wave: dict[int, list[dict]] = {}  # engine -> sessions to start in the next wave
@@ -343,19 +347,29 @@ class FederatedCluster:
                 self._fail(flight, why)
 
     def _watch_coordinator(self) -> None:
-        """A local coordinator that died took every open session with it: restart it, fail them all."""
+        """A local coordinator that died took every open session with it: restart it, fail them all.
+        `coordinator_down` says so (sessions fail at once, /health is 503) until the new one listens."""
         process = self.launcher.coordinator_process if self.launcher else None
-        if process is None or process.poll() is None:
+        if process is None:
+            return
+        if process.poll() is None:
+            if self._coordinator_restarting and self.launcher.coordinator_ready():
+                self._coordinator_restarting = False
+                self.coordinator_down = None
+                log.warning("the coordinator is back (pid %d)", process.pid)
             return
         why = f"the coordinator exited (code {process.returncode})"
         if self.coordinator_restarts >= MAX_RESTARTS:
-            if self.coordinator_down is None:
+            if self._coordinator_restarting or self.coordinator_down is None:
+                self._coordinator_restarting = False
                 self.coordinator_down = f"{why}; not restarted again after {MAX_RESTARTS} restarts"
                 log.error("%s", self.coordinator_down)
             return
         self.coordinator_restarts += 1
-        log.warning("%s; restarting it (restart %d of %d)", why, self.coordinator_restarts, MAX_RESTARTS)
-        self.launcher.relaunch_coordinator()
+        self.coordinator_down = f"{why}; restarting (restart {self.coordinator_restarts} of {MAX_RESTARTS})"
+        self._coordinator_restarting = True
+        log.warning("%s", self.coordinator_down)
+        self.launcher.relaunch_coordinator()  # first: the new one answers the sessions' release at once
         for flight in [f for f in self._flights.values() if f.result is None]:
             self._fail(flight, why)
 

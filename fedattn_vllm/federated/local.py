@@ -146,6 +146,10 @@ class LocalCluster:
     def relaunch_coordinator(self) -> None:
         self.coordinator_process = self._launch("coordinator", self._coordinator_args)
 
+    def coordinator_ready(self) -> bool:
+        """The (re)launched coordinator listens (its ready file is written once it has bound)."""
+        return (self.log_dir / "coordinator.ready").exists()
+
     def ready_endpoint(self, engine: int) -> str | None:
         ready = self.log_dir / f"engine{engine}.ready"
         if ready.exists():
