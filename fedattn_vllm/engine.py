@@ -223,6 +223,11 @@ class FederatedLLM:
     def busy(self) -> bool:
         return bool(self._active)
 
+    def holdings(self) -> dict:
+        """What this engine holds now (counts only): session state, requests with reserved cache, vLLM's own."""
+        return {"sessions": len(REGISTRY), "requests": self.admission.live_requests,
+                "unfinished": self.engine.get_num_unfinished_requests()}
+
     def step(self, on_output=None) -> list[_Run]:
         """One engine step; returns the runs that completed or failed in it (finish them next).
 

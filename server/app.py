@@ -28,9 +28,10 @@ from fedattn_vllm.federated.party import PartyTask, terms_digest
 from fedattn_vllm.session import FedAttnSession, FedAttnSessionError, SessionResult
 from fedattn_vllm.prompting import chat_prefix, encode_part, encode_segments
 from server.backend import SAMPLING_DEFAULTS, Backend
-from server.errors import APIError, error_body, install_error_handlers
+from server.errors import APIError, coordinator_error, error_body, install_error_handlers
 from server.guard import RequestGuard
 from server.invite import created
+from server.issued import IssuedSessions
 from server.metrics import CountRejections, Metrics
 from server.private import JoinError, PrivateSessions
 from server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, FedAttnBlock,
@@ -58,6 +59,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
         state.update(backend=backend, metrics=metrics, vllm_version=vllm.__version__,
                      private=PrivateSessions(backend.worker.acquire, backend.worker.release),
+                     issued=IssuedSessions(settings.max_sessions),
                      model=settings.served_name)
         metrics.waiting.set_function(lambda: backend.worker.queue_depth)
         metrics.running.set_function(lambda: backend.worker.running)
@@ -83,6 +85,19 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if problem is not None:
             return JSONResponse({"status": "unavailable", "error": problem}, status_code=503)
         return {"status": "ok"}
+
+    @app.get("/v1/fedattn/status")
+    async def status():
+        """What the engine(s) and the coordinator hold now, counts only: sessions, requests, credentials, K/V bytes
+        at the coordinator, frames dropped (an operator's check that a failed session left nothing behind)."""
+        try:
+            holdings = await asyncio.wait_for(asyncio.wrap_future(state["backend"].worker.holdings()), 30)
+        except EngineDead as error:
+            raise APIError(503, f"the engine is down: {error}", None, "server_error") from None
+        except TimeoutError:
+            raise APIError(503, "the engine thread did not answer within 30 s", None, "server_error") from None
+        return {"object": "fedattn.status", "health": state["backend"].worker.health() or "ok",
+                "open_sessions": len(state["private"].sessions) + len(state["issued"]), **holdings}
 
     @app.get("/metrics")
     async def prometheus_text():
@@ -297,6 +312,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             error = future.exception()
             if isinstance(error, (FedAttnConfigError, FedAttnSessionError)):
                 failure = _refusal(error, segments_param)
+            elif isinstance(error, CoordinatorError):
+                failure = coordinator_error(error)
             elif error is not None:
                 failure = APIError(500, str(error), None, "server_error")
             else:
@@ -378,25 +395,40 @@ def create_app(settings: ServerSettings) -> FastAPI:
         site's key: the invitation every party's client hands its own server (with a fresh seal key)."""
         site = state["backend"].worker.cluster
         try:
-            session_id = await asyncio.to_thread(site.open_session, [key.encode() for key in body.sites], config)
+            issued = await state["issued"].open(body.participants, body.join_timeout_s, lambda: asyncio.to_thread(
+                site.open_session, [key.encode() for key in body.sites], config))
+        except QueueFull as error:
+            raise APIError(429, str(error), None, "rate_limit_error") from None
         except FedAttnSessionError as error:
             raise APIError(403, str(error), None, "permission_error") from None
         except CoordinatorError as error:
-            raise APIError(502, f"the coordinator: {error}", None, "server_error") from None
-        return created(session_id, body, plan)
+            raise coordinator_error(error) from None
+        return {**created(issued.session_id, body, plan), "host_token": issued.host_token}
 
     @app.get("/v1/fedattn/sessions")
     async def list_sessions():
-        """Open private sessions (waiting for parts): ids, sizes, who joined; no tokens."""
-        return {"object": "list", "data": state["private"].listing()}
+        """Open sessions waiting for parts (a party server: those it opened at the coordinator): ids, sizes,
+        who joined; no tokens."""
+        listing = state["issued"].listing() if settings.role == "party" else state["private"].listing()
+        return {"object": "list", "data": listing}
 
     @app.delete("/v1/fedattn/sessions/{session_id}")
     async def delete_session(session_id: str, request: Request):
         """The host ends an open session (header `X-FedAttn-Host-Token`); whoever joined gets an error."""
+        host_token = request.headers.get("x-fedattn-host-token", "")
         try:
-            state["private"].delete(session_id, request.headers.get("x-fedattn-host-token", ""))
+            if settings.role != "party":
+                state["private"].delete(session_id, host_token)
+            else:
+                state["issued"].check(session_id, host_token)
+                await asyncio.to_thread(state["backend"].worker.cluster.close_session, session_id)
+                state["issued"].forget(session_id)
         except JoinError as error:
             raise APIError(error.status, str(error), error.param) from None
+        except CoordinatorError as error:
+            if error.code != "unknown_session":  # it is still open there: still listed, the host may try again
+                raise coordinator_error(error) from None
+            state["issued"].forget(session_id)  # it ended at the coordinator already
         return {"id": session_id, "object": "fedattn.session.deleted", "deleted": True}
 
     @app.post("/v1/fedattn/sessions/{session_id}/participants/{participant}")

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fedattn_vllm.federated.client import CoordinatorError
 from server.worker import EngineDead
 
 log = logging.getLogger("server")
@@ -25,6 +26,13 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def coordinator_error(error: CoordinatorError) -> APIError:
+    """The coordinator refused or did not answer: 503 when it is full (`busy`), else 502."""
+    if error.code == "busy":
+        return APIError(503, f"the coordinator is busy: {error}", None, "server_error")
+    return APIError(502, f"the coordinator: {error}", None, "server_error")
 
 
 # Names pydantic gives the members of a union in an error location (not fields of the request).
@@ -74,6 +82,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def engine_dead(_: Request, error: EngineDead):
         return JSONResponse(error_body(f"the engine is down: {error}", "server_error", None, "engine_dead"),
                             status_code=503)
+
+    @app.exception_handler(CoordinatorError)
+    async def coordinator_refused(_: Request, error: CoordinatorError):
+        failure = coordinator_error(error)
+        return JSONResponse(error_body(failure.message, failure.kind, None), status_code=failure.status)
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, error: Exception):

@@ -120,6 +120,15 @@ class _Worker(ABC):
         """Drop a session (a client left); its K/V is freed. No-op if it already ended."""
         self._inbox.put(("cancel", session_id))
 
+    def holdings(self) -> Future:
+        """What the engine(s) and the coordinator hold now, counts only (read by the engine thread; requests
+        that arrive together share one reading)."""
+        if self.dead is not None:
+            raise EngineDead(self.dead)
+        future: Future = Future()
+        self._inbox.put(("holdings", future))
+        return future
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
@@ -148,6 +157,7 @@ class _Worker(ABC):
             message = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
+        readers: list[Future] = []  # holdings requests in this batch: one reading for all
         while True:
             kind, payload = message
             if kind == "submit":
@@ -156,12 +166,25 @@ class _Worker(ABC):
                 except Exception as error:  # validation: the handler turns it into a 4xx
                     self.release()
                     payload.future.set_exception(error)
+            elif kind == "holdings":
+                if payload.set_running_or_notify_cancel():  # else its handler gave up waiting
+                    readers.append(payload)
             else:
                 self._cancel(payload)
             try:
                 message = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
+        if readers:
+            try:
+                holdings = self._holdings()
+            except Exception as error:  # a reading that fails is the readers' error, never the engine's
+                log.exception("reading what the engines hold failed")
+                for reader in readers:
+                    reader.set_exception(error)
+            else:
+                for reader in readers:
+                    reader.set_result(holdings)
 
     def _fail_queued(self) -> None:
         """The engine is dead: whatever still arrives fails at once."""
@@ -173,6 +196,8 @@ class _Worker(ABC):
             if kind == "submit":
                 self.release()
                 payload.future.set_exception(EngineDead(self.dead))
+            elif kind == "holdings" and payload.set_running_or_notify_cancel():
+                payload.set_exception(EngineDead(self.dead))
 
     def _settle_failed(self, job: _Job, why: str, cleanup: Callable[[], SessionResult] | None = None) -> None:
         """Settle `job` as failed; `cleanup` frees its engine state (a failure there is logged, not raised)."""
@@ -211,6 +236,10 @@ class _Worker(ABC):
     @abstractmethod
     def _tick(self) -> None:
         """Drive the backend once: start what fits, advance, settle what ended."""
+
+    @abstractmethod
+    def _holdings(self) -> dict:
+        """What the backend holds now: {"engines": [counts or {"error"}], "coordinator": counts (federated)}."""
 
     @abstractmethod
     def _fail_in_flight(self, why: str) -> None:
@@ -261,6 +290,9 @@ class EngineWorker(_Worker):
             for run in self.llm.step(on_output=self._on_output):
                 self._settle(self._active.pop(run.session_id), self.llm.finish(run))
 
+    def _holdings(self) -> dict:
+        return {"engines": [self.llm.holdings()]}
+
     def _fail_in_flight(self, why: str) -> None:
         for job in [*self._pending, *self._active.values()]:
             self._settle_failed(job, why, lambda: self.llm.finish(job.handle, why))
@@ -308,6 +340,9 @@ class ClusterWorker(_Worker):
         for handle, job in self._active.items():
             self._settle_failed(job, why, lambda: self.cluster.abort(handle, why))
         self._active.clear()
+
+    def _holdings(self) -> dict:
+        return self.cluster.holdings()
 
     def health(self) -> str | None:
         problems = [self.dead, self.cluster.coordinator_down, *self.cluster.down.values()]

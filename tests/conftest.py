@@ -103,6 +103,30 @@ def metric(server: str, name: str) -> float:
     return 0.0
 
 
+def assert_nothing_held(url: str, deadline_s: float = 30) -> dict:
+    """GET /v1/fedattn/status until no engine and not the coordinator holds anything of any session."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + deadline_s
+    while True:
+        reply = httpx.get(f"{url}/v1/fedattn/status", headers=HEADERS, timeout=60)
+        if reply.status_code != 200:  # the engine thread was too busy to answer: ask again
+            assert time.monotonic() < deadline, reply.text
+            time.sleep(0.5)
+            continue
+        status = reply.json()
+        held = [{k: v for k, v in engine.items() if k != "dropped" and v} for engine in status["engines"]]
+        if "coordinator" in status:  # federated; an error there counts as holding (-1)
+            held.append({k: status["coordinator"].get(k, -1) for k in ("sessions", "waiters", "stored_bytes")
+                         if status["coordinator"].get(k, -1)})
+        if not any(held) and status["open_sessions"] == 0:
+            return status
+        assert time.monotonic() < deadline, f"left behind: {held}"
+        time.sleep(0.5)
+
+
 @functools.cache
 def federated_engine(name: str, **engine_args):
     from fedattn_vllm.engine import FederatedLLM

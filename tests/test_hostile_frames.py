@@ -212,3 +212,22 @@ def test_k_v_held_at_the_coordinator_is_bounded_and_freed_with_its_session():
     finally:
         server.stop()
         thread.join(timeout=5)
+
+
+def test_open_sessions_at_the_coordinator_are_capped_and_a_closed_one_frees_its_place():
+    server = Coordinator("tcp://127.0.0.1:*", KEY, max_sessions=3)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        plan = FedAttnConfig(sync_interval=1).resolve(4, 2)
+        admin = SessionAdmin(server.endpoint, KEY)
+        for n in range(3):
+            admin.open(f"s{n}", plan)
+        with pytest.raises(CoordinatorError) as busy:  # an admin-key holder cannot exhaust memory either
+            admin.open("s3", plan)
+        assert busy.value.code == "busy" and admin.counters()["sessions"] == 3
+        admin.close("s0")
+        run_session(server.endpoint, "after")
+    finally:
+        server.stop()
+        thread.join(timeout=5)

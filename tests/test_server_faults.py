@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import psutil
 import pytest
-from conftest import HEADERS, MODEL, server_command, start_server
+from conftest import HEADERS, MODEL, assert_nothing_held, server_command, start_server
 
 from fedattn_vllm.federated.local import free_port
 
@@ -65,52 +65,68 @@ def wait_healthy(url: str, deadline_s: float) -> list[int]:
         time.sleep(0.5)
 
 
-def kill_mid_session(url: str, victim: psutil.Process, hold: psutil.Process) -> httpx.Response:
+def single_party(url: str) -> httpx.Response:
+    """A one-participant session: participant 0, on engine 0 only."""
+    body = {"model": MODEL, "prompt": [9] * 12, "max_tokens": 4, "temperature": 0}
+    return httpx.post(f"{url}/v1/completions", json=body, headers=HEADERS, timeout=120)
+
+
+def kill_mid_session(url: str, victim: psutil.Process, hold: psutil.Process,
+                     alongside=None) -> tuple[httpx.Response, httpx.Response | None]:
     """SIGKILL `victim` while a session is in flight: `hold` (an engine) is stopped first, so the session
-    cannot finish before the kill, and resumed after it."""
+    cannot finish before the kill, and resumed after it. `alongside(url)`: a request sent while the session
+    waits on the stopped engine; its reply is the second value."""
     hold.send_signal(signal.SIGSTOP)
     try:
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(2) as pool:
             running = pool.submit(long_session, url)
             time.sleep(1.5)  # submitted; waiting on the stopped engine
+            other = alongside and pool.submit(alongside, url)
+            time.sleep(0.5)
             assert not running.done()
             victim.send_signal(signal.SIGKILL)
             killed = time.monotonic()
             if hold.pid != victim.pid:
                 hold.send_signal(signal.SIGCONT)
             reply = running.result()
+            assert time.monotonic() - killed < TIMEOUT_S + 10, "the session did not fail within its timeout"
+            return reply, other and other.result()
     finally:
         if hold.pid != victim.pid and hold.is_running():
             hold.send_signal(signal.SIGCONT)
-    assert time.monotonic() - killed < TIMEOUT_S + 10, "the session did not fail within its timeout"
-    return reply
 
 
-def test_a_killed_engine_fails_its_session_and_comes_back(cluster_server):
+def test_a_killed_engine_fails_its_session_alone_frees_everything_and_comes_back(cluster_server):
     url, process = cluster_server
     assert short_session(url).status_code == 200
+    expected = single_party(url).json()["choices"][0]["text"]
     engine = children(process)["engine"][1]
-    reply = kill_mid_session(url, engine, hold=engine)
+    reply, bystander = kill_mid_session(url, engine, hold=engine, alongside=single_party)
     assert reply.status_code == 500 and "exited" in reply.json()["error"]["message"]
+    assert bystander.status_code == 200 and bystander.json()["choices"][0]["text"] == expected  # engine 0 only
     health = httpx.get(f"{url}/health", timeout=10)
     assert health.status_code == 503 and "restarting" in health.json()["error"]
     assert short_session(url).status_code == 500  # fails at once while it restarts
+    assert single_party(url).status_code == 200  # sessions that do not need engine 1 run meanwhile
     assert 503 in wait_healthy(url, 240)
-    assert engine.pid not in [p.pid for p in children(process)["engine"]]
+    assert engine.pid not in [p.pid for p in children(process)["engine"]] and not engine.is_running()
     assert short_session(url).status_code == 200
+    assert_nothing_held(url)
 
 
-def test_a_killed_coordinator_fails_the_session_in_flight_and_comes_back(cluster_server):
+def test_a_killed_coordinator_fails_the_session_in_flight_frees_everything_and_comes_back(cluster_server):
     url, process = cluster_server
     coordinator = children(process)["coordinator"][0]
-    reply = kill_mid_session(url, coordinator, hold=children(process)["engine"][0])
-    assert reply.status_code == 500
+    reply, _ = kill_mid_session(url, coordinator, hold=children(process)["engine"][0])
+    assert reply.status_code == 500 and "coordinator" in reply.json()["error"]["message"]
     wait_healthy(url, 60)
     deadline = time.monotonic() + 60
     while (after := short_session(url)).status_code != 200:  # engines reconnect to the new coordinator
         assert time.monotonic() < deadline, after.text
         time.sleep(1)
-    assert children(process)["coordinator"][0].pid != coordinator.pid
+    assert children(process)["coordinator"][0].pid != coordinator.pid and not coordinator.is_running()
+    status = assert_nothing_held(url)
+    assert status["health"] == "ok" and status["coordinator"]["sessions"] == 0
 
 
 def test_nothing_outlives_a_killed_server(tmp_path_factory):

@@ -1,6 +1,7 @@
 """Hostile HTTP input against the real server process (tiny random Qwen2): a clear 4xx in the OpenAI shape,
-and the server keeps answering. First a matrix over every field of every endpoint, then one
-regression test per way the server was once wedged or crashed."""
+and the server keeps answering. First a matrix over every field of every endpoint, sent to a colocated
+server and to a federated one (engine processes and a coordinator behind it); then one regression test
+per way the server was once wedged or crashed."""
 
 from __future__ import annotations
 
@@ -11,19 +12,30 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import HEADERS, MODEL, metric, start_server
+from conftest import HEADERS, MODEL, assert_nothing_held, metric, start_server
 
 MAX_SESSIONS, MAX_BODY = 4, 256 << 10
 NAN, INF = float("nan"), float("inf")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def _serve(tmp_path_factory, *flags: str):
     url, process, _ = start_server(tmp_path_factory, "--max-sessions", str(MAX_SESSIONS),
-                                   "--max-body-bytes", str(MAX_BODY))
+                                   "--max-body-bytes", str(MAX_BODY), *flags)
     yield url
     process.terminate()
-    process.wait(timeout=30)
+    process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Colocated: one in-process engine."""
+    yield from _serve(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def federated_server(tmp_path_factory):
+    """Federated: a coordinator and two engine processes behind the orchestrator."""
+    yield from _serve(tmp_path_factory, "--engines", "2")
 
 
 def _cases() -> list[tuple[str, str, object]]:
@@ -103,16 +115,22 @@ def _send(server: str, method: str, path: str, body) -> httpx.Response:
                          headers={**HEADERS, "content-type": "application/json"})
 
 
+@pytest.mark.parametrize("topology", ["colocated", "federated"])
 @pytest.mark.parametrize("method,path,body", CASES, ids=[f"{i}-{c[1].split('/')[-1]}" for i, c in enumerate(CASES)])
-def test_hostile_requests_get_a_4xx_in_the_openai_shape_and_the_server_keeps_serving(server, method, path, body):
+def test_hostile_requests_get_a_4xx_in_the_openai_shape_and_the_server_keeps_serving(request, topology, method,
+                                                                                     path, body):
+    server = request.getfixturevalue("server" if topology == "colocated" else "federated_server")
     reply = _send(server, method, path, body)
     assert reply.status_code < 500, reply.text
     if reply.status_code >= 400:
         error = reply.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["type"]
-    ok = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 1},
-                    headers=HEADERS, timeout=30)
-    assert ok.status_code == 200 and httpx.get(f"{server}/health").status_code == 200
+    for ok in ({"prompt": [5, 6, 7]}, {"participants": [[5, 6, 7], [8, 9]]}):
+        answer = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "max_tokens": 1, **ok},
+                            headers=HEADERS, timeout=60)
+        assert answer.status_code == 200, answer.text
+    assert httpx.get(f"{server}/health").status_code == 200
+    assert_nothing_held(server)  # a refused or failed request leaves nothing in any engine or the coordinator
 
 
 VALID_BODIES = {"/v1/completions": {"prompt": "x", "max_tokens": 2},

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -25,6 +26,7 @@ from fedattn_vllm.session import FedAttnSession
 from server.schemas import FedAttnBlock
 
 ADMIN_KEY = "three-sites-test-admin"
+MAX_SESSIONS = 16  # per site: sessions in its engine, and sessions it opened that wait for their parties
 PARTS = ["alice: the vault code is 4417. ", "bob: the vault is in the cellar. ", "carol: what is the code?"]
 FEDATTN = {"sync_interval": 2}
 TERMS = {"max_tokens": 6, "temperature": 0, "ignore_eos": True, "system": "You answer in one word.",
@@ -70,7 +72,7 @@ def sites(coordinator, keys, tmp_path_factory):
     with ExitStack() as stack:
         urls = three_sites.start_sites(stack, MODEL, coordinator.endpoint, keys, ADMIN_KEY, logs, "--max-model-len",
                                        "256", "--max-num-batched-tokens", "256", "--kv-cache-gib", "0.0625",
-                                       "--session-timeout-s", "20")
+                                       "--session-timeout-s", "20", "--max-sessions", str(MAX_SESSIONS))
         yield urls | {"logs": logs}
 
 
@@ -267,3 +269,58 @@ def test_the_sites_serve_after_the_hostile_invitations(sites, keys):
     _, replies = three_sites.ask(urls_of(sites), keys, PARTS, **TERMS)
     expected, _ = one_engine()
     assert replies[2]["choices"][0]["message"]["content"] == expected.outputs[2].text
+
+
+def test_the_host_lists_its_open_sessions_and_deletes_one_and_cannot_open_more_than_max_sessions(sites, keys,
+                                                                                                 coordinator):
+    """Deleting closes the session at the coordinator: a site that joined it gets an error, and its place is free
+    again. (Sessions earlier tests opened at site a count until their join deadline: waited out first.)"""
+    url = sites["a"]
+
+    def listed() -> dict[str, dict]:
+        return {s["id"]: s for s in httpx.get(f"{url}/v1/fedattn/sessions", timeout=10).json()["data"]}
+
+    def post() -> httpx.Response:
+        return httpx.post(f"{url}/v1/fedattn/sessions", timeout=60, json={
+            "model": MODEL, "participants": 3, "chat": True, **TERMS, "join_timeout_s": 120,
+            "sites": [public_key(keys / f"{name}.key").decode() for name in three_sites.SITES]})
+
+    def delete(session: dict, token: str) -> httpx.Response:
+        return httpx.delete(f"{url}/v1/fedattn/sessions/{session['id']}", headers={"X-FedAttn-Host-Token": token},
+                            timeout=30)
+
+    deadline = time.monotonic() + 60
+    while listed():  # earlier tests' sessions reach their join deadline (20 s)
+        assert time.monotonic() < deadline, listed()
+        time.sleep(1)
+    mine = []
+    try:
+        while (reply := post()).status_code == 200:
+            mine.append(reply.json())
+            assert len(mine) <= MAX_SESSIONS
+        assert reply.status_code == 429 and reply.json()["error"]["type"] == "rate_limit_error"
+        assert len(mine) == MAX_SESSIONS and set(listed()) == {s["id"] for s in mine}
+        assert all(set(entry) == {"id", "object", "participants", "expires_in_s"} for entry in listed().values())
+        victim = mine[0]
+        with ThreadPoolExecutor(1) as pool:
+            joined = pool.submit(join, sites["b"], victim, 1, PARTS[1])
+            deadline = time.monotonic() + 60
+            while 1 not in coordinator.sessions[victim["id"]].announced:  # b joined and waits for the others
+                assert time.monotonic() < deadline and not joined.done()
+                time.sleep(0.1)
+            wrong = delete(victim, mine[1]["host_token"])
+            assert wrong.status_code == 403 and wrong.json()["error"]["param"] == "host_token"
+            deleted = delete(victim, victim["host_token"])
+            assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+            reply = joined.result(timeout=60)
+        assert reply.status_code >= 400 and "closed" in reply.json()["error"]["message"], reply.text
+        assert victim["id"] not in listed() and victim["id"] not in coordinator.sessions
+        assert delete(victim, victim["host_token"]).status_code == 404
+        mine = mine[1:]
+        again = post()  # its place is free again
+        assert again.status_code == 200, again.text
+        mine.append(again.json())
+        assert post().status_code == 429
+    finally:
+        for session in mine:
+            delete(session, session["host_token"])

@@ -81,9 +81,9 @@ class SessionAdmin:
     def close(self, session: str) -> None:
         self._connection.call({"op": "close", "admin_key": self._key, "session": session})
 
-    def counters(self) -> dict:
+    def counters(self, timeout_s: float | None = None) -> dict:
         """The coordinator's open sessions, waiting fetches, K/V bytes held and dropped messages by reason."""
-        reply, _ = self._connection.call({"op": "counters", "admin_key": self._key})
+        reply, _ = self._connection.call({"op": "counters", "admin_key": self._key}, timeout_s=timeout_s)
         return {k: reply[k] for k in ("sessions", "waiters", "stored_bytes", "dropped")}
 
     def disconnect(self) -> None:

@@ -28,7 +28,7 @@ from fedattn_vllm.config import FedAttnPlan
 from fedattn_vllm.session import FedAttnSession, FedAttnSessionError, GeneratorOutput, SessionCost, SessionResult
 from fedattn_vllm.federated.client import CoordinatorError, SessionAdmin
 from fedattn_vllm.federated.curve import OrchestratorKeys
-from fedattn_vllm.federated.link import EngineLink
+from fedattn_vllm.federated.link import EngineLink, EngineUnavailable
 from fedattn_vllm.federated.sealing import new_seal_key
 
 log = logging.getLogger(__name__)
@@ -458,9 +458,33 @@ class FederatedCluster:
         )
 
     # -- management ------------------------------------------------------------------------
-    def status(self, engines: Sequence[int] | None = None) -> list[dict]:
+    def status(self, engines: Sequence[int] | None = None, timeout_s: float | None = None) -> list[dict]:
         """Each engine's holdings (queued/reserved sessions, worker state, credentials, requests)."""
-        return [self.links[e].request("status", self.timeout_s) for e in (engines or range(len(self.links)))]
+        return [self.links[e].request("status", timeout_s or self.timeout_s) for e in (engines or range(len(self.links)))]
+
+    def holdings(self, timeout_s: float = 2.0) -> dict:
+        """What every engine and the coordinator hold now, counts only (one that is down, or silent for
+        `timeout_s`: why). The engines are asked at once; the whole reading takes at most 2 x `timeout_s`."""
+        asked = {e: link.ask("status") for e, link in enumerate(self.links) if e not in self.down}
+        deadline = time.monotonic() + timeout_s
+        engines = []
+        for e, link in enumerate(self.links):
+            try:
+                if e in self.down:
+                    raise EngineUnavailable(self.down[e])
+                status = link.reply(asked[e], "status", deadline)
+                engines.append({k: v for k, v in status.items() if k not in ("event", "ref")})
+            except EngineUnavailable as error:
+                engines.append({"error": str(error)})
+        if not self.admin:
+            return {"engines": engines}
+        try:
+            if self.coordinator_down:
+                raise CoordinatorError("down", self.coordinator_down)
+            coordinator = self.admin.counters(timeout_s)
+        except CoordinatorError as error:
+            coordinator = {"error": str(error)}
+        return {"engines": engines, "coordinator": coordinator}
 
     def close(self) -> None:
         for link in self.links:

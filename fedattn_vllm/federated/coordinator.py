@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 MAX_FRAME_BYTES = 1 << 30  # a larger frame makes ZeroMQ drop its sender (one layer's K/V is far smaller)
 MAX_STORED_BYTES = 8 << 30  # K/V held for all open sessions; a publish beyond it is refused ("busy")
 MAX_WAITERS = 1 << 16  # fetches waiting for a publish; one more is refused ("busy")
+MAX_SESSIONS = 4096  # sessions open at once; opening one more is refused ("busy") until one closes or expires
 LIVENESS_S = 30.0  # a participant still computing that sent nothing for this long is presumed gone
 
 
@@ -104,10 +105,11 @@ class Coordinator:
 
     def __init__(self, bind: str, admin_key: bytes, *, session_ttl_s: float = 600.0,
                  max_frame_bytes: int = MAX_FRAME_BYTES, max_stored_bytes: int = MAX_STORED_BYTES,
-                 curve: ServerCurve | None = None):
+                 max_sessions: int = MAX_SESSIONS, curve: ServerCurve | None = None):
         """`curve`: encrypt, and accept only the engines and orchestrators it trusts (None: plaintext)."""
         self.admin_key = admin_key
         self.session_ttl_s = session_ttl_s
+        self.max_sessions = max_sessions
         self.max_stored_bytes = max_stored_bytes
         self.stored_bytes = 0  # K/V payload held for all open sessions
         self._context = zmq.Context()
@@ -231,6 +233,9 @@ class Coordinator:
     def _open(self, request: m.Open):
         if request.session in self.sessions:
             raise Refused("conflict", f"session {request.session} already exists")
+        if len(self.sessions) >= self.max_sessions:
+            raise Refused("busy", f"{len(self.sessions)} sessions are open (max {self.max_sessions}); each is freed "
+                          f"when closed or after {self.session_ttl_s:.0f} s idle")
         try:
             plan = FedAttnConfig(**request.config).resolve(request.num_layers, request.num_participants)
             if plan.selection_needs_queries:
@@ -427,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-frame-mib", type=int, default=MAX_FRAME_BYTES >> 20,
                         help="largest frame accepted (one tensor of a layer's K/V); a larger one "
                         "disconnects its sender")
+    parser.add_argument("--max-sessions", type=int, default=MAX_SESSIONS,
+                        help="sessions open at once; opening one more is refused until one closes or expires")
     link_security.add_arguments(parser, serves=True, coordinator_client=False)
     args = parser.parse_args(argv)
     if args.parent_pid is not None:
@@ -438,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     coordinator = Coordinator(args.bind, key.encode(), session_ttl_s=args.session_ttl_s,
                               max_frame_bytes=args.max_frame_mib << 20, max_stored_bytes=int(args.max_kv_gib * 2**30),
-                              curve=curve)
+                              max_sessions=args.max_sessions, curve=curve)
     log.info("coordinator listening on %s (%s)", coordinator.endpoint,
              "plaintext: --insecure" if curve is None else f"CURVE, trusting the keys in {args.trust}")
     if args.ready_file:

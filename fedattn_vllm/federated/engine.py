@@ -262,9 +262,8 @@ class EngineServer:
 
     def status(self) -> dict:
         """What this engine holds: queued and reserved sessions, worker session state, credentials, requests."""
-        return {"queued": len(self._queue), "runs": len(self._runs), "sessions": len(REGISTRY),
-                "credentials": self.exchange.joined_sessions(), "requests": self.llm.admission.live_requests,
-                "unfinished": self.llm.engine.get_num_unfinished_requests(), "dropped": dict(self.dropped)}
+        return {"queued": len(self._queue), "runs": len(self._runs), **self.llm.holdings(),
+                "credentials": self.exchange.joined_sessions(), "dropped": dict(self.dropped)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -55,9 +55,16 @@ class EngineLink:
 
     def request(self, op: str, timeout_s: float) -> dict:
         """Send `op` and wait for its reply; other events are kept for `receive`."""
+        return self.reply(self.ask(op), op, time.monotonic() + timeout_s)
+
+    def ask(self, op: str) -> int:
+        """Send `op` without waiting: the reference its reply will carry (`reply`)."""
         ref = next(self._refs)
         self.send({"op": op, "ref": ref})
-        deadline = time.monotonic() + timeout_s
+        return ref
+
+    def reply(self, ref: int, op: str, deadline: float) -> dict:
+        """Wait until `deadline` (time.monotonic()) for the reply to `ref`; other events are kept for `receive`."""
         while (left := deadline - time.monotonic()) > 0 and self.socket.poll(int(left * 1000) + 1):
             event = self._decode(self.socket.recv_multipart())
             if event is None:
@@ -65,7 +72,7 @@ class EngineLink:
             if event.get("ref") == ref:
                 return event
             self.backlog.append(event)
-        raise EngineUnavailable(f"engine {self.endpoint} did not answer {op!r} within {timeout_s:.0f} s")
+        raise EngineUnavailable(f"engine {self.endpoint} did not answer {op!r} in time")
 
     def close(self) -> None:
         self.socket.close(0)

@@ -27,7 +27,8 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import msgspec
@@ -38,10 +39,11 @@ from fedattn_vllm.federated.client import CoordinatorError, ParticipantCalls, Se
 from fedattn_vllm.federated.cluster import FederatedCluster, TextCallback, _Flight
 from fedattn_vllm.federated.curve import ClientCurve, Keypair, OrchestratorKeys
 
+from fedattn_vllm.session import FedAttnSession, FedAttnSessionError, SessionResult
+
 log = logging.getLogger(__name__)
 ALIVE_S = 5.0  # a site computing a session says so this often (the coordinator presumes it gone after 30 s)
 LEAVE_WAIT_S = 60.0  # a site done waits this long per leave for the others (then leaves again, if they live)
-from fedattn_vllm.session import FedAttnSession, FedAttnSessionError, SessionResult
 
 
 @dataclass(frozen=True)
@@ -75,12 +77,25 @@ def open_session(coordinator: str, admin_key: bytes, curve: ClientCurve | None, 
     """Open a session at the coordinator with participant n bound to `site_keys[n]` (Z85), as a party site or a
     neutral host holding the admin key: the session's id. A connection of its own (any thread may call it)."""
     session_id = f"fedattn-{uuid.uuid4().hex}"
+    with _admin(coordinator, admin_key, curve) as admin:
+        admin.open(session_id, plan, list(site_keys))
+    return session_id
+
+
+def close_session(coordinator: str, admin_key: bytes, curve: ClientCurve | None, session_id: str) -> None:
+    """Close a session at the coordinator before it ends: its K/V is freed, and every site waiting on it is told."""
+    with _admin(coordinator, admin_key, curve) as admin:
+        admin.close(session_id)
+
+
+@contextmanager
+def _admin(coordinator: str, admin_key: bytes, curve: ClientCurve | None) -> Iterator[SessionAdmin]:
+    """An admin connection of its own, for one call from any thread."""
     admin = SessionAdmin(coordinator, admin_key, curve=curve)
     try:
-        admin.open(session_id, plan, list(site_keys))
+        yield admin
     finally:
         admin.disconnect()
-    return session_id
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,12 @@ class PartySite(FederatedCluster):
             raise FedAttnSessionError("admin_key", "this site holds no coordinator admin key: it cannot open sessions")
         return open_session(self.coordinator, self._admin_key, self.site_keys and self.site_keys.to_coordinator(),
                             site_keys, config.resolve(self.num_layers, len(site_keys)))
+
+    def close_session(self, session_id: str) -> None:
+        """Close a session (this site's admin key) at the coordinator: whoever joined it gets an error (any thread)."""
+        if self._admin_key is None:
+            raise FedAttnSessionError("admin_key", "this site holds no coordinator admin key: it cannot close sessions")
+        close_session(self.coordinator, self._admin_key, self.site_keys and self.site_keys.to_coordinator(), session_id)
 
     def describe(self, session_id: str, participant: int, *, sites: Sequence[bytes],
                  timeout_s: float = 10.0) -> FedAttnPlan:
