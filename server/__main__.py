@@ -8,7 +8,7 @@ import sys
 
 import uvicorn
 from pydantic import ValidationError
-from pydantic_settings import CliApp
+from pydantic_settings import CliApp, SettingsError
 
 from fedattn_vllm.federated.lifeline import exit_with_parent
 from server.app import create_app
@@ -26,6 +26,9 @@ def parse(argv: list[str]) -> ServerSettings:
         problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" if e["loc"]
                              else e["msg"] for e in error.errors())
         print(f"python -m server: error: {problems}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SettingsError as error:  # a value the command line parser cannot read (e.g. JSON that is not an object)
+        print(f"python -m server: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -21,10 +21,7 @@ class Backend:
 
     @classmethod
     def start(cls, settings: ServerSettings, metrics) -> Backend:
-        engine_args = {"dtype": settings.dtype, "max_model_len": settings.max_model_len, "seed": 0,
-                       "max_num_batched_tokens": settings.max_num_batched_tokens,
-                       "kv_cache_memory_bytes": int(settings.kv_cache_gib * 2**30),
-                       **({"revision": settings.revision} if settings.revision else {})}
+        engine_args = settings.vllm_engine_args()
         limits = {"max_sessions": settings.max_sessions, "on_finished": metrics.session_finished}
         if not settings.engines and not settings.engine_endpoints and settings.role == "host":
             from fedattn_vllm.engine import FederatedLLM

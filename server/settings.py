@@ -7,10 +7,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+
+# vLLM engine arguments with a flag of their own, and those FedAttn fixes (the value it needs).
+_FLAGGED = {"model": "--model", "revision": "--revision", "dtype": "--dtype", "max_model_len": "--max-model-len",
+            "max_num_batched_tokens": "--max-num-batched-tokens", "kv_cache_memory_bytes": "--kv-cache-gib",
+            "max_num_seqs": "--max-num-seqs", "gpu_memory_utilization": "--gpu-memory-utilization",
+            "quantization": "--quantization", "tensor_parallel_size": "--tensor-parallel-size", "seed": "--seed"}
+_SERVER_MANAGED = {"enable_prefix_caching": "False: each segment is computed whole",
+                   "enable_chunked_prefill": "False: each segment is computed whole",
+                   "hf_overrides": "its own architecture override", "pipeline_parallel_size": "1 (one process)",
+                   "data_parallel_size": "1 (one process)", "tokenizer": "the model's own tokenizer",
+                   "tokenizer_revision": "the model's own tokenizer", "skip_tokenizer_init": "the model's tokenizer"}
 
 
 class ServerSettings(BaseSettings):
@@ -30,6 +42,17 @@ class ServerSettings(BaseSettings):
     max_model_len: int = Field(4096, ge=16, description="prompt + generated tokens per session")
     max_num_batched_tokens: int = Field(8192, ge=16, description="tokens one engine step may compute")
     kv_cache_gib: float = Field(2.0, gt=0, description="paged K/V cache size in GiB")
+    max_num_seqs: int | None = Field(None, ge=1, description="sequences one engine step may hold: every "
+                                     "participant of every running session (vLLM's default if unset)")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="GPU: the fraction of device memory "
+                                                 "vLLM may use, instead of --kv-cache-gib (vLLM's default if unset)")
+    quantization: str | None = Field(None, description="vLLM's weight quantization method (awq, gptq, fp8, ...)")
+    tensor_parallel_size: int = Field(1, ge=1, description="devices per engine: 1 (FedAttn's K/V exchange runs in "
+                                      "the engine's own process; tensor parallelism per party is not supported yet)")
+    seed: int = Field(0, ge=0, lt=2**63, description="the engine's random seed (sampling without a request seed)")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="any other vLLM engine argument, as JSON "
+                                        "(e.g. '{\"cpu_offload_gb\": 4, \"tokenizer_mode\": \"slow\"}'); those with a "
+                                        "flag of their own are given by the flag")
     engines: int = Field(0, ge=0, description="0: one in-process engine (colocated); N: start N engine processes "
                          "on this machine, participant n of a session on engine n % N (federated)")
     role: Literal["host", "party"] = Field("host", description="host: this server runs every participant "
@@ -61,6 +84,39 @@ class ServerSettings(BaseSettings):
     max_sessions: int = Field(256, ge=1, description="sessions queued or running at once (then 429)")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="largest request body accepted (then 413)")
     log_requests: bool = Field(False, description="log each request's participant count and segment lengths (never text)")
+
+    def vllm_engine_args(self) -> dict[str, Any]:
+        """The vLLM engine arguments every engine of this server gets (the model is given apart)."""
+        own = {"dtype": self.dtype, "max_model_len": self.max_model_len, "seed": self.seed,
+               "max_num_batched_tokens": self.max_num_batched_tokens, "revision": self.revision,
+               "max_num_seqs": self.max_num_seqs, "quantization": self.quantization}
+        if self.gpu_memory_utilization is None:
+            own["kv_cache_memory_bytes"] = int(self.kv_cache_gib * 2**30)
+        else:
+            own["gpu_memory_utilization"] = self.gpu_memory_utilization
+        return {**self.engine_args, **{name: value for name, value in own.items() if value is not None}}
+
+    @model_validator(mode="after")
+    def _engine_args(self) -> ServerSettings:
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"--tensor-parallel-size {self.tensor_parallel_size}: FedAttn runs each engine in one "
+                             "process (its K/V exchange lives there); tensor parallelism per party is not supported "
+                             "yet (docs/engine.md)")
+        if not self.engine_args:
+            return self
+        from dataclasses import fields
+
+        from vllm.engine.arg_utils import EngineArgs
+
+        known = {f.name for f in fields(EngineArgs)}
+        for name, value in self.engine_args.items():
+            if name not in known:
+                raise ValueError(f"--engine-args: {name!r} is not a vLLM engine argument")
+            if name in _FLAGGED or name in _SERVER_MANAGED:
+                flag = _FLAGGED.get(name) or f"--{name.replace('_', '-')}"
+                raise ValueError(f"--engine-args: {name!r} is set by {flag}" if name in _FLAGGED else
+                                 f"--engine-args: {name!r} is the server's own (FedAttn needs {_SERVER_MANAGED[name]})")
+        return self
 
     @property
     def served_name(self) -> str:

@@ -36,8 +36,10 @@ def server(server_log):
 
 @pytest.fixture(scope="module")
 def federated_server(tmp_path_factory):
-    """Federated: two engine processes behind the server, participant n on engine n % 2."""
-    url, process, _ = start_server(tmp_path_factory, "--engines", "2", "--session-timeout-s", "20")
+    """Federated: two engine processes behind the server, participant n on engine n % 2 (each engine holds at
+    most 4 sequences: a vLLM engine argument passed through to its processes)."""
+    url, process, _ = start_server(tmp_path_factory, "--engines", "2", "--session-timeout-s", "20",
+                                   "--max-num-seqs", "4")
     yield url
     process.terminate()
     process.wait(timeout=60)
@@ -338,6 +340,13 @@ def test_federated_engines_behind_the_server_answer_like_the_offline_api(federat
     assert single.status_code == 200
     bad = post(federated_server, "/v1/completions", {"participants": ["a", [5, 10**6]]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "participants[1]"
+
+
+def test_engine_arguments_reach_the_federated_engines(federated_server):
+    """--max-num-seqs 4 in each engine process: 8 participants fit (4 each), 9 never can."""
+    assert post(federated_server, "/v1/completions", {"participants": [[5, 6]] * 8, "max_tokens": 1}).status_code == 200
+    refused = post(federated_server, "/v1/completions", {"participants": [[5, 6]] * 9, "max_tokens": 1})
+    assert refused.status_code == 400 and "5 participants exceed max_num_seqs=4" in refused.json()["error"]["message"]
 
 
 def test_federated_private_session(federated_server):

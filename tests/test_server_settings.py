@@ -68,3 +68,27 @@ def test_a_chat_template_from_a_file_or_inline_replaces_the_models(tmp_path):
         assert tokenizer.chat_template == template
     assert _with_chat_template(SimpleNamespace(chat_template="model's"), ServerSettings()).chat_template == "model's"
 
+
+
+def test_engine_arguments_pass_through_to_vllm_and_what_fedattn_fixes_is_refused(capsys):
+    from server.__main__ import parse
+
+    settings = parse(["tiny-qwen2", "--max-num-seqs", "8", "--seed", "7", "--quantization", "fp8",
+                      "--engine-args", '{"tokenizer_mode": "slow", "enforce_eager": true}'])
+    assert settings.vllm_engine_args() == {
+        "tokenizer_mode": "slow", "enforce_eager": True, "dtype": "float32", "max_model_len": 4096, "seed": 7,
+        "max_num_batched_tokens": 8192, "max_num_seqs": 8, "quantization": "fp8", "kv_cache_memory_bytes": 2 << 30}
+    gpu = parse(["--gpu-memory-utilization", "0.8"]).vllm_engine_args()
+    assert gpu["gpu_memory_utilization"] == 0.8 and "kv_cache_memory_bytes" not in gpu
+    refused = {("--tensor-parallel-size", "2"): "tensor parallelism per party is not supported",
+               ("--engine-args", '{"bogus": 1}'): "'bogus' is not a vLLM engine argument",
+               ("--engine-args", '{"dtype": "float16"}'): "'dtype' is set by --dtype",
+               ("--engine-args", '{"enable_chunked_prefill": true}'): "FedAttn needs False",
+               ("--engine-args", '{"tokenizer": "other"}'): "the model's own tokenizer",
+               ("--engine-args", "[1]"): "engine_args",
+               ("--seed", str(2**63)): "--seed"}
+    for argv, message in refused.items():
+        with pytest.raises(SystemExit) as exit_:
+            parse(list(argv))
+        error = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in error and "Traceback" not in error, error
