@@ -85,12 +85,12 @@ def main() -> None:
     common = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
     logs = Path(tempfile.mkdtemp(prefix="fedattn-load-"))
     ours, plain = free_port(), free_port()
-    engine = ["--max-model-len", "4096", "--max-num-batched-tokens", "8192"]
+    engine = ["--dtype", "float32", "--max-model-len", "4096", "--max-num-batched-tokens", "8192"]
     servers = [
         start([sys.executable, "-m", "server", "--model", args.model, "--port", str(ours), "--kv-cache-gib", "2",
                "--parent-pid", str(os.getpid()), *engine], ours, logs / "server.log"),
-        start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--port", str(plain), "--dtype",
-               "float32", "--enforce-eager", "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
+        start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--port", str(plain),
+               "--enforce-eager", "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
                "--kv-cache-memory-bytes", str(2 << 30), *engine], plain, logs / "vllm.log"),
     ]
     try:

@@ -37,8 +37,9 @@ class ServerSettings(BaseSettings):
                                           "as the name it stands for)")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
-        "float32", description="compute dtype (float32 is exact and fastest on CPUs without bf16)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype; auto, as in vLLM: the model's own (bfloat16 for Qwen2.5), float32 models "
+        "at the device's preferred one (float32 is exact, and the fastest on CPUs without bf16)")
     max_model_len: int = Field(4096, ge=16, description="prompt + generated tokens per session")
     max_num_batched_tokens: int = Field(8192, ge=16, description="tokens one engine step may compute")
     kv_cache_gib: float = Field(2.0, gt=0, description="paged K/V cache size in GiB")

@@ -70,7 +70,7 @@ def server_command(port: int, *flags: str, model: str = MODEL) -> list[str]:
     """`python -m server MODEL` on `port`, sized for the tiny test models (later flags override)."""
     import sys
 
-    return [sys.executable, "-m", "server", model, "--port", str(port), "--max-model-len", "256",
+    return [sys.executable, "-m", "server", model, "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
             "--max-num-batched-tokens", "256", "--kv-cache-gib", "0.0625", *flags]
 
 

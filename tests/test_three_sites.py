@@ -70,9 +70,9 @@ def sites(coordinator, keys, tmp_path_factory):
     """{site: url}: three party-side servers, logs beside them."""
     logs = tmp_path_factory.mktemp("three-sites-logs")
     with ExitStack() as stack:
-        urls = three_sites.start_sites(stack, MODEL, coordinator.endpoint, keys, ADMIN_KEY, logs, "--max-model-len",
-                                       "256", "--max-num-batched-tokens", "256", "--kv-cache-gib", "0.0625",
-                                       "--session-timeout-s", "20", "--max-sessions", str(MAX_SESSIONS))
+        urls = three_sites.start_sites(stack, MODEL, coordinator.endpoint, keys, ADMIN_KEY, logs, "--dtype", "float32",
+                                       "--max-model-len", "256", "--max-num-batched-tokens", "256", "--kv-cache-gib",
+                                       "0.0625", "--session-timeout-s", "20", "--max-sessions", str(MAX_SESSIONS))
         yield urls | {"logs": logs}
 
 
