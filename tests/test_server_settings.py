@@ -76,7 +76,7 @@ def test_engine_arguments_pass_through_to_vllm_and_what_fedattn_fixes_is_refused
     settings = parse(["tiny-qwen2", "--max-num-seqs", "8", "--seed", "7", "--quantization", "fp8",
                       "--engine-args", '{"tokenizer_mode": "slow", "enforce_eager": true}'])
     assert settings.vllm_engine_args() == {
-        "tokenizer_mode": "slow", "enforce_eager": True, "dtype": "float32", "max_model_len": 4096, "seed": 7,
+        "tokenizer_mode": "slow", "enforce_eager": True, "dtype": "auto", "max_model_len": 4096, "seed": 7,
         "max_num_batched_tokens": 8192, "max_num_seqs": 8, "quantization": "fp8", "kv_cache_memory_bytes": 2 << 30}
     gpu = parse(["--gpu-memory-utilization", "0.8"]).vllm_engine_args()
     assert gpu["gpu_memory_utilization"] == 0.8 and "kv_cache_memory_bytes" not in gpu
