@@ -320,7 +320,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 result = future.result()
                 failure = _failure(result, segments_param)
             if failure is not None:
-                yield f"data: {json.dumps(error_body(failure.message, failure.kind, failure.param))}\n\n"
+                body = error_body(failure.status, failure.message, failure.kind, failure.param)
+                yield f"data: {json.dumps(body)}\n\n"
             else:
                 yield _chunk(response_id, kind, created,
                              [choice(g, "", result.outputs[g].finish_reason) for g in index_of],

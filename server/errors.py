@@ -15,9 +15,13 @@ from server.worker import EngineDead
 log = logging.getLogger("server")
 
 
-def error_body(message: str, kind: str, param: str | None, code: str | int | None = None) -> dict:
-    """The OpenAI error shape."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+def error_body(status: int, message: str, kind: str, param: str | None) -> dict:
+    """The OpenAI error shape, `code` the HTTP status as in vLLM's server."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def error_response(status: int, message: str, kind: str, param: str | None = None, headers=None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, kind, param), status_code=status, headers=headers)
 
 
 class APIError(Exception):
@@ -59,7 +63,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError):
-        return JSONResponse(error_body(error.message, error.kind, error.param), status_code=error.status)
+        return error_response(error.status, error.message, error.kind, error.param)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError):
@@ -69,27 +73,23 @@ def install_error_handlers(app: FastAPI) -> None:
             message, param = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
         else:
             message = f"{param}: {first['msg']}" if param else first["msg"]
-        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+        return error_response(400, message, "invalid_request_error", param)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException):  # unknown routes, methods, unreadable bodies
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        code = "request_too_large" if error.status_code == 413 else None  # the guard counted a body past the cap
-        return JSONResponse(error_body(str(error.detail), kind, None, code), status_code=error.status_code,
-                            headers=getattr(error, "headers", None))
+        return error_response(error.status_code, str(error.detail), kind, headers=getattr(error, "headers", None))
 
     @app.exception_handler(EngineDead)
     async def engine_dead(_: Request, error: EngineDead):
-        return JSONResponse(error_body(f"the engine is down: {error}", "server_error", None, "engine_dead"),
-                            status_code=503)
+        return error_response(503, f"the engine is down: {error}", "server_error")
 
     @app.exception_handler(CoordinatorError)
     async def coordinator_refused(_: Request, error: CoordinatorError):
         failure = coordinator_error(error)
-        return JSONResponse(error_body(failure.message, failure.kind, None), status_code=failure.status)
+        return error_response(failure.status, failure.message, failure.kind)
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, error: Exception):
         log.exception("unhandled error")
-        return JSONResponse(error_body(f"internal server error ({type(error).__name__})", "server_error", None),
-                            status_code=500)
+        return error_response(500, f"internal server error ({type(error).__name__})", "server_error")

@@ -32,14 +32,13 @@ class RequestGuard:
         if self.expected is not None and scope["path"].startswith(PROTECTED):
             given = headers.get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
-                return await _reply(send, 401, error_body("a valid API key is required (Authorization: Bearer ...)",
-                                                          "authentication_error", None, "invalid_api_key"))
+                return await _reply(send, 401, "a valid API key is required (Authorization: Bearer ...)",
+                                    "authentication_error")
         declared = headers.get(b"content-length")
         if declared is not None and not declared.isdigit():
-            return await _reply(send, 400, error_body("Content-Length is not a number", "invalid_request_error", None))
+            return await _reply(send, 400, "Content-Length is not a number", "invalid_request_error")
         if declared is not None and int(declared) > self.max_body_bytes:
-            return await _reply(send, 413, error_body(self.too_large, "invalid_request_error", None,
-                                                      "request_too_large"))
+            return await _reply(send, 413, self.too_large, "invalid_request_error")
         received = 0
 
         async def capped_receive() -> Message:  # a body without Content-Length is counted as it arrives
@@ -48,14 +47,15 @@ class RequestGuard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise HTTPException(413, self.too_large)  # errors.py answers it as request_too_large
+                    raise HTTPException(413, self.too_large)  # errors.py answers it in the OpenAI shape
             return message
 
         await self.app(scope, capped_receive, send)
 
 
-async def _reply(send: Send, status: int, body: dict) -> None:
-    payload = json.dumps(body).encode()
+async def _reply(send: Send, status: int, message: str, kind: str) -> None:
+    """An error in the OpenAI shape, sent before the app sees the request."""
+    payload = json.dumps(error_body(status, message, kind, None)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
     await send({"type": "http.response.body", "body": payload})
