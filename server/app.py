@@ -37,6 +37,7 @@ from server.private import JoinError, PrivateSessions
 from server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, FedAttnBlock,
                             SessionCreateRequest, SessionJoinRequest, TokenizeRequest)
 from server.settings import ServerSettings
+from server.unsupported import refused_field, vllm_fields
 from server.worker import EngineDead, QueueFull, Timings
 
 log = logging.getLogger("server")
@@ -57,6 +58,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         backend = Backend.start(settings, metrics)
         import vllm
 
+        for kind in ("completion", "chat"):  # vLLM's request fields, read once before serving
+            vllm_fields(kind)
         state.update(backend=backend, metrics=metrics, vllm_version=vllm.__version__,
                      private=PrivateSessions(backend.worker.acquire, backend.worker.release),
                      issued=IssuedSessions(settings.max_sessions),
@@ -233,7 +236,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             param = "max_tokens" if body.max_tokens is not None and prompt_len < settings.max_model_len else prompt_param
             raise APIError(400, f"{param}: {prompt_len} prompt tokens + max_tokens="
                            f"{max_tokens} exceed max_model_len={settings.max_model_len}", param)
-        sampling = _sampling(body, max_tokens, state["backend"].sampling_defaults)
+        sampling = _sampling(body, max_tokens, state["backend"].sampling_defaults, len(state["backend"].tokenizer),
+                             ("completion",) if kind == "text_completion" else ("chat",))
         if settings.log_requests:
             log.info("request %s: %d participants, %s, public prefix %d", kind, len(segments),
                      [len(s) for s in segments], len(prefix))
@@ -379,7 +383,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             prefix = await off_loop(chat_prefix, tokenizer, body.system)
         else:
             prefix = await _encode_prefix(body.public_prefix)
-        sampling = _sampling(body, body.max_tokens, state["backend"].sampling_defaults)
+        sampling = _sampling(body, body.max_tokens, state["backend"].sampling_defaults, len(tokenizer),
+                             ("chat",) if body.chat else ("completion",))
         if settings.role == "party":
             return await _invite(body, config, plan)
         try:
@@ -547,7 +552,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
                                                          terms.participants, chat=terms.chat))
         else:
             segment = await _encode(body.content, "content")
-        sampling = _sampling(terms, terms.max_tokens, backend.sampling_defaults)
+        sampling = _sampling(terms, terms.max_tokens, backend.sampling_defaults, len(backend.tokenizer),
+                             ("chat",) if terms.chat else ("completion",))
         digest = terms_digest(session=session_id, terms=terms.model_dump(mode="json"),
                               seal_key=hashlib.sha256(seal_key).digest())
         task = PartyTask(session_id, participant, plan, segment, prefix, sampling, seal_key, digest,
@@ -594,17 +600,28 @@ def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = Tru
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _sampling(body, max_tokens: int | None, defaults: dict):
+def _sampling(body, max_tokens: int | None, defaults: dict, vocab: int, kinds: tuple[str, ...]):
     """vLLM's SamplingParams of the request: its own values, else the model's generation_config (`defaults`),
-    else OpenAI's; what vLLM refuses is a 400."""
+    else OpenAI's; a field of vLLM's requests (`kinds`) this server does not do, a token id outside the
+    vocabulary, or what vLLM refuses is a 400."""
     from vllm import SamplingParams
 
+    if (name := refused_field(body, kinds)) is not None:
+        raise APIError(400, f"{name}: not supported by this server (a field of vLLM's OpenAI server that FedAttn "
+                       "sessions do not implement; README: compatibility)", name)
+    if (name := body.token_ids_outside(vocab)) is not None:
+        raise APIError(400, f"{name}: token ids must be in the vocabulary (0..{vocab - 1})", name)
     chosen = {name: value if (value := getattr(body, name)) is not None else defaults.get(name, default)
               for name, default in SAMPLING_DEFAULTS.items()}
     try:
         return SamplingParams(max_tokens=max_tokens, seed=body.seed, stop=body.stop,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                              ignore_eos=body.ignore_eos, **chosen)
+                              ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
+                              stop_token_ids=body.stop_token_ids, include_stop_str_in_output=body.include_stop_str_in_output,
+                              skip_special_tokens=body.skip_special_tokens,
+                              spaces_between_special_tokens=body.spaces_between_special_tokens,
+                              logit_bias=body.logit_bias and {int(k): v for k, v in body.logit_bias.items()},
+                              allowed_token_ids=body.allowed_token_ids, bad_words=body.bad_words or None, **chosen)
     except ValueError as error:
         raise APIError(400, f"sampling parameters: {error}", None) from None
 

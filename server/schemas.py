@@ -48,7 +48,9 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI fields we do not use are accepted and ignored
+    # Fields beyond ours are kept aside (model_extra): those vLLM knows are refused by name (server/unsupported.py),
+    # the rest ignored, as vLLM ignores them.
+    model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)  # integers reach msgpack and vLLM: bounded here
@@ -65,8 +67,27 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    ignore_eos: bool = False  # vLLM's extension
+    # vLLM's sampling extensions; token ids are checked against the vocabulary by the server
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS)
+    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=1024)
+    allowed_token_ids: list[int] | None = Field(None, min_length=1, max_length=1 << 16)
+    bad_words: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=64)
     fedattn: FedAttnBlock | None = None
+
+    def token_ids_outside(self, vocab: int) -> str | None:
+        """The first field naming a token id outside 0..vocab-1, if any."""
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            if any(not 0 <= t < vocab for t in getattr(self, name) or ()):
+                return name
+        for key in self.logit_bias or {}:
+            if not (key.isdigit() and int(key) < vocab):
+                return "logit_bias"
+        return None
 
 
 class CompletionRequest(_Sampling):

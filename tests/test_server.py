@@ -199,6 +199,46 @@ def test_request_forms_vllm_accepts(server):
     assert image.status_code == 400 and image.json()["error"]["param"].startswith("messages[0].content")
 
 
+@pytest.mark.parametrize("which", ["server", "federated_server"])
+def test_vllms_sampling_extensions_reach_the_engines(request, which):
+    """logit_bias, allowed_token_ids, min_tokens and stop_token_ids mean what they mean in vLLM, in every mode."""
+    url = request.getfixturevalue(which)
+    twice = httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": [11] * 4}, headers=HEADERS).json()["prompt"]
+    base = {"participants": [[5, 6, 7], [8, 9]], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    for extra in ({"logit_bias": {"11": 100}}, {"allowed_token_ids": [11]}):
+        reply = post(url, "/v1/completions", {**base, **extra})
+        assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == twice, (extra, reply.text)
+    stopped = post(url, "/v1/completions", {**base, "ignore_eos": False, "allowed_token_ids": [11, 12],
+                                           "logit_bias": {"11": 100}, "stop_token_ids": [11], "min_tokens": 2})
+    assert stopped.json()["usage"]["completion_tokens"] == 3  # stop ignored below min_tokens, then it stops
+
+
+VLLM_FIELDS = [  # (path, field, value, refused): vLLM's fields FedAttn does not do are refused by name
+    ("/v1/completions", "echo", True, True), ("/v1/completions", "logprobs", 2, True),
+    ("/v1/completions", "suffix", "x", True), ("/v1/completions", "use_beam_search", True, True),
+    ("/v1/chat/completions", "logprobs", True, True), ("/v1/chat/completions", "response_format",
+                                                        {"type": "json_object"}, True),
+    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}], True),
+    ("/v1/completions", "stop_token_ids", [10**6], True), ("/v1/completions", "logit_bias", {"x": 1}, True),
+    ("/v1/completions", "allowed_token_ids", [-1], True),
+    # at vLLM's default, OpenAI's `user`, and fields neither server knows: accepted
+    ("/v1/completions", "echo", False, False), ("/v1/completions", "logprobs", None, False),
+    ("/v1/chat/completions", "logprobs", False, False), ("/v1/completions", "user", "u-17", False),
+    ("/v1/chat/completions", "tools", None, False), ("/v1/completions", "no_such_field", 1, False),
+]
+
+
+@pytest.mark.parametrize("path,field,value,refused", VLLM_FIELDS,
+                         ids=[f"{f}-{'refused' if r else 'accepted'}" for _, f, _, r in VLLM_FIELDS])
+def test_vllms_request_fields_are_honoured_or_refused_by_name(server, path, field, value, refused):
+    body = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    reply = post(server, path, {**body, "max_tokens": 2, field: value})
+    if refused:
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == field, reply.text
+    else:
+        assert reply.status_code == 200, reply.text
+
+
 BAD = [
     ({"model": "other", "prompt": "x"}, 404, "model"),
     ({"prompt": "x", "participants": ["a", "b"]}, 400, "prompt"),
