@@ -39,6 +39,38 @@ class GeneratorOutput:
     logprobs: list | None = None  # vLLM's per-token {token id: Logprob}, when sampling_params asked for them
 
 
+def logprobs_to_wire(logprobs) -> list | None:
+    """vLLM's per-token logprobs ({token id: Logprob} per position) as plain lists, for msgpack:
+    [[token id, logprob, rank, decoded token], ...] per position."""
+    if logprobs is None:
+        return None
+    return [[[t, lp.logprob, lp.rank, lp.decoded_token] for t, lp in position.items()] for position in logprobs]
+
+
+def logprobs_from_wire(value, token_ids: list[int]) -> list[dict] | None:
+    """`logprobs_to_wire`'s lists back as vLLM's structure: one position per generated token, each holding that
+    token; anything else is a ValueError (it came over the network)."""
+    from vllm.logprobs import Logprob
+
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != len(token_ids):
+        raise ValueError(f"logprobs: {len(token_ids)} positions expected")
+    positions = []
+    for token, position in zip(token_ids, value):
+        entries = {}
+        for entry in position if isinstance(position, list) else [None]:
+            if not (isinstance(entry, list) and len(entry) == 4 and type(entry[0]) is int
+                    and isinstance(entry[1], float) and entry[1] <= 0.0 and (entry[2] is None or type(entry[2]) is int)
+                    and (entry[3] is None or isinstance(entry[3], str))):
+                raise ValueError("logprobs: each entry is [token id, logprob <= 0 (-inf allowed), rank, decoded token]")
+            entries[entry[0]] = Logprob(entry[1], entry[2], entry[3])
+        if token not in entries:
+            raise ValueError("logprobs: a position without its generated token")
+        positions.append(entries)
+    return positions
+
+
 @dataclass
 class SessionCost:
     tokens: list[int]  # segment length per participant

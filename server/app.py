@@ -32,6 +32,7 @@ from server.errors import APIError, coordinator_error, error_body, install_error
 from server.guard import RequestGuard
 from server.invite import created
 from server.issued import IssuedSessions
+from server.logprobs import choice_logprobs
 from server.metrics import CountRejections, Metrics
 from server.private import JoinError, PrivateSessions
 from server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, FedAttnBlock,
@@ -53,6 +54,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return await asyncio.get_running_loop().run_in_executor(text_thread, function, *args)
 
     metrics = Metrics(settings.served_name)
+    max_logprobs = settings.vllm_engine_args().get("max_logprobs", 20)  # vLLM's default
 
     async def lifespan(app: FastAPI):
         backend = Backend.start(settings, metrics)
@@ -237,7 +239,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             raise APIError(400, f"{param}: {prompt_len} prompt tokens + max_tokens="
                            f"{max_tokens} exceed max_model_len={settings.max_model_len}", param)
         sampling = _sampling(body, max_tokens, state["backend"].sampling_defaults, len(state["backend"].tokenizer),
-                             ("completion",) if kind == "text_completion" else ("chat",))
+                             ("completion",) if kind == "text_completion" else ("chat",), max_logprobs)
         if settings.log_requests:
             log.info("request %s: %d participants, %s, public prefix %d", kind, len(segments),
                      [len(s) for s in segments], len(prefix))
@@ -269,7 +271,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             return JSONResponse({}, status_code=499)  # the client left
         if (failure := _failure(result, prompt_param)) is not None:
             raise failure
-        return _response(result, timings, response_id, kind)
+        return _response(result, timings, response_id, kind, body.logprob_count())
 
     async def _unless_disconnected(request: Request, awaitable):
         """The awaitable's result, or None if the client disconnects first."""
@@ -355,12 +357,19 @@ def create_app(settings: ServerSettings) -> FastAPI:
             "timings": {"time_to_first_token_s": timings.first_token_s, "total_s": timings.total_s},
         }
 
-    def _response(result: SessionResult, timings: Timings, response_id: str, kind: str) -> dict:
+    def _response(result: SessionResult, timings: Timings, response_id: str, kind: str,
+                  top_logprobs: int | None = None) -> dict:
+        """The reply; `top_logprobs`: the request asked for logprobs with that many alternatives per token."""
         choices = []
+        decode = state["backend"].tokenizer.decode
         for i, (g, out) in enumerate(sorted(result.outputs.items())):
-            content = {"text": out.text, "logprobs": None} if kind == "text_completion" else \
+            logprobs = None
+            if top_logprobs is not None and out.logprobs is not None:
+                logprobs = choice_logprobs(out.token_ids, out.logprobs, top_logprobs, kind, lambda t: decode([t]))
+            content = {"text": out.text} if kind == "text_completion" else \
                 {"message": {"role": "assistant", "content": out.text}}
-            choices.append({"index": i, "participant": g, **content, "finish_reason": out.finish_reason})
+            choices.append({"index": i, "participant": g, **content, "logprobs": logprobs,
+                            "finish_reason": out.finish_reason})
         return {"id": response_id, "object": kind, "created": int(time.time()), "model": state["model"],
                 "choices": choices, "usage": _usage(result), "fedattn": _fedattn_block(result, timings)}
 
@@ -384,7 +393,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         else:
             prefix = await _encode_prefix(body.public_prefix)
         sampling = _sampling(body, body.max_tokens, state["backend"].sampling_defaults, len(tokenizer),
-                             ("chat",) if body.chat else ("completion",))
+                             ("chat",) if body.chat else ("completion",), max_logprobs)
         if settings.role == "party":
             return await _invite(body, config, plan)
         try:
@@ -553,7 +562,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         else:
             segment = await _encode(body.content, "content")
         sampling = _sampling(terms, terms.max_tokens, backend.sampling_defaults, len(backend.tokenizer),
-                             ("chat",) if terms.chat else ("completion",))
+                             ("chat",) if terms.chat else ("completion",), max_logprobs)
         digest = terms_digest(session=session_id, terms=terms.model_dump(mode="json"),
                               seal_key=hashlib.sha256(seal_key).digest())
         task = PartyTask(session_id, participant, plan, segment, prefix, sampling, seal_key, digest,
@@ -600,17 +609,25 @@ def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = Tru
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _sampling(body, max_tokens: int | None, defaults: dict, vocab: int, kinds: tuple[str, ...]):
+def _sampling(body, max_tokens: int | None, defaults: dict, vocab: int, kinds: tuple[str, ...], max_logprobs: int):
     """vLLM's SamplingParams of the request: its own values, else the model's generation_config (`defaults`),
     else OpenAI's; a field of vLLM's requests (`kinds`) this server does not do, a token id outside the
     vocabulary, or what vLLM refuses is a 400."""
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
 
     if (name := refused_field(body, kinds)) is not None:
         raise APIError(400, f"{name}: not supported by this server (a field of vLLM's OpenAI server that FedAttn "
                        "sessions do not implement; README: compatibility)", name)
     if (name := body.token_ids_outside(vocab)) is not None:
         raise APIError(400, f"{name}: token ids must be in the vocabulary (0..{vocab - 1})", name)
+    if body.logprob_count() is not None and body.stream:
+        raise APIError(400, "logprobs: not with stream yet (ask without streaming)", "logprobs")
+    if body.logprob_count() is not None and body.logprob_count() > max_logprobs:
+        raise APIError(400, f"logprobs: at most {max_logprobs} alternatives per token (the engine's max_logprobs)",
+                       "top_logprobs" if kinds == ("chat",) else "logprobs")
+    if max_tokens is not None and body.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens: {body.min_tokens} exceeds max_tokens={max_tokens}", "min_tokens")
     chosen = {name: value if (value := getattr(body, name)) is not None else defaults.get(name, default)
               for name, default in SAMPLING_DEFAULTS.items()}
     try:
@@ -621,9 +638,10 @@ def _sampling(body, max_tokens: int | None, defaults: dict, vocab: int, kinds: t
                               skip_special_tokens=body.skip_special_tokens,
                               spaces_between_special_tokens=body.spaces_between_special_tokens,
                               logit_bias=body.logit_bias and {int(k): v for k, v in body.logit_bias.items()},
-                              allowed_token_ids=body.allowed_token_ids, bad_words=body.bad_words or None, **chosen)
-    except ValueError as error:
-        raise APIError(400, f"sampling parameters: {error}", None) from None
+                              allowed_token_ids=body.allowed_token_ids, bad_words=body.bad_words or None,
+                              logprobs=body.logprob_count(), **chosen)
+    except (ValueError, VLLMValidationError) as error:
+        raise APIError(400, f"sampling parameters: {error}", getattr(error, "parameter", None)) from None
 
 
 def _refusal(error: FedAttnConfigError | FedAttnSessionError, segments_param: str) -> APIError:

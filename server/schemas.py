@@ -76,7 +76,7 @@ class _Sampling(BaseModel):
     spaces_between_special_tokens: bool = True
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=1024)
     allowed_token_ids: list[int] | None = Field(None, min_length=1, max_length=1 << 16)
-    bad_words: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(default_factory=list, max_length=64)
+    bad_words: list[Annotated[str, Field(max_length=256, pattern=r"\S")]] = Field(default_factory=list, max_length=64)
     fedattn: FedAttnBlock | None = None
 
     def token_ids_outside(self, vocab: int) -> str | None:
@@ -85,15 +85,23 @@ class _Sampling(BaseModel):
             if any(not 0 <= t < vocab for t in getattr(self, name) or ()):
                 return name
         for key in self.logit_bias or {}:
-            if not (key.isdigit() and int(key) < vocab):
+            if not (key.isascii() and key.isdigit() and len(key) <= 9 and int(key) < vocab):
                 return "logit_bias"
+        return None
+
+    def logprob_count(self) -> int | None:
+        """Alternatives per generated token whose log-probabilities the answer carries (None: no logprobs)."""
         return None
 
 
 class CompletionRequest(_Sampling):
+    logprobs: int | None = Field(None, ge=0, le=20)  # the legacy shape: alternatives per token
     prompt: Segment | None = None
     participants: list[Segment] | None = Field(None, min_length=1)  # multi-party: one segment per participant
     public_prefix: Segment | None = None  # multi-party: public text before participant 0, seen by all at every layer
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -115,11 +123,23 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per token, with logprobs
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, top: int | None, info):
+        if top and not info.data.get("logprobs"):
+            raise ValueError("only with logprobs: true")
+        return top
     messages: list[ChatMessage] | None = None
     # multi-party: each participant's private part of one user turn (the chat template frames the whole)
     participants: list[str] | None = Field(None, min_length=1)
     system: str | None = None  # optional system prompt for a multi-party turn (with the template head: public)
     public_prefix: Segment | None = None  # refused: in multi-party chat the system message is the public prefix
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class SessionCreateRequest(_Sampling):

@@ -3,7 +3,7 @@
 A request field that vLLM's own server knows (its protocol classes) and ours does not
 implement is a 400 naming it, unless it holds vLLM's default (clients often send
 `"n": 1`, `"echo": false`, `"logprobs": null`). Fields neither server knows are ignored,
-as vLLM ignores them; `user` (OpenAI's end-user id) is accepted and ignored like there.
+as vLLM ignores them; `user` (OpenAI's end-user id) and `request_id` are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import functools
 
 from pydantic import BaseModel
 
-ACCEPTED_AND_IGNORED = frozenset({"user"})
+ACCEPTED_AND_IGNORED = frozenset({"user", "request_id"})  # request_id: vLLM's default is fresh per request
 
 
 @functools.cache

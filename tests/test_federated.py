@@ -95,6 +95,21 @@ def test_an_engine_cannot_report_text_for_a_participant_it_does_not_host():
             FederatedCluster._generated(flight, engine, outputs)
 
 
+def test_logprobs_cross_the_wire_as_vllms_structure_and_malformed_ones_are_refused():
+    from vllm.logprobs import Logprob
+
+    from fedattn_vllm.session import logprobs_from_wire, logprobs_to_wire
+
+    original = [{7: Logprob(-0.1, 1, "a"), 9: Logprob(-2.5, 2, None)}, {3: Logprob(float("-inf"), 5, "b")}]
+    assert logprobs_from_wire(logprobs_to_wire(original), [7, 3]) == original
+    assert logprobs_from_wire(None, [1, 2]) is None
+    good = [[7, -0.1, 1, "a"]], [[3, -1.0, 1, "b"]]
+    for bad in ([[]], [good[0]] * 3, [[[7, "x", 1, "a"]], good[1]], [[[True, -0.1, 1, "a"]], good[1]],
+                [[[7, -0.1, 1]], good[1]], [["x"], good[1]], "xy", [good[0], []], [good[0], [[4, -1.0, 1, "c"]]]):
+        with pytest.raises(ValueError, match="logprobs"):
+            logprobs_from_wire(bad, [7, 3])
+
+
 def assert_all_freed(local, coordinator, engines=(0, 1, 2), deadline_s: float = 15.0) -> None:
     """Nothing of any session is left on any engine or at the coordinator (aborts are asynchronous)."""
     deadline = time.monotonic() + deadline_s

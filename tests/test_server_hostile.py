@@ -83,7 +83,8 @@ def _cases() -> list[tuple[str, str, object]]:
     cases += [("POST", "/v1/fedattn/sessions", {**session, field: v}) for field, values in {
         "participants": [0, -1, 2**63, 17, "3", NAN], "join_timeout_s": [0, 1e9, NAN, INF, "soon"],
         "chat": ["x"], "fedattn": [{"sync_interval": 0}, "x"], "system": [5], "public_prefix": [[-1]],
-        "echo": [True], "logit_bias": [{"99999999": 5}, {"1": NAN}]}.items()
+        "echo": [True], "logit_bias": [{"99999999": 5}, {"1": NAN}, {"\u00b2": 1}], "top_logprobs": [0, 3],
+        "min_tokens": [5], "bad_words": [[" "]]}.items()
         for v in values]
     cases += [("POST", f"/v1/fedattn/sessions/{sid}/participants/{n}", {"token": "t", "content": "x"})
               for sid, n in [("nope", 0), ("nope", -1), ("nope", 2**70), ("nope", "abc"), ("x" * 3000, 0)]]

@@ -25,7 +25,8 @@ import msgspec
 import zmq
 
 from fedattn_vllm.config import FedAttnPlan
-from fedattn_vllm.session import FedAttnSession, FedAttnSessionError, GeneratorOutput, SessionCost, SessionResult
+from fedattn_vllm.session import (FedAttnSession, FedAttnSessionError, GeneratorOutput, SessionCost, SessionResult,
+                                  logprobs_from_wire)
 from fedattn_vllm.federated.client import CoordinatorError, SessionAdmin
 from fedattn_vllm.federated.curve import OrchestratorKeys
 from fedattn_vllm.federated.link import EngineLink, EngineUnavailable
@@ -293,7 +294,9 @@ class FederatedCluster:
                 return
             flight.done.add(engine)
             for g, out in self._generated(flight, engine, event["outputs"]).items():
-                flight.outputs[g] = GeneratorOutput(g, out["text"], list(out["token_ids"]), out["finish_reason"])
+                token_ids = list(out["token_ids"])
+                flight.outputs[g] = GeneratorOutput(g, out["text"], token_ids, out["finish_reason"],
+                                                    logprobs_from_wire(out.get("logprobs"), token_ids))
             if flight.serial_order:
                 flight.serial_order.pop(0)
                 if flight.serial_order:

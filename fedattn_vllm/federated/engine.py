@@ -33,7 +33,7 @@ import zmq
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
 from fedattn_vllm.engine import FederatedLLM, _Run
-from fedattn_vllm.session import FedAttnSessionError
+from fedattn_vllm.session import FedAttnSessionError, logprobs_to_wire
 from fedattn_vllm.federated import curve as link_security
 from fedattn_vllm.federated import messages as m
 from fedattn_vllm.federated.client import NetworkKVExchange
@@ -248,8 +248,8 @@ class EngineServer:
         log.debug("session %s done%s", run.session_id, f": {result.error}" if result.error else "")
         self._send(identity, {
             "event": "done", "session": run.session_id, "error": result.error,
-            "outputs": {g: {"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason}
-                        for g, o in result.outputs.items()},
+            "outputs": {g: {"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
+                            "logprobs": logprobs_to_wire(o.logprobs)} for g, o in result.outputs.items()},
         })
 
     def _heartbeat(self) -> None:
