@@ -33,6 +33,7 @@ from server.guard import RequestGuard
 from server.invite import created
 from server.issued import IssuedSessions
 from server.logprobs import choice_logprobs
+from server.openapi import install_openapi
 from server.metrics import CountRejections, Metrics
 from server.private import JoinError, PrivateSessions
 from server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, FedAttnBlock,
@@ -83,6 +84,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                            allow_headers=["*"])
 
     install_error_handlers(app)
+    install_openapi(app)
 
     @app.get("/health")
     async def health():

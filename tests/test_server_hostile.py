@@ -5,6 +5,7 @@ per way the server was once wedged or crashed."""
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -128,12 +129,42 @@ def test_hostile_requests_get_a_4xx_in_the_openai_shape_and_the_server_keeps_ser
         error = reply.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["type"]
         assert error["code"] == reply.status_code  # as vLLM's server
+        declared = _declared_statuses(server, method, path)
+        assert declared is None or str(reply.status_code) in declared, (reply.status_code, declared)  # the schema
     for ok in ({"prompt": [5, 6, 7]}, {"participants": [[5, 6, 7], [8, 9]]}):
         answer = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "max_tokens": 1, **ok},
                             headers=HEADERS, timeout=60)
         assert answer.status_code == 200, answer.text
     assert httpx.get(f"{server}/health").status_code == 200
     assert_nothing_held(server)  # a refused or failed request leaves nothing in any engine or the coordinator
+
+
+@functools.cache
+def _openapi(server: str) -> dict:
+    return httpx.get(f"{server}/openapi.json", timeout=30).json()
+
+
+def _declared_statuses(server: str, method: str, path: str) -> set[str] | None:
+    """The statuses /openapi.json declares for the operation `path` matches (None: no such operation)."""
+    parts = path.split("/")
+    for template, operations in _openapi(server)["paths"].items():
+        pattern = template.split("/")
+        if len(pattern) == len(parts) and all(p == q or p.startswith("{") for p, q in zip(pattern, parts)):
+            operation = operations.get(method.lower())
+            return None if operation is None else set(operation["responses"])
+    return None
+
+
+def test_the_schema_declares_the_error_shape_and_no_422(server):
+    """Validation errors are 400s here (FastAPI would declare 422): every /v1 operation lists 400 with the
+    OpenAI error body."""
+    schema = _openapi(server)
+    assert '"422"' not in json.dumps(schema)
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            if path.startswith("/v1/"):
+                error = operation["responses"]["400"]["content"]["application/json"]["schema"]
+                assert error["properties"]["error"]["required"] == ["message", "type", "param", "code"]
 
 
 VALID_BODIES = {"/v1/completions": {"prompt": "x", "max_tokens": 2},
