@@ -54,6 +54,8 @@ crossparty() {  # the cross-party recall modes on GSM8K: the generator reads eve
   for offset in 300 500 700 900 1100; do
     run -N 4 -H 2 --generator-sync-interval 1 --kv-wire k4v2 --offset "$offset" --limit "$(( offset == 1100 ? 219 : 200 ))"
   done
+  # everyone reading every layer with 4/2-bit K/V (the mode that meets the recall targets at every N), in shards
+  for offset in 0 100 200; do run -N 4 -H 1 --kv-wire k4v2 --offset "$offset" --limit 100; done
 }
 grid() {  # the rest of the accuracy grid, every point to 300 problems (shards extend the runs above)
   for h in 2 8 24; do run -N 4 -H "$h" --offset 100 --limit 200; done
