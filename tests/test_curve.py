@@ -131,7 +131,7 @@ def test_trusted_peers_exchange_k_v_and_a_wire_tap_sees_neither_k_v_nor_keys(key
     sent = tuple(torch.arange(4 * 2 * 64, dtype=torch.float32).reshape(4, 2, 64) + k for k in (0.5, 0.25))
     engines[0].publish("s", 0, 0, sent)
     received = engines[1].fetch("s", 1, 0, 0)
-    assert all(torch.equal(a, b) for a, b in zip(sent, received))
+    assert len(received) == len(sent) and all(torch.equal(a, b) for a, b in zip(sent, received))
     wire = bytes(tap.captured)
     assert len(wire) > sum(t.nbytes for t in sent)  # the K/V crossed the tap...
     for secret in [sent[0][1].numpy().tobytes(), sent[1][2].numpy().tobytes(), ADMIN_KEY, credentials[0], b"publish"]:

@@ -68,6 +68,8 @@ def test_quantised_kv_on_the_wire_costs_what_the_model_says_and_stays_close_to_e
         g = len(segments) - 1
         first_a, first_b = a.outputs[g].logprobs[0], b.outputs[g].logprobs[0]
         common = first_a.keys() & first_b.keys()
+        assert b.outputs[g].token_ids[0] in first_b
+        assert moved is None or common  # int8: a wrong scale cannot hide in top-5 sets that do not overlap
         largest = max([largest, *(abs(first_a[t].logprob - first_b[t].logprob) for t in common)])
     print(f"\nlargest first-token log-prob change from {wire} K/V: {largest:.2e}")
     assert moved is None or largest < moved  # a wrong int8 scale moves them by whole units

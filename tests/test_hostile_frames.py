@@ -114,7 +114,8 @@ def run_session(endpoint: str, name: str) -> None:
         engine.join(name, n, credential)
     sent = kv(5)
     engines[0].publish(name, 0, 1, sent)
-    assert all(torch.equal(a, b) for a, b in zip(sent, engines[1].fetch(name, 1, 0, 1)))
+    received = engines[1].fetch(name, 1, 0, 1)
+    assert len(received) == len(sent) and all(torch.equal(a, b) for a, b in zip(sent, received))
     assert admin.stats(name)["payload_bytes"]["up"][0] == sum(t.nbytes for t in sent)
     admin.close(name)
 

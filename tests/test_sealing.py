@@ -60,6 +60,7 @@ def test_sealed_k_v_arrive_exact_and_the_coordinator_holds_only_ciphertext(coord
     sent = payload(wire)
     engines[0].publish("s", 0, 1, sent)
     received = engines[1].fetch("s", 1, 0, 1)
+    assert len(received) == len(sent)
     assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(sent, received))
     stored = coordinator.sessions["s"].kv[0, 1]
     assert isinstance(stored, SealedPayload) and len(stored.specs) == len(sent)

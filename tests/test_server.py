@@ -226,7 +226,7 @@ def test_logprobs_in_the_openai_shapes_equal_the_offline_apis(request, which):
     reply = post(url, "/v1/completions", {"participants": segments, "max_tokens": 3, "temperature": 0,
                                           "ignore_eos": True, "logprobs": 2}).json()["choices"][0]["logprobs"]
     assert len(reply["tokens"]) == 3 and "".join(reply["tokens"]) == out.text
-    assert reply["text_offset"] == [len("".join(reply["tokens"][:i])) for i in range(3)]
+    assert reply["text_offset"] == [len("".join(reply["tokens"][:i])) for i in range(3)] and len(out.logprobs) == 3
     for i, (position, token) in enumerate(zip(out.logprobs, out.token_ids)):
         assert reply["token_logprobs"][i] == pytest.approx(position[token].logprob, abs=1e-4)
         top = reply["top_logprobs"][i]  # as vLLM: the generated token and the 2 best (greedy: one and the same)
