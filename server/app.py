@@ -57,6 +57,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
     metrics = Metrics(settings.served_name)
     max_logprobs = settings.vllm_engine_args().get("max_logprobs", 20)  # vLLM's default
 
+    def _sampling_of(body, max_tokens: int | None, *, chat: bool):
+        backend = state["backend"]
+        return _sampling(body, max_tokens, backend.sampling_defaults, len(backend.tokenizer), chat, max_logprobs)
+
     async def lifespan(app: FastAPI):
         backend = Backend.start(settings, metrics)
         import vllm
@@ -97,10 +101,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def status():
         """What the engine(s) and the coordinator hold now, counts only: sessions, requests, credentials, K/V bytes
         at the coordinator, frames dropped (an operator's check that a failed session left nothing behind)."""
-        try:
+        try:  # EngineDead: a 503 (errors.py)
             holdings = await asyncio.wait_for(asyncio.wrap_future(state["backend"].worker.holdings()), 30)
-        except EngineDead as error:
-            raise APIError(503, f"the engine is down: {error}", None, "server_error") from None
         except TimeoutError:
             raise APIError(503, "the engine thread did not answer within 30 s", None, "server_error") from None
         return {"object": "fedattn.status", "health": state["backend"].worker.health() or "ok",
@@ -240,8 +242,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             param = "max_tokens" if body.max_tokens is not None and prompt_len < settings.max_model_len else prompt_param
             raise APIError(400, f"{param}: {prompt_len} prompt tokens + max_tokens="
                            f"{max_tokens} exceed max_model_len={settings.max_model_len}", param)
-        sampling = _sampling(body, max_tokens, state["backend"].sampling_defaults, len(state["backend"].tokenizer),
-                             ("completion",) if kind == "text_completion" else ("chat",), max_logprobs)
+        sampling = _sampling_of(body, max_tokens, chat=kind != "text_completion")
         if settings.log_requests:
             log.info("request %s: %d participants, %s, public prefix %d", kind, len(segments),
                      [len(s) for s in segments], len(prefix))
@@ -394,8 +395,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             prefix = await off_loop(chat_prefix, tokenizer, body.system)
         else:
             prefix = await _encode_prefix(body.public_prefix)
-        sampling = _sampling(body, body.max_tokens, state["backend"].sampling_defaults, len(tokenizer),
-                             ("chat",) if body.chat else ("completion",), max_logprobs)
+        sampling = _sampling_of(body, body.max_tokens, chat=body.chat)
         if settings.role == "party":
             return await _invite(body, config, plan)
         try:
@@ -563,8 +563,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                                                          terms.participants, chat=terms.chat))
         else:
             segment = await _encode(body.content, "content")
-        sampling = _sampling(terms, terms.max_tokens, backend.sampling_defaults, len(backend.tokenizer),
-                             ("chat",) if terms.chat else ("completion",), max_logprobs)
+        sampling = _sampling_of(terms, terms.max_tokens, chat=terms.chat)
         digest = terms_digest(session=session_id, terms=terms.model_dump(mode="json"),
                               seal_key=hashlib.sha256(seal_key).digest())
         task = PartyTask(session_id, participant, plan, segment, prefix, sampling, seal_key, digest,
@@ -611,14 +610,14 @@ def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = Tru
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _sampling(body, max_tokens: int | None, defaults: dict, vocab: int, kinds: tuple[str, ...], max_logprobs: int):
+def _sampling(body, max_tokens: int | None, defaults: dict, vocab: int, chat: bool, max_logprobs: int):
     """vLLM's SamplingParams of the request: its own values, else the model's generation_config (`defaults`),
-    else OpenAI's; a field of vLLM's requests (`kinds`) this server does not do, a token id outside the
-    vocabulary, or what vLLM refuses is a 400."""
+    else OpenAI's; a field of vLLM's requests (chat or completion) this server does not do, a token id outside
+    the vocabulary, or what vLLM refuses is a 400."""
     from vllm import SamplingParams
     from vllm.exceptions import VLLMValidationError
 
-    if (name := refused_field(body, kinds)) is not None:
+    if (name := refused_field(body, "chat" if chat else "completion")) is not None:
         raise APIError(400, f"{name}: not supported by this server (a field of vLLM's OpenAI server that FedAttn "
                        "sessions do not implement; README: compatibility)", name)
     if (name := body.token_ids_outside(vocab)) is not None:
@@ -627,7 +626,7 @@ def _sampling(body, max_tokens: int | None, defaults: dict, vocab: int, kinds: t
         raise APIError(400, "logprobs: not with stream yet (ask without streaming)", "logprobs")
     if body.logprob_count() is not None and body.logprob_count() > max_logprobs:
         raise APIError(400, f"logprobs: at most {max_logprobs} alternatives per token (the engine's max_logprobs)",
-                       "top_logprobs" if kinds == ("chat",) else "logprobs")
+                       "top_logprobs" if chat else "logprobs")
     if max_tokens is not None and body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens: {body.min_tokens} exceeds max_tokens={max_tokens}", "min_tokens")
     chosen = {name: value if (value := getattr(body, name)) is not None else defaults.get(name, default)

@@ -110,13 +110,13 @@ class ServerSettings(BaseSettings):
         from vllm.engine.arg_utils import EngineArgs
 
         known = {f.name for f in fields(EngineArgs)}
-        for name, value in self.engine_args.items():
+        for name in self.engine_args:
             if name not in known:
                 raise ValueError(f"--engine-args: {name!r} is not a vLLM engine argument")
-            if name in _FLAGGED or name in _SERVER_MANAGED:
-                flag = _FLAGGED.get(name) or f"--{name.replace('_', '-')}"
-                raise ValueError(f"--engine-args: {name!r} is set by {flag}" if name in _FLAGGED else
-                                 f"--engine-args: {name!r} is the server's own (FedAttn needs {_SERVER_MANAGED[name]})")
+            if name in _FLAGGED:
+                raise ValueError(f"--engine-args: {name!r} is set by {_FLAGGED[name]}")
+            if name in _SERVER_MANAGED:
+                raise ValueError(f"--engine-args: {name!r} is the server's own (FedAttn needs {_SERVER_MANAGED[name]})")
         return self
 
     @property

@@ -25,13 +25,10 @@ def vllm_fields(kind: str) -> dict[str, object]:
     return {name: field.get_default(call_default_factory=True) for name, field in model.model_fields.items()}
 
 
-def refused_field(body: BaseModel, kinds: tuple[str, ...]) -> str | None:
-    """The first field of `body` that vLLM's requests of `kinds` have, ours lacks, and is not at vLLM's default."""
+def refused_field(body: BaseModel, kind: str) -> str | None:
+    """The first field of `body` that vLLM's `kind` request has, ours lacks, and is not at vLLM's default."""
+    fields = vllm_fields(kind)
     for name, value in (body.model_extra or {}).items():
-        if name in ACCEPTED_AND_IGNORED:
-            continue
-        for kind in kinds:
-            fields = vllm_fields(kind)
-            if name in fields and value is not None and value != fields[name]:
-                return name
+        if name not in ACCEPTED_AND_IGNORED and name in fields and value is not None and value != fields[name]:
+            return name
     return None

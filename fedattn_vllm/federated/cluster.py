@@ -461,9 +461,9 @@ class FederatedCluster:
         )
 
     # -- management ------------------------------------------------------------------------
-    def status(self, engines: Sequence[int] | None = None, timeout_s: float | None = None) -> list[dict]:
+    def status(self, engines: Sequence[int] | None = None) -> list[dict]:
         """Each engine's holdings (queued/reserved sessions, worker state, credentials, requests)."""
-        return [self.links[e].request("status", timeout_s or self.timeout_s) for e in (engines or range(len(self.links)))]
+        return [self.links[e].request("status", self.timeout_s) for e in (engines or range(len(self.links)))]
 
     def holdings(self, timeout_s: float = 2.0) -> dict:
         """What every engine and the coordinator hold now, counts only (one that is down, or silent for
@@ -472,18 +472,20 @@ class FederatedCluster:
         deadline = time.monotonic() + timeout_s
         engines = []
         for e, link in enumerate(self.links):
+            if e in self.down:
+                engines.append({"error": self.down[e]})
+                continue
             try:
-                if e in self.down:
-                    raise EngineUnavailable(self.down[e])
                 status = link.reply(asked[e], "status", deadline)
-                engines.append({k: v for k, v in status.items() if k not in ("event", "ref")})
             except EngineUnavailable as error:
                 engines.append({"error": str(error)})
+                continue
+            engines.append({k: v for k, v in status.items() if k not in ("event", "ref")})
         if not self.admin:
             return {"engines": engines}
+        if self.coordinator_down:
+            return {"engines": engines, "coordinator": {"error": self.coordinator_down}}
         try:
-            if self.coordinator_down:
-                raise CoordinatorError("down", self.coordinator_down)
             coordinator = self.admin.counters(timeout_s)
         except CoordinatorError as error:
             coordinator = {"error": str(error)}
