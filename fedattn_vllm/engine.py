@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from fedattn_vllm.admission import EngineCapacity, GangAdmission, SessionDemand
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError, FedAttnPlan
 from fedattn_vllm.plugin import FEDATTN_ARCHITECTURES
-from fedattn_vllm.session import FedAttnSession, FedAttnSessionError, GeneratorOutput, SessionCost, SessionResult
-from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, REGISTRY
+from fedattn_vllm.driver import SessionDriver
+from fedattn_vllm.session import (FedAttnSession, FedAttnSessionError, GeneratorOutput, SessionCost, SessionResult,
+                                  SessionRun)
+from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, REGISTRY, ParticipantMetadata
 
 # The engine must run in this process (the exchange is in-process) and on the V1 runner.
 _ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_V2_MODEL_RUNNER": "0"}
@@ -30,40 +30,13 @@ class FedAttnEngineError(FedAttnSessionError):
     """An engine argument FedAttn cannot run with; `field` names it."""
 
 
-@dataclass
-class _Run:
-    """One session's participants hosted by this engine, on their way through it."""
-
-    session_id: str
-    prompts: dict[int, list[int]]  # hosted participant -> its segment's token ids
-    prefix: list[int]  # the public prefix's token ids (every participant's request starts with them)
-    num_participants: int
-    config: FedAttnConfig
-    sampling: object  # the generators' SamplingParams
-    plan: FedAttnPlan
-    demand: SessionDemand  # of the hosted participants, in `prompts` order
-    started: bool = False
-    finished: dict[int, object] = field(default_factory=dict)  # participant -> final RequestOutput
-    error: str | None = None
-
-    def request_id(self, n: int) -> str:
-        return f"{self.session_id}:{n}"
-
-    @property
-    def request_ids(self) -> list[str]:
-        return [self.request_id(n) for n in self.prompts]
-
-    @property
-    def done(self) -> bool:
-        return self.error is not None or len(self.finished) == len(self.prompts)
-
-
 class FederatedLLM:
     """A vLLM engine whose requests can be FedAttn participants.
 
-    Colocated mode: `generate` runs whole sessions here. Federated mode: an engine server
-    drives the same engine with only its own participants (`plan_run`, `reserve`, `start`,
-    `step`, `finish`), their K/V exchanged over the network.
+    Colocated mode: `generate` runs whole sessions here. Every host (this, the server's engine
+    thread, a federated engine server) drives sessions through a `SessionDriver`, which calls
+    the primitives below (`plan_run`, `reserve`, `start`, `step`, `finish`); in federated mode
+    the engine holds only its own participants, their K/V exchanged over the network.
     """
 
     def __init__(self, model: str = "default", **engine_args):
@@ -105,8 +78,8 @@ class FederatedLLM:
             kv_blocks=config.cache_config.num_gpu_blocks,
             block_size=config.cache_config.block_size,
         ))
-        self._active: dict[str, _Run] = {}  # started sessions
-        self._requests: dict[str, tuple[_Run, int]] = {}  # vLLM request id -> (its run, its participant)
+        self._active: dict[str, SessionRun] = {}  # started sessions
+        self._requests: dict[str, tuple[SessionRun, int]] = {}  # vLLM request id -> (its run, its participant)
 
     def encode(self, segment: str | Sequence[int], field: str) -> list[int]:
         """A segment (or the public prefix) as token ids; text is tokenized without special tokens.
@@ -132,7 +105,7 @@ class FederatedLLM:
         return self.encode(prefix, "public_prefix")
 
     def plan_run(self, session_id: str, prompts: dict[int, list[int]], num_participants: int, config: FedAttnConfig,
-                 sampling_params=None, prefix: list[int] = ()) -> _Run:
+                 sampling_params=None, prefix: list[int] = ()) -> SessionRun:
         """Validate this engine's part of a session (its participants' token ids); nothing is submitted yet."""
         from vllm import SamplingParams
 
@@ -155,10 +128,10 @@ class FederatedLLM:
                                tuple(max_tokens if n in plan.generators else 1 for n in hosted))
         if (why := self.admission.why_never(demand)) is not None:
             raise FedAttnSessionError("segments", f"the session can never fit this engine: {why}")
-        return _Run(session_id, {n: prompts[n] for n in hosted}, list(prefix), num_participants, config, params, plan,
-                    demand)
+        return SessionRun(session_id, {n: prompts[n] for n in hosted}, list(prefix), num_participants, params, plan,
+                          demand)
 
-    def check_lengths(self, run: _Run, lengths: list[int]) -> int:
+    def check_lengths(self, run: SessionRun, lengths: list[int]) -> int:
         """Check every participant's segment length against the run and the model; the generators' max_tokens."""
         if len(lengths) != run.num_participants or any(lengths[n] != len(p) for n, p in run.prompts.items()):
             raise FedAttnSessionError("lengths", f"{lengths} do not match this engine's segments")
@@ -172,13 +145,11 @@ class FederatedLLM:
             )
         return max_tokens
 
-    def _participant_params(self, run: _Run, lengths: list[int]) -> dict[int, object]:
+    def _participant_params(self, run: SessionRun, lengths: list[int]) -> dict[int, object]:
         """Each hosted participant's SamplingParams, carrying the session's metadata."""
         from vllm import SamplingParams
 
         max_tokens = self.check_lengths(run, lengths)
-        metadata = {"session": run.session_id, "lengths": list(lengths), "prefix_len": len(run.prefix),
-                    "num_layers": self.num_layers, "config": run.config.to_dict()}
         params = {}
         for n in run.prompts:
             if n in run.plan.generators:
@@ -186,11 +157,12 @@ class FederatedLLM:
                 sp.max_tokens = max_tokens
             else:  # only prefills (vLLM samples one token, which is discarded)
                 sp = SamplingParams(temperature=0.0, max_tokens=1)
-            sp.extra_args = {**(sp.extra_args or {}), METADATA_KEY: {**metadata, "participant": n}}
+            metadata = ParticipantMetadata(run.session_id, n, tuple(lengths), len(run.prefix), run.plan)
+            sp.extra_args = {**(sp.extra_args or {}), METADATA_KEY: metadata}
             params[n] = sp
         return params
 
-    def prepare(self, session: FedAttnSession) -> tuple[_Run, list[int]]:
+    def prepare(self, session: FedAttnSession) -> tuple[SessionRun, list[int]]:
         """Validate a whole session for colocated mode: its run and segment lengths; nothing is submitted yet."""
         if not isinstance(session, FedAttnSession):
             raise FedAttnSessionError("session", f"expected a FedAttnSession, got {type(session).__name__}")
@@ -204,11 +176,11 @@ class FederatedLLM:
         return run, lengths
 
     # -- driving the engine ------------------------------------------------------------------
-    def reserve(self, run: _Run) -> bool:
+    def reserve(self, run: SessionRun) -> bool:
         """Hold room for the run if the next step can prefill it beside everything held (gang admission)."""
         return self.admission.try_reserve(run.session_id, run.demand, run.request_ids)
 
-    def start(self, run: _Run, lengths: list[int]) -> None:
+    def start(self, run: SessionRun, lengths: list[int]) -> None:
         """Hand a reserved run's requests to vLLM; `lengths` are every participant's segment lengths."""
         params = self._participant_params(run, lengths)
         inputs = self.engine.renderer.render_cmpl([{"prompt_token_ids": run.prefix + p} for p in run.prompts.values()])
@@ -228,7 +200,7 @@ class FederatedLLM:
         return {"sessions": len(REGISTRY), "requests": self.admission.live_requests,
                 "unfinished": self.engine.get_num_unfinished_requests()}
 
-    def step(self, on_output=None) -> list[_Run]:
+    def step(self, on_output=None) -> list[SessionRun]:
         """One engine step; returns the runs that completed or failed in it (finish them next).
 
         `on_output(session_id, participant, request_output)` sees every output of the step (streaming).
@@ -261,26 +233,21 @@ class FederatedLLM:
         if self._active:
             raise RuntimeError("generate() is not reentrant: this engine is already running sessions")
         prepared = [self.prepare(s) for s in sessions]
-        pending = deque(prepared)
+        driver = SessionDriver(self)
+        for run, lengths in prepared:
+            driver.submit(run, lengths)
         results: dict[str, SessionResult] = {}
-        progress = tqdm(total=len(prepared), desc="sessions", disable=not use_tqdm)
-        try:
-            while pending or self._active:
-                while pending and self.reserve(pending[0][0]):
-                    run, lengths = pending.popleft()
-                    self.start(run, lengths)
-                if not self._active:
-                    raise RuntimeError("admission refused a session that fits an empty engine")  # a bug
-                for run in self.step():
-                    results[run.session_id] = self.finish(run)
-                    progress.update()
-        finally:
-            progress.close()
-            for run in list(self._active.values()):  # an exception left these behind
-                self.finish(run)
+        with tqdm(total=len(prepared), desc="sessions", disable=not use_tqdm) as progress:
+            try:
+                while driver.holding:
+                    for run, result in driver.advance().finished:
+                        results[run.session_id] = result
+                        progress.update()
+            finally:
+                driver.fail_all("generate() was interrupted")  # an exception left these behind
         return [results[run.session_id] for run, _ in prepared]
 
-    def finish(self, run: _Run, error: str | None = None) -> SessionResult:
+    def finish(self, run: SessionRun, error: str | None = None) -> SessionResult:
         """Abort what is left of the run (started or only reserved), free its K/V and account for it."""
         run.error = run.error or error
         self._active.pop(run.session_id, None)

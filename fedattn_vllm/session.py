@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fedattn_vllm.config import FedAttnConfig
+from fedattn_vllm.admission import SessionDemand
+from fedattn_vllm.config import FedAttnConfig, FedAttnPlan
 
 
 class FedAttnSessionError(ValueError):
@@ -89,3 +90,31 @@ class SessionResult:
     error: str | None = None  # why the session failed; other sessions of the call are unaffected
     error_field: str | None = None  # the offending input, when the session was refused for one
     wall_s: float | None = None  # federated: from submission to the last participant's completion
+
+
+@dataclass
+class SessionRun:
+    """One session's participants hosted by one engine, planned (`FederatedLLM.plan_run`) and on their way
+    through it (`fedattn_vllm.driver`)."""
+
+    session_id: str
+    prompts: dict[int, list[int]]  # hosted participant -> its segment's token ids
+    prefix: list[int]  # the public prefix's token ids (every participant's request starts with them)
+    num_participants: int
+    sampling: object  # the generators' vllm.SamplingParams
+    plan: FedAttnPlan  # the session's config, resolved once for the model's depth and N
+    demand: SessionDemand  # of the hosted participants, in `prompts` order
+    started: bool = False
+    finished: dict[int, object] = field(default_factory=dict)  # participant -> final RequestOutput
+    error: str | None = None
+
+    def request_id(self, n: int) -> str:
+        return f"{self.session_id}:{n}"
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [self.request_id(n) for n in self.prompts]
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or len(self.finished) == len(self.prompts)

@@ -250,8 +250,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         stream = asyncio.Queue() if body.stream else None
         loop = asyncio.get_running_loop()
 
-        def on_text(generator: int, text: str, finished: bool) -> None:
-            loop.call_soon_threadsafe(stream.put_nowait, (generator, text, finished))
+        def on_text(generator: int, text: str) -> None:
+            loop.call_soon_threadsafe(stream.put_nowait, (generator, text))
 
         try:
             session_id, future, timings = worker.submit(FedAttnSession(segments, config, sampling, public_prefix=prefix),
@@ -313,7 +313,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 yield _chunk(response_id, kind, created, [choice(g, "", role=True) for g in index_of])
             while not (future.done() and stream.empty()):
                 try:
-                    generator, text, _ = await asyncio.wait_for(stream.get(), timeout=0.5)
+                    generator, text = await asyncio.wait_for(stream.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     continue
                 if text:
@@ -571,8 +571,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         stream = asyncio.Queue() if participant in plan.generators and body.stream else None
         loop = asyncio.get_running_loop()
 
-        def on_text(generator: int, text: str, finished: bool) -> None:
-            loop.call_soon_threadsafe(stream.put_nowait, (generator, text, finished))
+        def on_text(generator: int, text: str) -> None:
+            loop.call_soon_threadsafe(stream.put_nowait, (generator, text))
 
         try:
             worker_session, future, timings = backend.worker.submit(task, on_text if stream else None)
@@ -590,9 +590,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
         fedattn_session = FedAttnSession(segments, session.config, session.sampling, public_prefix=session.prefix)
         loop = asyncio.get_running_loop()
 
-        def on_text(generator: int, text: str, finished: bool) -> None:
+        def on_text(generator: int, text: str) -> None:
             if generator in session.streams:
-                loop.call_soon_threadsafe(session.streams[generator].put_nowait, (generator, text, finished))
+                loop.call_soon_threadsafe(session.streams[generator].put_nowait, (generator, text))
 
         try:
             worker_session, future, timings = state["backend"].worker.submit(fedattn_session, on_text, held=True)

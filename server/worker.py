@@ -19,17 +19,16 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from fedattn_vllm.driver import SessionDriver
 from fedattn_vllm.engine import FederatedLLM
-
 from fedattn_vllm.session import FedAttnSession, SessionCost, SessionResult
 
 log = logging.getLogger(__name__)
-TextCallback = Callable[[int, str, bool], None]  # (generator, new text, finished)
+TextCallback = Callable[[int, str], None]  # (generator, new text)
 MAX_CONSECUTIVE_FAILURES = 3  # failed engine rounds in a row after which the engine counts as dead
 
 
@@ -55,9 +54,8 @@ class _Job:
     future: Future
     on_text: TextCallback | None
     timings: Timings = field(default_factory=Timings)
-    sent: dict[int, int] = field(default_factory=dict)  # generator -> characters streamed so far
-    handle: object | None = None  # the backend's run or session id
-    lengths: list[int] | None = None  # colocated: every segment's length, once validated
+    sent: dict[int, int] = field(default_factory=dict)  # federated: generator -> characters streamed so far
+    handle: str | None = None  # the backend's session id
 
 
 class _Worker(ABC):
@@ -247,68 +245,54 @@ class _Worker(ABC):
 
 
 class EngineWorker(_Worker):
-    """Colocated: every session in one in-process vLLM engine, streamed token by token."""
+    """Colocated: every session in one in-process vLLM engine (one SessionDriver), streamed token by token."""
 
     def __init__(self, llm: FederatedLLM, **kwargs):
         self.llm = llm
-        self._pending: deque[_Job] = deque()
-        self._active: dict[str, _Job] = {}  # by the engine's session id
+        self.driver = SessionDriver(llm)
+        self._jobs: dict[str, _Job] = {}  # by the engine's session id: queued, reserved or running
         super().__init__(**kwargs)
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending)
+        return self.driver.queued
+
+    @property
+    def running(self) -> int:
+        return self.driver.running
 
     def _idle(self) -> bool:
-        return not (self.llm.busy or self._pending)
+        return not self.driver.holding
 
     def _admit(self, job: _Job) -> None:
-        job.handle, job.lengths = self.llm.prepare(job.session)
-        self._pending.append(job)
+        run, lengths = self.llm.prepare(job.session)
+        self.driver.submit(run, lengths)
+        job.handle = run.session_id
+        self._jobs[run.session_id] = job
 
     def _cancel(self, session_id: str) -> None:
-        for job in [j for j in self._pending if j.session_id == session_id]:
-            self._pending.remove(job)
-            self._settle(job, self.llm.finish(job.handle, "cancelled"))
-        for run_id, job in list(self._active.items()):
-            if job.session_id == session_id:
-                del self._active[run_id]
-                self._settle(job, self.llm.finish(job.handle, "cancelled"))
+        for run_id in [r for r, job in self._jobs.items() if job.session_id == session_id]:
+            if (aborted := self.driver.abort(run_id, "cancelled")) is not None:
+                self._settle(self._jobs.pop(run_id), aborted[1])
 
     def _tick(self) -> None:
-        while self._pending and self.llm.reserve(self._pending[0].handle):
-            job = self._pending.popleft()
-            try:
-                self.llm.start(job.handle, job.lengths)
-            except Exception as error:  # this session's alone
-                log.exception("starting session %s failed", job.session_id)
-                why = f"the engine refused the session: {error}"
-                self._settle_failed(job, why, lambda: self.llm.finish(job.handle, why))
-                continue
-            self._active[job.handle.session_id] = job
-        if self.llm.busy:
-            for run in self.llm.step(on_output=self._on_output):
-                self._settle(self._active.pop(run.session_id), self.llm.finish(run))
+        progress = self.driver.advance()
+        for run_id, pieces in progress.text.items():
+            job = self._jobs[run_id]
+            if job.timings.first_token_s is None:  # a generator appears once it has a token
+                job.timings.first_token_s = time.perf_counter() - job.timings.submitted
+            if job.on_text is not None:
+                for generator, text in pieces.items():
+                    job.on_text(generator, text)
+        for run, result in progress.finished:
+            self._settle(self._jobs.pop(run.session_id), result)
 
     def _holdings(self) -> dict:
         return {"engines": [self.llm.holdings()]}
 
     def _fail_in_flight(self, why: str) -> None:
-        for job in [*self._pending, *self._active.values()]:
-            self._settle_failed(job, why, lambda: self.llm.finish(job.handle, why))
-        self._pending.clear()
-        self._active.clear()
-
-    def _on_output(self, run_id: str, participant: int, output) -> None:
-        job = self._active.get(run_id)
-        if job is None or participant not in job.handle.plan.generators:
-            return
-        if job.timings.first_token_s is None and output.outputs[0].token_ids:
-            job.timings.first_token_s = time.perf_counter() - job.timings.submitted
-        if job.on_text is not None:
-            text = output.outputs[0].text
-            job.on_text(participant, text[job.sent.get(participant, 0):], output.finished)
-            job.sent[participant] = len(text)
+        for run, result in self.driver.fail_all(why):
+            self._settle(self._jobs.pop(run.session_id), result)
 
 
 class ClusterWorker(_Worker):
@@ -329,7 +313,7 @@ class ClusterWorker(_Worker):
             job.timings.first_token_s = time.perf_counter() - job.timings.submitted
         job.sent[generator] = job.sent.get(generator, 0) + len(piece)
         if job.on_text is not None:
-            job.on_text(generator, piece, False)
+            job.on_text(generator, piece)
 
     def _cancel(self, session_id: str) -> None:
         for handle, job in self._active.items():
@@ -363,5 +347,5 @@ class ClusterWorker(_Worker):
                 if job.timings.first_token_s is None and out.token_ids:
                     job.timings.first_token_s = time.perf_counter() - job.timings.submitted
                 if job.on_text is not None:
-                    job.on_text(g, out.text[job.sent.get(g, 0):], True)
+                    job.on_text(g, out.text[job.sent.get(g, 0):])
             self._settle(job, result)

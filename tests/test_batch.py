@@ -9,7 +9,7 @@ from vllm import SamplingParams
 
 from fedattn_vllm.config import FedAttnConfig
 from fedattn_vllm.vllm_ext.batch import FedAttnBatch, UntestedVLLMError, check_vllm_version
-from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, REGISTRY
+from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, REGISTRY, ParticipantMetadata
 
 LENGTHS = [4, 3, 5]
 
@@ -20,9 +20,8 @@ def runner(rows: list[tuple[str, int | None, int, int]], prefix_len: int = 0):
     for req_id, participant, done, scheduled in rows:
         extra = None
         if participant is not None:
-            extra = {METADATA_KEY: {"session": "s", "participant": participant, "lengths": LENGTHS, "num_layers": 6,
-                                    "prefix_len": prefix_len,
-                                    "config": FedAttnConfig(sync_interval=2).to_dict()}}
+            plan = FedAttnConfig(sync_interval=2).resolve(6, len(LENGTHS))
+            extra = {METADATA_KEY: ParticipantMetadata("s", participant, tuple(LENGTHS), prefix_len, plan)}
         requests[req_id] = SimpleNamespace(sampling_params=SamplingParams(extra_args=extra))
         starts.append(starts[-1] + scheduled)
         computed.append(done)

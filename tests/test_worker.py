@@ -15,6 +15,7 @@ from server.worker import MAX_CONSECUTIVE_FAILURES, EngineDead, EngineWorker, Qu
 class ScriptedRun:
     def __init__(self, session_id: str):
         self.session_id = session_id
+        self.started = False
 
 
 class ScriptedLLM:
@@ -37,6 +38,7 @@ class ScriptedLLM:
         return True
 
     def start(self, run, lengths) -> None:
+        run.started = True
         self.active[run.session_id] = run
 
     def step(self, on_output=None):

@@ -25,14 +25,14 @@ import json
 import logging
 import os
 import time
-from collections import deque
 from pathlib import Path
 
 import msgspec
 import zmq
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
-from fedattn_vllm.engine import FederatedLLM, _Run
+from fedattn_vllm.driver import SessionDriver
+from fedattn_vllm.engine import FederatedLLM
 from fedattn_vllm.session import FedAttnSessionError, logprobs_to_wire
 from fedattn_vllm.federated import curve as link_security
 from fedattn_vllm.federated import messages as m
@@ -69,10 +69,8 @@ class EngineServer:
             curve.apply(self._socket)
         bind_or_close(self._socket, bind, self._authenticator)
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._queue: deque[tuple[bytes, _Run]] = deque()  # submitted, waiting for room, in submission order
-        self._runs: dict[str, tuple[bytes, _Run]] = {}  # reserved or running
-        self._waves: deque[list[dict]] = deque()  # go'd sessions, one wave started per engine step
-        self._sent: dict[tuple[str, int], int] = {}  # (session, generator) -> characters streamed so far
+        self.driver = SessionDriver(llm)
+        self._orchestrators: dict[str, bytes] = {}  # session -> the orchestrator that submitted it
         self._last_beat = 0.0
         self.dropped = Dropped(__name__)  # control messages dropped unanswered, by reason
         self._stop = False
@@ -94,39 +92,32 @@ class EngineServer:
                     if failures >= MAX_CONSECUTIVE_FAILURES:
                         raise
         finally:
-            for _, run in list(self._runs.values()) + list(self._queue):
-                self.llm.finish(run, "engine shutting down")
+            self.driver.fail_all("engine shutting down")
             self._socket.close(0)
             if self._authenticator is not None:
                 self._authenticator.stop()
             self._context.term()
 
     def _round(self) -> None:
-        self._receive(timeout_ms=0 if self.llm.busy or self._waves else 100)
-        self._reserve_in_order()
-        self._start_wave()
-        if self.llm.busy:
-            pieces: dict[str, dict[int, str]] = {}  # session -> generator -> text new in this step
-            for run in self.llm.step(on_output=lambda session, n, output: self._new_text(pieces, session, n, output)):
-                self._done(run)
-            for session_id, outputs in pieces.items():
-                if session_id in self._runs:
-                    self._send(self._runs[session_id][0], {"event": "tokens", "session": session_id, "outputs": outputs})
+        self._receive(timeout_ms=0 if self.driver.stepping else 100)
+        progress = self.driver.advance()
+        for run in progress.reserved:
+            log.debug("session %s reserved (participants %s)", run.session_id, list(run.prompts))
+            self._send(self._orchestrators[run.session_id], {
+                "event": "ready", "session": run.session_id, "prefix_len": len(run.prefix),
+                "lengths": {n: len(p) for n, p in run.prompts.items()}})
+        for run, result in progress.finished:
+            self._done(run, result)
+        for session_id, outputs in progress.text.items():  # a finished session's text goes whole with `done`
+            if session_id in self._orchestrators:
+                self._send(self._orchestrators[session_id], {"event": "tokens", "session": session_id,
+                                                             "outputs": outputs})
         self._heartbeat()
 
     def _fail_all(self, why: str) -> None:
         """Settle every session this engine holds as failed (its orchestrator learns it from `done`)."""
-        self._waves.clear()
-        held = [*self._queue, *self._runs.values()]
-        self._queue.clear()
-        self._runs.clear()
-        self._sent.clear()
-        for identity, run in held:
-            try:
-                self.llm.finish(run, why)
-            except Exception:
-                log.exception("freeing session %s failed", run.session_id)
-            self._send(identity, {"event": "done", "session": run.session_id, "error": why})
+        for run, result in self.driver.fail_all(why):
+            self._done(run, result)
 
     def _receive(self, timeout_ms: int) -> None:
         if not self._socket.poll(timeout_ms):
@@ -150,7 +141,7 @@ class EngineServer:
         if isinstance(command, m.Submit):
             self._submit(identity, command)
         elif isinstance(command, m.Go):
-            self._waves.append(command.sessions)
+            self.driver.go([(item.session, item.lengths) for item in command.sessions])
         elif isinstance(command, m.Abort):
             self._abort(command.session)
         elif isinstance(command, m.Info):
@@ -168,7 +159,7 @@ class EngineServer:
 
         session_id = command.session
         try:
-            if session_id in self._runs or any(run.session_id == session_id for _, run in self._queue):
+            if session_id in self.driver:
                 raise FedAttnSessionError("session", f"{session_id} was already submitted")
             hosted = set(command.segments)
             if hosted != set(command.credentials) or max(hosted) >= command.num_participants:
@@ -190,61 +181,16 @@ class EngineServer:
             return
         for n, credential in command.credentials.items():
             self.exchange.join(session_id, n, credential, wait_s=command.wait_s, seal_key=command.seal_key)
-        self._queue.append((identity, run))
-
-    def _reserve_in_order(self) -> None:
-        """Reserve queued sessions strictly in submission order (never overtake: see the ordering rule)."""
-        while self._queue and self.llm.reserve(self._queue[0][1]):
-            identity, run = self._queue.popleft()
-            self._runs[run.session_id] = (identity, run)
-            log.debug("session %s reserved (participants %s)", run.session_id, list(run.prompts))
-            self._send(identity, {"event": "ready", "session": run.session_id, "prefix_len": len(run.prefix),
-                                  "lengths": {n: len(p) for n, p in run.prompts.items()}})
-
-    def _start_wave(self) -> None:
-        """Hand the next wave of go'd sessions to vLLM: exactly one wave per step (the ordering rule)."""
-        if not self._waves:
-            return
-        for item in self._waves.popleft():
-            if item.session not in self._runs:
-                continue  # aborted meanwhile
-            _, run = self._runs[item.session]
-            try:
-                self.llm.start(run, item.lengths)
-                log.debug("session %s started", item.session)
-            except Exception as error:  # this session's alone (lengths that do not match, an engine refusal)
-                run.error = str(error)
-                self._done(run)
+        self.driver.submit(run)  # reserved in submission order, started at its `go`
+        self._orchestrators[session_id] = identity
 
     def _abort(self, session_id: str) -> None:
-        """Drop the session wherever it is; its K/V and credentials go with it."""
-        for entry in [e for e in self._queue if e[1].session_id == session_id]:
-            self._queue.remove(entry)
-            self.llm.finish(entry[1], "aborted")
-        if session_id in self._runs:
-            _, run = self._runs.pop(session_id)
-            self._forget_text(session_id)
-            self.llm.finish(run, "aborted")
+        """Drop the session wherever it is; its K/V and credentials go with it (the orchestrator asked: no `done`)."""
+        self.driver.abort(session_id, "aborted")
+        self._orchestrators.pop(session_id, None)
 
-    def _new_text(self, pieces: dict, session_id: str, participant: int, output) -> None:
-        """Note a generator's text new in this step (the orchestrator streams it; `done` carries the whole)."""
-        entry = self._runs.get(session_id)
-        if entry is None or output.finished or participant not in entry[1].plan.generators:
-            return
-        text = output.outputs[0].text
-        sent = self._sent.setdefault((session_id, participant), 0)
-        if len(text) > sent:
-            pieces.setdefault(session_id, {})[participant] = text[sent:]
-            self._sent[session_id, participant] = len(text)
-
-    def _forget_text(self, session_id: str) -> None:
-        for key in [k for k in self._sent if k[0] == session_id]:
-            del self._sent[key]
-
-    def _done(self, run: _Run) -> None:
-        identity, _ = self._runs.pop(run.session_id)
-        self._forget_text(run.session_id)
-        result = self.llm.finish(run, run.error)
+    def _done(self, run, result) -> None:
+        identity = self._orchestrators.pop(run.session_id)
         log.debug("session %s done%s", run.session_id, f": {result.error}" if result.error else "")
         self._send(identity, {
             "event": "done", "session": run.session_id, "error": result.error,
@@ -257,12 +203,12 @@ class EngineServer:
         if now - self._last_beat < HEARTBEAT_S:
             return
         self._last_beat = now
-        for identity in {identity for identity, _ in [*self._queue, *self._runs.values()]}:
+        for identity in set(self._orchestrators.values()):
             self._send(identity, {"event": "alive"})
 
     def status(self) -> dict:
         """What this engine holds: queued and reserved sessions, worker session state, credentials, requests."""
-        return {"queued": len(self._queue), "runs": len(self._runs), **self.llm.holdings(),
+        return {"queued": self.driver.queued, "runs": self.driver.held, **self.llm.holdings(),
                 "credentials": self.exchange.joined_sessions(), "dropped": dict(self.dropped)}
 
 

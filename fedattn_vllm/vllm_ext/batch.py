@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, REGISTRY, SessionState
+from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, REGISTRY, ParticipantMetadata, SessionState
 
 _current: FedAttnBatch | None = None
 
@@ -47,10 +47,10 @@ class FedAttnBatch:
         for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
             params = runner.requests[req_id].sampling_params
             metadata = (params.extra_args or {}).get(METADATA_KEY) if params is not None else None
-            if metadata is None:
+            if not isinstance(metadata, ParticipantMetadata):  # a plain request
                 continue
             state = REGISTRY.get_or_create(metadata)
-            n = metadata["participant"]
+            n = metadata.participant
             start, end = int(starts[i]), int(starts[i + 1])
             local_start = int(batch.num_computed_tokens_cpu[i])
             prefill = local_start < state.request_len(n)

@@ -7,10 +7,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedattn_vllm.config import FedAttnConfig, FedAttnPlan
+from fedattn_vllm.config import FedAttnPlan
 from fedattn_vllm.exchange import KV, InProcessKVExchange, KVExchange
 
-METADATA_KEY = "fedattn"  # SamplingParams.extra_args[METADATA_KEY] marks a participant request
+METADATA_KEY = "fedattn"  # SamplingParams.extra_args[METADATA_KEY]: a ParticipantMetadata marks a participant
+
+
+@dataclass(frozen=True)
+class ParticipantMetadata:
+    """What a participant's vLLM request carries: its session, place and the session's resolved plan."""
+
+    session_id: str
+    participant: int
+    lengths: tuple[int, ...]  # every participant's segment tokens
+    prefix_len: int  # public prefix tokens at the start of every request
+    plan: FedAttnPlan
 
 
 class GrowingKV:
@@ -118,15 +129,12 @@ class SessionRegistry:
         self._lock = threading.Lock()
         self._sessions: dict[str, SessionState] = {}
 
-    def get_or_create(self, metadata: dict) -> SessionState:
-        session_id = metadata["session"]
+    def get_or_create(self, metadata: ParticipantMetadata) -> SessionState:
         with self._lock:
-            state = self._sessions.get(session_id)
+            state = self._sessions.get(metadata.session_id)
             if state is None:
-                config = FedAttnConfig(**metadata["config"])
-                plan = config.resolve(metadata["num_layers"], len(metadata["lengths"]))
-                state = self._sessions[session_id] = SessionState(session_id, plan, list(metadata["lengths"]),
-                                                                  metadata["prefix_len"])
+                state = self._sessions[metadata.session_id] = SessionState(
+                    metadata.session_id, metadata.plan, list(metadata.lengths), metadata.prefix_len)
             return state
 
     def failed(self, session_ids) -> dict[str, str]:
