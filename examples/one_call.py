@@ -33,8 +33,7 @@ def main() -> None:
     print(f"server model: {model}")
     # the paper's semantics: the question holder reads only at sync layers, exact K/V on the wire
     paper = {"generator_sync_interval": None, "kv_wire": "native"}
-    for label, fedattn in [("the server's default: sync every 2nd layer, the question holder reads every layer, "
-                            "4-bit keys and 2-bit values on the wire", None),
+    for label, fedattn in [("the server's default: every layer synced, 4-bit keys and 2-bit values on the wire", None),
                            ("the paper's FedAttn, sync every 4th layer", {"sync_interval": 4, **paper}),
                            ("every layer synced, exact K/V (= centralised)", {"sync_interval": 1, **paper}),
                            ("no sync layers (each party alone)", {"placement": "explicit", "sync_layers": [], **paper})]:

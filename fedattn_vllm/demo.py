@@ -3,10 +3,9 @@
 Runs FedAttn inside a vLLM engine (colocated: every party is a request of one engine whose
 prompt is only its own segment) on the default model, and prints each party's segment
 length, the answer without any sync layer, with the paper's FedAttn at the chosen sync
-interval, with the server's default (H = 2, the question holder reading every layer, K/V
-as 4-bit keys and 2-bit values), and with every layer synced (H = 1, identical to
-centralised inference), and the K/V bytes each party published and received, measured at
-the exchange.
+interval, with the server's default (every layer synced, K/V as 4-bit keys and 2-bit
+values), and with every layer synced on exact K/V (H = 1, identical to centralised
+inference), and the K/V bytes each party published and received, measured at the exchange.
 """
 
 from __future__ import annotations
@@ -49,9 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = {
         "no sync layers (each party alone)": FedAttnConfig(placement="explicit", sync_layers=()),
         f"the paper's FedAttn, H={args.sync_interval}": FedAttnConfig(sync_interval=args.sync_interval),
-        "H=2, the question holder reads every layer, 4-bit keys and 2-bit values on the wire (the server's default)":
-            RECOMMENDED,
-        "FedAttn H=1 (= centralised)": FedAttnConfig(sync_interval=1),
+        "every layer synced, 4-bit keys and 2-bit values on the wire (the server's default)": RECOMMENDED,
+        "FedAttn H=1, exact K/V (= centralised)": FedAttnConfig(sync_interval=1),
     }
     params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
     started = time.perf_counter()

@@ -18,9 +18,9 @@ class FedAttnBlock(BaseModel):
     """The session's FedAttn settings (fields of fedattn_vllm.FedAttnConfig).
 
     The defaults are the best point measured on the recall benchmark (fedattn_vllm.config.RECOMMENDED,
-    RESULTS.md): everyone syncs every 2nd layer, the generators read everyone at every layer, and K/V
-    travel as 4-bit keys and 2-bit values. `kv_wire: "native"` gives exact K/V; with
-    `generator_sync_interval: null` and `sync_interval: 4` it is the paper's default.
+    RESULTS.md): every layer synced, K/V as 4-bit keys and 2-bit values; a larger `sync_interval` keeps
+    the generators reading everyone at every layer (`generator_sync_interval` 1). `kv_wire: "native"`
+    gives exact K/V; with `generator_sync_interval: null` and `sync_interval: 4` it is the paper's default.
     """
 
     model_config = ConfigDict(extra="forbid")

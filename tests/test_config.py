@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError, KVWire
+from fedattn_vllm.config import RECOMMENDED, FedAttnConfig, FedAttnConfigError, KVWire
 from fedattn_vllm.schedule import Placement
 
 
@@ -141,3 +141,14 @@ def test_any_values_give_a_config_or_an_error_naming_the_field():
             FedAttnConfig(**kwargs).resolve(24, rng.randint(1, 5))
         except FedAttnConfigError as error:
             assert error.field in names or error.field == "participants", (kwargs, error)
+
+
+def test_the_recommended_setting_is_the_measured_one_every_layer_synced_with_k4v2():
+    """RESULTS.md measured H=1 with k4v2 (no H_g); RECOMMENDED adds H_g=1, which must change nothing at H=1."""
+    measured = FedAttnConfig(sync_interval=1, kv_wire="k4v2")
+    assert RECOMMENDED.kv_wire is KVWire.K4V2
+    for depth, n in [(24, 2), (24, 6), (5, 3)]:
+        ours, theirs = RECOMMENDED.resolve(depth, n), measured.resolve(depth, n)
+        assert ours.publish_layers == theirs.publish_layers and ours.sync_layers == theirs.sync_layers
+        assert all(ours.sees(v, s, layer, prefill) == theirs.sees(v, s, layer, prefill)
+                   for v in range(n) for s in range(n) for layer in range(depth) for prefill in (True, False))

@@ -117,7 +117,7 @@ def test_multi_party_chat_frames_the_parts_as_one_user_turn(server):
     llm = federated_engine(MODEL)
     prefix, segments = encode_segments(llm.tokenizer, parts, chat=True)
     default = FedAttnBlock().to_config()  # the server's default: the best measured recall point
-    assert default == RECOMMENDED and (default.sync_interval, default.generator_sync_interval) == (2, 1)
+    assert default == RECOMMENDED and (default.sync_interval, default.kv_wire.value) == (1, "k4v2")
     [expected] = llm.generate([FedAttnSession(segments, default, greedy(5), public_prefix=prefix)])
     assert reply["choices"][0]["message"] == {"role": "assistant", "content": expected.outputs[1].text}
     assert reply["object"] == "chat.completion" and reply["fedattn"]["sync_layers"] == list(range(6))
