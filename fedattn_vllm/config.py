@@ -302,3 +302,7 @@ class FedAttnPlan:
     def shared_count(self, participant: int, length: int) -> int:
         """Tokens `participant` shares at each of its sync layers."""
         return kept_count(length, self.share_ratios[participant])
+
+    def kept_count(self, length: int) -> int:
+        """Own segment tokens a participant of `length` attends to at each layer (sparse local computation)."""
+        return kept_count(length, self.config.local_keep_ratio)

@@ -87,11 +87,12 @@ def participant_costs(shape: ModelShape, plan: FedAttnPlan, lengths: list[int],
         # (source, layer) pairs of foreign K/V that n fetches: in prefill, and in decode if it generates
         fetched = [(m, l) for m in n_all for l in range(shape.num_layers) if plan.reads(n, m, l)]
         flops = 0
+        attended = prefix_len + plan.kept_count(length)  # own keys: all but what sparse local computation skips
         for layer in range(shape.num_layers):
             # The paper's key length at a layer: own tokens plus every foreign token n can see there,
             # earlier or later (L when dense), not only the causal part.
             foreign = sum(shared[m] for m in n_all if plan.sees(n, m, layer, prefill=False))
-            flops += shape.layer_flops(own, own + foreign)
+            flops += shape.layer_flops(own, attended + foreign)
         costs.append(
             ParticipantCost(
                 tokens=length,

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Sequence
 
 from fedattn_vllm.admission import EngineCapacity, GangAdmission, SessionDemand
-from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError, FedAttnPlan
+from fedattn_vllm.config import FedAttnConfig
 from fedattn_vllm.plugin import FEDATTN_ARCHITECTURES
 from fedattn_vllm.driver import SessionDriver
 from fedattn_vllm.session import (FedAttnSession, FedAttnSessionError, GeneratorOutput, SessionCost, SessionResult,
@@ -111,10 +111,6 @@ class FederatedLLM:
 
         if not isinstance(config, FedAttnConfig):
             raise FedAttnSessionError("config", f"expected a FedAttnConfig, got {type(config).__name__}")
-        if config.local_keep_ratio != 1.0:
-            raise FedAttnConfigError(
-                "local_keep_ratio", "sparse local computation needs custom paged-attention masks; oracle-only for now"
-            )
         params = sampling_params or SamplingParams(temperature=0.0, max_tokens=64)
         if not isinstance(params, SamplingParams):
             raise FedAttnSessionError("sampling_params", f"expected vllm.SamplingParams, got {type(params).__name__}")

@@ -10,11 +10,13 @@ import torch
 
 
 def partial_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, *, causal: bool = False
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, *, causal: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of `query` over one key set, with its log-sum-exp.
 
     causal: the queries are the last T_q of the T_k keys (query i sees keys <= T_k - T_q + i).
+    mask: (T_q, T_k) bool, True where a query may see a key (with `causal`, both must allow it).
     Returns out (T_q, H, D) and lse (T_q, H) fp32; a query with no keys gets out 0, lse -inf.
     """
     t_q, heads, dim = query.shape
@@ -28,9 +30,11 @@ def partial_attention(
     if causal and t_q > 1:  # a single query is the newest token: it sees every key
         allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device).tril(t_k - t_q)
         scores = scores.masked_fill(~allowed, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (H_kv, G, T_q)
     weights = torch.exp(scores - lse.unsqueeze(-1))
-    if t_k == 0 or (causal and t_k < t_q):  # rows without keys: -inf - -inf
+    if t_k == 0 or (causal and t_k < t_q) or mask is not None:  # rows without keys: -inf - -inf
         weights = weights.nan_to_num(0.0)
     out = torch.bmm(weights.view(kv_heads, group * t_q, t_k), v).view(kv_heads, group, t_q, dim)
     out = out.permute(2, 0, 1, 3).reshape(t_q, heads, dim)

@@ -30,6 +30,7 @@ class FedAttnBlock(BaseModel):
     sync_layers: list[int] | None = None
     kv_share_ratio: float | list[float] = 1.0
     kv_selection: str = "random"
+    local_keep_ratio: float = 1.0
     publisher: int = -1
     publisher_sync_interval: int | None = None
     generators: list[int] = Field(default_factory=lambda: [-1])

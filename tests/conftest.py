@@ -207,6 +207,9 @@ def random_case(rng: random.Random, vocab: int, num_layers: int, wires: tuple[KV
     if ratio != "dense":
         options["kv_selection"] = rng.choice(selections)
     options["generators"] = tuple(rng.sample(range(n), rng.randint(1, n)))
+    if "question" not in selections and rng.random() < 0.3:  # sparse local computation (not with question selection)
+        options["local_keep_ratio"] = rng.choice([0.3, 0.5, 0.9])
+        options.setdefault("kv_selection", rng.choice(selections))
     if len(wires) > 1:
         options["kv_wire"] = rng.choice(wires)
     prefix = random_tokens(rng, vocab, rng.choice([1, rng.randint(2, 12)])) if rng.random() < 0.4 else []

@@ -57,6 +57,18 @@ def test_flops_by_hand():
     assert centralised_prefill_flops(shape, 5) == 2 * shape.layer_flops(5, 5)
 
 
+def test_sparse_local_computation_shortens_the_own_keys_only():
+    shape = ModelShape(num_layers=2, hidden_size=4, intermediate_size=8, num_heads=2, num_kv_heads=1,
+                       head_dim=2, bytes_per_element=2)
+    dense = participant_costs(shape, FedAttnConfig(sync_interval=2).resolve(2, 2), [10, 4], prefix_len=3)
+    sparse = participant_costs(shape, FedAttnConfig(sync_interval=2, local_keep_ratio=0.3).resolve(2, 2), [10, 4],
+                               prefix_len=3)
+    # participant 0: 13 queries over the prefix, 3 of its 10 tokens and, at sync layer 0, participant 1's 4
+    assert sparse[0].prefill_flops == shape.layer_flops(13, 3 + 3 + 4) + shape.layer_flops(13, 3 + 3)
+    assert sparse[1].prefill_flops == shape.layer_flops(7, 3 + 2 + 10) + shape.layer_flops(7, 3 + 2)  # ceil(1.2)
+    assert [c.upload_bytes for c in sparse] == [c.upload_bytes for c in dense]  # it shares what it shared
+
+
 def test_int8_wire_bytes_are_values_plus_float32_key_channel_and_value_token_scales():
     shape = ModelShape.from_hf_config(QWEN_05B, torch.float32)
     plan = FedAttnConfig(sync_interval=4, kv_wire="int8").resolve(24, 2)

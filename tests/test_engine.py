@@ -132,7 +132,6 @@ BAD_SESSIONS = [
     ("config", FedAttnSessionError, lambda: FedAttnSession([[5]], config={"sync_interval": 2})),
     ("sampling_params", FedAttnSessionError, lambda: FedAttnSession([[5]], sampling_params="greedy")),
     ("sampling_params.n", FedAttnSessionError, lambda: FedAttnSession([[5]], sampling_params=SamplingParams(n=2))),
-    ("local_keep_ratio", FedAttnConfigError, lambda: FedAttnSession([[5], [6]], FedAttnConfig(local_keep_ratio=0.5))),
     ("publisher", FedAttnConfigError, lambda: FedAttnSession([[5], [6]], FedAttnConfig(publisher=2))),
     ("generators", FedAttnConfigError, lambda: FedAttnSession([[5], [6]], FedAttnConfig(generators=(3,)))),
     ("kv_share_ratio", FedAttnConfigError, lambda: FedAttnSession([[5], [6]], FedAttnConfig(kv_share_ratio=(1.0,) * 3))),

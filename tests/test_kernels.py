@@ -42,6 +42,20 @@ def test_split_and_merge_equals_attention_over_the_union(dtype, heads, kv_heads,
     assert_close(out.double(), expected, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_mask_restricts_the_keys_on_top_of_causality(dtype):
+    """Sparse local computation: each query sees a subset of its causal keys (always itself)."""
+    d, scale, t = 64, 64**-0.5, 11
+    q, k, v = (torch.randn(t, 4, d).to(dtype) for _ in range(3))
+    mask = torch.rand(t, t) < 0.4
+    mask |= torch.eye(t, dtype=torch.bool)
+    out, lse = partial_attention(q, k[:, :2], v[:, :2], scale, causal=True, mask=mask)
+    expected = naive(q, k[:, :2], v[:, :2], scale, mask & torch.ones(t, t, dtype=torch.bool).tril())
+    assert_close(out.double(), expected, **TOL[dtype])
+    dense, _ = partial_attention(q, k[:, :2], v[:, :2], scale, causal=True)
+    assert not torch.allclose(out.float(), dense.float())
+
+
 def test_lse_is_the_log_partition_function():
     q, k, v = torch.randn(3, 2, 8), torch.randn(5, 1, 8), torch.randn(5, 1, 8)
     _, lse = partial_attention(q, k, v, 0.5)

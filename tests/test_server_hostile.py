@@ -71,7 +71,7 @@ def _cases() -> list[tuple[str, str, object]]:
                {"seed": 2**70}, {"generators": [99]}, {"generators": []}, {"generators": "all"}, {"kv_wire": "int3"},
                {"placement": "explicit", "sync_layers": [999]}, {"placement": "explicit", "sync_layers": [-1]},
                {"kv_share_ratio": NAN}, {"kv_share_ratio": 0}, {"kv_share_ratio": [0.5] * 100},
-               {"publisher": 2**40}, {"unknown": 1}, {"local_keep_ratio": 0.5}, {"generator_sync_interval": -3},
+               {"publisher": 2**40}, {"unknown": 1}, {"local_keep_ratio": 0}, {"generator_sync_interval": -3},
                {"publisher_sync_interval": 2**63}, "x", [], 5]
     cases += [("POST", "/v1/completions", {**ok_multi, "fedattn": v}) for v in fedattn]
     cases += [("POST", "/v1/completions", {**ok_multi, "public_prefix": v}) for v in [5, [-1], [2**40], {"a": 1}]]

@@ -38,9 +38,9 @@ def apply_sync_layer(
             _isolated(e, _publish, layer, key, value, questions)
             if questions is not None and e.session.error is None:
                 _count_questions(e, layer, query, asked)
-    # Pass 2: attention over own + foreign K/V for the rows that see any.
+    # Pass 2: attention over own (kept) + foreign K/V for the rows that see any or keep only some of their own.
     for e in batch.entries:
-        if layer in e.session.plan.sync_layers:  # elsewhere nobody in the session shares: stock output stands
+        if e.session.recomputes(e.participant, layer):  # elsewhere vLLM's own output stands
             _isolated(e, _attend, layer, query, key, value, output, scale)
 
 
@@ -95,21 +95,39 @@ def _attend(e: ParticipantRows, layer: int, query, key, value, output, scale: fl
         shape = (state.plan.shared_count(source, state.lengths[source]), *key.shape[1:])
         return decode_checked(payload, state.plan.config.kv_wire, key.dtype, shape)
 
-    if not e.prefill:  # a generator's token: one softmax over foreign + own keys (or stock, if no foreign)
-        if state.decodes_over_foreign(n, layer):
+    if not e.prefill:  # a generator's token: one softmax over foreign + own kept keys (or stock, if neither)
+        if state.decodes_from_buffer(n, layer):
             keys, values = state.decode_keys(n, layer, own, fetch, e.max_tokens)
             output[e.rows] = partial_attention(query[e.rows], keys, values, scale)[0].to(output.dtype)
         return
-    if state.decodes_over_foreign(n, layer):
-        state.prompt_kv[n, layer] = (own[0].clone(), own[1].clone())
+    # own: public prefix rows 0..P-1, then the segment's; `kept` indexes the segment (None: all of it)
+    prefix, length = state.prefix_len, state.lengths[n]
+    kept = state.plan.kept_positions(n, layer, length, key[e.segment_rows]) if state.sparse_local(n) else None
+    if state.decodes_from_buffer(n, layer):
+        rows = None if kept is None else torch.cat([torch.arange(prefix, device=kept.device), prefix + kept])
+        state.prompt_kv[n, layer] = (gather_tokens(own[0], rows).clone(), gather_tokens(own[1], rows).clone())
     foreign = state.foreign(n, layer, True, fetch)
-    if foreign is None:
+    if foreign is None and kept is None:
         return
-    # Only the segment's rows see foreign K/V (the prefix precedes all of it); they are the last of `own`.
+    # Only the segment's rows change (the prefix precedes every foreign token and keeps all of itself).
     q = query[e.segment_rows]
-    out_own, lse_own = partial_attention(q, own[0], own[1], scale, causal=True)
-    out_far, lse_far = partial_attention(q, foreign[0], foreign[1], scale)
-    output[e.segment_rows] = merge_attention(out_far, lse_far, out_own, lse_own)[0].to(output.dtype)
+    mask = None if kept is None else _local_mask(prefix, length, kept)
+    out_own, lse_own = partial_attention(q, own[0], own[1], scale, causal=True, mask=mask)
+    if foreign is not None:
+        out_far, lse_far = partial_attention(q, foreign[0], foreign[1], scale)
+        out_own = merge_attention(out_far, lse_far, out_own, lse_own)[0]
+    output[e.segment_rows] = out_own.to(output.dtype)
+
+
+def _local_mask(prefix: int, length: int, kept: torch.Tensor) -> torch.Tensor:
+    """(length, prefix + length) bool: a segment query sees the public prefix, the kept segment tokens and itself
+    (the causal bound is applied with it)."""
+    visible = torch.zeros(prefix + length, dtype=torch.bool, device=kept.device)
+    visible[:prefix] = True
+    visible[prefix + kept] = True
+    mask = visible.expand(length, -1).clone()
+    mask[torch.arange(length), prefix + torch.arange(length)] = True
+    return mask
 
 
 @functools.cache

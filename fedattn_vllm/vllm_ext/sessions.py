@@ -51,7 +51,8 @@ class SessionState:
     plan: FedAttnPlan
     lengths: list[int]  # segment tokens per participant
     prefix_len: int = 0  # public prefix tokens at the start of every participant's request
-    # (generator, layer) -> its own segment's K/V, kept from its prefill to its first decode step
+    # (generator, layer) -> its own prompt's K/V (public prefix and the segment's kept tokens), kept from its
+    # prefill to its first decode step
     prompt_kv: dict[tuple[int, int], KV] = field(default_factory=dict)
     # (generator, layer) -> every key/value its decode attends over: foreign, own segment, generated so far
     decode_kv: dict[tuple[int, int], GrowingKV] = field(default_factory=dict)
@@ -88,6 +89,21 @@ class SessionState:
         """Whether `participant` generates and its decode sees foreign K/V at `layer`."""
         return participant in self.plan.generators and bool(self.sources(participant, layer, prefill=False))
 
+    def sparse_local(self, participant: int) -> bool:
+        """Whether `participant` attends to only some of its own segment's tokens (sparse local computation)."""
+        return self.plan.kept_count(self.lengths[participant]) < self.lengths[participant]
+
+    def recomputes(self, participant: int, layer: int) -> bool:
+        """Whether the participant's rows at `layer` differ from vLLM's own attention over its request: someone
+        in the session shares there, or it attends to only some of its own tokens."""
+        return layer in self.plan.sync_layers or self.sparse_local(participant)
+
+    def decodes_from_buffer(self, participant: int, layer: int) -> bool:
+        """Whether a generator's decode at `layer` needs keys the paged cache cannot give alone: foreign K/V, or
+        only the kept part of its own prompt (then its prompt K/V are kept from prefill, in `prompt_kv`)."""
+        return self.decodes_over_foreign(participant, layer) or (participant in self.plan.generators
+                                                                 and self.sparse_local(participant))
+
     def foreign(self, participant: int, layer: int, prefill: bool, fetch) -> KV | None:
         """Foreign K/V `participant` attends to at `layer`, concatenated in participant order (None: none).
 
@@ -106,7 +122,8 @@ class SessionState:
         return torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])  # (sum of shared, H_kv, D)
 
     def decode_keys(self, participant: int, layer: int, kv: KV, fetch, max_tokens: int) -> KV:
-        """Keys/values a generator's new tokens `kv` attend to at `layer`: foreign + own, this step's included.
+        """Keys/values a generator's new tokens `kv` attend to at `layer`: foreign (if any) + own prompt (kept
+        tokens) + generated, this step's included.
 
         Built once at the first decode step (the foreign set never changes after prefill), with room
         for the generator's `max_tokens`, then grown.
@@ -115,7 +132,7 @@ class SessionState:
         if grown is None:
             foreign = self.foreign(participant, layer, False, fetch)
             own = self.prompt_kv.pop((participant, layer))
-            start = (torch.cat([foreign[0], own[0]]), torch.cat([foreign[1], own[1]]))
+            start = own if foreign is None else (torch.cat([foreign[0], own[0]]), torch.cat([foreign[1], own[1]]))
             grown = self.decode_kv[participant, layer] = GrowingKV(start, start[0].shape[0] + max_tokens)
             grown.append(start)
         return grown.append(kv)
