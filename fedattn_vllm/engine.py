@@ -18,9 +18,7 @@ from fedattn_vllm.driver import SessionDriver
 from fedattn_vllm.session import (FedAttnSession, FedAttnSessionError, GeneratorOutput, SessionCost, SessionResult,
                                   SessionRun)
 from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, REGISTRY, ParticipantMetadata
-
-# The engine must run in this process (the exchange is in-process) and on the V1 runner.
-_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_V2_MODEL_RUNNER": "0"}
+from fedattn_vllm.vllm_ext.surface import ENGINE_ENV, EngineHandle, check_vllm, on_cpu
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30  # vLLM's CPU default sizes the cache from free memory; several engines share it
 # Engine arguments FedAttn needs: each segment is computed whole, in one step, at every layer.
 _REQUIRED_ENGINE_ARGS = {"enable_prefix_caching": False, "enable_chunked_prefill": False}
@@ -40,7 +38,8 @@ class FederatedLLM:
     """
 
     def __init__(self, model: str = "default", **engine_args):
-        for name, value in _ENGINE_ENV.items():
+        check_vllm()
+        for name, value in ENGINE_ENV.items():
             if os.environ.setdefault(name, value) != value:
                 raise RuntimeError(f"FederatedLLM needs {name}={value} (the K/V exchange runs in the engine's process)")
         for name, value in _REQUIRED_ENGINE_ARGS.items():
@@ -65,18 +64,15 @@ class FederatedLLM:
         args = {"enforce_eager": True, "max_num_batched_tokens": max(16384, longest), **engine_args,
                 **_REQUIRED_ENGINE_ARGS}
         args.pop("revision", None)  # `path` is that revision already
-        if _on_cpu() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        if on_cpu() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             args.setdefault("kv_cache_memory_bytes", DEFAULT_CPU_KV_CACHE_BYTES)
         self.llm = LLM(model=str(path), hf_overrides={"architectures": [FEDATTN_ARCHITECTURES[arch]]}, **args)
-        self.engine = self.llm.llm_engine
+        self.engine = EngineHandle(self.llm)
         self.tokenizer = self.llm.get_tokenizer()
-        config = self.engine.vllm_config
-        self.max_model_len = config.model_config.max_model_len
+        self.max_model_len = self.engine.max_model_len
         self.admission = GangAdmission(EngineCapacity(
-            max_batched_tokens=config.scheduler_config.max_num_batched_tokens,
-            max_seqs=config.scheduler_config.max_num_seqs,
-            kv_blocks=config.cache_config.num_gpu_blocks,
-            block_size=config.cache_config.block_size,
+            max_batched_tokens=self.engine.max_batched_tokens, max_seqs=self.engine.max_seqs,
+            kv_blocks=self.engine.kv_blocks, block_size=self.engine.block_size,
         ))
         self._active: dict[str, SessionRun] = {}  # started sessions
         self._requests: dict[str, tuple[SessionRun, int]] = {}  # vLLM request id -> (its run, its participant)
@@ -179,9 +175,8 @@ class FederatedLLM:
     def start(self, run: SessionRun, lengths: list[int]) -> None:
         """Hand a reserved run's requests to vLLM; `lengths` are every participant's segment lengths."""
         params = self._participant_params(run, lengths)
-        inputs = self.engine.renderer.render_cmpl([{"prompt_token_ids": run.prefix + p} for p in run.prompts.values()])
-        for (n, sp), engine_input in zip(params.items(), inputs):
-            self.engine.add_request(run.request_id(n), engine_input, sp)
+        self.engine.add([(run.request_id(n), run.prefix + run.prompts[n], sp) for n, sp in params.items()])
+        for n in params:
             self._requests[run.request_id(n)] = (run, n)
         self.admission.start(run.session_id)
         run.started = True
@@ -194,7 +189,7 @@ class FederatedLLM:
     def holdings(self) -> dict:
         """What this engine holds now (counts only): session state, requests with reserved cache, vLLM's own."""
         return {"sessions": len(REGISTRY), "requests": self.admission.live_requests,
-                "unfinished": self.engine.get_num_unfinished_requests()}
+                "unfinished": self.engine.unfinished}
 
     def step(self, on_output=None) -> list[SessionRun]:
         """One engine step; returns the runs that completed or failed in it (finish them next).
@@ -251,7 +246,7 @@ class FederatedLLM:
             self._requests.pop(request_id, None)
         unfinished = [run.request_id(n) for n in run.prompts if n not in run.finished]
         if run.started and unfinished:
-            self.engine.abort_request(unfinished)
+            self.engine.abort(unfinished)
         self.admission.cancel(run.session_id, run.request_ids)
         stats = REGISTRY.exchange.stats(run.session_id)
         REGISTRY.release(run.session_id)
@@ -273,8 +268,3 @@ class FederatedLLM:
                                              completion.logprobs)
         return SessionResult(outputs=outputs, cost=cost)
 
-
-def _on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()

@@ -14,6 +14,15 @@ FEDATTN_ARCHITECTURES = {
 
 
 def register() -> None:
+    """Register the FedAttn model classes, unless the installed vLLM is not the series FedAttn reads (then
+    plain vLLM runs untouched and `FederatedLLM` says why it cannot start)."""
+    import logging
+
+    from fedattn_vllm.vllm_ext.surface import unsupported_vllm
+
+    if (why := unsupported_vllm()) is not None:
+        logging.getLogger(__name__).warning("%s: FedAttn's models are not registered", why)
+        return
     from vllm import ModelRegistry
 
     supported = set(ModelRegistry.get_supported_archs())

@@ -8,7 +8,8 @@ import torch
 from vllm import SamplingParams
 
 from fedattn_vllm.config import FedAttnConfig
-from fedattn_vllm.vllm_ext.batch import FedAttnBatch, UntestedVLLMError, check_vllm_version
+from fedattn_vllm.vllm_ext.batch import FedAttnBatch
+from fedattn_vllm.vllm_ext.surface import UntestedVLLMError, unsupported_vllm
 from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, REGISTRY, ParticipantMetadata
 
 LENGTHS = [4, 3, 5]
@@ -66,12 +67,30 @@ def test_a_segment_not_computed_whole_fails_its_session_instead_of_computing_som
     assert "not computed whole" in REGISTRY.failed(["s"])["s"]
 
 
-def test_another_vllm_series_is_refused_unless_allowed():
-    check_vllm_version("0.32.0", allow_untested=False)
-    check_vllm_version("0.32.3+cpu", allow_untested=False)
-    with pytest.raises(UntestedVLLMError, match="FEDATTN_ALLOW_UNTESTED_VLLM"):
-        check_vllm_version("0.33.0", allow_untested=False)
-    check_vllm_version("0.33.0", allow_untested=True)
+def test_another_vllm_series_is_refused_unless_allowed(monkeypatch):
+    monkeypatch.delenv("FEDATTN_ALLOW_UNTESTED_VLLM", raising=False)
+    assert unsupported_vllm("0.32.0") is None and unsupported_vllm("0.32.3+cpu") is None
+    assert "FEDATTN_ALLOW_UNTESTED_VLLM" in unsupported_vllm("0.33.0")
+    monkeypatch.setenv("FEDATTN_ALLOW_UNTESTED_VLLM", "1")
+    assert unsupported_vllm("0.33.0") is None
+
+
+def test_another_vllm_series_leaves_plain_vllm_alone_and_the_engine_says_why(monkeypatch):
+    """The plugin runs in every vLLM process: on another series it registers nothing (and raises nothing)."""
+    from vllm import ModelRegistry
+
+    from fedattn_vllm.engine import FederatedLLM
+    from fedattn_vllm.plugin import register
+    from fedattn_vllm.vllm_ext import surface
+
+    monkeypatch.delenv("FEDATTN_ALLOW_UNTESTED_VLLM", raising=False)
+    monkeypatch.setattr(surface, "installed_vllm", lambda: "0.99.0")
+    registered = []
+    monkeypatch.setattr(ModelRegistry, "register_model", lambda *args: registered.append(args))
+    register()
+    assert registered == []
+    with pytest.raises(UntestedVLLMError, match="vllm 0.99.0"):
+        FederatedLLM("tiny-qwen2")
 
 
 def test_a_runner_without_the_state_it_reads_is_refused_by_name():

@@ -146,7 +146,7 @@ def test_bad_sessions_raise_typed_errors_naming_the_field_before_anything_runs(t
     with pytest.raises(error) as raised:
         tiny_engine.llm.generate([good, make()])
     assert raised.value.field == field
-    assert not tiny_engine.llm.engine.has_unfinished_requests() and len(REGISTRY) == 0
+    assert tiny_engine.llm.engine.unfinished == 0 and len(REGISTRY) == 0
     assert tiny_engine.llm.generate([good])[0].error is None  # the engine is fine
 
 
@@ -155,7 +155,7 @@ def test_chunked_prefill_and_prefix_caching_are_refused_and_off(tiny_engine, arg
     with pytest.raises(FedAttnEngineError) as raised:
         FederatedLLM(tiny_engine.name, **{arg: True})
     assert raised.value.field == arg
-    config = tiny_engine.llm.engine.vllm_config
+    config = tiny_engine.llm.llm.llm_engine.vllm_config
     assert not config.cache_config.enable_prefix_caching and not config.scheduler_config.enable_chunked_prefill
 
 

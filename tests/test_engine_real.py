@@ -93,8 +93,7 @@ def test_the_readme_example_starts_with_no_engine_arguments():
         from fedattn_vllm import FedAttnConfig, FedAttnSession, FederatedLLM
 
         llm = FederatedLLM("default", dtype="float32")
-        scheduler = llm.engine.vllm_config.scheduler_config
-        assert llm.max_model_len == 32768 and scheduler.max_num_batched_tokens >= llm.max_model_len
+        assert llm.max_model_len == 32768 and llm.engine.max_batched_tokens >= llm.max_model_len
         [result] = llm.generate([FedAttnSession(["Alice's notes: the door code is 4417.", "Question: the door code?"],
                                                 FedAttnConfig(), SamplingParams(temperature=0.0, max_tokens=4))])
         assert result.error is None and len(result.outputs[1].token_ids) == 4

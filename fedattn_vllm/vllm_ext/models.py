@@ -6,26 +6,19 @@ One generic mixin; each supported architecture is a one-line subclass registered
 
 from __future__ import annotations
 
-import re
-
-from vllm.model_executor.layers.attention.attention import Attention
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from fedattn_vllm.vllm_ext.attention import fedattn_impl_class
 from fedattn_vllm.vllm_ext.batch import install_runner_hook
-
-_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+from fedattn_vllm.vllm_ext.surface import swap_attention_impls
 
 
 class FedAttnModelMixin:
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         install_runner_hook()
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.impl.__class__ = fedattn_impl_class(type(module.impl))
-                module.impl.fedattn_layer = int(_LAYER_INDEX.search(module.layer_name).group(1))
+        swap_attention_impls(self, fedattn_impl_class)
 
 
 class FedAttnQwen2ForCausalLM(FedAttnModelMixin, Qwen2ForCausalLM):

@@ -1,0 +1,133 @@
+"""Everything FedAttn reads or patches inside vLLM beyond its public API, and the vLLM series it was read from.
+
+The public API (`LLM`, `SamplingParams`, `EngineArgs`, `ModelRegistry`, the model classes FedAttn
+subclasses) is used where it is needed; what vLLM does not promise to keep lives here only:
+  - the model runner: the batch's request order and row offsets (`scheduled_requests`) and the
+    wrapper of `_model_forward` that rewrites positions (`install_forward_hook`);
+  - the attention layers: their impls are swapped for subclasses (`swap_attention_impls`) whose
+    `forward(layer, query, key, value, kv_cache, attn_metadata, output, ...)` runs the stock one first;
+  - the engine behind `LLM`: prompts as token ids in, one step, abort, capacity (`EngineHandle`), and
+    the environment that keeps it in this process (`ENGINE_ENV`).
+`SUPPORTED_VLLM` is checked when the plugin registers (another series: FedAttn's models are not
+registered and `FederatedLLM` raises `UntestedVLLMError`; FEDATTN_ALLOW_UNTESTED_VLLM=1 overrides, then
+check the engine against the oracle: tests/test_engine.py). docs/engine.md says why vLLM's KV-connector
+API does not replace these (evaluated on 0.32).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+
+SUPPORTED_VLLM = "0.32."  # the series whose internals this module reads
+# The engine runs in this process (the K/V exchange is in-process) and on the V1 model runner.
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_V2_MODEL_RUNNER": "0"}
+RUNNER_STATE = ("input_batch", "query_start_loc", "requests")  # what is read of the runner, besides request ids
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+class UntestedVLLMError(RuntimeError):
+    """The installed vLLM is not the series FedAttn's contact with its internals was written against."""
+
+
+def unsupported_vllm(installed: str | None = None) -> str | None:
+    """Why the installed vLLM cannot host FedAttn (None: it can)."""
+    if installed is None:
+        installed = installed_vllm()
+    if installed.startswith(SUPPORTED_VLLM) or os.environ.get("FEDATTN_ALLOW_UNTESTED_VLLM") == "1":
+        return None
+    return (f"vllm {installed}: FedAttn reads model-runner and engine internals of vllm {SUPPORTED_VLLM}x only; "
+            f"install vllm=={SUPPORTED_VLLM}* (or set FEDATTN_ALLOW_UNTESTED_VLLM=1 and check the results against "
+            "the oracle: tests/test_engine.py)")
+
+
+def installed_vllm() -> str:
+    import vllm  # already imported wherever the plugin runs
+
+    return vllm.__version__
+
+
+def check_vllm() -> None:
+    if (why := unsupported_vllm()) is not None:
+        raise UntestedVLLMError(why)
+
+
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+# -- the model runner ------------------------------------------------------------------------
+def scheduled_requests(runner) -> Iterator[tuple[object, int, int, int]]:
+    """(sampling params, first row, end row, tokens computed before this step) per request of the runner's
+    batch, in row order."""
+    if missing := [name for name in RUNNER_STATE if not hasattr(runner, name)]:
+        raise UntestedVLLMError(f"vLLM's model runner has no {', '.join(missing)}: this vLLM is not the "
+                                f"{SUPPORTED_VLLM}x series FedAttn reads")
+    batch = runner.input_batch
+    starts = runner.query_start_loc.np
+    for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
+        yield (runner.requests[req_id].sampling_params, int(starts[i]), int(starts[i + 1]),
+               int(batch.num_computed_tokens_cpu[i]))
+
+
+def install_forward_hook(hook: Callable) -> None:
+    """Wrap the model runner's `_model_forward` (meant for overriding) once per process:
+    `hook(runner, positions, forward)` runs the model, `forward(positions)` being vLLM's own call."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._model_forward
+    if getattr(original, "_fedattn", False):
+        return
+    check_vllm()
+
+    def _model_forward(self, input_ids=None, positions=None, *args, **kwargs):
+        return hook(self, positions, lambda moved: original(self, input_ids, moved, *args, **kwargs))
+
+    _model_forward._fedattn = True
+    GPUModelRunner._model_forward = _model_forward
+
+
+# -- the attention layers --------------------------------------------------------------------
+def swap_attention_impls(model, impl_class: Callable[[type], type]) -> None:
+    """Give every attention layer of `model` the impl class `impl_class(stock class)`, its index as
+    `fedattn_layer` (a direct subclass: same object layout, so the class is swapped in place)."""
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.impl.__class__ = impl_class(type(module.impl))
+            module.impl.fedattn_layer = int(_LAYER_INDEX.search(module.layer_name).group(1))
+
+
+# -- the engine ------------------------------------------------------------------------------
+class EngineHandle:
+    """The engine behind a `vllm.LLM`, driven step by step with prompts as token ids."""
+
+    def __init__(self, llm):
+        self._engine = llm.llm_engine
+        config = self._engine.vllm_config
+        self.max_model_len: int = config.model_config.max_model_len
+        self.max_batched_tokens: int = config.scheduler_config.max_num_batched_tokens
+        self.max_seqs: int = config.scheduler_config.max_num_seqs
+        self.kv_blocks: int = config.cache_config.num_gpu_blocks
+        self.block_size: int = config.cache_config.block_size
+
+    def add(self, requests: list[tuple[str, list[int], object]]) -> None:
+        """(request id, prompt token ids, SamplingParams) each."""
+        inputs = self._engine.renderer.render_cmpl([{"prompt_token_ids": ids} for _, ids, _ in requests])
+        for (request_id, _, params), engine_input in zip(requests, inputs):
+            self._engine.add_request(request_id, engine_input, params)
+
+    def step(self) -> list:
+        """One engine step: the RequestOutputs it produced."""
+        return self._engine.step()
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._engine.abort_request(request_ids)
+
+    @property
+    def unfinished(self) -> int:
+        return self._engine.get_num_unfinished_requests()
