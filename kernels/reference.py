@@ -41,6 +41,26 @@ def partial_attention(
     return out.to(query.dtype), lse.permute(2, 0, 1).reshape(t_q, heads)
 
 
+def decode_attention(
+    queries: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], scale: float
+) -> torch.Tensor:
+    """B decoding tokens at once, each over its own key set: queries (B, H, D), keys[b]/values[b] (T_b, H_kv, D).
+
+    One padded, masked softmax for the batch (every key set of a layer's generators in one call), equal to
+    `partial_attention(queries[b:b+1], keys[b], values[b], scale)[0]` for each b. Returns (B, H, D).
+    """
+    batch, heads, dim = queries.shape
+    kv_heads = keys[0].shape[1]
+    lengths = torch.tensor([k.shape[0] for k in keys], device=queries.device)
+    k = torch.nn.utils.rnn.pad_sequence(keys, batch_first=True).float()  # (B, T_max, H_kv, D)
+    v = torch.nn.utils.rnn.pad_sequence(values, batch_first=True).float()
+    q = queries.float().view(batch, kv_heads, heads // kv_heads, dim) * scale  # GQA: heads under their KV head
+    scores = torch.einsum("bhgd,bthd->bhgt", q, k)
+    padding = torch.arange(k.shape[1], device=queries.device) >= lengths[:, None]  # (B, T_max)
+    weights = torch.softmax(scores.masked_fill(padding[:, None, None, :], float("-inf")), dim=-1)
+    return torch.einsum("bhgt,bthd->bhgd", weights, v).reshape(batch, heads, dim).to(queries.dtype)
+
+
 def merge_attention(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from kernels import (dequantize_groups, dequantize_int8, gather_tokens, merge_attention, partial_attention,
-                     quantize_groups, quantize_int8)
+from kernels import (decode_attention, dequantize_groups, dequantize_int8, gather_tokens, merge_attention,
+                     partial_attention, quantize_groups, quantize_int8)
 
 
 def naive(query, key, value, scale, allowed):
@@ -54,6 +54,21 @@ def test_a_mask_restricts_the_keys_on_top_of_causality(dtype):
     assert_close(out.double(), expected, **TOL[dtype])
     dense, _ = partial_attention(q, k[:, :2], v[:, :2], scale, causal=True)
     assert not torch.allclose(out.float(), dense.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads", [(2, 1), (14, 2), (4, 4)])
+def test_decoding_tokens_in_one_padded_call_equal_each_over_its_own_keys(dtype, heads, kv_heads):
+    d, scale = 64, 64**-0.5
+    lengths = [1, 37, 5, 120, 37]
+    queries = torch.randn(len(lengths), heads, d).to(dtype)
+    keys = [torch.randn(t, kv_heads, d).to(dtype) for t in lengths]
+    values = [torch.randn(t, kv_heads, d).to(dtype) for t in lengths]
+    batched = decode_attention(queries, keys, values, scale)
+    assert batched.shape == queries.shape and batched.dtype == dtype
+    for b in range(len(lengths)):
+        alone = partial_attention(queries[b:b + 1], keys[b], values[b], scale)[0][0]
+        assert_close(batched[b].float(), alone.float(), **TOL[dtype])
 
 
 def test_lse_is_the_log_partition_function():

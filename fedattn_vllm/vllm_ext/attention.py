@@ -4,7 +4,10 @@ Every attention impl of a FedAttn model becomes a subclass of its backend's impl
 stock forward runs first (it caches K/V and attends over the request's own tokens, which
 is all a local layer needs). At a layer where a participant sees foreign K/V, its rows are
 recomputed: in prefill as attention over its own K/V (causal) merged with attention over
-the foreign K/V; in a generator's decode as one softmax over foreign + own K/V.
+the foreign K/V; in a generator's decode as one softmax over foreign + own K/V, every
+decoding generator of the layer in one padded call (`kernels.decode_attention`). A
+participant that attends to only some of its own tokens (sparse local computation) is
+recomputed at every layer the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from fedattn_vllm.kv_wire import decode_checked, encode_kv
 from fedattn_vllm.selection import QUESTION_ROWS, question_bytes
 from fedattn_vllm.vllm_ext.batch import FedAttnBatch, ParticipantRows, current_batch
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
-from kernels import gather_tokens, merge_attention, partial_attention
+from kernels import decode_attention, gather_tokens, merge_attention, partial_attention
 
 
 def apply_sync_layer(
@@ -38,20 +41,34 @@ def apply_sync_layer(
             _isolated(e, _publish, layer, key, value, questions)
             if questions is not None and e.session.error is None:
                 _count_questions(e, layer, query, asked)
-    # Pass 2: attention over own (kept) + foreign K/V for the rows that see any or keep only some of their own.
+    # Pass 2: attention over own (kept) + foreign K/V for the rows that see any or keep only some of their own;
+    # the layer's decoding generators all in one call.
+    decoding: list[tuple[ParticipantRows, tuple[torch.Tensor, torch.Tensor]]] = []
     for e in batch.entries:
-        if e.session.recomputes(e.participant, layer):  # elsewhere vLLM's own output stands
-            _isolated(e, _attend, layer, query, key, value, output, scale)
+        if not e.session.recomputes(e.participant, layer):  # elsewhere vLLM's own output stands
+            continue
+        if e.prefill:
+            _isolated(e, _attend_prefill, layer, query, key, value, output, scale)
+        elif e.session.decodes_from_buffer(e.participant, layer):
+            keys = _isolated(e, _decode_keys, layer, key, value)
+            if keys is not None:
+                decoding.append((e, keys))
+    if decoding:
+        rows = torch.tensor([e.rows.start for e, _ in decoding], device=query.device)  # one token each
+        attended = decode_attention(query[rows], [k for _, (k, _) in decoding], [v for _, (_, v) in decoding], scale)
+        output[rows] = attended.to(output.dtype)
 
 
-def _isolated(entry: ParticipantRows, step, *args) -> None:
-    """Run one participant's step; an exchange error fails its session only, never the engine."""
+def _isolated(entry: ParticipantRows, step, *args):
+    """Run one participant's step (its result, or None); an exchange error fails its session only, never the
+    engine."""
     if entry.session.error is not None:
-        return
+        return None
     try:
-        step(entry, *args)
+        return step(entry, *args)
     except KVExchangeError as error:
         entry.session.fail(str(error))
+        return None
 
 
 def _questions(batch: FedAttnBatch, e: ParticipantRows, query: torch.Tensor, scale: float) -> torch.Tensor | None:
@@ -86,20 +103,28 @@ def _publish(e: ParticipantRows, layer: int, key: torch.Tensor, value: torch.Ten
     REGISTRY.exchange.publish(state.session_id, n, layer, encode_kv(kv, state.plan.config.kv_wire))
 
 
-def _attend(e: ParticipantRows, layer: int, query, key, value, output, scale: float) -> None:
+def _fetcher(e: ParticipantRows, layer: int, like: torch.Tensor):
+    """fetch(source) -> its K/V at `layer` as `e` may see them, decoded and checked (they come from another party)."""
+    state = e.session
+
+    def fetch(source: int):
+        payload = REGISTRY.exchange.fetch(state.session_id, e.participant, source, layer)
+        shape = (state.plan.shared_count(source, state.lengths[source]), *like.shape[1:])
+        return decode_checked(payload, state.plan.config.kv_wire, like.dtype, shape)
+
+    return fetch
+
+
+def _decode_keys(e: ParticipantRows, layer: int, key, value) -> tuple[torch.Tensor, torch.Tensor]:
+    """A generator's token: every key/value it attends to at `layer` (foreign + own kept prompt + generated)."""
+    return e.session.decode_keys(e.participant, layer, (key[e.rows], value[e.rows]), _fetcher(e, layer, key),
+                                 e.max_tokens)
+
+
+def _attend_prefill(e: ParticipantRows, layer: int, query, key, value, output, scale: float) -> None:
     state, n = e.session, e.participant
-    own = key[e.rows], value[e.rows]  # prefill: public prefix + segment
-
-    def fetch(source: int):  # checked before use: it comes from another party
-        payload = REGISTRY.exchange.fetch(state.session_id, n, source, layer)
-        shape = (state.plan.shared_count(source, state.lengths[source]), *key.shape[1:])
-        return decode_checked(payload, state.plan.config.kv_wire, key.dtype, shape)
-
-    if not e.prefill:  # a generator's token: one softmax over foreign + own kept keys (or stock, if neither)
-        if state.decodes_from_buffer(n, layer):
-            keys, values = state.decode_keys(n, layer, own, fetch, e.max_tokens)
-            output[e.rows] = partial_attention(query[e.rows], keys, values, scale)[0].to(output.dtype)
-        return
+    own = key[e.rows], value[e.rows]  # public prefix + segment
+    fetch = _fetcher(e, layer, key)
     # own: public prefix rows 0..P-1, then the segment's; `kept` indexes the segment (None: all of it)
     prefix, length = state.prefix_len, state.lengths[n]
     kept = state.plan.kept_positions(n, layer, length, key[e.segment_rows]) if state.sparse_local(n) else None
