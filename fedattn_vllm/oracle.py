@@ -113,9 +113,10 @@ class _Visibility:
         return torch.cat([prompt, torch.ones(num_generated, dtype=torch.bool)])[None, :]
 
 
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """bool (Q, K) -> additive float mask (1, 1, Q, K) with -inf where not allowed."""
-    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))[None, None]
+def _additive(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """bool (Q, K) -> additive float mask (1, 1, Q, K) with -inf where not allowed, in `like`'s dtype and device."""
+    mask = mask.to(like.device)
+    return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(~mask, float("-inf"))[None, None]
 
 
 class FedAttnOracle:
@@ -149,7 +150,7 @@ class FedAttnOracle:
         for layer_idx, layer in enumerate(self.decoder.layers):
             hidden = layer(
                 hidden,
-                attention_mask=_additive(masks(layer_idx, hidden, position_embeddings), hidden.dtype),
+                attention_mask=_additive(masks(layer_idx, hidden, position_embeddings), hidden),
                 position_ids=positions[None, :],
                 past_key_values=cache,
                 use_cache=True,
@@ -185,7 +186,8 @@ class FedAttnOracle:
         lengths = [len(s) for s in segments]
         vis = _Visibility(plan, lengths, len(public_prefix))
         prompt_len = len(public_prefix) + sum(lengths)
-        input_ids = torch.tensor(public_prefix + [tok for seg in segments for tok in seg])[None, :]
+        device = self.model.device  # masks and selections are built on the CPU; the model runs where it lives
+        input_ids = torch.tensor(public_prefix + [tok for seg in segments for tok in seg], device=device)[None, :]
 
         cache = DynamicCache(config=self.model.config)
         hidden = self.decoder.embed_tokens(input_ids)
@@ -196,7 +198,7 @@ class FedAttnOracle:
             queries, keys = self._layer_queries_keys(layer, layer_input, position_embeddings)
             return vis.prefill_mask(layer, keys, queries if plan.selection_needs_queries else None)
 
-        normed = self._layers(hidden, torch.arange(prompt_len), prefill_mask, cache, hidden_out)
+        normed = self._layers(hidden, torch.arange(prompt_len, device=device), prefill_mask, cache, hidden_out)
 
         out = OracleOutput(tokens={}, first_logits={}, sync_layers=plan.sync_layers)
         if output_prompt_logits:
@@ -216,8 +218,8 @@ class FedAttnOracle:
                 if (token in self.eos_token_ids and not ignore_eos) or len(tokens) == max_new_tokens:
                     break
                 step = len(tokens)  # generated tokens in the cache after this step
-                position = torch.tensor([prompt_len + step - 1])
-                hidden = self.decoder.embed_tokens(torch.tensor([[token]]))
+                position = torch.tensor([prompt_len + step - 1], device=device)
+                hidden = self.decoder.embed_tokens(torch.tensor([[token]], device=device))
                 normed_step = self._layers(
                     hidden, position, lambda l, *_: vis.decode_mask(l, g, step), own_cache
                 )

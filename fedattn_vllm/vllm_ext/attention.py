@@ -136,7 +136,7 @@ def _attend_prefill(e: ParticipantRows, layer: int, query, key, value, output, s
         return
     # Only the segment's rows change (the prefix precedes every foreign token and keeps all of itself).
     q = query[e.segment_rows]
-    mask = None if kept is None else _local_mask(prefix, length, kept)
+    mask = None if kept is None else _local_mask(prefix, length, kept.to(q.device))
     out_own, lse_own = partial_attention(q, own[0], own[1], scale, causal=True, mask=mask)
     if foreign is not None:
         out_far, lse_far = partial_attention(q, foreign[0], foreign[1], scale)
