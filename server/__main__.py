@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp, SettingsError
 
 from fedattn_vllm.federated.lifeline import exit_with_parent
-from server.app import create_app
+from server.app import build_app
 from server.settings import ServerSettings
 
 
@@ -42,7 +42,7 @@ def main() -> None:
         exit_with_parent(settings.parent_pid)
     logging.basicConfig(level=logging.INFO)
     # access_log off: request lines carry no prompt text, but nothing about a request is logged by default
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, access_log=False,
+    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, access_log=False,
                 ssl_keyfile=settings.ssl_keyfile, ssl_certfile=settings.ssl_certfile)
 
 

@@ -17,6 +17,7 @@ class Backend:
     tokenizer: object
     num_layers: int
     sampling_defaults: dict  # the model's generation_config values of SAMPLING_DEFAULTS' fields
+    metrics: object  # server.metrics.Metrics, told of every session's end
     local_cluster: object | None = None  # LocalCluster the server started, stopped with it
 
     @classmethod
@@ -28,7 +29,7 @@ class Backend:
 
             llm = FederatedLLM(settings.model, **engine_args)
             return cls(EngineWorker(llm, **limits), _with_chat_template(llm.tokenizer, settings), llm.num_layers,
-                       sampling_defaults(llm.model_path))
+                       sampling_defaults(llm.model_path), metrics)
         from transformers import AutoTokenizer
 
         from fedattn_vllm.federated.cluster import FederatedCluster
@@ -58,7 +59,7 @@ class Backend:
             cluster = local.cluster
         path = resolve_model(settings.model, settings.revision)
         return cls(ClusterWorker(cluster, **limits), _with_chat_template(AutoTokenizer.from_pretrained(path), settings),
-                   cluster.num_layers, sampling_defaults(path), local)
+                   cluster.num_layers, sampling_defaults(path), metrics, local)
 
     def close(self) -> None:
         self.worker.close()

@@ -1,0 +1,108 @@
+"""What the server answers for a session: the OpenAI reply with FedAttn's usage block, or its server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fedattn_vllm.config import FedAttnConfigError
+from fedattn_vllm.federated.client import CoordinatorError
+from fedattn_vllm.session import FedAttnSessionError, SessionResult
+from server.errors import APIError, coordinator_error, error_body
+from server.logprobs import choice_logprobs
+from server.sampling import failure, refusal
+from server.worker import Timings
+
+
+def usage(result: SessionResult) -> dict:
+    completion_tokens = sum(len(out.token_ids) for out in result.outputs.values())
+    prompt_tokens = result.cost.prefix_tokens + sum(result.cost.tokens)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def fedattn_block(result: SessionResult, timings: Timings) -> dict:
+    return {
+        "participants": len(result.cost.tokens), "tokens": result.cost.tokens,
+        "public_prefix_tokens": result.cost.prefix_tokens,
+        "sync_layers": list(result.cost.sync_layers),
+        "published_bytes": result.cost.published_bytes, "received_bytes": result.cost.received_bytes,
+        "timings": {"time_to_first_token_s": timings.first_token_s, "total_s": timings.total_s},
+    }
+
+
+def reply(result: SessionResult, timings: Timings, response_id: str, kind: str, model: str, decode,
+          top_logprobs: int | None = None) -> dict:
+    """The answer, one choice per generator; `decode(token ids) -> text`; `top_logprobs`: the request asked for
+    logprobs with that many alternatives per token."""
+    choices = []
+    for i, (g, out) in enumerate(sorted(result.outputs.items())):
+        logprobs = None
+        if top_logprobs is not None and out.logprobs is not None:
+            logprobs = choice_logprobs(out.token_ids, out.logprobs, top_logprobs, kind, lambda t: decode([t]))
+        content = {"text": out.text} if kind == "text_completion" else \
+            {"message": {"role": "assistant", "content": out.text}}
+        choices.append({"index": i, "participant": g, **content, "logprobs": logprobs,
+                        "finish_reason": out.finish_reason})
+    return {"id": response_id, "object": kind, "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage(result), "fedattn": fedattn_block(result, timings)}
+
+
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+async def stream_events(worker, session_id: str, future, pieces: asyncio.Queue, response_id: str, kind: str,
+                        model: str, index_of: dict[int, int], include_usage: bool, timings: Timings,
+                        segments_param: str) -> AsyncIterator[str]:
+    """Server-sent events: per choice (`index_of`: generator -> choice index) a role delta first (chat), its
+    text as `pieces` brings it, a last chunk with its finish reason and the session's `fedattn` block, then the
+    usage (`stream_options.include_usage`); or the session's failure as an error event. A client that leaves
+    cancels the session."""
+    created = int(time.time())
+    chunk_object = kind if kind == "text_completion" else f"{kind}.chunk"
+
+    def chunk(choices: list[dict], **extra) -> str:
+        return _event({"id": response_id, "object": chunk_object, "created": created, "model": model,
+                       "choices": choices, **extra})
+
+    def choice(g: int, text: str, finish_reason: str | None = None, role: bool = False) -> dict:
+        if kind == "text_completion":
+            content = {"text": text, "logprobs": None}
+        else:
+            content = {"delta": {"role": "assistant", "content": text} if role else {"content": text}}
+        return {"index": index_of[g], "participant": g, **content, "finish_reason": finish_reason}
+
+    try:
+        if kind != "text_completion":
+            yield chunk([choice(g, "", role=True) for g in index_of])
+        while not (future.done() and pieces.empty()):
+            try:
+                generator, text = await asyncio.wait_for(pieces.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                continue
+            if text:
+                yield chunk([choice(generator, text)])
+        error = future.exception()
+        if isinstance(error, (FedAttnConfigError, FedAttnSessionError)):
+            failed = refusal(error, segments_param)
+        elif isinstance(error, CoordinatorError):
+            failed = coordinator_error(error)
+        elif error is not None:
+            failed = APIError(500, str(error), None, "server_error")
+        else:
+            result = future.result()
+            failed = failure(result, segments_param)
+        if failed is not None:
+            yield _event(error_body(failed.status, failed.message, failed.kind, failed.param))
+        else:
+            yield chunk([choice(g, "", result.outputs[g].finish_reason) for g in index_of],
+                        fedattn=fedattn_block(result, timings))
+            if include_usage:
+                yield chunk([], usage=usage(result))
+        yield "data: [DONE]\n\n"
+    except asyncio.CancelledError:  # the client disconnected mid-stream
+        worker.cancel(session_id)
+        raise
