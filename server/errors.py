@@ -58,6 +58,17 @@ def param_name(loc: tuple) -> str | None:
     return name or None
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """The methods the request's path answers, over every route that matches it."""
+    from starlette.routing import Match
+
+    methods = set()
+    for route in request.app.routes:
+        if route.matches(request.scope)[0] is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error the app raises, or FastAPI and Starlette raise for it, answered in the OpenAI shape."""
 
@@ -76,9 +87,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, message, "invalid_request_error", param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, error: StarletteHTTPException):  # unknown routes, methods, unreadable bodies
+    async def http_error(request: Request, error: StarletteHTTPException):  # unknown routes, methods, bad bodies
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        return error_response(error.status_code, str(error.detail), kind, headers=getattr(error, "headers", None))
+        headers = getattr(error, "headers", None)
+        if error.status_code == 405:  # every method the path has (Starlette names only the first route's)
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        return error_response(error.status_code, str(error.detail), kind, headers=headers)
 
     @app.exception_handler(EngineDead)
     async def engine_dead(_: Request, error: EngineDead):

@@ -41,7 +41,7 @@ async def status(request: Request):
     return _answer(await _serving(request).status())
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def prometheus_text(request: Request):
     return PlainTextResponse(generate_latest(_serving(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
