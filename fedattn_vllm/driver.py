@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fedattn_vllm.session import SessionCost, SessionResult, SessionRun
+from fedattn_vllm.session import Piece, SessionCost, SessionResult, SessionRun
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class Progress:
     """What one `advance()` did."""
 
     reserved: list[SessionRun] = field(default_factory=list)  # reserved now and waiting for `go` (federated)
-    text: dict[str, dict[int, str]] = field(default_factory=dict)  # session -> generator -> new text (may be "")
+    pieces: dict[str, dict[int, Piece]] = field(default_factory=dict)  # session -> generator -> its new output
     finished: list[tuple[SessionRun, SessionResult]] = field(default_factory=list)  # done in this round
 
 
@@ -41,7 +41,7 @@ class Progress:
 class _Entry:
     run: SessionRun
     lengths: list[int] | None  # every participant's segment length (None: known at `go`)
-    sent: dict[int, int] = field(default_factory=dict)  # generator -> characters of its text reported
+    sent: dict[int, tuple[int, int]] = field(default_factory=dict)  # generator -> (characters, tokens) reported
 
 
 class SessionDriver:
@@ -117,8 +117,8 @@ class SessionDriver:
         self._reserve_in_order(progress)
         self._start_wave(progress)
         if self.llm.busy:
-            for run in self.llm.step(on_output=lambda session_id, n, output: self._note_text(progress, session_id,
-                                                                                          n, output)):
+            for run in self.llm.step(on_output=lambda session_id, n, output: self._note_piece(progress, session_id,
+                                                                                           n, output)):
                 entry = self._held.pop(run.session_id)
                 progress.finished.append((entry.run, self._finish(entry.run)))
         return progress
@@ -154,14 +154,14 @@ class SessionDriver:
                 del self._held[session_id]
                 progress.finished.append((entry.run, self._finish(entry.run, f"the engine refused the session: {error}")))
 
-    def _note_text(self, progress: Progress, session_id: str, participant: int, output) -> None:
+    def _note_piece(self, progress: Progress, session_id: str, participant: int, output) -> None:
         entry = self._held.get(session_id)
         if entry is None or participant not in entry.run.plan.generators:
             return
-        text = output.outputs[0].text
-        sent = entry.sent.get(participant, 0)
-        progress.text.setdefault(session_id, {})[participant] = text[sent:]
-        entry.sent[participant] = len(text)
+        completion = output.outputs[0]
+        whole = Piece(completion.text, list(completion.token_ids), completion.logprobs)
+        progress.pieces.setdefault(session_id, {})[participant] = whole.after(*entry.sent.get(participant, (0, 0)))
+        entry.sent[participant] = (len(whole.text), len(whole.token_ids))
 
     def _finish(self, run: SessionRun, why: str | None = None) -> SessionResult:
         """`llm.finish`, which never leaves the run held: if freeing fails the failure is logged, the run failed."""

@@ -40,6 +40,31 @@ class GeneratorOutput:
     logprobs: list | None = None  # vLLM's per-token {token id: Logprob}, when sampling_params asked for them
 
 
+@dataclass
+class Piece:
+    """What a generator added since it last reported (streaming): text, token ids and, if asked for, their logprobs."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list | None = None  # vLLM's {token id: Logprob} per new token
+
+    def to_wire(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "logprobs": logprobs_to_wire(self.logprobs)}
+
+    @classmethod
+    def from_wire(cls, value) -> Piece:
+        """A piece an engine sent; anything malformed is a ValueError (it came over the network)."""
+        if not (isinstance(value, dict) and isinstance(value.get("text"), str) and isinstance(value.get("token_ids"), list)
+                and all(type(t) is int for t in value["token_ids"])):
+            raise ValueError("a piece is {text: str, token_ids: [int], logprobs}")
+        return cls(value["text"], value["token_ids"], logprobs_from_wire(value.get("logprobs"), value["token_ids"]))
+
+    def after(self, text_sent: int, tokens_sent: int) -> Piece:
+        """The part of a whole output (this piece) beyond what was already reported."""
+        return Piece(self.text[text_sent:], self.token_ids[tokens_sent:],
+                     None if self.logprobs is None else self.logprobs[tokens_sent:])
+
+
 def logprobs_to_wire(logprobs) -> list | None:
     """vLLM's per-token logprobs ({token id: Logprob} per position) as plain lists, for msgpack:
     [[token id, logprob, rank, decoded token], ...] per position."""

@@ -9,10 +9,10 @@ FLOOR = -9999.0  # what OpenAI and vLLM report for a log-probability of -inf (JS
 
 
 def choice_logprobs(token_ids: list[int], logprobs: list[dict], top: int, kind: str,
-                    decode: Callable[[int], str]) -> dict:
+                    decode: Callable[[int], str], text_offset: int = 0) -> dict:
     """`kind` 'text_completion': the legacy shape (tokens, token_logprobs, top_logprobs with every entry vLLM
-    returned: the generated token and the `top` best, text_offset); 'chat.completion': content (token, logprob,
-    bytes, top_logprobs: the first `top` entries)."""
+    returned: the generated token and the `top` best, text_offset from `text_offset`, where these tokens start in
+    the answer); 'chat.completion': content (token, logprob, bytes, top_logprobs: the first `top` entries)."""
     positions = []
     for token, position in zip(token_ids, logprobs):
         def text(t: int) -> str:
@@ -21,7 +21,7 @@ def choice_logprobs(token_ids: list[int], logprobs: list[dict], top: int, kind: 
         entries = [(text(t), max(lp.logprob, FLOOR)) for t, lp in position.items()]
         positions.append((text(token), max(position[token].logprob, FLOOR), entries))
     if kind == "text_completion":
-        offsets, offset = [], 0
+        offsets, offset = [], text_offset
         for piece, _, _ in positions:
             offsets.append(offset)
             offset += len(piece)

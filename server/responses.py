@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from fedattn_vllm.config import FedAttnConfigError
 from fedattn_vllm.federated.client import CoordinatorError
-from fedattn_vllm.session import FedAttnSessionError, SessionResult
+from fedattn_vllm.session import FedAttnSessionError, Piece, SessionResult
 from server.errors import APIError, coordinator_error, error_body
 from server.logprobs import choice_logprobs
 from server.sampling import failure, refusal
@@ -56,35 +56,49 @@ def _event(body: dict) -> str:
 
 async def stream_events(worker, session_id: str, future, pieces: asyncio.Queue, response_id: str, kind: str,
                         model: str, index_of: dict[int, int], include_usage: bool, timings: Timings,
-                        segments_param: str) -> AsyncIterator[str]:
+                        segments_param: str, top_logprobs: int | None = None, decode=None) -> AsyncIterator[str]:
     """Server-sent events: per choice (`index_of`: generator -> choice index) a role delta first (chat), its
-    text as `pieces` brings it, a last chunk with its finish reason and the session's `fedattn` block, then the
-    usage (`stream_options.include_usage`); or the session's failure as an error event. A client that leaves
-    cancels the session."""
+    output as `pieces` brings it (with its tokens' logprobs when `top_logprobs` is not None; `decode(token ids)`
+    names tokens), a last chunk with its finish reason and the session's `fedattn` block, then the usage
+    (`stream_options.include_usage`); or the session's failure as an error event. A client that leaves cancels
+    the session."""
     created = int(time.time())
     chunk_object = kind if kind == "text_completion" else f"{kind}.chunk"
+    offsets: dict[int, int] = {}  # generator -> where its next token starts (completions' text_offset: token strings)
 
     def chunk(choices: list[dict], **extra) -> str:
         return _event({"id": response_id, "object": chunk_object, "created": created, "model": model,
                        "choices": choices, **extra})
 
-    def choice(g: int, text: str, finish_reason: str | None = None, role: bool = False) -> dict:
+    def logprobs_of(g: int, piece: Piece | None) -> dict | None:
+        if top_logprobs is None or piece is None or piece.logprobs is None:
+            return None
+        logprobs = choice_logprobs(piece.token_ids, piece.logprobs, top_logprobs, kind, lambda t: decode([t]),
+                                   offsets.get(g, 0))
+        if kind == "text_completion" and logprobs["tokens"]:
+            offsets[g] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+        return logprobs
+
+    def choice(g: int, piece: Piece | None = None, finish_reason: str | None = None, role: bool = False) -> dict:
+        text = piece.text if piece is not None else ""
         if kind == "text_completion":
-            content = {"text": text, "logprobs": None}
+            content = {"text": text, "logprobs": logprobs_of(g, piece)}
         else:
             content = {"delta": {"role": "assistant", "content": text} if role else {"content": text}}
+            if (logprobs := logprobs_of(g, piece)) is not None:
+                content["logprobs"] = logprobs
         return {"index": index_of[g], "participant": g, **content, "finish_reason": finish_reason}
 
     try:
         if kind != "text_completion":
-            yield chunk([choice(g, "", role=True) for g in index_of])
+            yield chunk([choice(g, role=True) for g in index_of])
         while not (future.done() and pieces.empty()):
             try:
-                generator, text = await asyncio.wait_for(pieces.get(), timeout=0.5)
+                generator, piece = await asyncio.wait_for(pieces.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 continue
-            if text:
-                yield chunk([choice(generator, text)])
+            if piece.text or (top_logprobs is not None and piece.token_ids):
+                yield chunk([choice(generator, piece)])
         error = future.exception()
         if isinstance(error, (FedAttnConfigError, FedAttnSessionError)):
             failed = refusal(error, segments_param)
@@ -98,7 +112,7 @@ async def stream_events(worker, session_id: str, future, pieces: asyncio.Queue, 
         if failed is not None:
             yield _event(error_body(failed.status, failed.message, failed.kind, failed.param))
         else:
-            yield chunk([choice(g, "", result.outputs[g].finish_reason) for g in index_of],
+            yield chunk([choice(g, finish_reason=result.outputs[g].finish_reason) for g in index_of],
                         fedattn=fedattn_block(result, timings))
             if include_usage:
                 yield chunk([], usage=usage(result))

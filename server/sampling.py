@@ -34,8 +34,6 @@ def sampling_params(body, max_tokens: int | None, defaults: dict, vocab: int, ch
                        "sessions do not implement; README: compatibility)", name)
     if (name := body.token_ids_outside(vocab)) is not None:
         raise APIError(400, f"{name}: token ids must be in the vocabulary (0..{vocab - 1})", name)
-    if body.logprob_count() is not None and body.stream:
-        raise APIError(400, "logprobs: not with stream yet (ask without streaming)", "logprobs")
     if body.logprob_count() is not None and body.logprob_count() > max_logprobs:
         raise APIError(400, f"logprobs: at most {max_logprobs} alternatives per token (the engine's max_logprobs)",
                        "top_logprobs" if chat else "logprobs")

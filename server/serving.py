@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from fedattn_vllm.config import FedAttnConfigError
 from fedattn_vllm.prompting import encode_segments
-from fedattn_vllm.session import FedAttnSession, FedAttnSessionError
+from fedattn_vllm.session import FedAttnSession, FedAttnSessionError, Piece
 from server.backend import Backend
 from server.errors import APIError
 from server.issued import IssuedSessions
@@ -128,21 +128,23 @@ class Serving:
         return reply(result, timings, response_id, kind, self.model, self.backend.tokenizer.decode, top_logprobs)
 
     def stream(self, worker_session: str, future, pieces: asyncio.Queue, response_id: str, kind: str,
-               index_of: dict[int, int], include_usage: bool, timings, segments_param: str) -> StreamingResponse:
+               index_of: dict[int, int], include_usage: bool, timings, segments_param: str,
+               top_logprobs: int | None = None) -> StreamingResponse:
         return StreamingResponse(stream_events(self.backend.worker, worker_session, future, pieces, response_id, kind,
-                                               self.model, index_of, include_usage, timings, segments_param),
+                                               self.model, index_of, include_usage, timings, segments_param,
+                                               top_logprobs, self.backend.tokenizer.decode),
                                  media_type="text/event-stream")
 
-    def pieces_sink(self, queues: Callable[[int], asyncio.Queue | None]) -> Callable[[int, str], None]:
-        """on_text for the engine thread: a generator's new text into `queues(generator)` (None: not streamed),
+    def pieces_sink(self, queues: Callable[[int], asyncio.Queue | None]) -> Callable[[int, Piece], None]:
+        """on_piece for the engine thread: a generator's new output into `queues(generator)` (None: not streamed),
         on the event loop."""
         loop = asyncio.get_running_loop()
 
-        def on_text(generator: int, text: str) -> None:
+        def on_piece(generator: int, piece: Piece) -> None:
             if (queue := queues(generator)) is not None:
-                loop.call_soon_threadsafe(queue.put_nowait, (generator, text))
+                loop.call_soon_threadsafe(queue.put_nowait, (generator, piece))
 
-        return on_text
+        return on_piece
 
     # -- the endpoints -------------------------------------------------------------------------
     @errors_as_values
@@ -273,7 +275,7 @@ class Serving:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return self.stream(session_id, future, pieces, response_id, kind,
                                {g: i for i, g in enumerate(sorted(plan.generators))}, include_usage, timings,
-                               prompt_param)
+                               prompt_param, body.logprob_count())
         try:
             result = await self.unless_disconnected(request, asyncio.wrap_future(future))
         except (FedAttnConfigError, FedAttnSessionError) as error:

@@ -1,7 +1,7 @@
 """The engine thread: the only thread that touches the engine; request handlers talk to it through a queue.
 
 Handlers `submit` a whole session (segments as token ids) and get a Future for its
-result; a generator's text can be streamed through `on_text`. Nothing a session does can
+result; a generator's output can be streamed through `on_piece`. Nothing a session does can
 stop the thread: an error is its session's alone where it can be told apart (admission,
 start), else it fails the sessions in flight; after MAX_CONSECUTIVE_FAILURES failed
 rounds in a row the engine is declared dead (`dead` says why; /health turns 503 and new
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 from fedattn_vllm.driver import SessionDriver
 from fedattn_vllm.engine import FederatedLLM
-from fedattn_vllm.session import FedAttnSession, SessionCost, SessionResult
+from fedattn_vllm.session import FedAttnSession, Piece, SessionCost, SessionResult
 
 log = logging.getLogger(__name__)
-TextCallback = Callable[[int, str], None]  # (generator, new text)
+PieceCallback = Callable[[int, Piece], None]  # (generator, its output new since the last call)
 MAX_CONSECUTIVE_FAILURES = 3  # failed engine rounds in a row after which the engine counts as dead
 
 
@@ -52,9 +52,9 @@ class _Job:
     session_id: str
     session: FedAttnSession  # segments and public prefix as token ids
     future: Future
-    on_text: TextCallback | None
+    on_piece: PieceCallback | None
     timings: Timings = field(default_factory=Timings)
-    sent: dict[int, int] = field(default_factory=dict)  # federated: generator -> characters streamed so far
+    sent: dict[int, tuple[int, int]] = field(default_factory=dict)  # federated: generator -> (characters, tokens)
     handle: str | None = None  # the backend's session id
 
 
@@ -102,7 +102,7 @@ class _Worker(ABC):
         with self._lock:
             self._outstanding -= 1
 
-    def submit(self, session: FedAttnSession, on_text: TextCallback | None = None, *,
+    def submit(self, session: FedAttnSession, on_piece: PieceCallback | None = None, *,
                held: bool = False) -> tuple[str, Future, Timings]:
         """Queue a session; `held`: its slot was taken with `acquire` (and is released when it ends)."""
         if held and self.dead is not None:
@@ -110,7 +110,7 @@ class _Worker(ABC):
             raise EngineDead(self.dead)
         if not held:
             self.acquire()
-        job = _Job(f"srv-{next(self._ids)}", session, Future(), on_text)
+        job = _Job(f"srv-{next(self._ids)}", session, Future(), on_piece)
         self._inbox.put(("submit", job))
         return job.session_id, job.future, job.timings
 
@@ -277,13 +277,13 @@ class EngineWorker(_Worker):
 
     def _tick(self) -> None:
         progress = self.driver.advance()
-        for run_id, pieces in progress.text.items():
+        for run_id, pieces in progress.pieces.items():
             job = self._jobs[run_id]
             if job.timings.first_token_s is None:  # a generator appears once it has a token
                 job.timings.first_token_s = time.perf_counter() - job.timings.submitted
-            if job.on_text is not None:
-                for generator, text in pieces.items():
-                    job.on_text(generator, text)
+            if job.on_piece is not None:
+                for generator, piece in pieces.items():
+                    job.on_piece(generator, piece)
         for run, result in progress.finished:
             self._settle(self._jobs.pop(run.session_id), result)
 
@@ -304,16 +304,17 @@ class ClusterWorker(_Worker):
         super().__init__(**kwargs)
 
     def _admit(self, job: _Job) -> None:
-        job.handle = self.cluster.submit(job.session, on_text=lambda g, piece: self._on_text(job, g, piece))
+        job.handle = self.cluster.submit(job.session, on_piece=lambda g, piece: self._on_piece(job, g, piece))
         self._active[job.handle] = job  # participant n on engine n % E
 
-    def _on_text(self, job: _Job, generator: int, piece: str) -> None:
-        """A generator's new text, as its engine reports it after each step."""
+    def _on_piece(self, job: _Job, generator: int, piece: Piece) -> None:
+        """A generator's new output, as its engine reports it after each step."""
         if job.timings.first_token_s is None:
             job.timings.first_token_s = time.perf_counter() - job.timings.submitted
-        job.sent[generator] = job.sent.get(generator, 0) + len(piece)
-        if job.on_text is not None:
-            job.on_text(generator, piece)
+        text, tokens = job.sent.get(generator, (0, 0))
+        job.sent[generator] = (text + len(piece.text), tokens + len(piece.token_ids))
+        if job.on_piece is not None:
+            job.on_piece(generator, piece)
 
     def _cancel(self, session_id: str) -> None:
         for handle, job in self._active.items():
@@ -343,9 +344,9 @@ class ClusterWorker(_Worker):
             job = self._active.pop(handle, None)
             if job is None:
                 continue
-            for g, out in result.outputs.items():  # the rest: the last step's text arrives with the result
+            for g, out in result.outputs.items():  # the rest: the last step's output arrives with the result
                 if job.timings.first_token_s is None and out.token_ids:
                     job.timings.first_token_s = time.perf_counter() - job.timings.submitted
-                if job.on_text is not None:
-                    job.on_text(g, out.text[job.sent.get(g, 0):])
+                if job.on_piece is not None:
+                    job.on_piece(g, Piece(out.text, out.token_ids, out.logprobs).after(*job.sent.get(g, (0, 0))))
             self._settle(job, result)

@@ -8,7 +8,7 @@ import pytest
 from fedattn_vllm.admission import SessionDemand
 from fedattn_vllm.config import FedAttnConfig
 from fedattn_vllm.driver import SessionDriver
-from fedattn_vllm.session import SessionCost, SessionResult, SessionRun
+from fedattn_vllm.session import Piece, SessionCost, SessionResult, SessionRun
 
 
 class StandInEngine:
@@ -44,9 +44,11 @@ class StandInEngine:
         done = []
         for session_id in list(self.active):
             self.active[session_id] += 1
-            text = "ab"[: self.active[session_id]]
-            on_output(session_id, 1, SimpleNamespace(outputs=[SimpleNamespace(text=text)]))
-            on_output(session_id, 0, SimpleNamespace(outputs=[SimpleNamespace(text="not a generator")]))
+            n = self.active[session_id]
+            on_output(session_id, 1, SimpleNamespace(outputs=[SimpleNamespace(text="ab"[:n], token_ids=[7, 8][:n],
+                                                                               logprobs=None)]))
+            on_output(session_id, 0, SimpleNamespace(outputs=[SimpleNamespace(text="not a generator", token_ids=[1],
+                                                                               logprobs=None)]))
             if self.active[session_id] == self.steps:
                 del self.active[session_id]
                 done.append(RUNS[session_id])
@@ -78,15 +80,15 @@ def drain(driver: SessionDriver) -> list[str]:
     return finished
 
 
-def test_sessions_start_in_submission_order_as_room_frees_and_report_only_new_generator_text():
+def test_sessions_start_in_submission_order_as_room_frees_and_report_only_new_generator_output():
     engine = StandInEngine(slots=1)
     driver = SessionDriver(engine)
     for session_id in "abc":
         driver.submit(run_of(session_id), [1, 1])
     first = driver.advance()
-    assert first.text == {"a": {1: "a"}} and first.reserved == [] and driver.queued == 2
+    assert first.pieces == {"a": {1: Piece("a", [7])}} and first.reserved == [] and driver.queued == 2
     second = driver.advance()
-    assert second.text == {"a": {1: "b"}} and [run.session_id for run, _ in second.finished] == ["a"]
+    assert second.pieces == {"a": {1: Piece("b", [8])}} and [run.session_id for run, _ in second.finished] == ["a"]
     assert drain(driver) == ["b", "c"]
     assert [entry for entry in engine.log if entry[0] == "start"] == [("start", s) for s in "abc"]
 

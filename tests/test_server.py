@@ -242,8 +242,36 @@ def test_logprobs_in_the_openai_shapes_equal_the_offline_apis(request, which):
     assert "".join(c["token"] for c in content) == chat.json()["choices"][0]["message"]["content"]
     for c in content:  # greedy: the one alternative is the generated token itself
         assert [(t["token"], t["logprob"]) for t in c["top_logprobs"]] == [(c["token"], c["logprob"])]
-    streamed = post(url, "/v1/completions", {"prompt": "x", "logprobs": 1, "stream": True})
-    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "logprobs"
+
+
+def _events(url: str, path: str, body: dict) -> list[dict]:
+    """A stream's data events, decoded (the [DONE] marker left out)."""
+    with httpx.stream("POST", f"{url}{path}", json={"model": MODEL, **body, "stream": True}, headers=HEADERS,
+                      timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        return [json.loads(line[6:]) for line in response.iter_lines()
+                if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+@pytest.mark.parametrize("which", ["server", "federated_server"])
+def test_streamed_logprobs_are_the_whole_answers_piece_by_piece(request, which):
+    """Each chunk carries its own tokens' logprobs (completions: text_offset into the whole answer); together they
+    are the unstreamed answer's, colocated and as the engine processes report them step by step."""
+    url = request.getfixturevalue(which)
+    body = {"participants": [[5, 6, 7], [8, 9]], "max_tokens": 6, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+    whole = post(url, "/v1/completions", body).json()["choices"][0]["logprobs"]
+    chunks = [e["choices"][0]["logprobs"] for e in _events(url, "/v1/completions", body)
+              if e["choices"] and e["choices"][0]["logprobs"]]
+    assert len(chunks) > 1  # piece by piece, not at the end
+    for key in ("tokens", "text_offset"):
+        assert [v for c in chunks for v in c[key]] == whole[key]
+    assert [v for c in chunks for v in c["token_logprobs"]] == pytest.approx(whole["token_logprobs"], abs=1e-4)
+    chat = {"participants": ["a", "b"], "max_tokens": 4, "temperature": 0, "ignore_eos": True, "logprobs": True,
+            "top_logprobs": 1}
+    whole = post(url, "/v1/chat/completions", chat).json()["choices"][0]["logprobs"]["content"]
+    streamed = [t for e in _events(url, "/v1/chat/completions", chat) if e["choices"]
+                for t in (e["choices"][0].get("logprobs") or {}).get("content", [])]
+    assert [t["token"] for t in streamed] == [t["token"] for t in whole] and len(whole) == 4
 
 
 VLLM_FIELDS = [  # (path, field, value, refused): vLLM's fields FedAttn does not do are refused by name

@@ -25,8 +25,8 @@ import msgspec
 import zmq
 
 from fedattn_vllm.config import FedAttnPlan
-from fedattn_vllm.session import (FedAttnSession, FedAttnSessionError, GeneratorOutput, SessionCost, SessionResult,
-                                  logprobs_from_wire)
+from fedattn_vllm.session import (FedAttnSession, FedAttnSessionError, GeneratorOutput, Piece, SessionCost,
+                                  SessionResult, logprobs_from_wire)
 from fedattn_vllm.federated.client import CoordinatorError, SessionAdmin
 from fedattn_vllm.federated.curve import OrchestratorKeys
 from fedattn_vllm.federated.link import EngineLink, EngineUnavailable
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 MAX_RESTARTS = 3  # a local engine that dies is restarted this many times, then left down
-TextCallback = Callable[[int, str], None]  # (generator, the text it added since the last call)
+PieceCallback = Callable[[int, Piece], None]  # (generator, what it added since the last call)
 
 
 class EngineLauncher(Protocol):
@@ -78,7 +78,7 @@ class _Flight:
     error: str | None = None
     error_field: str | None = None
     result: SessionResult | None = None
-    on_text: TextCallback | None = None  # a generator's text as its engine reports it (streaming)
+    on_piece: PieceCallback | None = None  # a generator's output as its engine reports it (streaming)
 
 
 class FederatedCluster:
@@ -184,12 +184,12 @@ class FederatedCluster:
         return [results[s] for s in order]
 
     def submit(self, session: FedAttnSession, placement: Sequence[int] | None = None, *,
-               on_text: TextCallback | None = None) -> str:
-        """Start one session (pipelined); `poll` reports its result, and meanwhile calls `on_text` with each
-        generator's new text as its engine generates it. Returns its id."""
+               on_piece: PieceCallback | None = None) -> str:
+        """Start one session (pipelined); `poll` reports its result, and meanwhile calls `on_piece` with each
+        generator's new output as its engine generates it. Returns its id."""
         plan, hosts = self._check(0, session, placement, True)
         flight = self._submit(session, plan, hosts, True)
-        flight.on_text = on_text
+        flight.on_piece = on_piece
         return flight.session_id
 
     def poll(self, timeout_ms: int = 100) -> dict[str, SessionResult]:
@@ -257,10 +257,10 @@ class FederatedCluster:
         return hosted
 
     @staticmethod
-    def _hand_on(flight: _Flight, generator: int, piece: str) -> None:
-        """Give a generator's new text to the session's `on_text`; its failure is the caller's, not the engine's."""
+    def _hand_on(flight: _Flight, generator: int, piece: Piece) -> None:
+        """Give a generator's new output to the session's `on_piece`; its failure is the caller's, not the engine's."""
         try:
-            flight.on_text(generator, piece)
+            flight.on_piece(generator, piece)
         except Exception:
             log.exception("the text callback of session %s failed", flight.session_id)
 
@@ -280,11 +280,9 @@ class FederatedCluster:
             if len(flight.ready) == len(flight.hosts):
                 self._on_ready(flight)
         elif kind == "tokens":
-            pieces = self._generated(flight, engine, event["outputs"])
-            for g, piece in pieces.items():
-                if not isinstance(piece, str):
-                    raise ValueError(f"text of participant {g} is not a string")
-            if flight.on_text is not None:
+            pieces = {g: Piece.from_wire(piece) for g, piece in self._generated(flight, engine,
+                                                                                  event["outputs"]).items()}
+            if flight.on_piece is not None:
                 for g, piece in pieces.items():
                     self._hand_on(flight, g, piece)
         elif kind == "done":

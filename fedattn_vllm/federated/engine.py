@@ -108,10 +108,10 @@ class EngineServer:
                 "lengths": {n: len(p) for n, p in run.prompts.items()}})
         for run, result in progress.finished:
             self._done(run, result)
-        for session_id, outputs in progress.text.items():  # a finished session's text goes whole with `done`
+        for session_id, pieces in progress.pieces.items():  # a finished session's output goes whole with `done`
             if session_id in self._orchestrators:
-                self._send(self._orchestrators[session_id], {"event": "tokens", "session": session_id,
-                                                             "outputs": outputs})
+                self._send(self._orchestrators[session_id], {"event": "tokens", "session": session_id, "outputs": {
+                    g: piece.to_wire() for g, piece in pieces.items()}})
         self._heartbeat()
 
     def _fail_all(self, why: str) -> None:

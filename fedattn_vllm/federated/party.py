@@ -36,7 +36,7 @@ import zmq
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnPlan
 from fedattn_vllm.federated.client import CoordinatorError, ParticipantCalls, SessionAdmin, describe, session_bytes
-from fedattn_vllm.federated.cluster import FederatedCluster, TextCallback, _Flight
+from fedattn_vllm.federated.cluster import FederatedCluster, PieceCallback, _Flight
 from fedattn_vllm.federated.curve import ClientCurve, Keypair, OrchestratorKeys
 
 from fedattn_vllm.session import FedAttnSession, FedAttnSessionError, SessionResult
@@ -162,12 +162,12 @@ class PartySite(FederatedCluster):
                                       f"site serves {self.model} ({self.num_layers} layers)")
         return FedAttnConfig(**found["config"]).resolve(found["num_layers"], found["num_participants"])
 
-    def submit(self, task: PartyTask, *, on_text: TextCallback | None = None) -> str:
+    def submit(self, task: PartyTask, *, on_piece: PieceCallback | None = None) -> str:
         """Join with this site's part (its engine, then the coordinator); `poll` reports the result."""
         if task.session_id in self._flights:
             raise FedAttnSessionError("session", f"{task.session_id} is already running on this site")
         flight = self._flights[task.session_id] = _Flight(task.session_id, task.plan, {0: [task.participant]},
-                                                          on_text=on_text)
+                                                          on_piece=on_piece)
         self._tasks[task.session_id] = task
         if 0 in self.down or self.coordinator_down:  # fails for every site at once; `poll` reports it
             self._fail(flight, self.coordinator_down or f"the site's engine is down: {self.down[0]}")
