@@ -52,6 +52,9 @@ class SessionDriver:
         self._queue: deque[_Entry] = deque()
         self._held: dict[str, _Entry] = {}  # reserved or started, by session id
         self._waves: deque[list[tuple[str, list[int]]]] = deque()  # go'd sessions with every segment length
+        # done and finished, not yet reported: kept here so that a round which raises after settling them
+        # loses none (the next advance() or fail_all() reports them)
+        self._settled: list[tuple[SessionRun, SessionResult]] = []
 
     # -- what it holds -----------------------------------------------------------------------
     @property
@@ -65,8 +68,8 @@ class SessionDriver:
 
     @property
     def running(self) -> int:
-        """Sessions whose requests are in vLLM."""
-        return sum(e.run.started for e in self._held.values())
+        """Sessions whose requests are in vLLM (safe to read from another thread)."""
+        return self.llm.running
 
     @property
     def holding(self) -> bool:
@@ -76,7 +79,7 @@ class SessionDriver:
     @property
     def stepping(self) -> bool:
         """The engine has work for its next step (else the host may block waiting for commands)."""
-        return self.llm.busy or bool(self._waves) or any(e.lengths is not None for e in self._queue)
+        return self.llm.busy or bool(self._waves)
 
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._held or any(e.run.session_id == session_id for e in self._queue)
@@ -108,19 +111,21 @@ class SessionDriver:
         self._queue.clear()
         self._held.clear()
         self._waves.clear()
-        return [(e.run, self._finish(e.run, why)) for e in entries]
+        settled, self._settled = self._settled, []
+        return settled + [(e.run, self._finish(e.run, why)) for e in entries]
 
     # -- the round ---------------------------------------------------------------------------
     def advance(self) -> Progress:
         """Reserve what fits in submission order, start what can start, run one engine step."""
         progress = Progress()
         self._reserve_in_order(progress)
-        self._start_wave(progress)
+        self._start_wave()
         if self.llm.busy:
             for run in self.llm.step(on_output=lambda session_id, n, output: self._note_piece(progress, session_id,
                                                                                            n, output)):
                 entry = self._held.pop(run.session_id)
-                progress.finished.append((entry.run, self._finish(entry.run)))
+                self._settled.append((entry.run, self._finish(entry.run)))
+        progress.finished, self._settled = self._settled, []
         return progress
 
     def _reserve_in_order(self, progress: Progress) -> None:
@@ -135,14 +140,14 @@ class SessionDriver:
         if self._queue and not self._held:
             raise RuntimeError("admission refused a session that fits an empty engine")  # plan_run checked it: a bug
         if starting:
-            self._start(starting, progress)
+            self._start(starting)
 
-    def _start_wave(self, progress: Progress) -> None:
+    def _start_wave(self) -> None:
         """Exactly one wave of go'd sessions per step (the ordering rule)."""
         if self._waves:
-            self._start(self._waves.popleft(), progress)
+            self._start(self._waves.popleft())
 
-    def _start(self, wave: list[tuple[str, list[int]]], progress: Progress) -> None:
+    def _start(self, wave: list[tuple[str, list[int]]]) -> None:
         for session_id, lengths in wave:
             entry = self._held.get(session_id)
             if entry is None or entry.run.started:
@@ -152,16 +157,18 @@ class SessionDriver:
             except Exception as error:  # this session's alone (lengths that do not match, an engine refusal)
                 log.warning("starting session %s failed: %s", session_id, error)
                 del self._held[session_id]
-                progress.finished.append((entry.run, self._finish(entry.run, f"the engine refused the session: {error}")))
+                self._settled.append((entry.run, self._finish(entry.run, f"the engine refused the session: {error}")))
 
     def _note_piece(self, progress: Progress, session_id: str, participant: int, output) -> None:
         entry = self._held.get(session_id)
         if entry is None or participant not in entry.run.plan.generators:
             return
-        completion = output.outputs[0]
-        whole = Piece(completion.text, list(completion.token_ids), completion.logprobs)
-        progress.pieces.setdefault(session_id, {})[participant] = whole.after(*entry.sent.get(participant, (0, 0)))
-        entry.sent[participant] = (len(whole.text), len(whole.token_ids))
+        completion = output.outputs[0]  # cumulative (plan_run asks for it): what is new is past what was sent
+        text_sent, tokens_sent = entry.sent.get(participant, (0, 0))
+        progress.pieces.setdefault(session_id, {})[participant] = Piece(
+            completion.text[text_sent:], list(completion.token_ids[tokens_sent:]),
+            None if completion.logprobs is None else completion.logprobs[tokens_sent:])
+        entry.sent[participant] = (len(completion.text), len(completion.token_ids))
 
     def _finish(self, run: SessionRun, why: str | None = None) -> SessionResult:
         """`llm.finish`, which never leaves the run held: if freeing fails the failure is logged, the run failed."""

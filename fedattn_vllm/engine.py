@@ -140,6 +140,7 @@ class FederatedLLM:
     def _participant_params(self, run: SessionRun, lengths: list[int]) -> dict[int, object]:
         """Each hosted participant's SamplingParams, carrying the session's metadata."""
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         max_tokens = self.check_lengths(run, lengths)
         params = {}
@@ -147,6 +148,7 @@ class FederatedLLM:
             if n in run.plan.generators:
                 sp = run.sampling.clone()
                 sp.max_tokens = max_tokens
+                sp.output_kind = RequestOutputKind.CUMULATIVE  # the driver reports what is new past what it sent
             else:  # only prefills (vLLM samples one token, which is discarded)
                 sp = SamplingParams(temperature=0.0, max_tokens=1)
             metadata = ParticipantMetadata(run.session_id, n, tuple(lengths), len(run.prefix), run.plan)
@@ -185,6 +187,11 @@ class FederatedLLM:
     @property
     def busy(self) -> bool:
         return bool(self._active)
+
+    @property
+    def running(self) -> int:
+        """Started sessions (a length: safe to read from another thread)."""
+        return len(self._active)
 
     def holdings(self) -> dict:
         """What this engine holds now (counts only): session state, requests with reserved cache, vLLM's own."""
@@ -245,11 +252,13 @@ class FederatedLLM:
         for request_id in run.request_ids:
             self._requests.pop(request_id, None)
         unfinished = [run.request_id(n) for n in run.prompts if n not in run.finished]
-        if run.started and unfinished:
-            self.engine.abort(unfinished)
-        self.admission.cancel(run.session_id, run.request_ids)
-        stats = REGISTRY.exchange.stats(run.session_id)
-        REGISTRY.release(run.session_id)
+        try:
+            if run.started and unfinished:
+                self.engine.abort(unfinished)
+            stats = REGISTRY.exchange.stats(run.session_id)
+        finally:  # whatever failed above, the run holds nothing afterwards
+            self.admission.cancel(run.session_id, run.request_ids)
+            REGISTRY.release(run.session_id)
         participants = range(run.num_participants)
         cost = SessionCost(
             tokens=[len(run.prompts.get(n, ())) for n in participants],

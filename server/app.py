@@ -27,8 +27,9 @@ from server.settings import ServerSettings
 
 
 def build_app(settings: ServerSettings, backend: Backend | None = None) -> FastAPI:
-    """The app; `backend` given (in-process tests): served at once and left open, else started by the app's
-    lifespan and closed with it. Its state is on `app.state`: `serving`, `sessions`."""
+    """The app; `backend` given (in-process tests): served at once and left open (close `app.state.serving`, then
+    the backend), else started by the app's lifespan and closed with it. Its state is on `app.state`: `serving`,
+    `sessions`."""
     metrics = backend.metrics if backend is not None else Metrics(settings.served_name)
 
     def serve(app: FastAPI, backend: Backend) -> None:
@@ -42,9 +43,9 @@ def build_app(settings: ServerSettings, backend: Backend | None = None) -> FastA
             started = Backend.start(settings, metrics)
             serve(app, started)
         yield
+        app.state.serving.close()
         if started is not None:
             started.close()
-            app.state.serving.close()
 
     app = FastAPI(title="fedattn-vllm", lifespan=lifespan)
     app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)

@@ -89,17 +89,19 @@ async def stream_events(worker, session_id: str, future, pieces: asyncio.Queue, 
                 content["logprobs"] = logprobs
         return {"index": index_of[g], "participant": g, **content, "finish_reason": finish_reason}
 
+    # Settled after every piece queued before the result (the engine thread schedules both, in that order).
+    settled = asyncio.wrap_future(future)
     try:
         if kind != "text_completion":
             yield chunk([choice(g, role=True) for g in index_of])
-        while not (future.done() and pieces.empty()):
+        while not (settled.done() and pieces.empty()):
             try:
                 generator, piece = await asyncio.wait_for(pieces.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 continue
             if piece.text or (top_logprobs is not None and piece.token_ids):
                 yield chunk([choice(generator, piece)])
-        error = future.exception()
+        error = settled.exception()
         if isinstance(error, (FedAttnConfigError, FedAttnSessionError)):
             failed = refusal(error, segments_param)
         elif isinstance(error, CoordinatorError):
@@ -107,7 +109,7 @@ async def stream_events(worker, session_id: str, future, pieces: asyncio.Queue, 
         elif error is not None:
             failed = APIError(500, str(error), None, "server_error")
         else:
-            result = future.result()
+            result = settled.result()
             failed = failure(result, segments_param)
         if failed is not None:
             yield _event(error_body(failed.status, failed.message, failed.kind, failed.param))

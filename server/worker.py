@@ -281,9 +281,8 @@ class EngineWorker(_Worker):
             job = self._jobs[run_id]
             if job.timings.first_token_s is None:  # a generator appears once it has a token
                 job.timings.first_token_s = time.perf_counter() - job.timings.submitted
-            if job.on_piece is not None:
-                for generator, piece in pieces.items():
-                    job.on_piece(generator, piece)
+            for generator, piece in pieces.items():
+                _hand_on(job, generator, piece)
         for run, result in progress.finished:
             self._settle(self._jobs.pop(run.session_id), result)
 
@@ -313,8 +312,7 @@ class ClusterWorker(_Worker):
             job.timings.first_token_s = time.perf_counter() - job.timings.submitted
         text, tokens = job.sent.get(generator, (0, 0))
         job.sent[generator] = (text + len(piece.text), tokens + len(piece.token_ids))
-        if job.on_piece is not None:
-            job.on_piece(generator, piece)
+        _hand_on(job, generator, piece)
 
     def _cancel(self, session_id: str) -> None:
         for handle, job in self._active.items():
@@ -347,6 +345,15 @@ class ClusterWorker(_Worker):
             for g, out in result.outputs.items():  # the rest: the last step's output arrives with the result
                 if job.timings.first_token_s is None and out.token_ids:
                     job.timings.first_token_s = time.perf_counter() - job.timings.submitted
-                if job.on_piece is not None:
-                    job.on_piece(g, Piece(out.text, out.token_ids, out.logprobs).after(*job.sent.get(g, (0, 0))))
+                _hand_on(job, g, Piece(out.text, out.token_ids, out.logprobs).after(*job.sent.get(g, (0, 0))))
             self._settle(job, result)
+
+
+def _hand_on(job: _Job, generator: int, piece: Piece) -> None:
+    """Give a generator's new output to the job's `on_piece`; a failure there is the client's, never the thread's."""
+    if job.on_piece is None:
+        return
+    try:
+        job.on_piece(generator, piece)
+    except Exception:
+        log.exception("streaming to session %s failed", job.session_id)

@@ -26,6 +26,10 @@ class StandInEngine:
     def busy(self) -> bool:
         return bool(self.active)
 
+    @property
+    def running(self) -> int:
+        return len(self.active)
+
     def reserve(self, run) -> bool:
         if len(self.reserved) >= self.slots:
             return False
@@ -144,3 +148,20 @@ def test_fail_all_settles_everything_even_when_freeing_one_raises_and_a_duplicat
     driver.advance()
     failed = dict((run.session_id, result.error) for run, result in driver.fail_all("engine down"))
     assert failed == {"a": "engine down", "b": "engine down"} and not driver.holding
+
+
+def test_a_result_settled_in_a_round_that_then_raises_is_reported_later_not_lost():
+    engine = StandInEngine(slots=2)
+    engine.refuse.add("bad")
+    driver = SessionDriver(engine)
+    driver.submit(run_of("bad"), [1, 1])
+    driver.submit(run_of("good"), [1, 1])
+
+    def broken_step(on_output=None):
+        raise RuntimeError("the engine broke")
+
+    engine.step = broken_step
+    with pytest.raises(RuntimeError, match="broke"):
+        driver.advance()  # "bad" was refused and settled before the step raised
+    failed = dict((run.session_id, result.error) for run, result in driver.fail_all("round failed"))
+    assert "refused the session" in failed["bad"] and failed["good"] == "round failed"

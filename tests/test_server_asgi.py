@@ -30,7 +30,9 @@ def app():
     settings = parse([MODEL, "--dtype", "float32", "--max-model-len", "256", "--max-num-batched-tokens", "256",
                       "--kv-cache-gib", "0.0625", "--api-key", KEY])
     backend = Backend.start(settings, Metrics(settings.served_name))
-    yield build_app(settings, backend)
+    app = build_app(settings, backend)
+    yield app
+    app.state.serving.close()
     backend.close()
 
 

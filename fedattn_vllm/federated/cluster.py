@@ -26,7 +26,7 @@ import zmq
 
 from fedattn_vllm.config import FedAttnPlan
 from fedattn_vllm.session import (FedAttnSession, FedAttnSessionError, GeneratorOutput, Piece, SessionCost,
-                                  SessionResult, logprobs_from_wire)
+                                  SessionResult)
 from fedattn_vllm.federated.client import CoordinatorError, SessionAdmin
 from fedattn_vllm.federated.curve import OrchestratorKeys
 from fedattn_vllm.federated.link import EngineLink, EngineUnavailable
@@ -292,9 +292,10 @@ class FederatedCluster:
                 return
             flight.done.add(engine)
             for g, out in self._generated(flight, engine, event["outputs"]).items():
-                token_ids = list(out["token_ids"])
-                flight.outputs[g] = GeneratorOutput(g, out["text"], token_ids, out["finish_reason"],
-                                                    logprobs_from_wire(out.get("logprobs"), token_ids))
+                whole = Piece.from_wire(out)  # text, token ids and logprobs checked
+                if not isinstance(out.get("finish_reason"), (str, type(None))):
+                    raise ValueError(f"finish_reason of participant {g} is not a string")
+                flight.outputs[g] = GeneratorOutput(g, whole.text, whole.token_ids, out["finish_reason"], whole.logprobs)
             if flight.serial_order:
                 flight.serial_order.pop(0)
                 if flight.serial_order:

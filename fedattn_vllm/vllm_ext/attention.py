@@ -110,7 +110,8 @@ def _fetcher(e: ParticipantRows, layer: int, like: torch.Tensor):
     def fetch(source: int):
         payload = REGISTRY.exchange.fetch(state.session_id, e.participant, source, layer)
         shape = (state.plan.shared_count(source, state.lengths[source]), *like.shape[1:])
-        return decode_checked(payload, state.plan.config.kv_wire, like.dtype, shape)
+        k, v = decode_checked(payload, state.plan.config.kv_wire, like.dtype, shape)
+        return k.to(like.device), v.to(like.device)  # from the network they arrive on the CPU
 
     return fetch
 

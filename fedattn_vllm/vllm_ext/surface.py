@@ -116,10 +116,17 @@ class EngineHandle:
         self.block_size: int = config.cache_config.block_size
 
     def add(self, requests: list[tuple[str, list[int], object]]) -> None:
-        """(request id, prompt token ids, SamplingParams) each."""
+        """(request id, prompt token ids, SamplingParams) each: all of them, or (raising) none."""
         inputs = self._engine.renderer.render_cmpl([{"prompt_token_ids": ids} for _, ids, _ in requests])
-        for (request_id, _, params), engine_input in zip(requests, inputs):
-            self._engine.add_request(request_id, engine_input, params)
+        added = []
+        try:
+            for (request_id, _, params), engine_input in zip(requests, inputs):
+                self._engine.add_request(request_id, engine_input, params)
+                added.append(request_id)
+        except BaseException:
+            if added:
+                self._engine.abort_request(added)
+            raise
 
     def step(self) -> list:
         """One engine step: the RequestOutputs it produced."""
