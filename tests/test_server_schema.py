@@ -22,11 +22,11 @@ def server(tmp_path_factory):
     process.wait(timeout=60)
 
 
-def test_every_operation_answers_as_its_schema_declares(server):
-    done = subprocess.run(
+def test_every_operation_answers_as_its_schema_declares(server, tmp_path):
+    done = subprocess.run(  # in tmp_path: schemathesis keeps its state in ./.schemathesis
         [sys.executable, "-m", "schemathesis.cli", "run", f"{server}/openapi.json", "--max-examples", "5",
          "--generation-deterministic", "--header", f"Authorization: Bearer {KEY}",
          "--exclude-checks", "positive_data_acceptance", "--no-color"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert "Tested: 14" in done.stdout
