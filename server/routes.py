@@ -32,7 +32,7 @@ def _answer(result):
 
 @router.get("/health")
 async def health(request: Request):
-    return _answer(await _serving(request).health())
+    return await _serving(request).health()
 
 
 @router.get("/v1/fedattn/status")

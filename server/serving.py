@@ -108,6 +108,13 @@ class Serving:
         """The public prefix's token ids ([] for none or empty)."""
         return await self.encode(prefix, "public_prefix") if prefix not in (None, "", []) else []
 
+    def plan_of(self, config, participants: int):
+        """The config bound to the served model and `participants`; a 400 naming the `fedattn` field if it cannot be."""
+        try:
+            return config.resolve(self.backend.num_layers, participants)
+        except FedAttnConfigError as error:
+            raise APIError(400, str(error), f"fedattn.{error.field}") from None
+
     def sampling_of(self, body, max_tokens: int | None, *, chat: bool):
         return sampling_params(body, max_tokens, self.backend.sampling_defaults, len(self.backend.tokenizer), chat,
                                self.max_logprobs)
@@ -147,7 +154,6 @@ class Serving:
         return on_piece
 
     # -- the endpoints -------------------------------------------------------------------------
-    @errors_as_values
     async def health(self):
         problem = self.backend.worker.health()
         if problem is not None:
@@ -249,10 +255,7 @@ class Serving:
             raise APIError(400, f"{len(segments)} participants exceed max_participants={settings.max_participants}",
                            "participants")
         config = session_config(body.fedattn, single=len(segments) == 1)
-        try:
-            plan = config.resolve(self.backend.num_layers, len(segments))
-        except FedAttnConfigError as error:
-            raise APIError(400, str(error), f"fedattn.{error.field}") from None
+        plan = self.plan_of(config, len(segments))
         prompt_len = len(prefix) + sum(len(s) for s in segments)
         if prompt_len + (max_tokens or 1) > settings.max_model_len:
             # the one to change: max_tokens when it was asked for and the prompt alone fits

@@ -46,10 +46,7 @@ class SessionServing:
             raise APIError(400, f"{body.participants} exceed max_participants={core.settings.max_participants}",
                            "participants")
         config = session_config(body.fedattn, single=body.participants == 1)
-        try:
-            plan = config.resolve(core.backend.num_layers, body.participants)
-        except FedAttnConfigError as error:
-            raise APIError(400, str(error), f"fedattn.{error.field}") from None
+        plan = core.plan_of(config, body.participants)
         if (broken := body.contradiction(party=self._party)) is not None:
             raise APIError(400, broken[1], broken[0])
         prefix = await self._prefix(body)

@@ -81,8 +81,7 @@ async def test_the_openai_clients_stream_helper_reads_a_multi_party_chat(app):
             model=MODEL, messages=[], max_tokens=5, temperature=0,
             extra_body={"participants": ["alice: the code is 4417. ", "bob: the code?"], "ignore_eos": True},
             stream_options={"include_usage": True}) as stream:
-        async for _ in stream:
-            pass
+        await stream.until_done()
         final = stream.current_completion_snapshot  # (get_final_completion refuses finish_reason "length")
     await http.aclose()
     assert final.choices[0].finish_reason == "length" and final.usage.completion_tokens == 5
