@@ -3,7 +3,7 @@
 # The defaults are what RESULTS.md ran: the headline on the whole test set (1319, in two shards),
 # 300 problems for its key comparisons, 50-100 elsewhere (LIMIT overrides those), FIDELITY_LIMIT
 # problems per fidelity sweep. Figures: python -m fedattn_vllm.eval plots
-#   bash scripts/eval_sweeps.sh [headline|fidelity|attention|splits|interval|participants|placement|sparse|crossparty|grid|all]
+#   bash scripts/eval_sweeps.sh [headline|fidelity|attention|splits|interval|participants|placement|sparse|crossparty|large|grid|all]
 # `grid` extends every accuracy point to 300 problems (every run is saved in evaluation/gsm8k, so --resume skips them all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,6 +61,16 @@ crossparty() {  # the cross-party recall modes on GSM8K: the generator reads eve
     run -N 4 -H 1 --kv-wire k4v2 --offset "$offset" --limit "$(( offset == 1100 ? 219 : 200 ))"
   done
 }
+large() {  # the key points on qwen2.5-coder-1.5b-instruct (3x the CPU time) in shards of 100, every point's shard
+  # before any point's next: centralised, the default (every layer synced, k4v2), the paper's H=4
+  local big=(--model qwen2.5-coder-1.5b-instruct)
+  for offset in 0 100 200; do
+    for point in "-N 1 -H 1" "-N 4 -H 1 --kv-wire k4v2" "-N 4 -H 4"; do
+      # shellcheck disable=SC2086  # the point's words are separate arguments
+      run "${big[@]}" $point --offset "$offset" --limit 100
+    done
+  done
+}
 grid() {  # the rest of the issue's accuracy grid, every point to 300 problems (shards extend the runs above)
   for h in 2 8 24; do run -N 4 -H "$h" --offset 100 --limit 200; done
   for h in 3 6 12; do to300 -N 4 -H "$h"; done
@@ -84,7 +94,7 @@ grid() {  # the rest of the issue's accuracy grid, every point to 300 problems (
 }
 
 case "${1:-all}" in
-  all) headline; fidelity; attention; interval; splits; placement; sparse; participants; crossparty; grid ;;
-  headline|fidelity|attention|splits|interval|participants|placement|sparse|crossparty|grid) "$1" ;;
+  all) headline; fidelity; attention; interval; splits; placement; sparse; participants; crossparty; large; grid ;;
+  headline|fidelity|attention|splits|interval|participants|placement|sparse|crossparty|large|grid) "$1" ;;
   *) echo "unknown phase: $1" >&2; exit 2 ;;
 esac

@@ -37,10 +37,12 @@ six() {  # N = 6, the hardest N, on 200 of its own cases: centralised against th
   COUNT=${COUNT_SIX:-200} run -H 1 --public-prefix --kv-wire k4v2 -N 6
   run -H 1 --public-prefix --kv-wire k4v2
 }
-large() {  # the key points on qwen2.5-coder-1.5b-instruct (3x the CPU time): centralised, the default, the paper's H=4
+large() {  # the key points on qwen2.5-coder-1.5b-instruct (3x the CPU time): centralised, the earlier default (H=2),
+  # the default (every layer synced), the paper's H=4
   local big=(--model qwen2.5-coder-1.5b-instruct)
   COUNT=${COUNT_LARGE:-100} run "${big[@]}" --mode centralised
   COUNT=${COUNT_LARGE:-100} run "${big[@]}" -H 2 "${PREFIX_HG1[@]}" --kv-wire k4v2
+  COUNT=${COUNT_LARGE:-100} run "${big[@]}" -H 1 --public-prefix --kv-wire k4v2
   COUNT=${COUNT_LARGE:-100} run "${big[@]}" -H 4
 }
 all() { baselines; key; wire; minor; six; question; large; }

@@ -16,7 +16,7 @@ class Backend:
     worker: object  # EngineWorker | ClusterWorker
     tokenizer: object
     num_layers: int
-    sampling_defaults: dict  # the model's generation_config values of SAMPLING_DEFAULTS' fields
+    sampling_defaults: dict  # the model's generation_config values of the SAMPLING_DEFAULTS fields
     metrics: object  # server.metrics.Metrics, told of every session's end
     local_cluster: object | None = None  # LocalCluster the server started, stopped with it
 
@@ -81,7 +81,9 @@ def _orchestrator_keys(settings: ServerSettings):
                             tuple(public_key(path) for path in settings.engine_keys))
 
 
-SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}  # OpenAI's
+# The sampling fields vLLM's server takes from a model's generation_config (ModelConfig.get_diff_sampling_param)
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty")
 
 
 def sampling_defaults(model_dir: str | Path) -> dict:

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from vllm.exceptions import VLLMValidationError
 
 from fedattn_vllm.federated.client import CoordinatorError
 from server.worker import EngineDead
@@ -85,6 +86,11 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             message = f"{param}: {first['msg']}" if param else first["msg"]
         return error_response(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(VLLMValidationError)
+    async def vllm_validation_error(_: Request, error: VLLMValidationError):  # raised by vLLM's request validators
+        message = f"{error.parameter}: {error.args[0]}" if error.parameter else error.args[0]
+        return error_response(400, message, "invalid_request_error", error.parameter)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):  # unknown routes, methods, bad bodies

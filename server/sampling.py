@@ -1,6 +1,6 @@
 """A request's engine objects and a session's outcome as errors: pure functions of the serving layer.
 
-`sampling_params` turns a request's sampling fields into vLLM's SamplingParams (its own values, else the
+`sampling_params` turns a request into vLLM's SamplingParams (by vLLM's own rule: its values, else the
 model's generation_config, else OpenAI's; what this server cannot do refused by name); `session_config`
 its `fedattn` block into a FedAttnConfig; `refusal` and `failure` a refused or failed session into the
 APIError it answers.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
 from fedattn_vllm.session import FedAttnSessionError, SessionResult
-from server.backend import SAMPLING_DEFAULTS
 from server.errors import APIError
 from server.schemas import FedAttnBlock
 from server.unsupported import refused_field
@@ -22,35 +21,24 @@ def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def sampling_params(body, max_tokens: int | None, defaults: dict, vocab: int, chat: bool, max_logprobs: int):
-    """vLLM's SamplingParams of the request: its own values, else the model's generation_config (`defaults`),
-    else OpenAI's; a field of vLLM's requests (chat or completion) this server does not do, a token id outside
-    the vocabulary, or what vLLM refuses is a 400."""
-    from vllm import SamplingParams
+def sampling_params(body, max_tokens: int | None, defaults: dict, vocab: int, max_logprobs: int):
+    """vLLM's SamplingParams of the request, by vLLM's own `to_sampling_params`: its values, else the model's
+    generation_config (`defaults`), else OpenAI's; a field of vLLM's request this server does not do, a token id
+    outside the vocabulary, or what vLLM refuses is a 400."""
     from vllm.exceptions import VLLMValidationError
 
-    if (name := refused_field(body, "chat" if chat else "completion")) is not None:
+    if (name := refused_field(body)) is not None:
         raise APIError(400, f"{name}: not supported by this server (a field of vLLM's OpenAI server that FedAttn "
                        "sessions do not implement; README: compatibility)", name)
     if (name := body.token_ids_outside(vocab)) is not None:
         raise APIError(400, f"{name}: token ids must be in the vocabulary (0..{vocab - 1})", name)
     if body.logprob_count() is not None and body.logprob_count() > max_logprobs:
         raise APIError(400, f"logprobs: at most {max_logprobs} alternatives per token (the engine's max_logprobs)",
-                       "top_logprobs" if chat else "logprobs")
+                       "top_logprobs" if "top_logprobs" in type(body).model_fields else "logprobs")
     if max_tokens is not None and body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens: {body.min_tokens} exceeds max_tokens={max_tokens}", "min_tokens")
-    chosen = {name: value if (value := getattr(body, name)) is not None else defaults.get(name, default)
-              for name, default in SAMPLING_DEFAULTS.items()}
     try:
-        return SamplingParams(max_tokens=max_tokens, seed=body.seed, stop=body.stop,
-                              presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                              ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
-                              stop_token_ids=body.stop_token_ids, include_stop_str_in_output=body.include_stop_str_in_output,
-                              skip_special_tokens=body.skip_special_tokens,
-                              spaces_between_special_tokens=body.spaces_between_special_tokens,
-                              logit_bias=body.logit_bias and {int(k): v for k, v in body.logit_bias.items()},
-                              allowed_token_ids=body.allowed_token_ids, bad_words=body.bad_words or None,
-                              logprobs=body.logprob_count(), **chosen)
+        return body.to_sampling_params(max_tokens, defaults)
     except (ValueError, VLLMValidationError) as error:
         raise APIError(400, f"sampling parameters: {error}", getattr(error, "parameter", None)) from None
 

@@ -1,10 +1,16 @@
-"""OpenAI request bodies, plus FedAttn's extension fields `participants` and `fedattn`."""
+"""OpenAI request bodies on vLLM's own protocol classes, plus FedAttn's fields `participants`, `public_prefix`,
+`fedattn`, and FedAttn's own endpoints' bodies."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from vllm.entrypoints.generate.base.protocol import StreamOptions as VLLMStreamOptions
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VLLMChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VLLMCompletionRequest
+from vllm.entrypoints.serve.engine.protocol import OpenAIBaseModel
 
 from fedattn_vllm.config import MAX_SEED, RECOMMENDED, FedAttnConfig
 from fedattn_vllm.federated.messages import MAX_SIZE, MAX_TOKENS, MAX_WAIT_S
@@ -44,30 +50,32 @@ class FedAttnBlock(BaseModel):
         return FedAttnConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False  # a last chunk with the usage (and no choices), as OpenAI and vLLM send it
+class StreamOptions(VLLMStreamOptions):
+    # a last chunk with the usage (and no choices), as OpenAI and vLLM send it; usage in every chunk is not done
+    continuous_usage_stats: Literal[False] | None = False
 
 
-class _Sampling(BaseModel):
-    # Fields beyond ours are kept aside (model_extra): those vLLM knows are refused by name (server/unsupported.py),
-    # the rest ignored, as vLLM ignores them.
-    model_config = ConfigDict(extra="allow")
+class SamplingFields(OpenAIBaseModel):
+    """The fields of vLLM's OpenAI requests this server implements, redeclared with the bounds every integer from
+    outside gets here (integers reach msgpack, torch and vLLM). They mean what they mean in vLLM: the request
+    classes below subclass vLLM's own, whose `to_sampling_params` builds the SamplingParams. A field of vLLM's
+    class that is not redeclared here is not implemented: at its vLLM default it is accepted, else refused by
+    name (server/unsupported.py). The FedAttn extension: `fedattn`."""
 
-    model: str
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)  # integers reach msgpack and vLLM: bounded here
+    model: str | None = None  # None: the served model, as vLLM
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     # Sampling: null or absent takes the model's generation_config, else OpenAI's default (vLLM's rule).
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, le=MAX_TOKENS)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED - 1)  # it reaches torch: a signed 64-bit integer
     stop: StopString | list[StopString] | None = Field(None, max_length=16)
-    n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     # vLLM's sampling extensions; token ids are checked against the vocabulary by the server
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0, le=MAX_TOKENS)
@@ -79,6 +87,23 @@ class _Sampling(BaseModel):
     allowed_token_ids: list[int] | None = Field(None, min_length=1, max_length=1 << 16)
     bad_words: list[Annotated[str, Field(max_length=256, pattern=r"\S")]] = Field(default_factory=list, max_length=64)
     fedattn: FedAttnBlock | None = None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _malformed_is_a_validation_error(cls, data, handler):
+        """vLLM's before-validators read the raw body and some crash on shapes its fields would refuse (a
+        `structured_outputs` string, `messages` a number): a validation error (400), never a 500."""
+        try:
+            return handler(data)
+        except (TypeError, AttributeError, KeyError) as error:
+            raise ValueError(f"malformed request ({type(error).__name__}: {error})") from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def validate_prompt_and_prompt_embeds(cls, data):
+        """Replaces vLLM's completion check of that name: a multi-party request or a session has no prompt (the
+        serving layer asks for exactly one of prompt and participants)."""
+        return data
 
     def token_ids_outside(self, vocab: int) -> str | None:
         """The first field naming a token id outside 0..vocab-1, if any."""
@@ -95,9 +120,9 @@ class _Sampling(BaseModel):
         return None
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingFields, VLLMCompletionRequest):
     logprobs: int | None = Field(None, ge=0, le=20)  # the legacy shape: alternatives per token
-    prompt: Segment | None = None
+    prompt: Segment | None = None  # one prompt (vLLM's batches of prompts are refused)
     participants: list[Segment] | None = Field(None, min_length=1)  # multi-party: one segment per participant
     public_prefix: Segment | None = None  # multi-party: public text before participant 0, seen by all at every layer
 
@@ -122,29 +147,34 @@ class ChatMessage(BaseModel):
         return content if isinstance(content, str) else "\n".join(part.text for part in content)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingFields, VLLMChatCompletionRequest):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)  # OpenAI's newer name for max_tokens
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per token, with logprobs
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _with_logprobs(cls, top: int | None, info):
-        if top and not info.data.get("logprobs"):
-            raise ValueError("only with logprobs: true")
-        return top
-    messages: list[ChatMessage] | None = None
+    top_logprobs: int | None = Field(0, ge=0, le=20)  # alternatives per token, with logprobs
+    messages: list[ChatMessage] = Field(default_factory=list)  # single party; [] or absent beside participants
     # multi-party: each participant's private part of one user turn (the chat template frames the whole)
     participants: list[str] | None = Field(None, min_length=1)
     system: str | None = None  # optional system prompt for a multi-party turn (with the template head: public)
     public_prefix: Segment | None = None  # refused: in multi-party chat the system message is the public prefix
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_messages_are_none(cls, data):
+        """`"messages": null` (sent beside participants) as absent, before vLLM's validators iterate it."""
+        if isinstance(data, dict) and "messages" in data and data["messages"] is None:
+            data = {name: value for name, value in data.items() if name != "messages"}
+        return data
+
     def logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class SessionCreateRequest(_Sampling):
-    """A private multi-client session: its size and settings; parts come later, one per client."""
+class SessionCreateRequest(SamplingFields, VLLMCompletionRequest):
+    """A private multi-client session: its size and settings; parts come later, one per client. Its sampling
+    fields mean what they mean in vLLM's requests; a field neither vLLM's nor ours is refused (an endpoint of
+    our own has no clients that send fields for other servers)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     participants: int = Field(ge=1)
     chat: bool = True  # the parts form one user turn under the model's chat template
@@ -195,16 +225,21 @@ class SessionJoinRequest(BaseModel):
 
 
 class TokenizeRequest(BaseModel):
-    """vLLM's /tokenize: a prompt, or chat messages under the model's chat template."""
+    """vLLM's /tokenize: a prompt, or chat messages under the model's chat template (strict types: no lax
+    coercion of numbers to booleans or strings to token ids)."""
 
-    model: str
+    model_config = ConfigDict(strict=True)
+
+    model: str | None = None  # None: the served model
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(BaseModel):
-    model: str
+    model_config = ConfigDict(strict=True)
+
+    model: str | None = None
     tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=1 << 20)
 

@@ -30,9 +30,10 @@ from server.metrics import Metrics
 from server.private import PrivateSessions
 from server.responses import reply, stream_events
 from server.sampling import chat_ids, failure, refusal, sampling_params, session_config
-from server.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SessionCreateRequest,
+                            TokenizeRequest)
 from server.settings import ServerSettings
-from server.unsupported import vllm_fields
+from server.unsupported import inherited_defaults
 from server.worker import QueueFull
 
 log = logging.getLogger("server")
@@ -61,8 +62,8 @@ class Serving:
         self.issued = IssuedSessions(settings.max_sessions)
         # Tokenizing and chat templating run here, off the event loop (one thread: tokenizers are not re-entrant).
         self._text_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedattn-tokenizer")
-        for kind in ("completion", "chat"):  # vLLM's request fields, read once before serving
-            vllm_fields(kind)
+        for request_class in (CompletionRequest, ChatCompletionRequest, SessionCreateRequest):
+            inherited_defaults(request_class)  # vLLM's fields that are not ours, read once before serving
         metrics.waiting.set_function(lambda: backend.worker.queue_depth)
         metrics.running.set_function(lambda: backend.worker.running)
         if backend.tokenizer.chat_template is None:
@@ -76,8 +77,9 @@ class Serving:
     async def off_loop(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self._text_thread, function, *args)
 
-    def check_model(self, name: str) -> None:
-        if name != self.model:
+    def check_model(self, name: str | None) -> None:
+        """The request's model is the served one (None: the served one, as vLLM), else a 404."""
+        if name is not None and name != self.model:
             raise APIError(404, f"model {name!r} is not served here (try {self.model!r})", "model", "not_found_error")
 
     def check_chat_template(self) -> None:
@@ -115,8 +117,8 @@ class Serving:
         except FedAttnConfigError as error:
             raise APIError(400, str(error), f"fedattn.{error.field}") from None
 
-    def sampling_of(self, body, max_tokens: int | None, *, chat: bool):
-        return sampling_params(body, max_tokens, self.backend.sampling_defaults, len(self.backend.tokenizer), chat,
+    def sampling_of(self, body, max_tokens: int | None):
+        return sampling_params(body, max_tokens, self.backend.sampling_defaults, len(self.backend.tokenizer),
                                self.max_logprobs)
 
     @staticmethod
@@ -230,14 +232,12 @@ class Serving:
         self.check_chat_template()
         body.max_tokens = body.max_completion_tokens or body.max_tokens  # the newer name wins, as in vLLM
         tokenizer = self.backend.tokenizer
-        if not body.messages:
-            body.messages = None  # SDKs that require `messages` send [] beside participants
-        if (body.messages is None) == (body.participants is None):
+        if bool(body.messages) == (body.participants is not None):  # SDKs that require `messages` send [] beside
             raise APIError(400, "give exactly one of messages (single party) or participants (multi-party)", "messages")
         if body.public_prefix is not None:
             raise APIError(400, "public_prefix: in chat the system message is the public prefix (use `system`)",
                            "public_prefix")
-        if body.messages is not None:
+        if body.messages:
             prefix, segments = [], [await self.off_loop(chat_ids, tokenizer, [m.model_dump() for m in body.messages])]
         else:
             for i, part in enumerate(body.participants):
@@ -262,7 +262,7 @@ class Serving:
             param = "max_tokens" if body.max_tokens is not None and prompt_len < settings.max_model_len else prompt_param
             raise APIError(400, f"{param}: {prompt_len} prompt tokens + max_tokens="
                            f"{max_tokens} exceed max_model_len={settings.max_model_len}", param)
-        sampling = self.sampling_of(body, max_tokens, chat=kind != "text_completion")
+        sampling = self.sampling_of(body, max_tokens)
         if settings.log_requests:
             log.info("request %s: %d participants, %s, public prefix %d", kind, len(segments),
                      [len(s) for s in segments], len(prefix))

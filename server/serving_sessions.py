@@ -50,7 +50,7 @@ class SessionServing:
         if (broken := body.contradiction(party=self._party)) is not None:
             raise APIError(400, broken[1], broken[0])
         prefix = await self._prefix(body)
-        sampling = core.sampling_of(body, body.max_tokens, chat=body.chat)
+        sampling = core.sampling_of(body, body.max_tokens)
         if self._party:
             return await self._invite(body, config, plan)
         try:
@@ -220,7 +220,7 @@ class SessionServing:
             raise APIError(409, "invitation: its settings differ from the session's at the coordinator", "invitation")
         prefix = await self._prefix(terms)
         segment = await self._segment(body.content, participant, terms.participants, terms.chat)
-        sampling = core.sampling_of(terms, terms.max_tokens, chat=terms.chat)
+        sampling = core.sampling_of(terms, terms.max_tokens)
         digest = terms_digest(session=session_id, terms=terms.model_dump(mode="json"),
                               seal_key=hashlib.sha256(seal_key).digest())
         task = PartyTask(session_id, participant, plan, segment, prefix, sampling, seal_key, digest,

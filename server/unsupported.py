@@ -1,9 +1,10 @@
 """What of vLLM's OpenAI request fields this server does not do: refused by name, never silently dropped.
 
-A request field that vLLM's own server knows (its protocol classes) and ours does not
-implement is a 400 naming it, unless it holds vLLM's default (clients often send
-`"n": 1`, `"echo": false`, `"logprobs": null`). Fields neither server knows are ignored,
-as vLLM ignores them; `user` (OpenAI's end-user id) and `request_id` are accepted and ignored.
+The request classes (server/schemas.py) subclass vLLM's and redeclare the fields this server
+implements. A field they inherit from vLLM unredeclared is not implemented: a 400 naming it,
+unless it holds vLLM's default (clients often send `"n": 1`, `"echo": false`, `"logprobs":
+null`). Fields neither server knows are ignored, as vLLM ignores them; `user` (OpenAI's end-user
+id), `request_id` and `session_id` are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -12,23 +13,25 @@ import functools
 
 from pydantic import BaseModel
 
-ACCEPTED_AND_IGNORED = frozenset({"user", "request_id"})  # request_id: vLLM's default is fresh per request
+ACCEPTED_AND_IGNORED = frozenset({"user", "request_id", "session_id"})  # request_id: vLLM's is fresh per request
 
 
 @functools.cache
-def vllm_fields(kind: str) -> dict[str, object]:
-    """vLLM's request fields for `kind` ('completion' or 'chat'), each with its default (import: seconds)."""
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+def inherited_defaults(request_class: type[BaseModel]) -> dict[str, object]:
+    """The fields `request_class` takes from vLLM's protocol class unredeclared, each with vLLM's default."""
+    ours: set[str] = set()
+    for klass in request_class.__mro__:
+        if klass.__module__.startswith("vllm."):  # vLLM's request class: the fields from here on are vLLM's
+            return {name: field.get_default(call_default_factory=True) for name, field in klass.model_fields.items()
+                    if name not in ours and name not in ACCEPTED_AND_IGNORED}
+        ours |= set(vars(klass).get("__annotations__", {}))
+    raise TypeError(f"{request_class.__name__} does not subclass a vLLM request class")
 
-    model = {"completion": CompletionRequest, "chat": ChatCompletionRequest}[kind]
-    return {name: field.get_default(call_default_factory=True) for name, field in model.model_fields.items()}
 
-
-def refused_field(body: BaseModel, kind: str) -> str | None:
-    """The first field of `body` that vLLM's `kind` request has, ours lacks, and is not at vLLM's default."""
-    fields = vllm_fields(kind)
-    for name, value in (body.model_extra or {}).items():
-        if name not in ACCEPTED_AND_IGNORED and name in fields and value is not None and value != fields[name]:
+def refused_field(body: BaseModel) -> str | None:
+    """The first field of `body` that vLLM's request has, ours does not implement, and is not at vLLM's default."""
+    inherited = inherited_defaults(type(body))
+    for name, default in inherited.items():  # in vLLM's order of the fields (`tools` before `tool_choice`)
+        if name in body.model_fields_set and (value := getattr(body, name)) is not None and value != default:
             return name
     return None

@@ -46,7 +46,7 @@ def _cases() -> list[tuple[str, str, object]]:
     ok_chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     junk = [None, -1, 0, 2**63, 2**64, -2**70, 1.5, NAN, INF, -INF, "", "x" * 5000, [], [None], {}, {"a": 1}, True]
     sampling = {
-        "model": junk[:3] + ["other", 7],
+        "model": [-1, 0, "other", 7],  # null is the served model, as in vLLM (COERCED)
         "max_tokens": [-1, 0, 2**64, 1e9, NAN, INF, []],
         "temperature": [-1, 3, NAN, INF, "hot", []],
         "top_p": [0, 2, NAN, -INF],
@@ -77,7 +77,22 @@ def _cases() -> list[tuple[str, str, object]]:
     cases += [("POST", "/v1/completions", {**ok_multi, "public_prefix": v}) for v in [5, [-1], [2**40], {"a": 1}]]
     cases += [("POST", "/v1/chat/completions", {**ok_chat, "messages": v})
               for v in ["x", [{}], [{"role": "bad", "content": "x"}], [{"role": "user", "content": None}],
-                        [{"role": "user"}], [None], {"role": "user"}]]
+                        [{"role": "user"}], [None], {"role": "user"}, 5, [{"role": "user", "content": [{"type": "image_url"}]}]]]
+    # vLLM's fields this server does not implement, and shapes vLLM's own validators once crashed on
+    cases += [("POST", path, {**body, field: v}) for path, body in (("/v1/completions", ok_completion),
+                                                                   ("/v1/chat/completions", ok_chat))
+              for field, v in [("structured_outputs", "x"), ("structured_outputs", {"regex": "a+"}),
+                               ("response_format", "x"), ("response_format", {"type": "json_object"}),
+                               ("stream_options", {"include_usage": True}), ("use_beam_search", True),
+                               ("prompt_logprobs", 1), ("prompt_logprobs", "x"), ("vllm_xargs", {"a": 1}),
+                               ("priority", 1), ("truncate_prompt_tokens", 5), ("logprob_token_ids", [1])]]
+    cases += [("POST", "/v1/chat/completions", {**ok_chat, field: v})
+              for field, v in [("tools", []), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                               ("tool_choice", {"function": "x"}), ("tool_choice", "maybe"), ("documents", [{}]),
+                               ("chat_template_kwargs", {"a": 1}), ("continue_final_message", True),
+                               ("stream_options", {"include_usage": True, "continuous_usage_stats": True})]]
+    cases += [("POST", "/v1/completions", {**ok_completion, field: v})
+              for field, v in [("suffix", "x"), ("echo", True), ("prompt", ["a", "b"]), ("prompt_embeds", "eA==")]]
     cases += [("POST", "/v1/chat/completions", {**ok_chat, "messages": None, "participants": v, "system": s})
               for v, s in [(["a", ""], None), (["a", 5], None), (["a"], 7), ([], "x")]]
     session = {"model": MODEL, "participants": 2, "max_tokens": 2, "join_timeout_s": 1}  # a valid one expires at once
@@ -85,7 +100,7 @@ def _cases() -> list[tuple[str, str, object]]:
         "participants": [0, -1, 2**63, 17, NAN], "join_timeout_s": [0, 1e9, NAN, INF, "soon"],
         "chat": ["x"], "fedattn": [{"sync_interval": 0}, "x"], "system": [5], "public_prefix": [[-1]],
         "echo": [True], "logit_bias": [{"99999999": 5}, {"1": NAN}, {"\u00b2": 1}], "top_logprobs": [3],
-        "min_tokens": [5], "bad_words": [[" "]]}.items()
+        "min_tokens": [5], "bad_words": [[" "]], "top_logprobs": [0], "prompt": ["x"], "unknown": [1]}.items()
         for v in values]
     cases += [("POST", f"/v1/fedattn/sessions/{sid}/participants/{n}", {"token": "t", "content": "x"})
               for sid, n in [("nope", 0), ("nope", -1), ("nope", 2**70), ("nope", "abc"), ("x" * 3000, 0)]]
@@ -106,16 +121,19 @@ CASES = _cases()
 
 
 def _coerced() -> list[tuple[str, str, dict]]:
-    """Odd-looking values that pydantic's lax mode turns into valid ones, as in vLLM's own request models (a
-    numeric string to a number, true to 1, "yes" to true): accepted, and answered in the success shape."""
+    """Odd-looking values vLLM's own request models accept (pydantic's lax mode turns a numeric string into a
+    number, true into 1, "yes" into true; a null model is the served one; vLLM's fields at their defaults):
+    accepted, and answered in the success shape."""
     ok = {"/v1/completions": {"model": MODEL, "prompt": "x", "max_tokens": 2},
           "/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}}
-    values = {"max_tokens": ["10", True], "top_p": ["1"], "seed": ["1"], "stream": ["yes"]}
+    values = {"max_tokens": ["10", True], "top_p": ["1"], "seed": ["1"], "stream": ["yes"], "model": [None],
+              "n": [1], "echo": [False], "use_beam_search": [False], "user": ["someone"], "request_id": ["r"]}
     cases = [("POST", path, {**body, field: v}) for path, body in ok.items() for field, vs in values.items() for v in vs]
     cases.append(("POST", "/v1/completions", {**ok["/v1/completions"], "prompt": [True]}))  # token id 1
+    cases.append(("POST", "/v1/chat/completions", {**ok["/v1/chat/completions"], "n": None}))  # chat's n is optional
     session = {"model": MODEL, "participants": 2, "max_tokens": 2, "join_timeout_s": 1}
     cases += [("POST", "/v1/fedattn/sessions", {**session, "participants": "3"}),
-              ("POST", "/v1/fedattn/sessions", {**session, "top_logprobs": 0})]  # 0 alternatives: vLLM's default
+              ("POST", "/v1/fedattn/sessions", {**session, "n": 1})]  # vLLM's default
     return cases
 
 
