@@ -2,12 +2,16 @@
 
     .venv/bin/python benchmarks/server_load.py --requests 24 --concurrency 4 --rounds 2
 
-Starts `python -m server` and `vllm serve` on the same model with the same engine settings
+Starts vLLM's OpenAI server and ours twice on the same model with the same engine settings
 (fp32, eager, no prefix caching or chunked prefill: FedAttn needs both off, so plain vLLM
-runs without them too), then sends, round by round, interleaved:
-  plain-vllm   single-party completions (the concatenated prompt as token ids) to vllm serve;
-  single       the same requests to our server;
-  multi        the same prompts split TokEx among N participants (`participants`, H = 4).
+runs without them too): ours with its engine in the server's process (the default), and ours
+with `--engines 1`, its engine in a process of its own as vLLM's server runs its engine core
+(the same process layout). Then sends, round by round, interleaved:
+  plain-vllm            single-party completions (the concatenated prompt as token ids) to vLLM's server;
+  single, multi         the same requests to our in-process server; the same prompts split TokEx among
+                        N participants (`participants`, H = 4);
+  single-engine-proc,   the same two against our server with its engine process.
+  multi-engine-proc
 Reports requests/s and p50/p95 latency (medians over rounds) and writes JSON.
 """
 
@@ -84,25 +88,31 @@ def main() -> None:
     splits = [gsm8k.segments(tokenizer, p, args.shots, args.participants, "TokEx") for p in problems]
     common = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
     logs = Path(tempfile.mkdtemp(prefix="fedattn-load-"))
-    ours, plain = free_port(), free_port()
+    ours, ours_proc, plain = free_port(), free_port(), free_port()
     engine = ["--dtype", "float32", "--max-model-len", "4096", "--max-num-batched-tokens", "8192"]
+    our_server = [sys.executable, "-m", "server", "--model", args.model, "--kv-cache-gib", "2",
+                  "--parent-pid", str(os.getpid()), *engine]
     servers = [
-        start([sys.executable, "-m", "server", "--model", args.model, "--port", str(ours), "--kv-cache-gib", "2",
-               "--parent-pid", str(os.getpid()), *engine], ours, logs / "server.log"),
+        start([*our_server, "--port", str(ours)], ours, logs / "server.log"),
+        start([*our_server, "--port", str(ours_proc), "--engines", "1"], ours_proc, logs / "server-engine-proc.log"),
         start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--port", str(plain),
                "--enforce-eager", "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
                "--kv-cache-memory-bytes", str(2 << 30), *engine], plain, logs / "vllm.log"),
     ]
     try:
-        names = {f"http://127.0.0.1:{port}": httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
-                 for port in (ours, plain)}
-        ours_url, plain_url = f"http://127.0.0.1:{ours}", f"http://127.0.0.1:{plain}"
-        modes = {
-            "plain-vllm": (plain_url, [{"model": names[plain_url], "prompt": sum(s, []), **common} for s in splits]),
-            "single": (ours_url, [{"model": names[ours_url], "prompt": sum(s, []), **common} for s in splits]),
-            "multi": (ours_url, [{"model": names[ours_url], "participants": s, "fedattn": {"sync_interval": 4},
-                                  **common} for s in splits]),
-        }
+        urls = {name: f"http://127.0.0.1:{port}" for name, port in (("plain", plain), ("ours", ours),
+                                                                     ("ours_proc", ours_proc))}
+        names = {url: httpx.get(f"{url}/v1/models").json()["data"][0]["id"] for url in urls.values()}
+
+        def single(url: str) -> tuple[str, list[dict]]:
+            return url, [{"model": names[url], "prompt": sum(s, []), **common} for s in splits]
+
+        def multi(url: str) -> tuple[str, list[dict]]:
+            return url, [{"model": names[url], "participants": s, "fedattn": {"sync_interval": 4}, **common}
+                         for s in splits]
+
+        modes = {"plain-vllm": single(urls["plain"]), "single": single(urls["ours"]), "multi": multi(urls["ours"]),
+                 "single-engine-proc": single(urls["ours_proc"]), "multi-engine-proc": multi(urls["ours_proc"])}
         for url, bodies in modes.values():  # warm-up
             asyncio.run(load(f"{url}/v1/completions", bodies[:2], 2))
         samples: dict[str, list[dict]] = {mode: [] for mode in modes}
@@ -118,10 +128,10 @@ def main() -> None:
     report = {mode: {k: statistics.median(s[k] for s in rows) for k in rows[0]} for mode, rows in samples.items()}
     print(f"\n{args.requests} GSM8K prompts ({args.shots}-shot) x {args.rounds} rounds, concurrency "
           f"{args.concurrency}, {args.max_tokens} tokens each, fp32; multi: TokEx N={args.participants}, H=4")
-    print(f"{'mode':<12} {'req/s':>8} {'vs plain':>9} {'p50 s':>8} {'p95 s':>8}")
+    print(f"{'mode':<19} {'req/s':>8} {'vs plain':>9} {'p50 s':>8} {'p95 s':>8}")
     for mode, row in report.items():
         ratio = row["requests_per_s"] / report["plain-vllm"]["requests_per_s"]
-        print(f"{mode:<12} {row['requests_per_s']:>8.3f} {ratio:>8.2f}x {row['p50_s']:>8.2f} {row['p95_s']:>8.2f}")
+        print(f"{mode:<19} {row['requests_per_s']:>8.3f} {ratio:>8.2f}x {row['p50_s']:>8.2f} {row['p95_s']:>8.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": vars(args), "median": report, "samples": samples}, indent=2, default=str))
     print(f"wrote {args.out}")

@@ -177,6 +177,7 @@ class SessionCreateRequest(SamplingFields, VLLMCompletionRequest):
     model_config = ConfigDict(extra="forbid")
 
     participants: int = Field(ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per token, in the generators' answers (their shape)
     chat: bool = True  # the parts form one user turn under the model's chat template
     system: str | None = None  # chat: the system message (the template head is the public prefix)
     public_prefix: Segment | None = None  # not chat: public text or token ids before participant 0
@@ -196,6 +197,9 @@ class SessionCreateRequest(SamplingFields, VLLMCompletionRequest):
         if party and self.join_timeout_s > MAX_WAIT_S:
             return "join_timeout_s", f"join_timeout_s: at most {MAX_WAIT_S:.0f} s between party-side servers"
         return None
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 class Invitation(BaseModel):

@@ -152,16 +152,19 @@ class SessionServing:
         future, timings = started
         return await self._participant_reply(request, body, session_id, participant, generators,
                                              session.worker_session, future, timings, session.streams.get(participant),
-                                             "chat.completion" if session.chat else "text_completion")
+                                             "chat.completion" if session.chat else "text_completion",
+                                             session.sampling.logprobs)
 
     async def _participant_reply(self, request: Request, body: SessionJoinRequest, session_id: str, participant: int,
-                                 generators, worker_session: str, future, timings: Timings, pieces, kind: str):
-        """A joined participant's answer: a generator's own choice (streamed if it asked), else a usage record."""
+                                 generators, worker_session: str, future, timings: Timings, pieces, kind: str,
+                                 top_logprobs: int | None):
+        """A joined participant's answer: a generator's own choice (streamed if it asked; with `top_logprobs`
+        alternatives per token if the terms asked for logprobs), else a usage record."""
         core = self.serving
         response_id = f"fedsess-{uuid.uuid4().hex}"
         if pieces is not None:  # its own answer, as choice 0
             return core.stream(worker_session, future, pieces, response_id, kind, {participant: 0}, body.include_usage,
-                               timings, "content")
+                               timings, "content", top_logprobs)
         try:
             result = await core.unless_disconnected(request, asyncio.wrap_future(future))
         except (FedAttnConfigError, FedAttnSessionError) as error:  # e.g. the parts together do not fit
@@ -171,7 +174,7 @@ class SessionServing:
             return JSONResponse({}, status_code=499)
         if (failed := failure(result, "content")) is not None:
             raise failed
-        answer = core.reply(result, timings, response_id, kind)
+        answer = core.reply(result, timings, response_id, kind, top_logprobs)
         if participant not in generators:  # a usage record of its own part only
             usage = answer["fedattn"]
             own = {"participants": usage["participants"], "tokens": usage["tokens"][participant],
@@ -235,7 +238,7 @@ class SessionServing:
             raise APIError(503, f"the engine is down: {error}", None, "server_error") from None
         return await self._participant_reply(request, body, session_id, participant, plan.generators, worker_session,
                                              future, timings, pieces,
-                                             "chat.completion" if terms.chat else "text_completion")
+                                             "chat.completion" if terms.chat else "text_completion", sampling.logprobs)
 
     def _start_private(self, session) -> None:
         """All parts are in: run the session; generators that stream get their pieces."""

@@ -373,14 +373,17 @@ def test_private_session_clients_each_send_only_their_part_and_get_the_joint_ans
     parts = ["alice: the vault code is 4417. ", "bob: the vault is in the cellar. ", "carol: what is the code?"]
     sampling = {"max_tokens": 6, "temperature": 0, "ignore_eos": True, "system": "You answer in one word.",
                 "fedattn": {"sync_interval": 2, "generator_sync_interval": 1}}
-    session = create_session(server, participants=3, **sampling)
+    session = create_session(server, participants=3, logprobs=2, **sampling)
     assert session["generators"] == [2] and len({p["token"] for p in session["participants"]}) == 3
     with ThreadPoolExecutor(3) as pool:  # three clients, concurrently, each with its own text only
         replies = list(pool.map(lambda n: join(server, session, n, parts[n]), range(3)))
     assert [r.status_code for r in replies] == [200, 200, 200]
-    one_call = post(server, "/v1/chat/completions", {"participants": parts, **sampling}).json()
+    one_call = post(server, "/v1/chat/completions", {"participants": parts, "logprobs": True, "top_logprobs": 2,
+                                                     **sampling}).json()
     answer = replies[2].json()
     assert answer["choices"][0]["message"]["content"] == one_call["choices"][0]["message"]["content"]
+    assert answer["choices"][0]["logprobs"] == one_call["choices"][0]["logprobs"]  # 6 tokens, 2 alternatives each
+    assert [len(t["top_logprobs"]) for t in answer["choices"][0]["logprobs"]["content"]] == [2] * 6
     assert answer["fedattn"]["published_bytes"] == one_call["fedattn"]["published_bytes"]
     for reply in replies[:2]:  # the others get a usage record, not the answer
         assert reply.json()["object"] == "fedattn.participation" and "choices" not in reply.json()
