@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from kernels import (decode_attention, dequantize_groups, dequantize_int8, gather_tokens, merge_attention,
-                     partial_attention, quantize_groups, quantize_int8)
+from kernels import (decode_attention, dequantize_groups, dequantize_int8, fused_partial_attention, gather_tokens,
+                     merge_attention, partial_attention, quantize_groups, quantize_int8)
 
 
 def naive(query, key, value, scale, allowed):
@@ -165,3 +165,24 @@ def test_values_beyond_float16_are_clamped_not_turned_into_infinities():
     codes, scale, low = quantize_groups(x, 4, -1, 4)
     back = dequantize_groups(codes, scale, low, 4, -1, 4, 4, torch.float32)
     assert torch.isfinite(back).all() and back[0, 0, 0] <= -65000 and back[0, 0, 2] >= 65000
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads", [(2, 1), (14, 2), (4, 4)])
+@pytest.mark.parametrize("t_q, t_k, causal, masked", [
+    (1, 9, False, False), (7, 30, False, False), (12, 12, True, False), (5, 12, True, False),  # a prefix before
+    (12, 15, True, True), (6, 6, False, True), (3, 0, False, False), (4, 2, True, False)])  # no keys / rows
+def test_the_fused_kernel_equals_the_reference(dtype, heads, kv_heads, t_q, t_k, causal, masked):
+    d, scale = 64, 64**-0.5
+    g = torch.Generator().manual_seed(t_q * 100 + t_k)
+    q, k, v = (torch.randn(t, h, d, generator=g).to(dtype) for t, h in ((t_q, heads), (t_k, kv_heads), (t_k, kv_heads)))
+    mask = (torch.rand(t_q, t_k, generator=g) < 0.6) if masked else None
+    if masked and t_q > 2:
+        mask[1] = False  # a query with no key at all
+    expected = partial_attention(q, k, v, scale, causal=causal, mask=mask)
+    out, lse = fused_partial_attention(q, k, v, scale, causal=causal, mask=mask)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    # the same fp32 math summed in another order; a bf16 output may round one unit apart
+    unit = TOL[torch.float32] if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
+    assert_close(out.float(), expected[0].float(), **unit)
+    assert_close(lse, expected[1], **TOL[torch.float32])

@@ -4,8 +4,9 @@ Every attention impl of a FedAttn model becomes a subclass of its backend's impl
 stock forward runs first (it caches K/V and attends over the request's own tokens, which
 is all a local layer needs). At a layer where a participant sees foreign K/V, its rows are
 recomputed: in prefill as attention over its own K/V (causal) merged with attention over
-the foreign K/V; in a generator's decode as one softmax over foreign + own K/V, every
-decoding generator of the layer in one padded call (`kernels.decode_attention`). A
+the foreign K/V (each a fused kernel that returns its log-sum-exp, `kernels.fused`); in a
+generator's decode as one softmax over foreign + own K/V, every decoding generator of the
+layer in one padded call (`kernels.decode_attention`). A
 participant that attends to only some of its own tokens (sparse local computation) is
 recomputed at every layer the same way.
 """
@@ -21,7 +22,7 @@ from fedattn_vllm.kv_wire import decode_checked, encode_kv
 from fedattn_vllm.selection import QUESTION_ROWS, question_bytes
 from fedattn_vllm.vllm_ext.batch import FedAttnBatch, ParticipantRows, current_batch
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
-from kernels import decode_attention, gather_tokens, merge_attention, partial_attention
+from kernels import decode_attention, fused_partial_attention, gather_tokens, merge_attention
 
 
 def apply_sync_layer(
@@ -138,9 +139,9 @@ def _attend_prefill(e: ParticipantRows, layer: int, query, key, value, output, s
     # Only the segment's rows change (the prefix precedes every foreign token and keeps all of itself).
     q = query[e.segment_rows]
     mask = None if kept is None else _local_mask(prefix, length, kept.to(q.device))
-    out_own, lse_own = partial_attention(q, own[0], own[1], scale, causal=True, mask=mask)
+    out_own, lse_own = fused_partial_attention(q, own[0], own[1], scale, causal=True, mask=mask)
     if foreign is not None:
-        out_far, lse_far = partial_attention(q, foreign[0], foreign[1], scale)
+        out_far, lse_far = fused_partial_attention(q, foreign[0], foreign[1], scale)
         out_own = merge_attention(out_far, lse_far, out_own, lse_own)[0]
     output[e.segment_rows] = out_own.to(output.dtype)
 
