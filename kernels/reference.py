@@ -46,18 +46,24 @@ def decode_attention(
 ) -> torch.Tensor:
     """B decoding tokens at once, each over its own key set: queries (B, H, D), keys[b]/values[b] (T_b, H_kv, D).
 
-    One padded, masked softmax for the batch (every key set of a layer's generators in one call), equal to
+    One padded, masked softmax for the batch (every key set of a layer's generators in one call; a single key set
+    unpadded, read in place), equal to
     `partial_attention(queries[b:b+1], keys[b], values[b], scale)[0]` for each b. Returns (B, H, D).
     """
     batch, heads, dim = queries.shape
     kv_heads = keys[0].shape[1]
-    lengths = torch.tensor([k.shape[0] for k in keys], device=queries.device)
-    k = torch.nn.utils.rnn.pad_sequence(keys, batch_first=True).float()  # (B, T_max, H_kv, D)
-    v = torch.nn.utils.rnn.pad_sequence(values, batch_first=True).float()
+    if batch == 1:  # one key set: attended in place (a copy of a long context every step costs more than the math)
+        k, v = keys[0].unsqueeze(0).float(), values[0].unsqueeze(0).float()
+    else:
+        k = torch.nn.utils.rnn.pad_sequence(keys, batch_first=True).float()  # (B, T_max, H_kv, D)
+        v = torch.nn.utils.rnn.pad_sequence(values, batch_first=True).float()
     q = queries.float().view(batch, kv_heads, heads // kv_heads, dim) * scale  # GQA: heads under their KV head
     scores = torch.einsum("bhgd,bthd->bhgt", q, k)
-    padding = torch.arange(k.shape[1], device=queries.device) >= lengths[:, None]  # (B, T_max)
-    weights = torch.softmax(scores.masked_fill(padding[:, None, None, :], float("-inf")), dim=-1)
+    if batch > 1:
+        lengths = torch.tensor([key_set.shape[0] for key_set in keys], device=queries.device)
+        padding = torch.arange(k.shape[1], device=queries.device) >= lengths[:, None]  # (B, T_max)
+        scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
     return torch.einsum("bhgt,bthd->bhgd", weights, v).reshape(batch, heads, dim).to(queries.dtype)
 
 

@@ -58,9 +58,9 @@ def test_a_mask_restricts_the_keys_on_top_of_causality(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads", [(2, 1), (14, 2), (4, 4)])
-def test_decoding_tokens_in_one_padded_call_equal_each_over_its_own_keys(dtype, heads, kv_heads):
+@pytest.mark.parametrize("lengths", [[1, 37, 5, 120, 37], [120]])  # a batch, and one key set (read in place)
+def test_decoding_tokens_in_one_padded_call_equal_each_over_its_own_keys(dtype, heads, kv_heads, lengths):
     d, scale = 64, 64**-0.5
-    lengths = [1, 37, 5, 120, 37]
     queries = torch.randn(len(lengths), heads, d).to(dtype)
     keys = [torch.randn(t, kv_heads, d).to(dtype) for t in lengths]
     values = [torch.randn(t, kv_heads, d).to(dtype) for t in lengths]
