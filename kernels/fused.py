@@ -23,15 +23,15 @@ def partial_attention(
     t_k, kv_heads, _ = key.shape
     if query.device.type != "cpu" or t_k == 0 or t_q == 0:
         return reference_partial_attention(query, key, value, scale, causal=causal, mask=mask)
-    allowed = _allowed(t_q, t_k, causal, mask, query.device)
+    square_causal = causal and mask is None and t_q == t_k  # the kernel's own causal bound, blocks above skipped
+    allowed = None if square_causal else _allowed(t_q, t_k, causal, mask, query.device)
     if allowed is not None and not bool(allowed.any(dim=1).all()):  # a query with no key: the reference's 0, -inf
         return reference_partial_attention(query, key, value, scale, causal=causal, mask=mask)
     group = heads // kv_heads
     q = query.float().transpose(0, 1).unsqueeze(0)  # (1, H, T_q, D)
     # every query head's KV head, copied: T_k * H * D values, small beside the T_q * T_k * H * D of attention
     k, v = (t.float().repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0) for t in (key, value))
-    square_causal = causal and mask is None and t_q == t_k  # the kernel's own causal bound, blocks above skipped
-    bias = None if allowed is None or square_causal else torch.zeros(t_q, t_k, device=query.device).masked_fill_(
+    bias = None if allowed is None else torch.zeros(t_q, t_k, device=query.device).masked_fill_(
         ~allowed, float("-inf"))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, square_causal,
                                                                           attn_mask=bias, scale=scale)
