@@ -4,7 +4,8 @@
 
 Starts vLLM's OpenAI server and ours twice on the same model with the same engine settings
 (fp32, eager, no prefix caching or chunked prefill: FedAttn needs both off, so plain vLLM
-runs without them too): ours with its engine in the server's process (the default), and ours
+runs without them too; every engine may use every core: vLLM's CPU engine core would otherwise
+leave one to its API server): ours with its engine in the server's process (the default), and ours
 with `--engines 1`, its engine in a process of its own as vLLM's server runs its engine core
 (the same process layout). Then sends, round by round, interleaved:
   plain-vllm            single-party completions (the concatenated prompt as token ids) to vLLM's server;
@@ -49,9 +50,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
+def start(command: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     wait_until_healthy(f"http://127.0.0.1:{port}", process, log, timeout_s=600)
     return process
 
@@ -97,7 +98,9 @@ def main() -> None:
         start([*our_server, "--port", str(ours_proc), "--engines", "1"], ours_proc, logs / "server-engine-proc.log"),
         start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--port", str(plain),
                "--enforce-eager", "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
-               "--kv-cache-memory-bytes", str(2 << 30), *engine], plain, logs / "vllm.log"),
+               "--kv-cache-memory-bytes", str(2 << 30), *engine], plain, logs / "vllm.log",
+              # vLLM's CPU engine core leaves one core to its API server by default; ours take every core
+              env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}),
     ]
     try:
         urls = {name: f"http://127.0.0.1:{port}" for name, port in (("plain", plain), ("ours", ours),
