@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import partial_attention as reference_partial_attention
+from kernels.reference import allowed_keys, partial_attention as reference_partial_attention
 
 
 def partial_attention(
@@ -24,7 +24,7 @@ def partial_attention(
     if query.device.type != "cpu" or t_k == 0 or t_q == 0:
         return reference_partial_attention(query, key, value, scale, causal=causal, mask=mask)
     square_causal = causal and mask is None and t_q == t_k  # the kernel's own causal bound, blocks above skipped
-    allowed = None if square_causal else _allowed(t_q, t_k, causal, mask, query.device)
+    allowed = None if square_causal else allowed_keys(t_q, t_k, causal, mask, query.device)
     if allowed is not None and not bool(allowed.any(dim=1).all()):  # a query with no key: the reference's 0, -inf
         return reference_partial_attention(query, key, value, scale, causal=causal, mask=mask)
     group = heads // kv_heads
@@ -37,13 +37,3 @@ def partial_attention(
                                                                           attn_mask=bias, scale=scale)
     return out[0].transpose(0, 1).to(query.dtype), lse[0].transpose(0, 1)
 
-
-def _allowed(t_q: int, t_k: int, causal: bool, mask: torch.Tensor | None, device) -> torch.Tensor | None:
-    """(T_q, T_k) bool of the keys each query may see (None: all): the causal bound (queries are the last T_q of
-    the T_k keys) and `mask` together."""
-    allowed = None
-    if causal and t_q > 1:
-        allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(t_k - t_q)
-    if mask is not None:
-        allowed = mask if allowed is None else allowed & mask
-    return allowed

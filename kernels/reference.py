@@ -27,11 +27,8 @@ def partial_attention(
     k = key.float().permute(1, 2, 0)  # (H_kv, D, T_k)
     v = value.float().transpose(0, 1)  # (H_kv, T_k, D)
     scores = torch.bmm(q * scale, k).view(kv_heads, group, t_q, t_k)
-    if causal and t_q > 1:  # a single query is the newest token: it sees every key
-        allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device).tril(t_k - t_q)
+    if (allowed := allowed_keys(t_q, t_k, causal, mask, query.device)) is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (H_kv, G, T_q)
     weights = torch.exp(scores - lse.unsqueeze(-1))
     if t_k == 0 or (causal and t_k < t_q) or mask is not None:  # rows without keys: -inf - -inf
@@ -39,6 +36,17 @@ def partial_attention(
     out = torch.bmm(weights.view(kv_heads, group * t_q, t_k), v).view(kv_heads, group, t_q, dim)
     out = out.permute(2, 0, 1, 3).reshape(t_q, heads, dim)
     return out.to(query.dtype), lse.permute(2, 0, 1).reshape(t_q, heads)
+
+
+def allowed_keys(t_q: int, t_k: int, causal: bool, mask: torch.Tensor | None, device) -> torch.Tensor | None:
+    """(T_q, T_k) bool of the keys each query may see (None: all): the causal bound (queries are the last T_q of
+    the T_k keys; a single query is the newest token and sees every key) and `mask` together."""
+    allowed = None
+    if causal and t_q > 1:
+        allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(t_k - t_q)
+    if mask is not None:
+        allowed = mask if allowed is None else allowed & mask
+    return allowed
 
 
 def decode_attention(

@@ -120,14 +120,19 @@ class SamplingFields(OpenAIBaseModel):
         return None
 
 
-class CompletionRequest(SamplingFields, VLLMCompletionRequest):
-    logprobs: int | None = Field(None, ge=0, le=20)  # the legacy shape: alternatives per token
-    prompt: Segment | None = None  # one prompt (vLLM's batches of prompts are refused)
-    participants: list[Segment] | None = Field(None, min_length=1)  # multi-party: one segment per participant
-    public_prefix: Segment | None = None  # multi-party: public text before participant 0, seen by all at every layer
+class CountedLogprobs(BaseModel):
+    """Completions' legacy `logprobs`: alternatives per generated token (also a private session's terms)."""
+
+    logprobs: int | None = Field(None, ge=0, le=20)
 
     def logprob_count(self) -> int | None:
         return self.logprobs
+
+
+class CompletionRequest(CountedLogprobs, SamplingFields, VLLMCompletionRequest):
+    prompt: Segment | None = None  # one prompt (vLLM's batches of prompts are refused)
+    participants: list[Segment] | None = Field(None, min_length=1)  # multi-party: one segment per participant
+    public_prefix: Segment | None = None  # multi-party: public text before participant 0, seen by all at every layer
 
 
 class TextPart(BaseModel):
@@ -159,7 +164,7 @@ class ChatCompletionRequest(SamplingFields, VLLMChatCompletionRequest):
 
     @model_validator(mode="before")
     @classmethod
-    def _null_messages_are_none(cls, data):
+    def _null_messages_are_absent(cls, data):
         """`"messages": null` (sent beside participants) as absent, before vLLM's validators iterate it."""
         if isinstance(data, dict) and "messages" in data and data["messages"] is None:
             data = {name: value for name, value in data.items() if name != "messages"}
@@ -169,7 +174,7 @@ class ChatCompletionRequest(SamplingFields, VLLMChatCompletionRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class SessionCreateRequest(SamplingFields, VLLMCompletionRequest):
+class SessionCreateRequest(CountedLogprobs, SamplingFields, VLLMCompletionRequest):
     """A private multi-client session: its size and settings; parts come later, one per client. Its sampling
     fields mean what they mean in vLLM's requests; a field neither vLLM's nor ours is refused (an endpoint of
     our own has no clients that send fields for other servers)."""
@@ -177,7 +182,6 @@ class SessionCreateRequest(SamplingFields, VLLMCompletionRequest):
     model_config = ConfigDict(extra="forbid")
 
     participants: int = Field(ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per token, in the generators' answers (their shape)
     chat: bool = True  # the parts form one user turn under the model's chat template
     system: str | None = None  # chat: the system message (the template head is the public prefix)
     public_prefix: Segment | None = None  # not chat: public text or token ids before participant 0
@@ -197,9 +201,6 @@ class SessionCreateRequest(SamplingFields, VLLMCompletionRequest):
         if party and self.join_timeout_s > MAX_WAIT_S:
             return "join_timeout_s", f"join_timeout_s: at most {MAX_WAIT_S:.0f} s between party-side servers"
         return None
-
-    def logprob_count(self) -> int | None:
-        return self.logprobs
 
 
 class Invitation(BaseModel):
