@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from functools import cached_property
@@ -291,13 +292,18 @@ class FedAttnPlan:
         """Generators whose question queries choose what `participant` shares (question selection)."""
         return tuple(g for g in self.generators if g != participant)
 
-    def asks(self, participant: int, layer: int, length: int) -> tuple[int, ...]:
+    def asks(self, participant: int, layer: int, length: int | None = None) -> tuple[int, ...]:
         """Generators whose question queries `participant` (of `length` tokens) receives at `layer`: those
-        of question selection, at a layer where it publishes fewer than all of its tokens."""
+        of question selection, at a layer where it publishes fewer than all of its tokens (`length` None: not
+        known, as at the coordinator: wherever it publishes)."""
         if not (self.selection_needs_queries and self.publishes(participant, layer)
-                and self.shared_count(participant, length) < length):
+                and (length is None or self.shared_count(participant, length) < length)):
             return ()
         return self.question_askers(participant)
+
+    def question_readers(self, generator: int, layer: int, lengths: Sequence[int | None]) -> tuple[int, ...]:
+        """Participants that receive `generator`'s question queries at `layer` (it sends them once a layer)."""
+        return tuple(p for p, length in enumerate(lengths) if generator in self.asks(p, layer, length))
 
     def shared_count(self, participant: int, length: int) -> int:
         """Tokens `participant` shares at each of its sync layers."""

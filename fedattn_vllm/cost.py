@@ -79,8 +79,6 @@ def participant_costs(shape: ModelShape, plan: FedAttnPlan, lengths: list[int],
     shared = [plan.shared_count(m, lengths[m]) for m in n_all]
     layer_bytes = [shape.shared_layer_bytes(shared[m], plan.config.kv_wire) for m in n_all]
     layers = range(shape.num_layers)
-    # question selection: (asker, layer) -> readers; a generator sends its queries once a layer
-    asked = [(g, l) for m in n_all for l in layers for g in plan.asks(m, l, lengths[m])]
     costs = []
     for n, length in enumerate(lengths):
         own = prefix_len + length
@@ -98,7 +96,8 @@ def participant_costs(shape: ModelShape, plan: FedAttnPlan, lengths: list[int],
                 tokens=length,
                 sync_layers=len(plan.publish_layers[n]),
                 upload_bytes=len(plan.publish_layers[n]) * layer_bytes[n]
-                + len({l for g, l in asked if g == n}) * shape.question_bytes(length),
+                # question selection: a generator sends its queries once a layer, to every publisher that asks
+                + sum(1 for l in layers if plan.question_readers(n, l, lengths)) * shape.question_bytes(length),
                 download_bytes=sum(layer_bytes[m] for m, _ in fetched)
                 + sum(shape.question_bytes(lengths[g]) for l in layers for g in plan.asks(n, l, length)),
                 prefill_flops=flops,

@@ -1,7 +1,8 @@
 """The K/V exchange: the only coupling between a session's participants.
 
 A participant publishes its (possibly sparse) sync-layer K/V once per layer and reads
-what it may see. Transports differ by deployment; this module holds the interface and
+what it may see; with question selection a generator also publishes its question queries
+at the layers where a publisher chooses by them. Transports differ by deployment; this module holds the interface and
 the in-process one (colocated mode). Bytes are counted here, where tensors move.
 """
 
@@ -11,11 +12,23 @@ import threading
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (T, H_kv, D) keys and values
 Payload = tuple[torch.Tensor, ...]  # what a participant publishes: K and V, or their wire encoding (kv_wire.py)
+
+
+class PayloadKind(str, Enum):
+    """What a published payload holds; each kind has its own slots (participant, layer)."""
+
+    KV = "kv"  # a participant's sync-layer K/V
+    QUESTIONS = "questions"  # a generator's question queries (question selection: the publishers choose by them)
+
+    @property
+    def noun(self) -> str:
+        return "K/V" if self is PayloadKind.KV else "question queries"
 
 
 class KVExchangeError(RuntimeError):
@@ -36,17 +49,12 @@ class KVExchange(ABC):
         self._stats: dict[str, ExchangeStats] = {}
 
     def _count_published(self, session: str, participant: int, kv: Payload) -> None:
-        self.count_bytes(session, participant, published=kv_nbytes(kv))
+        with self._lock:
+            self._stats.setdefault(session, ExchangeStats()).published_bytes[participant] += kv_nbytes(kv)
 
     def _count_received(self, session: str, viewer: int, kv: Payload) -> None:
-        self.count_bytes(session, viewer, received=kv_nbytes(kv))
-
-    def count_bytes(self, session: str, participant: int, *, published: int = 0, received: int = 0) -> None:
-        """Count bytes that moved beside the K/V payloads (the generators' question queries)."""
         with self._lock:
-            stats = self._stats.setdefault(session, ExchangeStats())
-            stats.published_bytes[participant] += published
-            stats.received_bytes[participant] += received
+            self._stats.setdefault(session, ExchangeStats()).received_bytes[viewer] += kv_nbytes(kv)
 
     def stats(self, session: str) -> ExchangeStats:
         """K/V payload bytes each participant published and received in `session` (through this exchange)."""
@@ -54,12 +62,14 @@ class KVExchange(ABC):
             return self._stats.get(session, ExchangeStats())
 
     @abstractmethod
-    def publish(self, session: str, participant: int, layer: int, kv: Payload) -> None:
-        """Make `participant`'s K/V at `layer` available to its session (once per layer)."""
+    def publish(self, session: str, participant: int, layer: int, kv: Payload,
+                kind: PayloadKind = PayloadKind.KV) -> None:
+        """Make `participant`'s K/V (or questions) at `layer` available to its session (once per layer and kind)."""
 
     @abstractmethod
-    def fetch(self, session: str, viewer: int, source: int, layer: int) -> Payload:
-        """`source`'s K/V at `layer`, read by `viewer`; raises KVExchangeError if absent."""
+    def fetch(self, session: str, viewer: int, source: int, layer: int,
+              kind: PayloadKind = PayloadKind.KV) -> Payload:
+        """`source`'s K/V (or questions) at `layer`, read by `viewer`; raises KVExchangeError if absent."""
 
     @abstractmethod
     def release(self, session: str) -> None:
@@ -75,23 +85,26 @@ class InProcessKVExchange(KVExchange):
 
     def __init__(self) -> None:
         super().__init__()
-        self._kv: dict[str, dict[tuple[int, int], Payload]] = {}
+        self._kv: dict[str, dict[tuple[int, int, PayloadKind], Payload]] = {}
 
-    def publish(self, session: str, participant: int, layer: int, kv: Payload) -> None:
+    def publish(self, session: str, participant: int, layer: int, kv: Payload,
+                kind: PayloadKind = PayloadKind.KV) -> None:
         with self._lock:
             store = self._kv.setdefault(session, {})
-            if (participant, layer) in store:
-                raise KVExchangeError(f"session {session}: participant {participant} published layer {layer} twice")
-            store[participant, layer] = kv
+            if (participant, layer, kind) in store:
+                raise KVExchangeError(f"session {session}: participant {participant} published its {kind.noun} "
+                                      f"at layer {layer} twice")
+            store[participant, layer, kind] = kv
         self._count_published(session, participant, kv)
 
-    def fetch(self, session: str, viewer: int, source: int, layer: int) -> Payload:
+    def fetch(self, session: str, viewer: int, source: int, layer: int,
+              kind: PayloadKind = PayloadKind.KV) -> Payload:
         with self._lock:
-            kv = self._kv.get(session, {}).get((source, layer))
+            kv = self._kv.get(session, {}).get((source, layer, kind))
             if kv is None:
                 raise KVExchangeError(
-                    f"session {session}: participant {viewer} needs participant {source}'s K/V at layer {layer}, "
-                    "which has not been published"
+                    f"session {session}: participant {viewer} needs participant {source}'s {kind.noun} at layer "
+                    f"{layer}, not published"
                 )
         self._count_received(session, viewer, kv)
         return kv

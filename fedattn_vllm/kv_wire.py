@@ -93,6 +93,15 @@ def decode_checked(payload: Payload, wire: KVWire, dtype: torch.dtype, shape: tu
     return kv
 
 
+def questions_checked(payload: Payload, dtype: torch.dtype, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A generator's question queries from another party (question selection), checked to be one finite
+    (rows, H, D) `shape` tensor of `dtype`; KVExchangeError if not."""
+    if len(payload) != 1 or payload[0].shape != shape or payload[0].dtype != dtype or not torch.isfinite(
+            payload[0]).all():
+        raise KVExchangeError(f"question queries that are not one finite {tuple(shape)} {dtype} tensor")
+    return payload[0]
+
+
 def payload_bytes(wire: KVWire, tokens: int, heads: int, head_dim: int, element_size: int) -> int:
     """Bytes of one published payload of `tokens` tokens (K and V of `heads` heads of `head_dim`)."""
     if wire is KVWire.INT8:  # int8 K and V, a float32 scale per key channel and per value token (and head)

@@ -13,6 +13,7 @@ import torch
 import zmq
 
 from fedattn_vllm.config import FedAttnConfig, KVWire
+from fedattn_vllm.exchange import PayloadKind
 from fedattn_vllm.federated import coordinator as coordinator_module
 from fedattn_vllm.federated.client import (CoordinatorConnection, CoordinatorError, NetworkKVExchange,
                                            ParticipantCalls, SessionAdmin)
@@ -65,9 +66,9 @@ def coordinator():
     thread.join(timeout=5)
 
 
-def open_session(coordinator, name="s", n=3, generators=(-1,), interval=2, generator_interval=None):
+def open_session(coordinator, name="s", n=3, generators=(-1,), interval=2, generator_interval=None, **config):
     plan = FedAttnConfig(sync_interval=interval, generators=generators,  # sync layers 0, 2, 4
-                         generator_sync_interval=generator_interval).resolve(6, n)
+                         generator_sync_interval=generator_interval, **config).resolve(6, n)
     admin = SessionAdmin(coordinator.endpoint, KEY)
     credentials = admin.open(name, plan)
     engines = []
@@ -104,7 +105,7 @@ def test_visibility_credentials_and_layers_are_enforced(coordinator):
         engines[0].fetch("s", 0, 1, 0)  # a later participant, and 0 does not generate
     assert refused.value.code == "forbidden"
     assert engines[2].fetch("s", 2, 1, 0)[0].shape == (4, 2, 64)  # the generator sees everyone
-    with pytest.raises(CoordinatorError, match="does not share at layer 1"):
+    with pytest.raises(CoordinatorError, match="does not share K/V at layer 1"):
         engines[1].publish("s", 1, 1, kv(4))
     with pytest.raises(CoordinatorError) as duplicate:
         engines[1].publish("s", 1, 0, kv(4))
@@ -206,15 +207,40 @@ def test_generator_layers_are_readable_by_the_generators_only(coordinator):
         engines[1].fetch("s", 1, 0, 1)  # participant 1 does not generate: it reads only at 0, 2, 4
     assert refused.value.code == "forbidden"
     assert engines[2].fetch("s", 2, 0, 1)[0].shape == (3, 2, 64)
-    with pytest.raises(CoordinatorError, match="does not share at layer 1"):
+    with pytest.raises(CoordinatorError, match="does not share K/V at layer 1"):
         engines[2].publish("s", 2, 1, kv(3))  # nobody else generates: nobody would read it
+
+
+def test_question_queries_go_from_the_generators_to_the_publishers_that_choose_by_them(coordinator):
+    """Question selection: a generator's questions at a sync layer reach every other publisher, nobody else; a
+    fetch of questions not yet sent waits for them, like K/V."""
+    _, engines = open_session(coordinator, generators=(0, 2), kv_share_ratio=0.5, kv_selection="question")
+    questions = kv(4)[:1]
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(engines[1].fetch, "s", 1, 2, 2, PayloadKind.QUESTIONS)
+        time.sleep(0.2)
+        engines[2].publish("s", 2, 2, questions, PayloadKind.QUESTIONS)
+        assert torch.equal(waiting.result(timeout=5)[0], questions[0])
+    assert torch.equal(engines[0].fetch("s", 0, 2, 2, PayloadKind.QUESTIONS)[0], questions[0])
+    for viewer, source, layer in ((2, 2, 2), (0, 1, 2), (0, 2, 1)):  # its own; not a generator's; not a sync layer
+        with pytest.raises(CoordinatorError, match="may not see") as refused:
+            engines[viewer].fetch("s", viewer, source, layer, PayloadKind.QUESTIONS)
+        assert refused.value.code == "forbidden"
+    for publisher, layer in ((1, 2), (2, 3)):  # not a generator; not a sync layer
+        with pytest.raises(CoordinatorError, match="does not share question queries") as refused:
+            engines[publisher].publish("s", publisher, layer, questions, PayloadKind.QUESTIONS)
+        assert refused.value.code == "forbidden"
+    with pytest.raises(CoordinatorError, match="already published question queries"):
+        engines[2].publish("s", 2, 2, questions, PayloadKind.QUESTIONS)
+    engines[2].publish("s", 2, 2, kv(4))  # the same slot's K/V is another payload
+    assert engines[0].fetch("s", 0, 2, 2)[0].shape == (4, 2, 64)
 
 
 @pytest.mark.parametrize("header,answer", [
     ({"config": {"sync_interval": 0}, "num_layers": 6, "num_participants": 2}, "bad_request"),
     ({"config": {"bogus": 1}, "num_layers": 6, "num_participants": 2}, "bad_request"),
     ({"config": {"generators": [5]}, "num_layers": 6, "num_participants": 2}, "bad_request"),
-    ({"config": {"kv_share_ratio": 0.5, "kv_selection": "question"}, "num_layers": 6, "num_participants": 2},
+    ({"config": {"kv_share_ratio": 0.5, "kv_selection": "bogus"}, "num_layers": 6, "num_participants": 2},
      "bad_request"),
     # Not even well-formed (a type, a range): dropped unanswered, counted.
     ({"config": "uniform", "num_layers": 6, "num_participants": 2}, None),

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fedattn_vllm.config import FedAttnConfig
+from fedattn_vllm.exchange import PayloadKind
 from fedattn_vllm.federated import coordinator as coordinator_cli
 from fedattn_vllm.federated.client import CoordinatorError, NetworkKVExchange, SessionAdmin
 from fedattn_vllm.federated.coordinator import Coordinator
@@ -173,7 +174,7 @@ def test_participants_bound_to_site_keys_need_no_credential_and_nobody_else_can_
     with pytest.raises(CoordinatorError) as dropped:
         impostor.publish("bound", 0, 1, sent)
     assert dropped.value.code == "unreachable" and server.dropped["unauthenticated"] >= 1
-    assert (0, 1) not in server.sessions["bound"].kv
+    assert (0, 1, PayloadKind.KV) not in server.sessions["bound"].kv
 
 
 def test_binding_participants_to_keys_needs_curve():

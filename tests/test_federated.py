@@ -123,10 +123,12 @@ def assert_all_freed(local, coordinator, engines=(0, 1, 2), deadline_s: float = 
 
 
 def test_federated_tokens_equal_colocated_and_payload_bytes_equal_the_cost_model(local, colocated):
-    """Exact and quantised K/V on the wire: both modes compute on the same values and count the same bytes."""
+    """Exact and quantised K/V on the wire, question selection (the generators' queries cross too): both modes
+    compute on the same values and count the same bytes."""
     rng = random.Random("federated-grid")
     wires = tuple(KVWire)
-    cases = [random_case(rng, len(colocated.tokenizer), colocated.num_layers, wires) for _ in range(24)]
+    cases = [random_case(rng, len(colocated.tokenizer), colocated.num_layers, wires, selections)
+             for selections in [("random", "key_norm")] * 24 + [("question",)] * 8]
     sessions = [case.session() for case in cases]
     placement = [[rng.randrange(3) for _ in s.segments] for s in sessions]
     federated = local.cluster.generate(sessions, placement)

@@ -19,11 +19,13 @@ import pytest
 import torch
 import zmq
 
-from fedattn_vllm.config import FedAttnConfig
+from fedattn_vllm.config import FedAttnConfig, KVWire
+from fedattn_vllm.exchange import KVExchangeError
 from fedattn_vllm.federated import messages as m
 from fedattn_vllm.federated.client import CoordinatorError, NetworkKVExchange, SessionAdmin
 from fedattn_vllm.federated.coordinator import Coordinator
 from fedattn_vllm.federated.wire import WireError, decode, encode
+from fedattn_vllm.kv_wire import decode_checked, encode_kv, questions_checked
 
 KEY = b"hostile-test-admin-key"
 pack = msgspec.msgpack.encode
@@ -54,13 +56,17 @@ def hostile_messages(rng: random.Random, session: str, credential: bytes) -> lis
          "tensors": [["complex128", [1]]]},
         {"op": "publish", "session": session, "participant": 0, "layer": 0, "credential": credential,
          "tensors": [["float32", [-4]]]},
+        {"op": "publish", "session": session, "participant": 0, "layer": 0, "credential": credential,
+         "tensors": [["float32", [1]]], "kind": "text"},
+        {"op": "fetch", "session": session, "participant": 1, "source": 0, "layer": 0, "credential": credential,
+         "kind": 1},
         {"op": "close", "admin_key": KEY, "session": session, "sneaky": True},
         {"op": "stats", "admin_key": [1, 2, 3], "session": session},
         {"op": "counters"},
         {"op": None}, {"op": "shutdown"}, {}, [], "open", 12, None,
     ]
     messages = [[pack(h)] for h in crafted]
-    messages += [[pack(crafted[10]), b"\0" * 64]]  # a tensor frame that does not match its spec
+    messages += [[pack(crafted[10]), b"\0" * 64]]  # a tensor frame that does not match its spec (a publish)
     messages += [[pack({"op": "publish"}), *(b"\0" for _ in range(12))]]  # too many frames
     messages += [[b"\x93" * (m.MAX_SIZE * 40)]]  # a header over the size cap
     for _ in range(200):
@@ -70,7 +76,7 @@ def hostile_messages(rng: random.Random, session: str, credential: bytes) -> lis
         elif kind == 1:
             messages.append([pack(_random_value(rng, 3))])
         else:  # a real operation with one field replaced by junk
-            header = dict(rng.choice(crafted[5:10]))
+            header = dict(rng.choice(crafted[5:10]))  # the fetches
             header[rng.choice(list(header))] = _random_value(rng, 2)
             messages.append([pack(header), *(rng.randbytes(8) for _ in range(rng.randrange(2)))])
     return messages
@@ -232,3 +238,21 @@ def test_open_sessions_at_the_coordinator_are_capped_and_a_closed_one_frees_its_
     finally:
         server.stop()
         thread.join(timeout=5)
+
+
+def test_payloads_from_another_party_are_checked_before_they_are_used():
+    """What another engine sent (through an honest relay) is refused unless it is exactly what the plan says it
+    carries: K/V that decode to the expected shape, finite; question queries as one finite (rows, H, D) tensor."""
+    shape = (5, 2, 8)
+    exact = encode_kv(kv(5), KVWire.NATIVE)
+    assert all(torch.equal(a, b) for a, b in zip(decode_checked(exact, KVWire.NATIVE, torch.float32, shape), exact))
+    nan = (exact[0].clone().fill_(float("nan")), exact[1])
+    for payload, wire in ((exact, KVWire.INT8), (encode_kv(kv(4), KVWire.NATIVE), KVWire.NATIVE),
+                          (nan, KVWire.NATIVE), (encode_kv(kv(5), KVWire.K4V2)[:3], KVWire.K4V2)):
+        with pytest.raises(KVExchangeError):
+            decode_checked(payload, wire, torch.float32, shape)
+    questions = torch.randn(*shape)
+    assert torch.equal(questions_checked((questions,), torch.float32, shape), questions)
+    for payload in ((questions, questions), (questions[:4],), (questions.double(),), (questions / 0,), ()):
+        with pytest.raises(KVExchangeError, match="question queries"):
+            questions_checked(payload, torch.float32, shape)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedattn_vllm.config import FedAttnConfig, KVWire
-from fedattn_vllm.exchange import KVExchangeError
+from fedattn_vllm.exchange import KVExchangeError, PayloadKind
 from fedattn_vllm.federated.client import NetworkKVExchange, SessionAdmin
 from fedattn_vllm.federated.coordinator import Coordinator
 from fedattn_vllm.federated.sealing import SessionSeal, new_seal_key
@@ -23,10 +23,10 @@ class MeddlingCoordinator(Coordinator):
 
     meddle = None
 
-    def _deliver(self, session, viewer, source, layer):
+    def _deliver(self, session, viewer, source, layer, kind):
         if self.meddle is not None:
-            session.kv[source, layer] = self.meddle(session, source, layer)
-        return super()._deliver(session, viewer, source, layer)
+            session.kv[source, layer, kind] = self.meddle(session, source, layer)
+        return super()._deliver(session, viewer, source, layer, kind)
 
 
 @pytest.fixture
@@ -39,10 +39,10 @@ def coordinator():
     thread.join(timeout=5)
 
 
-def join(coordinator, session="s", keys=None, n=2):
-    """n participants' exchanges (sync every layer of 4); keys[i]: i's seal key (b"": a fresh shared one)."""
+def join(coordinator, session="s", keys=None, n=2, config=FedAttnConfig(sync_interval=1)):
+    """n participants' exchanges (`config` over 4 layers); keys[i]: i's seal key (b"": a fresh shared one)."""
     shared, keys = new_seal_key(), keys or (b"",) * n
-    credentials = SessionAdmin(coordinator.endpoint, ADMIN_KEY).open(session, FedAttnConfig(sync_interval=1).resolve(4, n))
+    credentials = SessionAdmin(coordinator.endpoint, ADMIN_KEY).open(session, config.resolve(4, n))
     engines = [NetworkKVExchange(coordinator.endpoint, wait_s=5.0) for _ in credentials]
     for n, (engine, credential) in enumerate(zip(engines, credentials)):
         engine.join(session, n, credential, seal_key=shared if keys[n] == b"" else keys[n])
@@ -62,7 +62,7 @@ def test_sealed_k_v_arrive_exact_and_the_coordinator_holds_only_ciphertext(coord
     received = engines[1].fetch("s", 1, 0, 1)
     assert len(received) == len(sent)
     assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(sent, received))
-    stored = coordinator.sessions["s"].kv[0, 1]
+    stored = coordinator.sessions["s"].kv[0, 1, PayloadKind.KV]
     assert isinstance(stored, SealedPayload) and len(stored.specs) == len(sent)
     held = bytes(stored.frame)
     for tensor in sent:
@@ -74,23 +74,27 @@ def test_sealed_k_v_arrive_exact_and_the_coordinator_holds_only_ciphertext(coord
 
 
 @pytest.mark.parametrize("meddling", ["a flipped bit", "another layer's payload", "another participant's payload",
-                                      "unsealed"])
+                                      "its questions", "unsealed"])
 def test_a_relay_that_alters_swaps_or_unseals_k_v_is_caught(coordinator, meddling):
-    engines = join(coordinator, n=3)
+    engines = join(coordinator, n=3, config=FedAttnConfig(sync_interval=1, kv_share_ratio=0.5, kv_selection="question",
+                                                         generators=[0, 2]))
     engines[0].publish("s", 0, 0, payload(tokens=5))
     engines[0].publish("s", 0, 2, payload(tokens=5))
+    engines[0].publish("s", 0, 0, payload(tokens=5)[:1], PayloadKind.QUESTIONS)  # generator 0 asks 1 and 2
     engines[1].publish("s", 1, 0, payload(tokens=5))
 
     def meddle(session, source, layer):
-        sealed = session.kv[source, layer]
+        sealed = session.kv[source, layer, PayloadKind.KV]
         if meddling == "a flipped bit":
             frame = bytearray(sealed.frame)
             frame[700] ^= 1
             return SealedPayload(sealed.specs, bytes(frame))
         if meddling == "another layer's payload":
-            return session.kv[source, 2]
+            return session.kv[source, 2, PayloadKind.KV]
         if meddling == "another participant's payload":
-            return session.kv[1, layer]
+            return session.kv[1, layer, PayloadKind.KV]
+        if meddling == "its questions":
+            return session.kv[source, layer, PayloadKind.QUESTIONS]
         return payload(tokens=5)
 
     coordinator.meddle = meddle

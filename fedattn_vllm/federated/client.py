@@ -10,7 +10,7 @@ import time
 import zmq
 
 from fedattn_vllm.config import FedAttnPlan
-from fedattn_vllm.exchange import KVExchange, KVExchangeError, Payload
+from fedattn_vllm.exchange import KVExchange, KVExchangeError, Payload, PayloadKind
 from fedattn_vllm.federated.curve import ClientCurve
 from fedattn_vllm.federated.sealing import SessionSeal
 from fedattn_vllm.federated.wire import SealedPayload, decode, encode
@@ -231,25 +231,27 @@ class NetworkKVExchange(KVExchange):
             raise KVExchangeError(f"session {session}: participant {participant} is not hosted by this engine")
         return {"credential": credential} if credential else {}
 
-    def publish(self, session: str, participant: int, layer: int, kv: Payload) -> None:
+    def publish(self, session: str, participant: int, layer: int, kv: Payload,
+                kind: PayloadKind = PayloadKind.KV) -> None:
         header = {"op": "publish", "session": session, "participant": participant, "layer": layer,
-                  **self._credential(session, participant)}
+                  **_kind_field(kind), **self._credential(session, participant)}
         seal = self._seal(session)
-        self._connection().call(header, kv if seal is None else seal.seal(participant, layer, kv))
+        self._connection().call(header, kv if seal is None else seal.seal(participant, layer, kv, kind))
         self._count_published(session, participant, kv)
 
-    def fetch(self, session: str, viewer: int, source: int, layer: int) -> Payload:
+    def fetch(self, session: str, viewer: int, source: int, layer: int,
+              kind: PayloadKind = PayloadKind.KV) -> Payload:
         with self._lock:
             wait_s = self._wait_s.get(session, self.wait_s)
         header = {"op": "fetch", "session": session, "participant": viewer, "source": source, "layer": layer,
-                  **self._credential(session, viewer), "wait_s": wait_s}
+                  **_kind_field(kind), **self._credential(session, viewer), "wait_s": wait_s}
         _, payload = self._connection().call(header, timeout_s=wait_s + 5.0)
         seal = self._seal(session)
         if seal is not None:
-            kv = seal.open(source, layer, payload)
+            kv = seal.open(source, layer, payload, kind)
         elif isinstance(payload, SealedPayload) or payload is None:
-            raise KVExchangeError(f"participant {source}'s K/V at layer {layer}: sealed, or missing, in a session "
-                                  "without a seal key")
+            raise KVExchangeError(f"participant {source}'s {kind.noun} at layer {layer}: sealed, or missing, in a "
+                                  "session without a seal key")
         else:
             kv = payload
         self._count_received(session, viewer, kv)
@@ -266,3 +268,8 @@ class NetworkKVExchange(KVExchange):
             self._seals.pop(session, None)
             for key in [k for k in self._credentials if k[0] == session]:
                 del self._credentials[key]
+
+
+def _kind_field(kind: PayloadKind) -> dict:
+    """The header's `kind`, left out for K/V (the default: no bytes spent on the frequent case)."""
+    return {} if kind is PayloadKind.KV else {"kind": kind.value}

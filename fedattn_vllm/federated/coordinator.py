@@ -1,6 +1,7 @@
 """The coordinator: relays sync-layer K/V between the engines of federated sessions.
 
-It never sees text or token ids, only K/V tensors, and hands each participant only what
+It never sees text or token ids, only K/V tensors (and with question selection
+the generators' question queries), and hands each participant only what
 the spec lets it see. Sessions are opened by the orchestrator (admin key), which gets one
 credential per participant; an engine presents its participant's credential with every
 publish or fetch. Every message is size-capped, decoded into its typed form (messages.py)
@@ -36,6 +37,7 @@ from pathlib import Path
 import zmq
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError, FedAttnPlan
+from fedattn_vllm.exchange import PayloadKind
 from fedattn_vllm.federated import curve as link_security
 from fedattn_vllm.federated import messages as m
 from fedattn_vllm.federated.curve import ServerCurve, bind_or_close
@@ -63,7 +65,8 @@ class Session:
     plan: FedAttnPlan  # who publishes where and who may see whom: the plan's own rule
     credentials: list[bytes]  # per participant; empty when `keys` binds them
     keys: list[bytes] | None = None  # per participant: the CURVE public key (Z85) its connection must have
-    kv: dict[tuple[int, int], WirePayload] = field(default_factory=dict)  # (participant, layer) -> K/V, maybe sealed
+    # (participant, layer, kind) -> K/V or a generator's questions, maybe sealed
+    kv: dict[tuple[int, int, PayloadKind], WirePayload] = field(default_factory=dict)
     # (participant, "up" | "down") -> bytes on the wire; payload bytes (K/V only) likewise
     wire_bytes: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
     payload_bytes: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
@@ -97,6 +100,7 @@ class _Waiter:
     viewer: int
     source: int
     layer: int
+    kind: PayloadKind
     deadline: float
 
 
@@ -238,9 +242,6 @@ class Coordinator:
                           f"when closed or after {self.session_ttl_s:.0f} s idle")
         try:
             plan = FedAttnConfig(**request.config).resolve(request.num_layers, request.num_participants)
-            if plan.selection_needs_queries:
-                raise FedAttnConfigError("kv_selection", "'question' needs the generators' queries at every layer, "
-                                         "which federated mode does not carry yet (colocated only)")
         except FedAttnConfigError as error:
             raise Refused("bad_request", f"config.{error}") from None
         except TypeError as error:  # a field FedAttnConfig does not have
@@ -265,31 +266,32 @@ class Coordinator:
         return session
 
     def _publish(self, session: Session, request: m.Publish, kv: WirePayload | None, size: int):
-        n, layer = request.participant, request.layer
+        n, layer, kind = request.participant, request.layer, PayloadKind(request.kind)
         if kv is None:
-            raise Refused("bad_request", "publish carries K and V frames")
-        if not session.plan.publishes(n, layer):
-            raise Refused("forbidden", f"participant {n} does not share at layer {layer}")
-        if (n, layer) in session.kv:
-            raise Refused("conflict", f"participant {n} already published layer {layer}")
+            raise Refused("bad_request", "publish carries tensor frames")
+        if not _may_publish(session.plan, n, layer, kind):
+            raise Refused("forbidden", f"participant {n} does not share {kind.noun} at layer {layer}")
+        if (n, layer, kind) in session.kv:
+            raise Refused("conflict", f"participant {n} already published {kind.noun} at layer {layer}")
         if self.stored_bytes + payload_nbytes(kv) > self.max_stored_bytes:
             raise Refused("busy", f"the coordinator holds {self.stored_bytes} bytes of K/V (max {self.max_stored_bytes})")
-        session.kv[n, layer] = kv
+        session.kv[n, layer, kind] = kv
         self.stored_bytes += payload_nbytes(kv)
         session.wire_bytes[n, "up"] += size
         session.payload_bytes[n, "up"] += payload_nbytes(kv)
-        self._wake(request.session, n, layer)
+        self._wake(request.session, n, layer, kind)
         return encode({"ok": True})
 
     def _fetch(self, session: Session, request: m.Fetch, identity: bytes, request_id: bytes):
-        viewer, source, layer = request.participant, request.source, request.layer
-        if source >= session.plan.num_participants or not session.plan.reads(viewer, source, layer):
-            raise Refused("forbidden", f"participant {viewer} may not see participant {source} at layer {layer}")
-        if (source, layer) in session.kv:
-            return self._deliver(session, viewer, source, layer)
+        viewer, source, layer, kind = request.participant, request.source, request.layer, PayloadKind(request.kind)
+        if source >= session.plan.num_participants or not _may_fetch(session.plan, viewer, source, layer, kind):
+            raise Refused("forbidden", f"participant {viewer} may not see participant {source}'s {kind.noun} at "
+                          f"layer {layer}")
+        if (source, layer, kind) in session.kv:
+            return self._deliver(session, viewer, source, layer, kind)
         if len(self._waiters) >= MAX_WAITERS:
             raise Refused("busy", f"{len(self._waiters)} fetches are waiting already")
-        self._waiters.append(_Waiter(identity, request_id, request.session, viewer, source, layer,
+        self._waiters.append(_Waiter(identity, request_id, request.session, viewer, source, layer, kind,
                                      time.monotonic() + request.wait_s))
         return None
 
@@ -346,18 +348,20 @@ class Coordinator:
         self._held = [h for h in self._held if h not in released]
         return released
 
-    def _deliver(self, session: Session, viewer: int, source: int, layer: int) -> list:
-        kv = session.kv[source, layer]
+    def _deliver(self, session: Session, viewer: int, source: int, layer: int, kind: PayloadKind) -> list:
+        kv = session.kv[source, layer, kind]
         frames = encode({"ok": True}, kv)
         session.wire_bytes[viewer, "down"] += message_bytes(frames)
         session.payload_bytes[viewer, "down"] += payload_nbytes(kv)
         return frames
 
-    def _wake(self, session_id: str, source: int, layer: int) -> None:
-        ready = [w for w in self._waiters if (w.session_id, w.source, w.layer) == (session_id, source, layer)]
+    def _wake(self, session_id: str, source: int, layer: int, kind: PayloadKind) -> None:
+        slot = (session_id, source, layer, kind)
+        ready = [w for w in self._waiters if (w.session_id, w.source, w.layer, w.kind) == slot]
         self._waiters = [w for w in self._waiters if w not in ready]
         for w in ready:
-            self._reply(w.identity, w.request_id, self._deliver(self.sessions[session_id], w.viewer, source, layer))
+            self._reply(w.identity, w.request_id,
+                        self._deliver(self.sessions[session_id], w.viewer, source, layer, kind))
 
     def _drop(self, session_id: str, why: str) -> None:
         """Free a session's K/V and fail whoever waits on it."""
@@ -373,7 +377,7 @@ class Coordinator:
         for w in [w for w in self._waiters if w.deadline <= now]:
             self._waiters.remove(w)
             self._error(w.identity, w.request_id, "timeout",
-                        f"participant {w.source}'s K/V at layer {w.layer} did not arrive in time")
+                        f"participant {w.source}'s {w.kind.noun} at layer {w.layer} did not arrive in time")
         for held in [h for h in self._held if h.deadline <= now]:
             self._held.remove(held)
             session = self.sessions.get(held.session_id)
@@ -389,6 +393,20 @@ class Coordinator:
         for session_id, session in list(self.sessions.items()):
             if now - session.last_used > self.session_ttl_s:
                 self._drop(session_id, f"expired after {self.session_ttl_s:.0f} s idle")
+
+
+def _may_publish(plan: FedAttnPlan, participant: int, layer: int, kind: PayloadKind) -> bool:
+    """The plan's rule, where segment lengths are not known: K/V at its publish layers; a generator's questions
+    at a layer where some publisher may choose by them."""
+    if kind is PayloadKind.KV:
+        return plan.publishes(participant, layer)
+    return bool(plan.question_readers(participant, layer, [None] * plan.num_participants))
+
+
+def _may_fetch(plan: FedAttnPlan, viewer: int, source: int, layer: int, kind: PayloadKind) -> bool:
+    if kind is PayloadKind.KV:
+        return plan.reads(viewer, source, layer)
+    return source in plan.asks(viewer, layer)
 
 
 def _peer_key(frame) -> bytes | None:

@@ -67,11 +67,15 @@ class Counters(_Message, tag="counters"):
     admin_key: Secret
 
 
+Kind = Literal["kv", "questions"]  # exchange.PayloadKind: a participant's K/V, or a generator's question queries
+
+
 class Publish(_Message, tag="publish"):
     session: SessionId
     participant: Index
     layer: Index
     tensors: TensorSpecs
+    kind: Kind = "kv"
     credential: Secret | None = None  # none in a session whose participants are bound to CURVE keys
     sealed: bool = False  # the frames are sealed with the session's key (sealing.py)
 
@@ -81,6 +85,7 @@ class Fetch(_Message, tag="fetch"):
     participant: Index  # the viewer
     source: Index
     layer: Index
+    kind: Kind = "kv"
     credential: Secret | None = None
     wait_s: WaitS = 0.0
 

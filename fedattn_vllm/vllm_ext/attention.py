@@ -17,9 +17,9 @@ import functools
 
 import torch
 
-from fedattn_vllm.exchange import KVExchangeError
-from fedattn_vllm.kv_wire import decode_checked, encode_kv
-from fedattn_vllm.selection import QUESTION_ROWS, question_bytes
+from fedattn_vllm.exchange import KVExchangeError, PayloadKind
+from fedattn_vllm.kv_wire import decode_checked, encode_kv, questions_checked
+from fedattn_vllm.selection import QUESTION_ROWS
 from fedattn_vllm.vllm_ext.batch import FedAttnBatch, ParticipantRows, current_batch
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
 from kernels import decode_attention, fused_partial_attention, gather_tokens, merge_attention
@@ -33,15 +33,15 @@ def apply_sync_layer(
 
     query/output (T, H, D), key/value (T, H_kv, D): post-RoPE, rows as in `batch`.
     """
-    # Pass 1: publish, so a participant later in this same batch finds its predecessors.
-    asked: set[tuple[str, int]] = set()  # (session, generator) whose questions went out at this layer
+    # Pass 1: publish (the generators' questions first), so a participant later in this same batch finds its
+    # predecessors' K/V, and a publisher that chooses by the questions finds them.
+    for e in batch.entries:
+        if e.prefill and e.session.plan.selection_needs_queries and e.session.plan.question_readers(
+                e.participant, layer, e.session.lengths):
+            _isolated(e, _publish_questions, layer, query, scale)
     for e in batch.entries:
         if e.prefill and e.session.plan.publishes(e.participant, layer):
-            asks = e.session.plan.asks(e.participant, layer, e.session.lengths[e.participant])
-            questions = _questions(batch, e, query, scale) if asks else None
-            _isolated(e, _publish, layer, key, value, questions)
-            if questions is not None and e.session.error is None:
-                _count_questions(e, layer, query, asked)
+            _isolated(e, _publish, layer, query, key, value)
     # Pass 2: attention over own (kept) + foreign K/V for the rows that see any or keep only some of their own;
     # the layer's decoding generators all in one call.
     decoding: list[tuple[ParticipantRows, tuple[torch.Tensor, torch.Tensor]]] = []
@@ -72,34 +72,31 @@ def _isolated(entry: ParticipantRows, step, *args):
         return None
 
 
-def _questions(batch: FedAttnBatch, e: ParticipantRows, query: torch.Tensor, scale: float) -> torch.Tensor | None:
-    """(rows, H, D) scaled question queries of the generators that choose what `e` shares (None: one is
-    not in this step; colocated sessions prefill in one step, so the session then fails)."""
-    askers = e.session.plan.question_askers(e.participant)
-    found = {a.participant: a for a in batch.entries if a.session is e.session and a.prefill and a.participant in askers}
-    if len(found) != len(askers):
-        return None
-    return torch.cat([query[found[g].segment_rows][-QUESTION_ROWS:] for g in askers] or [query[:0]]) * scale
+def _publish_questions(e: ParticipantRows, layer: int, query: torch.Tensor, scale: float) -> None:
+    """A generator's question: the scaled queries of its last segment tokens, (rows, H, D)."""
+    questions = query[e.segment_rows][-QUESTION_ROWS:] * scale
+    REGISTRY.exchange.publish(e.session.session_id, e.participant, layer, (questions,), PayloadKind.QUESTIONS)
 
 
-def _count_questions(e: ParticipantRows, layer: int, query: torch.Tensor, asked: set) -> None:
-    """Bytes of the question queries `e` received (each generator sends its own once a layer)."""
+def _questions(e: ParticipantRows, layer: int, like: torch.Tensor) -> torch.Tensor | None:
+    """(rows, H, D) the question queries of the generators that choose what `e` shares at `layer`, checked
+    (they come from another party); None where it shares all of its tokens."""
     state = e.session
-    for g in state.plan.asks(e.participant, layer, state.lengths[e.participant]):
-        nbytes = question_bytes(state.lengths[g], query.shape[1], query.shape[2], query.element_size())
-        REGISTRY.exchange.count_bytes(state.session_id, e.participant, received=nbytes)
-        if (state.session_id, g) not in asked:
-            asked.add((state.session_id, g))
-            REGISTRY.exchange.count_bytes(state.session_id, g, published=nbytes)
+    askers = state.plan.asks(e.participant, layer, state.lengths[e.participant])
+    if not askers:
+        return None
+    questions = []
+    for g in askers:
+        payload = REGISTRY.exchange.fetch(state.session_id, e.participant, g, layer, PayloadKind.QUESTIONS)
+        shape = (min(QUESTION_ROWS, state.lengths[g]), *like.shape[1:])
+        questions.append(questions_checked(payload, like.dtype, shape).to(like.device))
+    return torch.cat(questions)
 
 
-def _publish(e: ParticipantRows, layer: int, key: torch.Tensor, value: torch.Tensor,
-             questions: torch.Tensor | None) -> None:
+def _publish(e: ParticipantRows, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
     state, n = e.session, e.participant
-    if questions is None and state.plan.asks(n, layer, state.lengths[n]):
-        raise KVExchangeError(f"participant {n}: question selection needs the generators' prefill in the same step")
     keys = key[e.segment_rows]  # the public prefix is never exchanged
-    shared = state.plan.shared_positions(n, layer, state.lengths[n], keys, questions)
+    shared = state.plan.shared_positions(n, layer, state.lengths[n], keys, _questions(e, layer, query))
     kv = (gather_tokens(keys, shared), gather_tokens(value[e.segment_rows], shared))
     REGISTRY.exchange.publish(state.session_id, n, layer, encode_kv(kv, state.plan.config.kv_wire))
 
