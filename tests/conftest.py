@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -66,12 +67,30 @@ MODEL, KEY = "tiny-qwen2", "test-key"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 
 
+SERVER_FLAGS = ("--dtype", "float32", "--max-model-len", "256", "--max-num-batched-tokens", "256", "--kv-cache-gib",
+                "0.0625")  # the server sized for the tiny test models
+
+
 def server_command(port: int, *flags: str, model: str = MODEL) -> list[str]:
-    """`python -m server MODEL` on `port`, sized for the tiny test models (later flags override)."""
+    """`python -m server MODEL` on `port` (later flags override)."""
     import sys
 
-    return [sys.executable, "-m", "server", model, "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
-            "--max-num-batched-tokens", "256", "--kv-cache-gib", "0.0625", *flags]
+    return [sys.executable, "-m", "server", model, "--port", str(port), *SERVER_FLAGS, *flags]
+
+
+@contextmanager
+def in_process_server(*flags: str, model: str = MODEL):
+    """The server's app in this process, its lifespan starting and stopping the engine, as an httpx client with no
+    socket (Starlette's TestClient: `.get`, `.post`, `.stream` on paths; `.portal` runs coroutines on its loop)."""
+    from starlette.testclient import TestClient
+
+    from server.__main__ import parse
+    from server.app import build_app
+
+    app = build_app(parse([model, *SERVER_FLAGS, "--api-key", KEY, *flags]))
+    with TestClient(app, base_url="http://fedattn") as client:
+        client.app = app
+        yield client
 
 
 def start_server(tmp_path_factory, *flags: str, model: str = MODEL):
@@ -92,11 +111,13 @@ def start_server(tmp_path_factory, *flags: str, model: str = MODEL):
     return url, process, log
 
 
-def metric(server: str, name: str) -> float:
-    """A sample's value from the server's /metrics by its exact name and labels (0 if absent)."""
+def metric(server, name: str) -> float:
+    """A sample's value from the server's /metrics by its exact name and labels (0 if absent); `server`: its URL,
+    or a client on it."""
     import httpx
 
-    for line in httpx.get(f"{server}/metrics").text.splitlines():
+    reply = httpx.get(f"{server}/metrics") if isinstance(server, str) else server.get("/metrics")
+    for line in reply.text.splitlines():
         key, _, value = line.rpartition(" ")
         if key == name:
             return float(value)

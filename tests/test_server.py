@@ -1,9 +1,10 @@
-"""The OpenAI-compatible server as a real process on loopback (tiny random Qwen2, fp32)."""
+"""The OpenAI-compatible server on the tiny random Qwen2 (fp32): colocated in this process (the app through
+Starlette's TestClient, no socket), federated as a real process with two engine processes on loopback."""
 
 from __future__ import annotations
 
-import asyncio
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -12,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from conftest import HEADERS, KEY, MODEL, federated_engine, greedy, make_hub_cache, metric, plain_engine, start_server
+from conftest import (HEADERS, KEY, MODEL, federated_engine, greedy, in_process_server, make_hub_cache, metric,
+                      plain_engine, start_server)
 
 from fedattn_vllm.config import RECOMMENDED
 from fedattn_vllm.session import FedAttnSession
@@ -21,43 +23,47 @@ from server.schemas import FedAttnBlock
 
 
 @pytest.fixture(scope="module")
-def server_log(tmp_path_factory):
-    """Colocated: one in-process engine serves every session; (url, its log file)."""
-    url, process, log = start_server(tmp_path_factory, "--allowed-origins", '["https://app.example"]')
-    yield url, log
-    process.terminate()
-    process.wait(timeout=30)
+def server():
+    """Colocated: one engine in this process serves every session; a client on the app."""
+    with in_process_server("--allowed-origins", '["https://app.example"]') as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
-def server(server_log):
-    return server_log[0]
-
-
-@pytest.fixture(scope="module")
-def federated_server(tmp_path_factory):
-    """Federated: two engine processes behind the server, participant n on engine n % 2 (each engine holds at
-    most 4 sequences: a vLLM engine argument passed through to its processes)."""
-    url, process, _ = start_server(tmp_path_factory, "--engines", "2", "--session-timeout-s", "20",
-                                   "--max-num-seqs", "4")
-    yield url
+def federated_server_log(tmp_path_factory):
+    """Federated: the server and two engine processes, participant n on engine n % 2 (each engine holds at most 4
+    sequences: a vLLM engine argument passed through to its processes); (a client on it, its log file)."""
+    url, process, log = start_server(tmp_path_factory, "--engines", "2", "--session-timeout-s", "20",
+                                     "--max-num-seqs", "4")
+    with httpx.Client(base_url=url, timeout=60) as client:
+        yield client, log
     process.terminate()
     process.wait(timeout=60)
 
 
-def post(server, path: str, body: dict) -> httpx.Response:
-    return httpx.post(f"{server}{path}", json={"model": MODEL, **body}, headers=HEADERS, timeout=60)
+@pytest.fixture(scope="module")
+def federated_server(federated_server_log):
+    return federated_server_log[0]
+
+
+def v1(server: httpx.Client) -> str:
+    """The OpenAI base URL of the server `server` is a client on."""
+    return f"{str(server.base_url).rstrip('/')}/v1"
+
+
+def post(server: httpx.Client, path: str, body: dict) -> httpx.Response:
+    return server.post(path, json={"model": MODEL, **body}, headers=HEADERS, timeout=60)
 
 
 def test_models_and_health(server):
-    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
-    assert [m["id"] for m in httpx.get(f"{server}/v1/models", headers=HEADERS).json()["data"]] == [MODEL]
+    assert server.get(f"/health").json() == {"status": "ok"}
+    assert [m["id"] for m in server.get(f"/v1/models", headers=HEADERS).json()["data"]] == [MODEL]
 
 
 def test_vllms_utility_endpoints(server):
-    assert httpx.get(f"{server}/version").json()["vllm"].startswith("0.32")
-    assert httpx.get(f"{server}/v1/models/{MODEL}", headers=HEADERS).json()["id"] == MODEL
-    missing = httpx.get(f"{server}/v1/models/other", headers=HEADERS)
+    assert server.get(f"/version").json()["vllm"].startswith("0.32")
+    assert server.get(f"/v1/models/{MODEL}", headers=HEADERS).json()["id"] == MODEL
+    missing = server.get(f"/v1/models/other", headers=HEADERS)
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
     tokens = post(server, "/tokenize", {"prompt": "hello world"}).json()
     assert tokens["count"] == len(tokens["tokens"]) > 0 and tokens["max_model_len"] == 256
@@ -66,10 +72,10 @@ def test_vllms_utility_endpoints(server):
     assert chat["count"] > 3
     bad = post(server, "/detokenize", {"tokens": [10**6]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
-    preflight = httpx.options(f"{server}/v1/completions", headers={
+    preflight = server.options(f"/v1/completions", headers={
         "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
     assert preflight.headers["access-control-allow-origin"] == "https://app.example"
-    assert "access-control-allow-origin" not in httpx.get(f"{server}/health", headers={"Origin": "https://evil"}).headers
+    assert "access-control-allow-origin" not in server.get(f"/health", headers={"Origin": "https://evil"}).headers
 
 
 def test_metrics_count_tokens_latency_and_rejections_per_model(server):
@@ -79,11 +85,11 @@ def test_metrics_count_tokens_latency_and_rejections_per_model(server):
     refused = metric(server, f'fedattn_requests_rejected_total{{{label},status="401"}}')
     assert post(server, "/v1/completions", {"prompt": list(range(40, 52)), "max_tokens": 3, "temperature": 0,
                                             "ignore_eos": True}).status_code == 200
-    assert httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "x"}).status_code == 401
+    assert server.post(f"/v1/completions", json={"model": MODEL, "prompt": "x"}).status_code == 401
     after = {name: metric(server, f"{name}{{{label}}}") for name in before}
     assert [after[n] - before[n] for n in before] == [12, 3, 1]
     assert metric(server, f'fedattn_requests_rejected_total{{{label},status="401"}}') == refused + 1
-    text = httpx.get(f"{server}/metrics").text
+    text = server.get(f"/metrics").text
     assert f"fedattn_num_requests_running{{{label}}}" in text and f"fedattn_num_requests_waiting{{{label}}}" in text
 
 
@@ -145,7 +151,7 @@ def test_streaming_gives_the_same_text_in_pieces(server):
             "ignore_eos": True}
     whole = post(server, "/v1/completions", body).json()["choices"][0]["text"]
     pieces, finish = [], None
-    with httpx.stream("POST", f"{server}/v1/completions", json={"model": MODEL, **body, "stream": True},
+    with server.stream("POST", f"/v1/completions", json={"model": MODEL, **body, "stream": True},
                       headers=HEADERS, timeout=60) as response:
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -164,7 +170,7 @@ def test_the_openai_clients_stream_helpers_assemble_a_multi_party_chat(server):
     args = {"model": MODEL, "messages": [], "max_tokens": 6, "temperature": 0, "extra_body": extra}
     whole = post(server, "/v1/chat/completions", {"participants": parts, "fedattn": extra["fedattn"], "max_tokens": 6,
                                                   "temperature": 0, "ignore_eos": True}).json()
-    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY)
+    client = openai.OpenAI(base_url=v1(server), api_key=KEY, http_client=server)
     with client.chat.completions.stream(**args, stream_options={"include_usage": True}) as stream:
         chunks = [event.chunk for event in stream if event.type == "chunk"]
         final = stream.current_completion_snapshot  # (get_final_completion refuses finish_reason "length")
@@ -174,14 +180,15 @@ def test_the_openai_clients_stream_helpers_assemble_a_multi_party_chat(server):
     assert chunks[-1].usage.completion_tokens == 12 and final.usage.prompt_tokens == whole["usage"]["prompt_tokens"]
     assert chunks[-2].model_extra["fedattn"]["published_bytes"] == whole["fedattn"]["published_bytes"]
 
-    async def streamed() -> list[str]:
-        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY) as aclient:
+    async def streamed() -> list[str]:  # on the app's own event loop
+        app = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app))
+        async with openai.AsyncOpenAI(base_url=v1(server), api_key=KEY, http_client=app) as aclient:
             async with aclient.chat.completions.stream(**args) as astream:
                 async for _ in astream:
                     pass
                 return [c.message.content for c in astream.current_completion_snapshot.choices]
 
-    assert asyncio.run(streamed()) == [c["message"]["content"] for c in whole["choices"]]
+    assert server.portal.call(streamed) == [c["message"]["content"] for c in whole["choices"]]
 
 
 def test_request_forms_vllm_accepts(server):
@@ -203,7 +210,7 @@ def test_request_forms_vllm_accepts(server):
 def test_vllms_sampling_extensions_reach_the_engines(request, which):
     """logit_bias, allowed_token_ids, min_tokens and stop_token_ids mean what they mean in vLLM, in every mode."""
     url = request.getfixturevalue(which)
-    twice = httpx.post(f"{url}/detokenize", json={"model": MODEL, "tokens": [11] * 4}, headers=HEADERS).json()["prompt"]
+    twice = url.post(f"/detokenize", json={"model": MODEL, "tokens": [11] * 4}, headers=HEADERS).json()["prompt"]
     base = {"participants": [[5, 6, 7], [8, 9]], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
     for extra in ({"logit_bias": {"11": 100}}, {"allowed_token_ids": [11]}):
         reply = post(url, "/v1/completions", {**base, **extra})
@@ -244,9 +251,9 @@ def test_logprobs_in_the_openai_shapes_equal_the_offline_apis(request, which):
         assert [(t["token"], t["logprob"]) for t in c["top_logprobs"]] == [(c["token"], c["logprob"])]
 
 
-def _events(url: str, path: str, body: dict) -> list[dict]:
+def _events(url: httpx.Client, path: str, body: dict) -> list[dict]:
     """A stream's data events, decoded (the [DONE] marker left out)."""
-    with httpx.stream("POST", f"{url}{path}", json={"model": MODEL, **body, "stream": True}, headers=HEADERS,
+    with url.stream("POST", path, json={"model": MODEL, **body, "stream": True}, headers=HEADERS,
                       timeout=60) as response:
         assert response.status_code == 200, response.read()
         return [json.loads(line[6:]) for line in response.iter_lines()
@@ -331,7 +338,7 @@ BAD = [
 
 @pytest.mark.parametrize("body,status,param", BAD, ids=[f"{p}-{i}" for i, (_, _, p) in enumerate(BAD)])
 def test_bad_input_gets_an_openai_error_naming_the_field(server, body, status, param):
-    reply = httpx.post(f"{server}/v1/completions", json={"model": MODEL, **body}, headers=HEADERS, timeout=60)
+    reply = server.post(f"/v1/completions", json={"model": MODEL, **body}, headers=HEADERS, timeout=60)
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert error["param"] == param and error["message"] and error["type"]
@@ -339,12 +346,12 @@ def test_bad_input_gets_an_openai_error_naming_the_field(server, body, status, p
 
 
 def test_a_missing_api_key_is_refused(server):
-    reply = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "x"})
+    reply = server.post(f"/v1/completions", json={"model": MODEL, "prompt": "x"})
     assert reply.status_code == 401 and reply.json()["error"]["code"] == 401
 
 
 def test_the_openai_client_as_is(server):
-    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY)
+    client = openai.OpenAI(base_url=v1(server), api_key=KEY, http_client=server)
     single = client.completions.create(model=MODEL, prompt="hello", max_tokens=3, temperature=0)
     assert single.choices[0].text and single.usage.completion_tokens == 3
     multi = client.chat.completions.create(
@@ -358,14 +365,14 @@ def test_the_openai_client_as_is(server):
 
 
 def create_session(server, **body) -> dict:
-    reply = httpx.post(f"{server}/v1/fedattn/sessions", json={"model": MODEL, **body}, headers=HEADERS, timeout=30)
+    reply = server.post(f"/v1/fedattn/sessions", json={"model": MODEL, **body}, headers=HEADERS, timeout=30)
     assert reply.status_code == 200, reply.text
     return reply.json()
 
 
 def join(server, session: dict, n: int, content, **extra) -> httpx.Response:
     token = session["participants"][n]["token"]
-    return httpx.post(f"{server}/v1/fedattn/sessions/{session['id']}/participants/{n}",
+    return server.post(f"/v1/fedattn/sessions/{session['id']}/participants/{n}",
                       json={"token": token, "content": content, **extra}, headers=HEADERS, timeout=60)
 
 
@@ -395,10 +402,10 @@ def test_private_session_clients_each_send_only_their_part_and_get_the_joint_ans
 
 def test_private_session_refuses_bad_tokens_and_double_joins(server):
     session = create_session(server, participants=2, max_tokens=2, join_timeout_s=5)
-    forged = httpx.post(f"{server}/v1/fedattn/sessions/{session['id']}/participants/0",
+    forged = server.post(f"/v1/fedattn/sessions/{session['id']}/participants/0",
                         json={"token": "guess", "content": "x"}, headers=HEADERS)
     assert forged.status_code == 403 and forged.json()["error"]["param"] == "token"
-    assert httpx.post(f"{server}/v1/fedattn/sessions/nope/participants/0", json={"token": "t", "content": "x"},
+    assert server.post(f"/v1/fedattn/sessions/nope/participants/0", json={"token": "t", "content": "x"},
                       headers=HEADERS).status_code == 404
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(join, server, session, 0, "hello")
@@ -419,14 +426,16 @@ def test_a_participant_that_never_joins_fails_the_session_for_everyone(server):
     assert join(server, session, 2, "late").status_code == 404  # nothing of it is kept
 
 
-def test_a_streaming_generator_that_disconnects_ends_its_private_session(server):
+def test_a_streaming_generator_that_disconnects_ends_its_private_session(federated_server):
+    """A real socket closed mid-answer (the in-process client reads every answer whole)."""
+    server = federated_server
     before = metric(server, 'fedattn_sessions_total{model_name="tiny-qwen2",outcome="cancelled"}')
     session = create_session(server, participants=2, max_tokens=200, ignore_eos=True, chat=False)
     with ThreadPoolExecutor(1) as pool:
         other = pool.submit(join, server, session, 0, list(range(10, 30)))
         body = {"token": session["participants"][1]["token"], "content": list(range(40, 50)), "stream": True}
-        url = f"{server}/v1/fedattn/sessions/{session['id']}/participants/1"
-        with httpx.stream("POST", url, json=body, headers=HEADERS, timeout=60) as response:
+        path = f"/v1/fedattn/sessions/{session['id']}/participants/1"
+        with server.stream("POST", path, json=body, headers=HEADERS, timeout=60) as response:
             assert response.status_code == 200
             next(response.iter_lines())  # the answer started; then this client leaves
         reply = other.result()
@@ -470,7 +479,7 @@ def test_federated_private_session(federated_server):
 
 def test_the_one_call_example_runs_against_federated_engines(federated_server):
     """examples/one_call.py with the openai client."""
-    example = subprocess.run([sys.executable, "examples/one_call.py", "--base-url", f"{federated_server}/v1",
+    example = subprocess.run([sys.executable, "examples/one_call.py", "--base-url", v1(federated_server),
                               "--api-key", KEY], capture_output=True, text=True, timeout=300)
     assert example.returncode == 0, example.stderr[-2000:]
     assert example.stdout.count("time to first token") == 4 and "an ordinary single-party chat request" in example.stdout
@@ -481,7 +490,7 @@ def test_federated_streams_arrive_token_by_token(federated_server):
             "ignore_eos": True}
     whole = post(federated_server, "/v1/completions", body).json()
     pieces = []
-    with httpx.stream("POST", f"{federated_server}/v1/completions", json={"model": MODEL, **body, "stream": True},
+    with federated_server.stream("POST", f"/v1/completions", json={"model": MODEL, **body, "stream": True},
                       headers=HEADERS, timeout=60) as response:
         for line in response.iter_lines():
             if line.startswith("data: {") and (choices := json.loads(line[6:])["choices"]) and choices[0]["text"]:
@@ -515,9 +524,14 @@ def test_a_hub_model_named_like_vllm_users_name_it(tmp_path_factory, monkeypatch
         process.wait(timeout=60)
 
 
-def test_prompts_are_never_logged(server_log):
-    url, log = server_log
+def test_prompts_are_never_logged(server, federated_server_log, capfd, caplog):
+    """Colocated (every log record and everything written to stdout/stderr in this process, vLLM's included) and
+    federated (the server process's log)."""
+    caplog.set_level(logging.DEBUG)
     secret = "zebra-quartz-7781 is the password"
-    assert post(url, "/v1/completions", {"participants": [secret, "what is it?"], "max_tokens": 2}).status_code == 200
-    assert post(url, "/v1/completions", {"prompt": secret, "max_tokens": 2}).status_code == 200
-    assert "zebra-quartz" not in log.read_text(errors="replace")
+    for client in (server, federated_server_log[0]):
+        assert post(client, "/v1/completions", {"participants": [secret, "what is it?"], "max_tokens": 2}).status_code == 200
+        assert post(client, "/v1/completions", {"prompt": secret, "max_tokens": 2}).status_code == 200
+    written = capfd.readouterr()
+    for text in (written.out, written.err, caplog.text, federated_server_log[1].read_text(errors="replace")):
+        assert "zebra-quartz" not in text
