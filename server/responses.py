@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fedattn_vllm.config import FedAttnConfigError
 from fedattn_vllm.federated.client import CoordinatorError
@@ -17,10 +18,23 @@ from server.worker import Timings
 
 
 def usage(result: SessionResult) -> dict:
-    completion_tokens = sum(len(out.token_ids) for out in result.outputs.values())
-    prompt_tokens = result.cost.prefix_tokens + sum(result.cost.tokens)
+    return _usage(result.cost.prefix_tokens + sum(result.cost.tokens),
+                  sum(len(out.token_ids) for out in result.outputs.values()))
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+@dataclass(frozen=True)
+class StreamUsage:
+    """What a stream reports of its usage (vLLM's `stream_options`): a last chunk with it (`include`), and with
+    `continuous` every chunk the usage so far over the session's `prompt_tokens`."""
+
+    include: bool = False
+    continuous: bool = False
+    prompt_tokens: int = 0
 
 
 def fedattn_block(result: SessionResult, timings: Timings) -> dict:
@@ -55,18 +69,21 @@ def _event(body: dict) -> str:
 
 
 async def stream_events(worker, session_id: str, future, pieces: asyncio.Queue, response_id: str, kind: str,
-                        model: str, index_of: dict[int, int], include_usage: bool, timings: Timings,
+                        model: str, index_of: dict[int, int], stream_usage: StreamUsage, timings: Timings,
                         segments_param: str, top_logprobs: int | None = None, decode=None) -> AsyncIterator[str]:
     """Server-sent events: per choice (`index_of`: generator -> choice index) a role delta first (chat), its
     output as `pieces` brings it (with its tokens' logprobs when `top_logprobs` is not None; `decode(token ids)`
     names tokens), a last chunk with its finish reason and the session's `fedattn` block, then the usage
-    (`stream_options.include_usage`); or the session's failure as an error event. A client that leaves cancels
-    the session."""
+    (`stream_usage`: also the usage so far in every chunk if continuous); or the session's failure as an error
+    event. A client that leaves cancels the session."""
     created = int(time.time())
     chunk_object = kind if kind == "text_completion" else f"{kind}.chunk"
     offsets: dict[int, int] = {}  # generator -> where its next token starts (completions' text_offset: token strings)
+    generated = 0  # tokens of every choice so far
 
     def chunk(choices: list[dict], **extra) -> str:
+        if stream_usage.continuous:
+            extra = {"usage": _usage(stream_usage.prompt_tokens, generated), **extra}
         return _event({"id": response_id, "object": chunk_object, "created": created, "model": model,
                        "choices": choices, **extra})
 
@@ -99,6 +116,7 @@ async def stream_events(worker, session_id: str, future, pieces: asyncio.Queue, 
                 generator, piece = await asyncio.wait_for(pieces.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 continue
+            generated += len(piece.token_ids)
             if piece.text or (top_logprobs is not None and piece.token_ids):
                 yield chunk([choice(generator, piece)])
         error = settled.exception()
@@ -116,7 +134,7 @@ async def stream_events(worker, session_id: str, future, pieces: asyncio.Queue, 
         else:
             yield chunk([choice(g, finish_reason=result.outputs[g].finish_reason) for g in index_of],
                         fedattn=fedattn_block(result, timings))
-            if include_usage:
+            if stream_usage.include:
                 yield chunk([], usage=usage(result))
         yield "data: [DONE]\n\n"
     except asyncio.CancelledError:  # the client disconnected mid-stream

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vllm.entrypoints.generate.base.protocol import StreamOptions as VLLMStreamOptions
+from vllm.entrypoints.generate.base.protocol import StreamOptions
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VLLMChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VLLMCompletionRequest
 from vllm.entrypoints.serve.engine.protocol import OpenAIBaseModel
@@ -48,11 +48,6 @@ class FedAttnBlock(BaseModel):
         """The FedAttnConfig these settings give (null fields take the config's defaults); raises FedAttnConfigError."""
         values = self.model_dump(exclude_none=True)
         return FedAttnConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-class StreamOptions(VLLMStreamOptions):
-    # a last chunk with the usage (and no choices), as OpenAI and vLLM send it; usage in every chunk is not done
-    continuous_usage_stats: Literal[False] | None = False
 
 
 class SamplingFields(OpenAIBaseModel):

@@ -28,7 +28,7 @@ from server.errors import APIError
 from server.issued import IssuedSessions
 from server.metrics import Metrics
 from server.private import PrivateSessions
-from server.responses import reply, stream_events
+from server.responses import StreamUsage, reply, stream_events
 from server.sampling import chat_ids, failure, refusal, sampling_params, session_config
 from server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SessionCreateRequest,
                             TokenizeRequest)
@@ -137,10 +137,10 @@ class Serving:
         return reply(result, timings, response_id, kind, self.model, self.backend.tokenizer.decode, top_logprobs)
 
     def stream(self, worker_session: str, future, pieces: asyncio.Queue, response_id: str, kind: str,
-               index_of: dict[int, int], include_usage: bool, timings, segments_param: str,
+               index_of: dict[int, int], stream_usage: StreamUsage, timings, segments_param: str,
                top_logprobs: int | None = None) -> StreamingResponse:
         return StreamingResponse(stream_events(self.backend.worker, worker_session, future, pieces, response_id, kind,
-                                               self.model, index_of, include_usage, timings, segments_param,
+                                               self.model, index_of, stream_usage, timings, segments_param,
                                                top_logprobs, self.backend.tokenizer.decode),
                                  media_type="text/event-stream")
 
@@ -275,9 +275,11 @@ class Serving:
             raise APIError(429, str(error), None, "rate_limit_error") from None
         response_id = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
         if pieces is not None:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            options = body.stream_options
+            include = options is not None and bool(options.include_usage)  # continuous stats only with it, as vLLM
+            stream_usage = StreamUsage(include, include and bool(options.continuous_usage_stats), prompt_len)
             return self.stream(session_id, future, pieces, response_id, kind,
-                               {g: i for i, g in enumerate(sorted(plan.generators))}, include_usage, timings,
+                               {g: i for i, g in enumerate(sorted(plan.generators))}, stream_usage, timings,
                                prompt_param, body.logprob_count())
         try:
             result = await self.unless_disconnected(request, asyncio.wrap_future(future))

@@ -24,6 +24,7 @@ from fedattn_vllm.session import FedAttnSession, FedAttnSessionError
 from server.errors import APIError, coordinator_error
 from server.invite import created
 from server.private import JoinError
+from server.responses import StreamUsage
 from server.sampling import failure, refusal, session_config
 from server.schemas import SessionCreateRequest, SessionJoinRequest
 from server.serving import Serving, errors_as_values
@@ -163,8 +164,8 @@ class SessionServing:
         core = self.serving
         response_id = f"fedsess-{uuid.uuid4().hex}"
         if pieces is not None:  # its own answer, as choice 0
-            return core.stream(worker_session, future, pieces, response_id, kind, {participant: 0}, body.include_usage,
-                               timings, "content", top_logprobs)
+            return core.stream(worker_session, future, pieces, response_id, kind, {participant: 0},
+                               StreamUsage(body.include_usage), timings, "content", top_logprobs)
         try:
             result = await core.unless_disconnected(request, asyncio.wrap_future(future))
         except (FedAttnConfigError, FedAttnSessionError) as error:  # e.g. the parts together do not fit

@@ -162,6 +162,21 @@ def test_streaming_gives_the_same_text_in_pieces(server):
     assert "".join(pieces) == whole and len(pieces) > 2 and finish == "length"
 
 
+def test_continuous_usage_stats_give_every_chunk_the_usage_so_far(server):
+    """vLLM's `stream_options.continuous_usage_stats` (with include_usage): every chunk carries the usage so far,
+    the last ones the whole answer's."""
+    body = {"participants": ["alice: the code is 4417. ", "bob: what is the code?"], "max_tokens": 6,
+            "temperature": 0, "ignore_eos": True, "fedattn": {"generators": [0, 1]}}
+    whole = post(server, "/v1/chat/completions", body).json()["usage"]
+    events = _events(server, "/v1/chat/completions",
+                     {**body, "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    so_far = [e["usage"]["completion_tokens"] for e in events]
+    assert so_far == sorted(so_far) and so_far[0] == 0 and so_far[-1] == whole["completion_tokens"] == 12
+    assert {e["usage"]["prompt_tokens"] for e in events} == {whole["prompt_tokens"]} and events[-1]["usage"] == whole
+    plain = _events(server, "/v1/chat/completions", {**body, "stream_options": {"continuous_usage_stats": True}})
+    assert all("usage" not in e for e in plain)  # without include_usage: no usage at all, as vLLM
+
+
 def test_the_openai_clients_stream_helpers_assemble_a_multi_party_chat(server):
     """`client.chat.completions.stream()` (sync and async) over two generators: choice indexes 0 and 1, the
     role first, the usage chunk last, and the same text as the answer in one piece."""
