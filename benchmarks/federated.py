@@ -29,12 +29,16 @@ import time
 from pathlib import Path
 
 import psutil
+import torch
+from transformers import AutoConfig
 
 from fedattn_vllm import gsm8k
 from fedattn_vllm.config import FedAttnConfig, FedAttnPlan, KVWire
+from fedattn_vllm.cost import ModelShape
 from fedattn_vllm.session import FedAttnSession
 from fedattn_vllm.federated.local import LocalCluster
 from fedattn_vllm.models import resolve_model
+from fedattn_vllm.selection import SELECTORS
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,6 +51,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sync-interval", type=int, default=4)
     parser.add_argument("--generator-sync-interval", type=int, help="the generator also reads every H_g layers")
     parser.add_argument("--kv-wire", default="native", choices=[w.value for w in KVWire], help="encoding of the shared K/V")
+    parser.add_argument("--kv-share-ratio", type=float, default=1.0, help="tokens each participant shares")
+    parser.add_argument("--kv-selection", default="random", choices=sorted(SELECTORS),
+                        help="which tokens (question: the generators' queries choose, and the publishers wait for them)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--link-gbps", type=float, default=1.0, help="projection: link bandwidth per machine")
     parser.add_argument("--rtt-ms", type=float, default=1.0, help="projection: round trip to the coordinator")
@@ -57,8 +64,9 @@ def parse_args() -> argparse.Namespace:
     if args.out is None:
         hg = f"-hg{args.generator_sync_interval}" if args.generator_sync_interval else ""
         security = "-security" if args.compare_security else ""
-        args.out = Path(f"benchmarks/results/federated-N{args.participants}-H{args.sync_interval}{hg}-{args.kv_wire}"
-                        f"{security}.json")
+        sparse = f"-r{args.kv_share_ratio:g}-{args.kv_selection}" if args.kv_share_ratio < 1 else ""
+        args.out = Path(f"benchmarks/results/federated-N{args.participants}-H{args.sync_interval}{hg}{sparse}-"
+                        f"{args.kv_wire}{security}.json")
     return args
 
 
@@ -66,17 +74,25 @@ def cpu_seconds(pids: list[int]) -> list[float]:
     return [sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids]
 
 
-def projected_pipelined_s(compute: list[float], plan: FedAttnPlan, layer_bytes: list[int], num_layers: int,
-                          link_gbps: float, rtt_ms: float) -> float:
-    """TTFT with one machine per participant: per-layer compute c_n / L, waits on earlier sharers' layers."""
+def projected_pipelined_s(compute: list[float], plan: FedAttnPlan, lengths: list[int], layer_bytes: list[int],
+                          question_bytes: list[int], num_layers: int, link_gbps: float, rtt_ms: float) -> float:
+    """TTFT with one machine per participant: per-layer compute c_n / L, waits on earlier sharers' layers; with
+    question selection a publisher first waits for the generators' queries of the layer (sent when their previous
+    layer is done)."""
+
+    def transfer_s(nbytes: int) -> float:
+        return rtt_ms / 1e3 + 8 * nbytes / (link_gbps * 1e9)
+
     finished = [0.0] * len(compute)
     for layer in range(num_layers):
+        queries_sent = list(finished)  # each generator's queries of this layer leave once its previous layer is done
         for n in range(len(compute)):  # in order: n's wait depends on 1..n-1 at this layer
             start = finished[n]
+            if askers := plan.asks(n, layer, lengths[n]):
+                start = max(start, *(queries_sent[g] + transfer_s(question_bytes[g]) for g in askers))
             sources = [m for m in range(n) if plan.sees(n, m, layer, prefill=True)]
             if sources:
-                fetched = sum(layer_bytes[m] for m in sources)
-                start = max(start, *(finished[m] for m in sources)) + rtt_ms / 1e3 + 8 * fetched / (link_gbps * 1e9)
+                start = max(start, *(finished[m] for m in sources)) + transfer_s(sum(layer_bytes[m] for m in sources))
             finished[n] = start + compute[n] / num_layers
     return finished[-1]
 
@@ -86,7 +102,7 @@ def main() -> None:
     engine_args = {"dtype": args.dtype, "max_model_len": 4096, "max_num_batched_tokens": 8192, "seed": 0,
                    "kv_cache_memory_bytes": 512 << 20}
     config = FedAttnConfig(sync_interval=args.sync_interval, generator_sync_interval=args.generator_sync_interval,
-                           kv_wire=args.kv_wire)
+                           kv_wire=args.kv_wire, kv_share_ratio=args.kv_share_ratio, kv_selection=args.kv_selection)
     n = args.participants
     print(f"starting a coordinator and {n} engines ...", flush=True)
     with contextlib.ExitStack() as clusters:
@@ -106,6 +122,8 @@ def main() -> None:
             "serial": lambda s: cluster.generate([FedAttnSession(s, config, first_token)], [list(range(n))],
                                                  pipelined=False),
         }
+        if SELECTORS[args.kv_selection].needs_queries:  # the publishers wait for the generator: no serial mode
+            del modes["serial"]
         if plain is not None:
             modes["pipelined_plaintext"] = lambda s: plain.cluster.generate([FedAttnSession(s, config, first_token)],
                                                                             [list(range(n))])
@@ -134,17 +152,24 @@ def summarise(args, samples, plan: FedAttnPlan, num_layers: int, prompts) -> dic
     n = args.participants
     median = statistics.median
     ttft = {mode: median(s["ttft_s"] for s in rows) for mode, rows in samples.items()}
-    # Per-participant compute: engine n's CPU time in the serial runs (no sharing of cores mid-run).
-    compute = [median(s["cpu_s"][p] for s in samples["serial"]) for p in range(n)]
+    # Per-participant compute: engine n's CPU time in the serial runs (no sharing of cores mid-run), else in the
+    # pipelined ones (cores shared: somewhat more)
+    compute = [median(s["cpu_s"][p] for s in samples.get("serial", samples["pipelined"])) for p in range(n)]
     central_cpu = median(s["cpu_s"][0] for s in samples["centralised"])
     published = samples["pipelined"][0]["cost"]["published_bytes"]  # per participant, over its sync layers
-    layer_bytes = [published[p] // max(len(plan.publish_layers[p]), 1) for p in range(n)]
-    projected = projected_pipelined_s(compute, plan, layer_bytes, num_layers, args.link_gbps, args.rtt_ms)
-    projected_serial = sum(compute)
     tokens = [len(s) for s in prompts[0]]
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(resolve_model(args.model)), getattr(torch, args.dtype))
+    question_bytes = [shape.question_bytes(length) for length in tokens]
+    # K/V per sync layer (a generator's question queries, counted in what it published, left out)
+    layer_bytes = [(published[p] - sum(1 for l in range(num_layers) if plan.question_readers(p, l, tokens))
+                    * question_bytes[p]) // max(len(plan.publish_layers[p]), 1) for p in range(n)]
+    projected = projected_pipelined_s(compute, plan, tokens, layer_bytes, question_bytes, num_layers, args.link_gbps,
+                                      args.rtt_ms)
+    projected_serial = sum(compute) if "serial" in samples else None
     wire, payload = _bytes(samples["pipelined"])
     print(f"\n{args.problems} GSM8K prompts x {args.rounds} rounds, {args.shots}-shot TokEx, N={n}, "
-          f"H={args.sync_interval}, H_g={args.generator_sync_interval}, kv_wire={args.kv_wire}, {args.dtype}; first prompt's segments "
+          f"H={args.sync_interval}, H_g={args.generator_sync_interval}, kv_wire={args.kv_wire}, share ratio "
+          f"{args.kv_share_ratio:g} ({args.kv_selection}), {args.dtype}; first prompt's segments "
           f"{tokens} tokens")
     print(f"{'mode':<20} {'TTFT median (s)':>16} {'vs centralised':>15}")
     for mode, seconds in ttft.items():
@@ -153,7 +178,7 @@ def summarise(args, samples, plan: FedAttnPlan, num_layers: int, prompts) -> dic
           f"centralised {central_cpu:.3f}")
     print(f"projected with one machine per participant ({args.link_gbps} Gbit/s, {args.rtt_ms} ms RTT): "
           f"pipelined {projected:.3f} s ({projected / central_cpu:.2f}x the centralised compute), "
-          f"serial {projected_serial:.3f} s")
+          f"serial {projected_serial} s")
     print(f"bytes per session on the wire {wire:,} (K/V payload {payload:,}, framing "
           f"{100 * (wire - payload) / payload:.3f}%)")
     security = {}

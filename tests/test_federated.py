@@ -20,7 +20,7 @@ import torch
 import zmq
 from conftest import TINY_ENGINE_ARGS, RecordingCoordinator, federated_engine, greedy, random_case, random_tokens
 
-from fedattn_vllm.config import FedAttnConfig, KVWire
+from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError, KVWire
 from fedattn_vllm.cost import ModelShape, participant_costs
 from fedattn_vllm.session import FedAttnSession, FedAttnSessionError
 from fedattn_vllm.federated.curve import ClientCurve, Keypair, ServerCurve, new_keypair, public_key
@@ -222,6 +222,12 @@ def test_bad_input_is_refused_with_the_field_named_and_other_sessions_complete(l
     results = local.cluster.generate([good, bad, good], placement=[[0, 1], [2, 1], [1, 2]])
     assert results[1].error_field == "segments[1]" and "vocabulary" in results[1].error
     assert tokens(results[0]) == tokens(results[2]) == tokens(colocated.generate([good])[0])
+    assert tokens(local.cluster.generate([good], [[1, 2]], pipelined=False)[0]) == tokens(results[0])  # serial
+    asking = FedAttnSession([[5, 6, 7], [8, 9]], FedAttnConfig(sync_interval=2, kv_share_ratio=0.5,
+                                                                kv_selection="question"), greedy(3))
+    with pytest.raises(FedAttnConfigError) as raised:  # the publisher would wait for a generator started after it
+        local.cluster.generate([asking], [[1, 2]], pipelined=False)
+    assert raised.value.field == "kv_selection"
 
 
 def _control_socket(local, curve: ClientCurve | None) -> zmq.Socket:

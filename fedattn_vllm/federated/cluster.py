@@ -24,7 +24,7 @@ from typing import Protocol
 import msgspec
 import zmq
 
-from fedattn_vllm.config import FedAttnPlan
+from fedattn_vllm.config import FedAttnConfigError, FedAttnPlan
 from fedattn_vllm.session import (FedAttnSession, FedAttnSessionError, GeneratorOutput, Piece, SessionCost,
                                   SessionResult)
 from fedattn_vllm.federated.client import CoordinatorError, SessionAdmin
@@ -159,6 +159,9 @@ class FederatedCluster:
             raise FedAttnSessionError(f"placement[{i}]", f"one engine index in 0..{len(self.links) - 1} per participant")
         if not pipelined and (len(set(engines)) != n or plan.generators != (n - 1,)):
             raise FedAttnSessionError(f"placement[{i}]", "serial mode runs one participant per engine, the last generating")
+        if not pipelined and plan.selection_needs_queries:  # the publishers would wait for a generator not yet started
+            raise FedAttnConfigError("kv_selection", "'question' needs the generators running beside the publishers "
+                                     "(pipelined mode): serial mode starts them last")
         hosts: dict[int, list[int]] = {}
         for participant, engine in enumerate(engines):
             hosts.setdefault(engine, []).append(participant)
