@@ -14,7 +14,7 @@ import zmq
 
 from fedattn_vllm.config import FedAttnConfig, KVWire
 from fedattn_vllm.exchange import PayloadKind
-from fedattn_vllm.federated import coordinator as coordinator_module
+from fedattn_vllm.federated import relay
 from fedattn_vllm.federated.client import (CoordinatorConnection, CoordinatorError, NetworkKVExchange,
                                            ParticipantCalls, SessionAdmin)
 from fedattn_vllm.federated.coordinator import Coordinator
@@ -162,7 +162,7 @@ def test_a_participant_done_waits_on_while_the_others_say_they_are_computing(coo
 
 
 def test_a_participant_done_stops_waiting_for_one_that_fell_silent(coordinator, monkeypatch):
-    monkeypatch.setattr(coordinator_module, "LIVENESS_S", 0.1)
+    monkeypatch.setattr(relay, "LIVENESS_S", 0.1)
     leave, alive = held_session(coordinator, "quiet")
     alive(1)
     time.sleep(0.3)  # 1 says nothing more (its site died)

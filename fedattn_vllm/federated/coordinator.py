@@ -30,18 +30,18 @@ import os
 import secrets
 import threading
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 
-from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError, FedAttnPlan
+from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
 from fedattn_vllm.exchange import PayloadKind
 from fedattn_vllm.federated import curve as link_security
 from fedattn_vllm.federated import messages as m
 from fedattn_vllm.federated.curve import ServerCurve, bind_or_close
 from fedattn_vllm.federated.lifeline import exit_with_parent
+from fedattn_vllm.federated.relay import Session
 from fedattn_vllm.federated.wire import Dropped, WirePayload, WireError, decode, encode, message_bytes, payload_nbytes
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,6 @@ MAX_FRAME_BYTES = 1 << 30  # a larger frame makes ZeroMQ drop its sender (one la
 MAX_STORED_BYTES = 8 << 30  # K/V held for all open sessions; a publish beyond it is refused ("busy")
 MAX_WAITERS = 1 << 16  # fetches waiting for a publish; one more is refused ("busy")
 MAX_SESSIONS = 4096  # sessions open at once; opening one more is refused ("busy") until one closes or expires
-LIVENESS_S = 30.0  # a participant still computing that sent nothing for this long is presumed gone
 
 
 class Refused(Exception):
@@ -58,26 +57,6 @@ class Refused(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
-
-
-@dataclass
-class Session:
-    plan: FedAttnPlan  # who publishes where and who may see whom: the plan's own rule
-    credentials: list[bytes]  # per participant; empty when `keys` binds them
-    keys: list[bytes] | None = None  # per participant: the CURVE public key (Z85) its connection must have
-    # (participant, layer, kind) -> K/V or a generator's questions, maybe sealed
-    kv: dict[tuple[int, int, PayloadKind], WirePayload] = field(default_factory=dict)
-    # (participant, "up" | "down") -> bytes on the wire; payload bytes (K/V only) likewise
-    wire_bytes: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
-    payload_bytes: dict[tuple[int, str], int] = field(default_factory=lambda: defaultdict(int))
-    announced: dict[int, tuple[int, int, bytes]] = field(default_factory=dict)  # participant -> (length, prefix, terms)
-    left: set[int] = field(default_factory=set)  # participants done (party-side sites): freed when all are
-    seen: dict[int, float] = field(default_factory=dict)  # participant -> when it last sent anything
-    last_used: float = field(default_factory=time.monotonic)
-
-    def silent(self, participants, now: float) -> list[int]:
-        """Those of `participants` not heard from within LIVENESS_S (a running site says `alive` every few s)."""
-        return [p for p in participants if now - self.seen.get(p, float("-inf")) > LIVENESS_S]
 
 
 @dataclass
@@ -217,7 +196,7 @@ class Coordinator:
             self._drop(request.session, "closed")
             return encode({"ok": True})
         if isinstance(request, m.Stats):
-            return encode({"ok": True, **_session_bytes(session)})
+            return encode({"ok": True, **session.byte_counts()})
         session.seen[request.participant] = time.monotonic()  # a participant's request, authenticated
         if isinstance(request, m.Publish):
             return self._publish(session, request, kv, size)
@@ -269,7 +248,7 @@ class Coordinator:
         n, layer, kind = request.participant, request.layer, PayloadKind(request.kind)
         if kv is None:
             raise Refused("bad_request", "publish carries tensor frames")
-        if not _may_publish(session.plan, n, layer, kind):
+        if not session.may_publish(n, layer, kind):
             raise Refused("forbidden", f"participant {n} does not share {kind.noun} at layer {layer}")
         if (n, layer, kind) in session.kv:
             raise Refused("conflict", f"participant {n} already published {kind.noun} at layer {layer}")
@@ -284,7 +263,7 @@ class Coordinator:
 
     def _fetch(self, session: Session, request: m.Fetch, identity: bytes, request_id: bytes):
         viewer, source, layer, kind = request.participant, request.source, request.layer, PayloadKind(request.kind)
-        if source >= session.plan.num_participants or not _may_fetch(session.plan, viewer, source, layer, kind):
+        if source >= session.plan.num_participants or not session.may_fetch(viewer, source, layer, kind):
             raise Refused("forbidden", f"participant {viewer} may not see participant {source}'s {kind.noun} at "
                           f"layer {layer}")
         if (source, layer, kind) in session.kv:
@@ -322,7 +301,7 @@ class Coordinator:
         freed; if it fails first, with the failure."""
         n = request.participant
         if request.failed:
-            reply = encode({"ok": True, **_session_bytes(session)})
+            reply = encode({"ok": True, **session.byte_counts()})
             self._drop(request.session, f"ended: participant {n} failed ({request.reason or 'no reason given'})")
             return reply
         if n in session.left:
@@ -331,7 +310,7 @@ class Coordinator:
         session.left.add(n)
         if len(session.left) < session.plan.num_participants:
             return None
-        reply = encode({"ok": True, **_session_bytes(session)})
+        reply = encode({"ok": True, **session.byte_counts()})
         for held in self._release_held(request.session, m.Leave):
             self._reply(held.identity, held.request_id, reply)
         self._drop(request.session, "finished")
@@ -395,20 +374,6 @@ class Coordinator:
                 self._drop(session_id, f"expired after {self.session_ttl_s:.0f} s idle")
 
 
-def _may_publish(plan: FedAttnPlan, participant: int, layer: int, kind: PayloadKind) -> bool:
-    """The plan's rule, where segment lengths are not known: K/V at its publish layers; a generator's questions
-    at a layer where some publisher may choose by them."""
-    if kind is PayloadKind.KV:
-        return plan.publishes(participant, layer)
-    return bool(plan.question_readers(participant, layer, [None] * plan.num_participants))
-
-
-def _may_fetch(plan: FedAttnPlan, viewer: int, source: int, layer: int, kind: PayloadKind) -> bool:
-    if kind is PayloadKind.KV:
-        return plan.reads(viewer, source, layer)
-    return source in plan.asks(viewer, layer)
-
-
 def _peer_key(frame) -> bytes | None:
     """The CURVE public key (Z85) the message's connection authenticated with (ZeroMQ's User-Id; None without CURVE)."""
     try:
@@ -416,19 +381,6 @@ def _peer_key(frame) -> bytes | None:
     except (zmq.ZMQError, AttributeError):
         return None
     return user.encode() if user else None
-
-
-def _session_bytes(session: Session) -> dict:
-    """{"wire_bytes"|"payload_bytes": {"up"|"down": {participant: bytes}}} (sizes, which every party may know)."""
-    return {"wire_bytes": _by_participant(session.wire_bytes), "payload_bytes": _by_participant(session.payload_bytes)}
-
-
-def _by_participant(counts: dict[tuple[int, str], int]) -> dict[str, dict[int, int]]:
-    """{"up": {participant: bytes}, "down": {...}}"""
-    rows: dict[str, dict[int, int]] = {"up": {}, "down": {}}
-    for (participant, direction), size in counts.items():
-        rows[direction][participant] = size
-    return rows
 
 
 def write_ready_file(path: Path, endpoint: str) -> None:
