@@ -34,7 +34,8 @@ def created(session_id: str, terms: SessionCreateRequest, plan: FedAttnPlan) -> 
     """The answer to a created party-side session: its id, generators and a fresh invitation."""
     invitation = Invitation(session=session_id, terms=terms, seal_key=base64.b64encode(new_seal_key()).decode())
     return {"id": session_id, "object": "fedattn.session", "generators": list(plan.generators),
-            "join_timeout_s": terms.join_timeout_s, "invitation": invitation.model_dump(mode="json")}
+            "join_timeout_s": terms.join_timeout_s,
+            "invitation": invitation.model_dump(mode="json", exclude_unset=True)}  # the terms as their creator set them
 
 
 def _num_layers(model: str, revision: str | None) -> int:

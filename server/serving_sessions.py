@@ -225,7 +225,8 @@ class SessionServing:
         prefix = await self._prefix(terms)
         segment = await self._segment(body.content, participant, terms.participants, terms.chat)
         sampling = core.sampling_of(terms, terms.max_tokens)
-        digest = terms_digest(session=session_id, terms=terms.model_dump(mode="json"),
+        # of the terms as the invitation sets them (a field left out takes its default at every site alike)
+        digest = terms_digest(session=session_id, terms=terms.model_dump(mode="json", exclude_unset=True),
                               seal_key=hashlib.sha256(seal_key).digest())
         task = PartyTask(session_id, participant, plan, segment, prefix, sampling, seal_key, digest,
                          terms.join_timeout_s)

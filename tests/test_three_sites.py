@@ -114,6 +114,8 @@ def test_three_sites_answer_like_one_engine_and_each_gets_its_own_reply(sites, k
         assert reply["fedattn"]["tokens"] == len(segments[n])
         assert reply["fedattn"]["published_bytes"] == expected.cost.published_bytes[n]
     assert session["generators"] == [2]
+    terms = session["invitation"]["terms"]  # as the creator set them: none of vLLM's other request fields
+    assert set(terms) <= {"model", "participants", "sites", "chat", *TERMS} and "request_id" not in terms
 
 
 def test_no_site_and_not_the_coordinator_receives_another_partys_text_or_token_ids(sites, keys, coordinator):
