@@ -71,6 +71,57 @@ def test_decoding_tokens_in_one_padded_call_equal_each_over_its_own_keys(dtype, 
         assert_close(batched[b].float(), alone.float(), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads", [(14, 2), (4, 4)])
+def test_decoding_on_vllms_cpu_kernel_over_paged_keys_equals_the_reference(dtype, heads, kv_heads):
+    """Keys appended as a decode grows them (a prompt, then a row a step, past the first blocks' room)."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from kernels.paged import PagedKeys, available, paged_decode_attention
+
+    assert available("cpu")
+    d, scale, block = 64, 64**-0.5, 32
+    isa = _get_attn_isa(dtype, block, d)
+    prompts = [40, 1, 100]
+    held = [PagedKeys((torch.empty(0, kv_heads, d, dtype=dtype),) * 2, t + 2, block, isa) for t in prompts]
+    keys = [torch.randn(t, kv_heads, d).to(dtype) for t in prompts]
+    values = [torch.randn(t, kv_heads, d).to(dtype) for t in prompts]
+    for buffer, k, v in zip(held, keys, values):
+        buffer.append((k, v))
+    for _ in range(40):  # steps: each generator's new row, then its token attends over everything so far
+        for b, buffer in enumerate(held):
+            row = torch.randn(1, kv_heads, d).to(dtype), torch.randn(1, kv_heads, d).to(dtype)
+            buffer.append(row)
+            keys[b], values[b] = torch.cat([keys[b], row[0]]), torch.cat([values[b], row[1]])
+        queries = torch.randn(len(prompts), heads, d).to(dtype)
+        paged = paged_decode_attention(queries, held, scale)
+        assert paged.dtype == dtype
+        assert_close(paged.float(), decode_attention(queries, keys, values, scale).float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prefix, foreign, segment", [(0, 30, 7), (5, 200, 60), (3, 0, 1), (0, 1, 130)])
+def test_prefill_rows_on_vllms_cpu_kernel_equal_the_merged_partials(dtype, prefix, foreign, segment):
+    """A segment's queries over [public prefix, foreign, own segment] causally in one softmax, as the engine's
+    reference computes them: attention over own (prefix + segment, causal) merged with attention over foreign."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from kernels.paged import PagedKeys, paged_attention
+
+    heads, kv_heads, d, scale, block = 14, 2, 64, 64**-0.5, 32
+    q = torch.randn(segment, heads, d).to(dtype)
+    own = torch.randn(prefix + segment, kv_heads, d).to(dtype), torch.randn(prefix + segment, kv_heads, d).to(dtype)
+    far = torch.randn(foreign, kv_heads, d).to(dtype), torch.randn(foreign, kv_heads, d).to(dtype)
+    held = PagedKeys(own, 0, block, _get_attn_isa(dtype, block, d))  # room for nothing: it grows
+    for part in ((own[0][:prefix], own[1][:prefix]), far, (own[0][prefix:], own[1][prefix:])):
+        held.append(part)
+    assert held.size == prefix + foreign + segment
+    expected = fused_partial_attention(q, *own, scale, causal=True)
+    if foreign:
+        expected = merge_attention(*fused_partial_attention(q, *far, scale), *expected)
+    assert_close(paged_attention(q, held, scale).float(), expected[0].float(), **TOL[dtype])
+
+
 def test_lse_is_the_log_partition_function():
     q, k, v = torch.randn(3, 2, 8), torch.randn(5, 1, 8), torch.randn(5, 1, 8)
     _, lse = partial_attention(q, k, v, 0.5)

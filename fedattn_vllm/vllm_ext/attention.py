@@ -1,12 +1,16 @@
-"""The sync-layer hook: vLLM's attention impl plus FedAttn's foreign K/V, merged exactly by log-sum-exp.
+"""The sync-layer hook: vLLM's attention impl plus FedAttn's foreign K/V, in one softmax.
 
 Every attention impl of a FedAttn model becomes a subclass of its backend's impl. The
 stock forward runs first (it caches K/V and attends over the request's own tokens, which
 is all a local layer needs). At a layer where a participant sees foreign K/V, its rows are
-recomputed: in prefill as attention over its own K/V (causal) merged with attention over
-the foreign K/V (each a fused kernel that returns its log-sum-exp, `kernels.fused`); in a
-generator's decode as one softmax over foreign + own K/V, every decoding generator of the
-layer in one padded call (`kernels.decode_attention`). A
+recomputed. On the CPU, vLLM's own attention kernel does it over keys copied into its paged
+layout (`kernels.paged`): a prefill row over [public prefix, foreign, own segment] causally in
+one softmax, a generator's decode over foreign + own prompt + generated keys. Elsewhere (and
+in the prefill of a participant that keeps only some of its own tokens: a mask the kernel
+cannot take) in prefill attention over its own K/V (causal) merged exactly, by log-sum-exp,
+with attention over the foreign K/V (each a fused kernel that returns its log-sum-exp,
+`kernels.fused`); in decode every decoding generator of the layer in one padded call
+(`kernels.decode_attention`). A
 participant that attends to only some of its own tokens (sparse local computation) is
 recomputed at every layer the same way.
 """
@@ -21,17 +25,20 @@ from fedattn_vllm.exchange import KVExchangeError, PayloadKind
 from fedattn_vllm.kv_wire import decode_checked, encode_kv, questions_checked
 from fedattn_vllm.selection import QUESTION_ROWS
 from fedattn_vllm.vllm_ext.batch import FedAttnBatch, ParticipantRows, current_batch
-from fedattn_vllm.vllm_ext.sessions import REGISTRY
+from fedattn_vllm.vllm_ext.sessions import REGISTRY, GrowingKV
+from fedattn_vllm.vllm_ext.surface import cpu_paging
 from kernels import decode_attention, fused_partial_attention, gather_tokens, merge_attention
+from kernels.paged import PagedKeys, paged_attention, paged_decode_attention
 
 
 def apply_sync_layer(
     batch: FedAttnBatch, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    output: torch.Tensor, scale: float,
+    output: torch.Tensor, scale: float, paging: tuple[int, str] | None = None,
 ) -> None:
     """Publish this layer's K/V, then overwrite the rows that see foreign K/V.
 
-    query/output (T, H, D), key/value (T, H_kv, D): post-RoPE, rows as in `batch`.
+    query/output (T, H, D), key/value (T, H_kv, D): post-RoPE, rows as in `batch`. paging: vLLM's CPU cache
+    (block size, instruction set), whose kernel then attends for the rows recomputed (None: the reference).
     """
     # Pass 1: publish (the generators' questions first), so a participant later in this same batch finds its
     # predecessors' K/V, and a publisher that chooses by the questions finds them.
@@ -44,19 +51,23 @@ def apply_sync_layer(
             _isolated(e, _publish, layer, query, key, value)
     # Pass 2: attention over own (kept) + foreign K/V for the rows that see any or keep only some of their own;
     # the layer's decoding generators all in one call.
-    decoding: list[tuple[ParticipantRows, tuple[torch.Tensor, torch.Tensor]]] = []
+    decoding: list[tuple[ParticipantRows, GrowingKV | PagedKeys]] = []
     for e in batch.entries:
         if not e.session.recomputes(e.participant, layer):  # elsewhere vLLM's own output stands
             continue
         if e.prefill:
-            _isolated(e, _attend_prefill, layer, query, key, value, output, scale)
+            _isolated(e, _attend_prefill, layer, query, key, value, output, scale, paging)
         elif e.session.decodes_from_buffer(e.participant, layer):
-            keys = _isolated(e, _decode_keys, layer, key, value)
-            if keys is not None:
-                decoding.append((e, keys))
+            held = _isolated(e, _decode_keys, layer, key, value, paging)
+            if held is not None:
+                decoding.append((e, held))
     if decoding:
         rows = torch.tensor([e.rows.start for e, _ in decoding], device=query.device)  # one token each
-        attended = decode_attention(query[rows], [k for _, (k, _) in decoding], [v for _, (_, v) in decoding], scale)
+        if paging is not None:
+            attended = paged_decode_attention(query[rows], [held for _, held in decoding], scale)
+        else:
+            keys = [held.rows() for _, held in decoding]
+            attended = decode_attention(query[rows], [k for k, _ in keys], [v for _, v in keys], scale)
         output[rows] = attended.to(output.dtype)
 
 
@@ -114,13 +125,13 @@ def _fetcher(e: ParticipantRows, layer: int, like: torch.Tensor):
     return fetch
 
 
-def _decode_keys(e: ParticipantRows, layer: int, key, value) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_keys(e: ParticipantRows, layer: int, key, value, paging) -> GrowingKV | PagedKeys:
     """A generator's token: every key/value it attends to at `layer` (foreign + own kept prompt + generated)."""
     return e.session.decode_keys(e.participant, layer, (key[e.rows], value[e.rows]), _fetcher(e, layer, key),
-                                 e.max_tokens)
+                                 e.max_tokens, paging)
 
 
-def _attend_prefill(e: ParticipantRows, layer: int, query, key, value, output, scale: float) -> None:
+def _attend_prefill(e: ParticipantRows, layer: int, query, key, value, output, scale: float, paging) -> None:
     state, n = e.session, e.participant
     own = key[e.rows], value[e.rows]  # public prefix + segment
     fetch = _fetcher(e, layer, key)
@@ -135,6 +146,12 @@ def _attend_prefill(e: ParticipantRows, layer: int, query, key, value, output, s
         return
     # Only the segment's rows change (the prefix precedes every foreign token and keeps all of itself).
     q = query[e.segment_rows]
+    if kept is None and paging is not None:  # one causal softmax over [prefix, foreign, segment] on vLLM's kernel
+        held = PagedKeys(own, own[0].shape[0] + foreign[0].shape[0], *paging)
+        for part in ((own[0][:prefix], own[1][:prefix]), foreign, (own[0][prefix:], own[1][prefix:])):
+            held.append(part)
+        output[e.segment_rows] = paged_attention(q, held, scale).to(output.dtype)
+        return
     mask = None if kept is None else _local_mask(prefix, length, kept.to(q.device))
     out_own, lse_own = fused_partial_attention(q, own[0], own[1], scale, causal=True, mask=mask)
     if foreign is not None:
@@ -165,7 +182,8 @@ def fedattn_impl_class(base: type) -> type:
         result = base.forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         batch = current_batch()
         if batch is not None and attn_metadata is not None:  # warm-up / profile runs have neither
-            apply_sync_layer(batch, self.fedattn_layer, query, key, value, output, self.scale)
+            apply_sync_layer(batch, self.fedattn_layer, query, key, value, output, self.scale,
+                             cpu_paging(layer, kv_cache, query.device))
         return result
 
     return type(f"FedAttn{base.__name__}", (base,), {"forward": forward})

@@ -9,6 +9,7 @@ import torch
 
 from fedattn_vllm.config import FedAttnPlan
 from fedattn_vllm.exchange import KV, InProcessKVExchange, KVExchange
+from kernels.paged import PagedKeys
 
 METADATA_KEY = "fedattn"  # SamplingParams.extra_args[METADATA_KEY]: a ParticipantMetadata marks a participant
 
@@ -32,8 +33,8 @@ class GrowingKV:
         self._k, self._v = (t.new_empty((max(rows, 1), *t.shape[1:])) for t in like)
         self.size = 0
 
-    def append(self, kv: KV) -> KV:
-        """Add this step's rows; returns views of everything so far."""
+    def append(self, kv: KV) -> None:
+        """Add this step's rows."""
         end = self.size + kv[0].shape[0]
         if end > self._k.shape[0]:
             capacity = max(2 * self._k.shape[0], end)
@@ -42,7 +43,10 @@ class GrowingKV:
             )
         self._k[self.size : end], self._v[self.size : end] = kv
         self.size = end
-        return self._k[:end], self._v[:end]
+
+    def rows(self) -> KV:
+        """Views of everything so far."""
+        return self._k[: self.size], self._v[: self.size]
 
 
 @dataclass
@@ -55,7 +59,7 @@ class SessionState:
     # prefill to its first decode step
     prompt_kv: dict[tuple[int, int], KV] = field(default_factory=dict)
     # (generator, layer) -> every key/value its decode attends over: foreign, own segment, generated so far
-    decode_kv: dict[tuple[int, int], GrowingKV] = field(default_factory=dict)
+    decode_kv: dict[tuple[int, int], GrowingKV | PagedKeys] = field(default_factory=dict)
     # (generator, source, layer) -> foreign K/V fetched in prefill, kept for its first decode step
     kept_foreign: dict[tuple[int, int, int], KV] = field(default_factory=dict)
     error: str | None = None  # set when the session failed; its rows are then left alone
@@ -121,21 +125,26 @@ class SessionState:
             return None
         return torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])  # (sum of shared, H_kv, D)
 
-    def decode_keys(self, participant: int, layer: int, kv: KV, fetch, max_tokens: int) -> KV:
+    def decode_keys(self, participant: int, layer: int, kv: KV, fetch, max_tokens: int,
+                    paging: tuple[int, str] | None) -> GrowingKV | PagedKeys:
         """Keys/values a generator's new tokens `kv` attend to at `layer`: foreign (if any) + own prompt (kept
         tokens) + generated, this step's included.
 
         Built once at the first decode step (the foreign set never changes after prefill), with room
-        for the generator's `max_tokens`, then grown.
+        for the generator's `max_tokens`, then grown: in vLLM's CPU cache layout where `paging` gives its
+        (block size, instruction set), so that vLLM's kernel attends over it (kernels/paged.py).
         """
-        grown = self.decode_kv.get((participant, layer))
-        if grown is None:
+        held = self.decode_kv.get((participant, layer))
+        if held is None:
             foreign = self.foreign(participant, layer, False, fetch)
             own = self.prompt_kv.pop((participant, layer))
             start = own if foreign is None else (torch.cat([foreign[0], own[0]]), torch.cat([foreign[1], own[1]]))
-            grown = self.decode_kv[participant, layer] = GrowingKV(start, start[0].shape[0] + max_tokens)
-            grown.append(start)
-        return grown.append(kv)
+            rows = start[0].shape[0] + max_tokens
+            held = PagedKeys(start, rows, *paging) if paging is not None else GrowingKV(start, rows)
+            self.decode_kv[participant, layer] = held
+            held.append(start)
+        held.append(kv)
+        return held
 
 
 class SessionRegistry:

@@ -5,7 +5,8 @@ subclasses) is used where it is needed; what vLLM does not promise to keep lives
   - the model runner: the batch's request order and row offsets (`scheduled_requests`) and the
     wrapper of `_model_forward` that rewrites positions (`install_forward_hook`);
   - the attention layers: their impls are swapped for subclasses (`swap_attention_impls`) whose
-    `forward(layer, query, key, value, kv_cache, attn_metadata, output, ...)` runs the stock one first;
+    `forward(layer, query, key, value, kv_cache, attn_metadata, output, ...)` runs the stock one first; on the
+    CPU backend, its cache's block size and instruction set (`cpu_paging`), for its kernel;
   - the engine behind `LLM`: prompts as token ids in, one step, abort, capacity (`EngineHandle`), and
     the environment that keeps it in this process (`ENGINE_ENV`).
 `SUPPORTED_VLLM` is checked when the plugin registers (another series: FedAttn's models are not
@@ -19,6 +20,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterator
+
+import torch
 
 SUPPORTED_VLLM = "0.32."  # the series whose internals this module reads
 # The engine runs in this process (the K/V exchange is in-process) and on the V1 model runner.
@@ -51,6 +54,19 @@ def installed_vllm() -> str:
 def check_vllm() -> None:
     if (why := unsupported_vllm()) is not None:
         raise UntestedVLLMError(why)
+
+
+def cpu_paging(layer, kv_cache, device) -> tuple[int, str] | None:
+    """(block size, instruction set) of vLLM's CPU attention cache at `layer`, whose kernel then serves FedAttn's
+    decode too (kernels/paged.py); None on other backends. The CPU backend's cache is (blocks, H_kv, block size,
+    2 * D) and its builder sets `layer.isa`."""
+    from kernels.paged import available
+
+    isa = getattr(layer, "isa", None)
+    if not isinstance(isa, str) or not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 4 \
+            or not available(device.type):
+        return None
+    return kv_cache.shape[2], isa
 
 
 def on_cpu() -> bool:
