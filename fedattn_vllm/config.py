@@ -295,9 +295,9 @@ class FedAttnPlan:
     def asks(self, participant: int, layer: int, length: int | None = None) -> tuple[int, ...]:
         """Generators whose question queries `participant` (of `length` tokens) receives at `layer`: those
         of question selection, at a layer where it publishes fewer than all of its tokens (`length` None: not
-        known, as at the coordinator: wherever it publishes)."""
-        if not (self.selection_needs_queries and self.publishes(participant, layer)
-                and (length is None or self.shared_count(participant, length) < length)):
+        known, as at the coordinator: wherever it publishes with a share ratio below 1)."""
+        sparse = self.share_ratios[participant] < 1 if length is None else self.shared_count(participant, length) < length
+        if not (self.selection_needs_queries and self.publishes(participant, layer) and sparse):
             return ()
         return self.question_askers(participant)
 

@@ -31,7 +31,8 @@ def available(device_type: str) -> bool:
 
 class PagedKeys:
     """Append-only keys and values (T, H_kv, D) in vLLM's CPU paged layout; room grows by whole blocks (doubling).
-    Rows not yet written are zeros (the kernel reads whole blocks: garbage there could be NaN).
+    A block is zeroed when its first row is written (the kernel reads whole blocks: garbage in a block's unwritten
+    tail could be NaN), so room reserved and never reached costs no memory.
 
     block_size and isa: those of the model's own attention cache (vLLM chose them for this dtype and head size).
     """
@@ -40,7 +41,7 @@ class PagedKeys:
         """Empty, with room for `rows` rows of `like`'s dtype, device and head shape."""
         self.block_size, self.isa, self.size = block_size, isa, 0
         self.kv_heads = like[0].shape[1]
-        self._blocks = like[0].new_zeros((self._block_count(rows), self.kv_heads, 2 * block_size, like[0].shape[2]))
+        self._blocks = like[0].new_empty((self._block_count(rows), self.kv_heads, 2 * block_size, like[0].shape[2]))
         self.block_table = self._block_table()  # (1, blocks): block i holds rows i * block_size ...
 
     def _block_count(self, rows: int) -> int:
@@ -61,12 +62,14 @@ class PagedKeys:
         end = self.size + kv[0].shape[0]
         if end == self.size:
             return
+        started = -(-self.size // self.block_size)  # blocks holding rows already
         if end > self._blocks.shape[0] * self.block_size:
-            grown = self._blocks.new_zeros((max(2 * self._blocks.shape[0], self._block_count(end)),
+            grown = self._blocks.new_empty((max(2 * self._blocks.shape[0], self._block_count(end)),
                                             *self._blocks.shape[1:]))
-            grown[: self._blocks.shape[0]] = self._blocks  # rows keep their block and offset
+            grown[:started] = self._blocks[:started]  # rows keep their block and offset
             self._blocks = grown
             self.block_table = self._block_table()
+        self._blocks[started: self._block_count(end)].zero_()  # the blocks this append starts
         slots = torch.arange(self.size, end, dtype=torch.long, device=self._blocks.device)
         ops.cpu_attn_reshape_and_cache(kv[0].contiguous(), kv[1].contiguous(), *self.halves(), slots, self.isa)
         self.size = end

@@ -225,8 +225,9 @@ class SessionServing:
         prefix = await self._prefix(terms)
         segment = await self._segment(body.content, participant, terms.participants, terms.chat)
         sampling = core.sampling_of(terms, terms.max_tokens)
-        # of the terms as the invitation sets them (a field left out takes its default at every site alike)
-        digest = terms_digest(session=session_id, terms=terms.model_dump(mode="json", exclude_unset=True),
+        # of every term as this site reads it (defaults included: sites that would fill them differently disagree;
+        # vLLM's request_id is drawn at random per parse)
+        digest = terms_digest(session=session_id, terms=terms.model_dump(mode="json", exclude={"request_id"}),
                               seal_key=hashlib.sha256(seal_key).digest())
         task = PartyTask(session_id, participant, plan, segment, prefix, sampling, seal_key, digest,
                          terms.join_timeout_s)

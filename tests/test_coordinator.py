@@ -236,6 +236,15 @@ def test_question_queries_go_from_the_generators_to_the_publishers_that_choose_b
     assert engines[0].fetch("s", 0, 2, 2)[0].shape == (4, 2, 64)
 
 
+def test_a_participant_that_shares_every_token_never_receives_the_questions(coordinator):
+    _, engines = open_session(coordinator, generators=(2,), kv_share_ratio=(1.0, 0.5, 0.5), kv_selection="question")
+    engines[2].publish("s", 2, 0, kv(4)[:1], PayloadKind.QUESTIONS)
+    assert engines[1].fetch("s", 1, 2, 0, PayloadKind.QUESTIONS)[0].shape == (4, 2, 64)
+    with pytest.raises(CoordinatorError, match="may not see") as refused:
+        engines[0].fetch("s", 0, 2, 0, PayloadKind.QUESTIONS)  # it chooses nothing: the question is not its to see
+    assert refused.value.code == "forbidden"
+
+
 @pytest.mark.parametrize("header,answer", [
     ({"config": {"sync_interval": 0}, "num_layers": 6, "num_participants": 2}, "bad_request"),
     ({"config": {"bogus": 1}, "num_layers": 6, "num_participants": 2}, "bad_request"),

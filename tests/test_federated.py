@@ -130,6 +130,9 @@ def test_federated_tokens_equal_colocated_and_payload_bytes_equal_the_cost_model
     cases = [random_case(rng, len(colocated.tokenizer), colocated.num_layers, wires, selections)
              for selections in [("random", "key_norm")] * 24 + [("question",)] * 8]
     sessions = [case.session() for case in cases]
+    plans = [case.config.resolve(colocated.num_layers, len(case.segments)) for case in cases]
+    assert any(plan.question_readers(g, l, case.lengths) for plan, case in zip(plans, cases)
+               for g in plan.generators for l in range(colocated.num_layers))  # some queries do cross engines
     placement = [[rng.randrange(3) for _ in s.segments] for s in sessions]
     federated = local.cluster.generate(sessions, placement)
     expected = colocated.generate(sessions)

