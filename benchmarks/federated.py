@@ -53,7 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kv-wire", default="native", choices=[w.value for w in KVWire], help="encoding of the shared K/V")
     parser.add_argument("--kv-share-ratio", type=float, default=1.0, help="tokens each participant shares")
     parser.add_argument("--kv-selection", default="random", choices=sorted(SELECTORS),
-                        help="which tokens (question: the generators' queries choose, and the publishers wait for them)")
+                        help="which tokens (question: the generators' queries choose; the publishers wait for them)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--link-gbps", type=float, default=1.0, help="projection: link bandwidth per machine")
     parser.add_argument("--rtt-ms", type=float, default=1.0, help="projection: round trip to the coordinator")

@@ -22,7 +22,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from fedattn_vllm.cost import ModelShape
 from fedattn_vllm.kv_wire import decode_kv, encode_kv
 from fedattn_vllm.models import resolve_model
 from kernels import merge_attention, partial_attention
+from timing import median_seconds
 
 LINK_BITS_PER_S = 1e9
 
@@ -53,16 +53,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def codec(args: argparse.Namespace, shape: ModelShape, heads: int, dtype: torch.dtype) -> dict:
     """Per-layer codec and attention times of the generator, for each message size and encoding."""
     generator = torch.Generator().manual_seed(0)
@@ -82,11 +72,11 @@ def codec(args: argparse.Namespace, shape: ModelShape, heads: int, dtype: torch.
             merge_attention(*partial_attention(query, *own, scale, causal=True),
                             *partial_attention(query, *foreign, scale))
 
-        attention_s = _median_seconds(attention, args.repeats)
+        attention_s = median_seconds(attention, args.repeats)
         for wire in KVWire:
             payloads = [encode_kv(kv, wire) for kv in others]
-            encode_s = _median_seconds(lambda: encode_kv(own, wire), args.repeats)
-            decode_s = _median_seconds(lambda: [decode_kv(p, wire, dtype) for p in payloads], args.repeats)
+            encode_s = median_seconds(lambda: encode_kv(own, wire), args.repeats)
+            decode_s = median_seconds(lambda: [decode_kv(p, wire, dtype) for p in payloads], args.repeats)
             layer_bytes = shape.shared_layer_bytes(tokens, wire) * args.participants  # one publish + N-1 fetches
             rows.append({"tokens": tokens, "wire": wire.value, "attention_ms": 1e3 * attention_s,
                          "encode_ms": 1e3 * encode_s, "decode_ms": 1e3 * decode_s,

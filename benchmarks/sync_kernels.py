@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -24,20 +22,11 @@ from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from kernels import decode_attention, fused_partial_attention, merge_attention
 from kernels.paged import PagedKeys, paged_attention, paged_decode_attention
+from timing import median_seconds
 
 HEADS, KV_HEADS, DIM, BLOCK = 14, 2, 64, 128
 PREFILL = [(0, 226, 678), (0, 73, 678), (20, 500, 1500)]  # (prefix, segment, foreign) tokens
 DECODE = [(8, 900)]  # (generators, keys each)
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -68,7 +57,8 @@ def main() -> None:
 
         rows.append({"kind": "prefill", "prefix": prefix, "segment": segment, "foreign": foreign,
                      "max_abs_diff": float((torch_path() - vllm_path()).abs().max()),
-                     "torch_ms": _median_ms(torch_path, args.repeats), "vllm_ms": _median_ms(vllm_path, args.repeats)})
+                     "torch_ms": 1e3 * median_seconds(torch_path, args.repeats),
+                     "vllm_ms": 1e3 * median_seconds(vllm_path, args.repeats)})
     for generators, keys in DECODE:
         queries = torch.randn(generators, HEADS, DIM)
         sets = [kv(keys + 13 * b) for b in range(generators)]
@@ -85,8 +75,8 @@ def main() -> None:
 
         rows.append({"kind": "decode", "generators": generators, "keys": keys,
                      "max_abs_diff": float((torch_decode() - vllm_decode()).abs().max()),
-                     "torch_ms": _median_ms(torch_decode, args.repeats),
-                     "vllm_ms": _median_ms(vllm_decode, args.repeats)})
+                     "torch_ms": 1e3 * median_seconds(torch_decode, args.repeats),
+                     "vllm_ms": 1e3 * median_seconds(vllm_decode, args.repeats)})
     print(f"one layer, fp32, {torch.get_num_threads()} threads, median of {args.repeats}, vLLM isa {isa}")
     for r in rows:
         shape = (f"prefix {r['prefix']}, segment {r['segment']}, foreign {r['foreign']}" if r["kind"] == "prefill"

@@ -296,7 +296,10 @@ class FedAttnPlan:
         """Generators whose question queries `participant` (of `length` tokens) receives at `layer`: those
         of question selection, at a layer where it publishes fewer than all of its tokens (`length` None: not
         known, as at the coordinator: wherever it publishes with a share ratio below 1)."""
-        sparse = self.share_ratios[participant] < 1 if length is None else self.shared_count(participant, length) < length
+        if length is None:
+            sparse = self.share_ratios[participant] < 1
+        else:
+            sparse = self.shared_count(participant, length) < length
         if not (self.selection_needs_queries and self.publishes(participant, layer) and sparse):
             return ()
         return self.question_askers(participant)

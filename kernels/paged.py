@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from vllm import _custom_ops as ops  # loads vLLM's kernels into torch.ops._C
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (T, H_kv, D) keys and values
 
@@ -22,11 +23,7 @@ KV = tuple[torch.Tensor, torch.Tensor]  # (T, H_kv, D) keys and values
 @functools.cache
 def available(device_type: str) -> bool:
     """Whether vLLM's CPU attention kernel can serve tensors on devices of `device_type`."""
-    if device_type != "cpu":
-        return False
-    from vllm import _custom_ops  # noqa: F401  (loads vLLM's kernels into torch.ops._C)
-
-    return hasattr(torch.ops._C, "cpu_attention_with_kv_cache")
+    return device_type == "cpu" and hasattr(torch.ops._C, "cpu_attention_with_kv_cache")
 
 
 class PagedKeys:
@@ -57,8 +54,6 @@ class PagedKeys:
 
     def append(self, kv: KV) -> None:
         """Add rows (T, H_kv, D) after those held."""
-        from vllm import _custom_ops as ops
-
         end = self.size + kv[0].shape[0]
         if end == self.size:
             return
@@ -78,8 +73,6 @@ class PagedKeys:
 def paged_attention(query: torch.Tensor, held: PagedKeys, scale: float) -> torch.Tensor:
     """query (T_q, H, D): the last T_q of `held`'s rows, each attending over every row up to itself (causal), in one
     softmax: `kernels.reference.partial_attention(query, *rows, scale, causal=True)[0]` on vLLM's CPU kernel."""
-    from vllm import _custom_ops as ops
-
     output = torch.empty_like(query)
     queries = torch.tensor([0, query.shape[0]], dtype=torch.int32)
     seq_lens = torch.tensor([held.size], dtype=torch.int32)
