@@ -16,7 +16,7 @@ from functools import cached_property
 import torch
 
 from fedattn_vllm.schedule import Placement, resolve_sync_layers
-from fedattn_vllm.selection import SELECTORS, kept_count
+from fedattn_vllm.selection import SELECTORS, HeadCombine, kept_count
 
 
 class FedAttnConfigError(ValueError):
@@ -248,14 +248,15 @@ class FedAttnPlan:
 
     def _select(
         self, purpose: str, participant: int, layer: int, length: int, ratio: float,
-        keys: torch.Tensor | None, queries: torch.Tensor | None = None,
+        keys: torch.Tensor | None, queries: torch.Tensor | None = None, combine: HeadCombine | None = None,
     ) -> torch.Tensor | None:
         count = kept_count(length, ratio)
         if count == length:
             return None
         selector = SELECTORS[self.config.kv_selection]
         choose = functools.partial(selector.select, length, count, seed=self.config.seed, participant=participant,
-                                   layer=layer, purpose=purpose, keys=keys, queries=queries)
+                                   layer=layer, purpose=purpose, keys=keys, queries=queries,
+                                   combine=combine)
         if selector.needs_keys:  # depends on the data: nothing to cache
             return choose()
         key = (purpose, participant, layer, length)
@@ -265,20 +266,23 @@ class FedAttnPlan:
 
     def shared_positions(
         self, participant: int, layer: int, length: int, keys: torch.Tensor | None = None,
-        queries: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None, combine: HeadCombine | None = None,
     ) -> torch.Tensor | None:
         """Segment positions whose K/V `participant` shares at a sync `layer` (None: all of them).
 
         keys: the participant's post-RoPE keys at `layer` (length, H_kv, D), for a selector that needs them;
-        queries: the question queries of `question_askers(participant)` at `layer` (rows, H, D), scaled.
+        queries: the question queries of `question_askers(participant)` at `layer` (rows, H, D), scaled;
+        combine: joins scores over these heads with the other tensor-parallel ranks' (selection.HeadCombine).
         """
-        return self._select("share", participant, layer, length, self.share_ratios[participant], keys, queries)
+        return self._select("share", participant, layer, length, self.share_ratios[participant], keys, queries,
+                            combine)
 
     def kept_positions(
-        self, participant: int, layer: int, length: int, keys: torch.Tensor | None = None
+        self, participant: int, layer: int, length: int, keys: torch.Tensor | None = None,
+        combine: HeadCombine | None = None,
     ) -> torch.Tensor | None:
         """Sparse local computation: own positions attended to at `layer` (None: all of them)."""
-        return self._select("keep", participant, layer, length, self.config.local_keep_ratio, keys)
+        return self._select("keep", participant, layer, length, self.config.local_keep_ratio, keys, None, combine)
 
     @property
     def selection_needs_keys(self) -> bool:

@@ -17,8 +17,9 @@ from fedattn_vllm.plugin import FEDATTN_ARCHITECTURES
 from fedattn_vllm.driver import SessionDriver
 from fedattn_vllm.session import (FedAttnSession, FedAttnSessionError, GeneratorOutput, SessionCost, SessionResult,
                                   SessionRun)
-from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, REGISTRY, ParticipantMetadata
-from fedattn_vllm.vllm_ext.surface import ENGINE_ENV, EngineHandle, check_vllm, on_cpu
+from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, ParticipantMetadata
+from fedattn_vllm.vllm_ext.surface import CPU_BINDING_ENV, ENGINE_ENV, EngineHandle, check_vllm, cpu_rank_binding, on_cpu
+from fedattn_vllm.vllm_ext.workers import Workers
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30  # vLLM's CPU default sizes the cache from free memory; several engines share it
 # Engine arguments FedAttn needs: each segment is computed whole, in one step, at every layer.
 _REQUIRED_ENGINE_ARGS = {"enable_prefix_caching": False, "enable_chunked_prefill": False}
@@ -64,10 +65,15 @@ class FederatedLLM:
         args = {"enforce_eager": True, "max_num_batched_tokens": max(16384, longest), **engine_args,
                 **_REQUIRED_ENGINE_ARGS}
         args.pop("revision", None)  # `path` is that revision already
-        if on_cpu() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-            args.setdefault("kv_cache_memory_bytes", DEFAULT_CPU_KV_CACHE_BYTES)
+        self.tensor_parallel_size = args.get("tensor_parallel_size", 1)
+        if on_cpu():
+            if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+                args.setdefault("kv_cache_memory_bytes", DEFAULT_CPU_KV_CACHE_BYTES)
+            if CPU_BINDING_ENV not in os.environ and (binding := cpu_rank_binding(self.tensor_parallel_size)):
+                os.environ[CPU_BINDING_ENV] = binding
         self.llm = LLM(model=str(path), hf_overrides={"architectures": [FEDATTN_ARCHITECTURES[arch]]}, **args)
         self.engine = EngineHandle(self.llm)
+        self.workers = Workers(self.llm)  # FedAttn's state where the model runs (one worker per rank)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.engine.max_model_len
         self.admission = GangAdmission(EngineCapacity(
@@ -193,9 +199,13 @@ class FederatedLLM:
         """Started sessions (a length: safe to read from another thread)."""
         return len(self._active)
 
+    def shutdown(self) -> None:
+        """Stop the engine (its worker processes too); the object is unusable afterwards."""
+        self.engine.shutdown()
+
     def holdings(self) -> dict:
         """What this engine holds now (counts only): session state, requests with reserved cache, vLLM's own."""
-        return {"sessions": len(REGISTRY), "requests": self.admission.live_requests,
+        return {"sessions": self.workers.sessions(), "requests": self.admission.live_requests,
                 "unfinished": self.engine.unfinished}
 
     def step(self, on_output=None) -> list[SessionRun]:
@@ -213,7 +223,7 @@ class FederatedLLM:
                 run.finished[n] = output
                 self.admission.finished(output.request_id)
         self.admission.stepped()
-        for session_id, error in REGISTRY.failed(self._active).items():
+        for session_id, error in self.workers.failed(self._active).items():
             self._active[session_id].error = error
         done = [run for run in self._active.values() if run.done]
         for run in done:
@@ -255,10 +265,10 @@ class FederatedLLM:
         try:
             if run.started and unfinished:
                 self.engine.abort(unfinished)
-            stats = REGISTRY.exchange.stats(run.session_id)
+            stats = self.workers.stats(run.session_id)
         finally:  # whatever failed above, the run holds nothing afterwards
             self.admission.cancel(run.session_id, run.request_ids)
-            REGISTRY.release(run.session_id)
+            self.workers.release(run.session_id)
         participants = range(run.num_participants)
         cost = SessionCost(
             tokens=[len(run.prompts.get(n, ())) for n in participants],

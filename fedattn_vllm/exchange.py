@@ -42,19 +42,26 @@ class ExchangeStats:
 
 
 class KVExchange(ABC):
-    """Subclasses call `_count_published` / `_count_received` where tensors move."""
+    """Subclasses call `_count_published` / `_count_received` where tensors move.
 
-    def __init__(self) -> None:
+    counted: the payload kinds whose bytes count (a tensor-parallel rank whose K/V heads replicate another
+    rank's counts only its questions: the replica's K/V are the same bytes, counted once).
+    """
+
+    def __init__(self, counted: frozenset[PayloadKind] = frozenset(PayloadKind)) -> None:
         self._lock = threading.Lock()
         self._stats: dict[str, ExchangeStats] = {}
+        self._counted = counted
 
-    def _count_published(self, session: str, participant: int, kv: Payload) -> None:
-        with self._lock:
-            self._stats.setdefault(session, ExchangeStats()).published_bytes[participant] += kv_nbytes(kv)
+    def _count_published(self, session: str, participant: int, kv: Payload, kind: PayloadKind) -> None:
+        if kind in self._counted:
+            with self._lock:
+                self._stats.setdefault(session, ExchangeStats()).published_bytes[participant] += kv_nbytes(kv)
 
-    def _count_received(self, session: str, viewer: int, kv: Payload) -> None:
-        with self._lock:
-            self._stats.setdefault(session, ExchangeStats()).received_bytes[viewer] += kv_nbytes(kv)
+    def _count_received(self, session: str, viewer: int, kv: Payload, kind: PayloadKind) -> None:
+        if kind in self._counted:
+            with self._lock:
+                self._stats.setdefault(session, ExchangeStats()).received_bytes[viewer] += kv_nbytes(kv)
 
     def stats(self, session: str) -> ExchangeStats:
         """K/V payload bytes each participant published and received in `session` (through this exchange)."""
@@ -83,8 +90,8 @@ def kv_nbytes(kv: Payload) -> int:
 class InProcessKVExchange(KVExchange):
     """Every participant lives in this process (one engine): K/V are shared by reference."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, counted: frozenset[PayloadKind] = frozenset(PayloadKind)) -> None:
+        super().__init__(counted)
         self._kv: dict[str, dict[tuple[int, int, PayloadKind], Payload]] = {}
 
     def publish(self, session: str, participant: int, layer: int, kv: Payload,
@@ -95,7 +102,7 @@ class InProcessKVExchange(KVExchange):
                 raise KVExchangeError(f"session {session}: participant {participant} published its {kind.noun} "
                                       f"at layer {layer} twice")
             store[participant, layer, kind] = kv
-        self._count_published(session, participant, kv)
+        self._count_published(session, participant, kv, kind)
 
     def fetch(self, session: str, viewer: int, source: int, layer: int,
               kind: PayloadKind = PayloadKind.KV) -> Payload:
@@ -106,7 +113,7 @@ class InProcessKVExchange(KVExchange):
                     f"session {session}: participant {viewer} needs participant {source}'s {kind.noun} at layer "
                     f"{layer}, not published"
                 )
-        self._count_received(session, viewer, kv)
+        self._count_received(session, viewer, kv, kind)
         return kv
 
     def release(self, session: str) -> None:

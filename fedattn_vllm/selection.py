@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
+
+# combine(score, "sum" | "max"): a per-token score (length,) over this process's attention heads, combined with
+# the other tensor-parallel ranks' (each holds some of the heads); None where every head is in this process.
+HeadCombine = Callable[[torch.Tensor, str], torch.Tensor]
 
 
 def kept_count(length: int, ratio: float) -> int:
@@ -34,7 +39,8 @@ class TokenSelector(Protocol):
 
     needs_keys: the choice depends on `keys`, the participant's post-RoPE keys at the layer (length, H_kv, D).
     needs_queries: it also depends on `queries` (rows, H, D), the generators' question queries at the
-    layer (post-RoPE, times the attention scale; see QUESTION_ROWS).
+    layer (post-RoPE, times the attention scale; see QUESTION_ROWS). Both hold this process's heads; `combine`
+    makes a score over them one over all heads, so that every tensor-parallel rank chooses the same tokens.
     """
 
     needs_keys: bool
@@ -42,7 +48,7 @@ class TokenSelector(Protocol):
 
     def select(
         self, length: int, count: int, *, seed: int, participant: int, layer: int, purpose: str,
-        keys: torch.Tensor | None = None, queries: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None, queries: torch.Tensor | None = None, combine: HeadCombine | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -53,14 +59,14 @@ class RandomSelector:
 
     def select(
         self, length: int, count: int, *, seed: int, participant: int, layer: int, purpose: str,
-        keys: torch.Tensor | None = None, queries: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None, queries: torch.Tensor | None = None, combine: HeadCombine | None = None,
     ) -> torch.Tensor:
         generator = torch.Generator().manual_seed(derive_seed(purpose, seed, participant, layer))
         return torch.randperm(length, generator=generator)[:count].sort().values
 
 
 class KeyNormSelector:
-    """The `count` tokens with the smallest key L2 norm (mean over KV heads).
+    """The `count` tokens with the smallest key L2 norm (summed over KV heads).
 
     Low-norm keys tend to receive the most attention (Devoto et al., 2024, "A Simple and
     Effective L2 Norm-Based Strategy for KV Cache Compression"). RoPE is a rotation, so the
@@ -71,10 +77,12 @@ class KeyNormSelector:
 
     def select(
         self, length: int, count: int, *, seed: int, participant: int, layer: int, purpose: str,
-        keys: torch.Tensor | None = None, queries: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None, queries: torch.Tensor | None = None, combine: HeadCombine | None = None,
     ) -> torch.Tensor:
         _check_keys("key_norm", keys, length, layer)
-        norms = keys.float().norm(dim=-1).mean(dim=-1)  # (length,)
+        norms = keys.float().norm(dim=-1).sum(dim=-1)  # (length,)
+        if combine is not None:
+            norms = combine(norms, "sum")
         return norms.argsort(stable=True)[:count].sort().values.cpu()
 
 
@@ -102,18 +110,20 @@ class QuestionSelector:
 
     def select(
         self, length: int, count: int, *, seed: int, participant: int, layer: int, purpose: str,
-        keys: torch.Tensor | None = None, queries: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None, queries: torch.Tensor | None = None, combine: HeadCombine | None = None,
     ) -> torch.Tensor:
         _check_keys("question", keys, length, layer)
         if queries is None or queries.shape[0] == 0:
             return SELECTORS["key_norm"].select(length, count, seed=seed, participant=participant, layer=layer,
-                                                purpose=purpose, keys=keys)
+                                                purpose=purpose, keys=keys, combine=combine)
         heads, kv_heads = queries.shape[1], keys.shape[1]
         q = queries.float().transpose(0, 1)  # (H, rows, D)
         k = keys.float().transpose(0, 1).repeat_interleave(heads // kv_heads, dim=0)  # (H, length, D)
         probs = torch.softmax(q @ k.transpose(1, 2), dim=-1)  # (H, rows, length)
         pooled = torch.nn.functional.max_pool1d(probs, QUESTION_POOL, stride=1, padding=QUESTION_POOL // 2)
         score = pooled.amax(dim=(0, 1))  # (length,)
+        if combine is not None:
+            score = combine(score, "max")
         return score.argsort(descending=True, stable=True)[:count].sort().values.cpu()
 
 

@@ -48,8 +48,8 @@ class ServerSettings(BaseSettings):
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="GPU: the fraction of device memory "
                                                  "vLLM may use, instead of --kv-cache-gib (vLLM's default if unset)")
     quantization: str | None = Field(None, description="vLLM's weight quantization method (awq, gptq, fp8, ...)")
-    tensor_parallel_size: int = Field(1, ge=1, description="devices per engine: 1 (FedAttn's K/V exchange runs in "
-                                      "the engine's own process; tensor parallelism per party is not supported yet)")
+    tensor_parallel_size: int = Field(1, ge=1, description="devices (CPU: groups of cores) per engine, vLLM's tensor "
+                                      "parallelism; >1 in colocated mode only for now (docs/engine.md)")
     seed: int = Field(0, ge=0, lt=2**63, description="the engine's random seed (sampling without a request seed)")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="any other vLLM engine argument, as JSON "
                                         "(e.g. '{\"cpu_offload_gb\": 4, \"tokenizer_mode\": \"slow\"}'); those with a "
@@ -90,7 +90,8 @@ class ServerSettings(BaseSettings):
         """The vLLM engine arguments every engine of this server gets (the model is given apart)."""
         own = {"dtype": self.dtype, "max_model_len": self.max_model_len, "seed": self.seed,
                "max_num_batched_tokens": self.max_num_batched_tokens, "revision": self.revision,
-               "max_num_seqs": self.max_num_seqs, "quantization": self.quantization}
+               "max_num_seqs": self.max_num_seqs, "quantization": self.quantization,
+               "tensor_parallel_size": self.tensor_parallel_size}
         if self.gpu_memory_utilization is None:
             own["kv_cache_memory_bytes"] = int(self.kv_cache_gib * 2**30)
         else:
@@ -99,10 +100,10 @@ class ServerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _engine_args(self) -> ServerSettings:
-        if self.tensor_parallel_size != 1:
-            raise ValueError(f"--tensor-parallel-size {self.tensor_parallel_size}: FedAttn runs each engine in one "
-                             "process (its K/V exchange lives there); tensor parallelism per party is not supported "
-                             "yet (docs/engine.md)")
+        if self.tensor_parallel_size != 1 and (self.engines or self.engine_endpoints or self.role == "party"):
+            raise ValueError(f"--tensor-parallel-size {self.tensor_parallel_size}: a federated engine runs one rank "
+                             "(its K/V exchange client lives in its process); tensor parallelism is colocated-only "
+                             "for now (docs/engine.md)")
         if not self.engine_args:
             return self
         from dataclasses import fields

@@ -77,10 +77,12 @@ def test_engine_arguments_pass_through_to_vllm_and_what_fedattn_fixes_is_refused
                       "--engine-args", '{"tokenizer_mode": "slow", "enforce_eager": true}'])
     assert settings.vllm_engine_args() == {
         "tokenizer_mode": "slow", "enforce_eager": True, "dtype": "auto", "max_model_len": 4096, "seed": 7,
-        "max_num_batched_tokens": 8192, "max_num_seqs": 8, "quantization": "fp8", "kv_cache_memory_bytes": 2 << 30}
+        "max_num_batched_tokens": 8192, "max_num_seqs": 8, "quantization": "fp8", "kv_cache_memory_bytes": 2 << 30,
+        "tensor_parallel_size": 1}
     gpu = parse(["--gpu-memory-utilization", "0.8"]).vllm_engine_args()
     assert gpu["gpu_memory_utilization"] == 0.8 and "kv_cache_memory_bytes" not in gpu
-    refused = {("--tensor-parallel-size", "2"): "tensor parallelism per party is not supported",
+    assert parse(["--tensor-parallel-size", "2"]).vllm_engine_args()["tensor_parallel_size"] == 2  # colocated
+    refused = {("--tensor-parallel-size", "2", "--engines", "2"): "tensor parallelism is colocated-only",
                ("--engine-args", '{"bogus": 1}'): "'bogus' is not a vLLM engine argument",
                ("--engine-args", '{"dtype": "float16"}'): "'dtype' is set by --dtype",
                ("--engine-args", '{"enable_chunked_prefill": true}'): "FedAttn needs False",

@@ -237,7 +237,7 @@ class NetworkKVExchange(KVExchange):
                   **_kind_field(kind), **self._credential(session, participant)}
         seal = self._seal(session)
         self._connection().call(header, kv if seal is None else seal.seal(participant, layer, kv, kind))
-        self._count_published(session, participant, kv)
+        self._count_published(session, participant, kv, kind)
 
     def fetch(self, session: str, viewer: int, source: int, layer: int,
               kind: PayloadKind = PayloadKind.KV) -> Payload:
@@ -254,7 +254,7 @@ class NetworkKVExchange(KVExchange):
                                   "session without a seal key")
         else:
             kv = payload
-        self._count_received(session, viewer, kv)
+        self._count_received(session, viewer, kv, kind)
         return kv
 
     def _seal(self, session: str) -> SessionSeal | None:

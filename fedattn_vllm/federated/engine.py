@@ -32,7 +32,7 @@ import zmq
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
 from fedattn_vllm.driver import SessionDriver
-from fedattn_vllm.engine import FederatedLLM
+from fedattn_vllm.engine import FedAttnEngineError, FederatedLLM
 from fedattn_vllm.session import FedAttnSessionError, logprobs_to_wire
 from fedattn_vllm.federated import curve as link_security
 from fedattn_vllm.federated import messages as m
@@ -56,6 +56,9 @@ class EngineServer:
                  curve: ServerCurve | None = None, coordinator_curve: ClientCurve | None = None):
         """`curve`: the control socket's keys and whom it admits; `coordinator_curve`: the link to the
         coordinator (None: plaintext)."""
+        if llm.tensor_parallel_size != 1:
+            raise FedAttnEngineError("tensor_parallel_size", "a federated engine runs one rank (its K/V exchange "
+                                     "client lives in its process; docs/engine.md)")
         self.llm = llm
         self.exchange = NetworkKVExchange(coordinator, curve=coordinator_curve)
         REGISTRY.exchange = self.exchange  # this process's sync-layer hook publishes and fetches through it

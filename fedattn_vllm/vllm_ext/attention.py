@@ -26,7 +26,7 @@ from fedattn_vllm.kv_wire import decode_checked, encode_kv, questions_checked
 from fedattn_vllm.selection import QUESTION_ROWS
 from fedattn_vllm.vllm_ext.batch import FedAttnBatch, ParticipantRows, current_batch
 from fedattn_vllm.vllm_ext.sessions import REGISTRY, GrowingKV
-from fedattn_vllm.vllm_ext.surface import cpu_paging
+from fedattn_vllm.vllm_ext.surface import cpu_paging, head_combine
 from kernels import decode_attention, fused_partial_attention, gather_tokens, merge_attention
 from kernels.paged import PagedKeys, paged_attention, paged_decode_attention
 
@@ -107,7 +107,8 @@ def _questions(e: ParticipantRows, layer: int, like: torch.Tensor) -> torch.Tens
 def _publish(e: ParticipantRows, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
     state, n = e.session, e.participant
     keys = key[e.segment_rows]  # the public prefix is never exchanged
-    shared = state.plan.shared_positions(n, layer, state.lengths[n], keys, _questions(e, layer, query))
+    shared = state.plan.shared_positions(n, layer, state.lengths[n], keys, _questions(e, layer, query),
+                                         head_combine())
     kv = (gather_tokens(keys, shared), gather_tokens(value[e.segment_rows], shared))
     REGISTRY.exchange.publish(state.session_id, n, layer, encode_kv(kv, state.plan.config.kv_wire))
 
@@ -137,7 +138,8 @@ def _attend_prefill(e: ParticipantRows, layer: int, query, key, value, output, s
     fetch = _fetcher(e, layer, key)
     # own: public prefix rows 0..P-1, then the segment's; `kept` indexes the segment (None: all of it)
     prefix, length = state.prefix_len, state.lengths[n]
-    kept = state.plan.kept_positions(n, layer, length, key[e.segment_rows]) if state.sparse_local(n) else None
+    kept = state.plan.kept_positions(n, layer, length, key[e.segment_rows], head_combine()) \
+        if state.sparse_local(n) else None
     if state.decodes_from_buffer(n, layer):
         rows = None if kept is None else torch.cat([torch.arange(prefix, device=kept.device), prefix + kept])
         state.prompt_kv[n, layer] = (gather_tokens(own[0], rows).clone(), gather_tokens(own[1], rows).clone())

@@ -9,9 +9,11 @@ from __future__ import annotations
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
+from fedattn_vllm.exchange import InProcessKVExchange, PayloadKind
 from fedattn_vllm.vllm_ext.attention import fedattn_impl_class
 from fedattn_vllm.vllm_ext.batch import install_runner_hook
-from fedattn_vllm.vllm_ext.surface import swap_attention_impls
+from fedattn_vllm.vllm_ext.sessions import REGISTRY
+from fedattn_vllm.vllm_ext.surface import replicates_kv_heads, swap_attention_impls
 
 
 class FedAttnModelMixin:
@@ -19,6 +21,8 @@ class FedAttnModelMixin:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         install_runner_hook()
         swap_attention_impls(self, fedattn_impl_class)
+        if replicates_kv_heads(vllm_config):  # its K/V are another rank's: the bytes count there, once
+            REGISTRY.exchange = InProcessKVExchange(counted=frozenset({PayloadKind.QUESTIONS}))
 
 
 class FedAttnQwen2ForCausalLM(FedAttnModelMixin, Qwen2ForCausalLM):

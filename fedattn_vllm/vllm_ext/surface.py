@@ -7,8 +7,10 @@ subclasses) is used where it is needed; what vLLM does not promise to keep lives
   - the attention layers: their impls are swapped for subclasses (`swap_attention_impls`) whose
     `forward(layer, query, key, value, kv_cache, attn_metadata, output, ...)` runs the stock one first; on the
     CPU backend, its cache's block size and instruction set (`cpu_paging`), for its kernel;
+  - tensor parallelism: the ranks' group, to choose tokens by scores over every rank's heads
+    (`head_combine`), and whether a rank's K/V heads replicate another's (`replicates_kv_heads`);
   - the engine behind `LLM`: prompts as token ids in, one step, abort, capacity (`EngineHandle`), and
-    the environment that keeps it in this process (`ENGINE_ENV`).
+    the environment that keeps the engine core in this process (`ENGINE_ENV`).
 `SUPPORTED_VLLM` is checked when the plugin registers (another series: FedAttn's models are not
 registered and `FederatedLLM` raises `UntestedVLLMError`; FEDATTN_ALLOW_UNTESTED_VLLM=1 overrides, then
 check the engine against the oracle: tests/test_engine.py). docs/engine.md says why vLLM's KV-connector
@@ -17,6 +19,8 @@ API does not replace these (evaluated on 0.32).
 
 from __future__ import annotations
 
+import functools
+import glob
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -24,7 +28,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 SUPPORTED_VLLM = "0.32."  # the series whose internals this module reads
-# The engine runs in this process (the K/V exchange is in-process) and on the V1 model runner.
+# The engine core runs in this process (so does its worker, and with it the K/V exchange, without tensor parallelism)
+# and on the V1 model runner.
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_V2_MODEL_RUNNER": "0"}
 RUNNER_STATE = ("input_batch", "query_start_loc", "requests")  # what is read of the runner, besides request ids
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
@@ -106,6 +111,50 @@ def install_forward_hook(hook: Callable) -> None:
     GPUModelRunner._model_forward = _model_forward
 
 
+# -- tensor parallelism -----------------------------------------------------------------------
+CPU_BINDING_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # the CPUs of each rank's OpenMP threads, "0-3|4-7"
+
+
+def cpu_rank_binding(ranks: int) -> str | None:
+    """This process's CPUs split evenly among `ranks` CPU workers where vLLM's own choice ("auto", a NUMA node per
+    rank) would refuse them for want of nodes; None where it would not."""
+    if len(glob.glob("/sys/devices/system/node/node[0-9]*")) >= ranks:
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < ranks:
+        raise ValueError(f"tensor_parallel_size {ranks}: only {len(cpus)} CPUs (one at least per rank)")
+    share = len(cpus) // ranks
+    return "|".join(",".join(map(str, cpus[r * share:(r + 1) * share])) for r in range(ranks))
+
+
+@functools.cache
+def head_combine():
+    """selection.HeadCombine over this worker's tensor-parallel group (None with one rank): every rank holds some
+    heads, and all of them must choose the same tokens."""
+    from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
+
+    if get_tensor_model_parallel_world_size() == 1:
+        return None
+    group = get_tp_group().device_group
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
+
+    def combine(score: torch.Tensor, op: str) -> torch.Tensor:
+        score = score.contiguous()
+        torch.distributed.all_reduce(score, op=ops[op], group=group)
+        return score
+
+    return combine
+
+
+def replicates_kv_heads(vllm_config) -> bool:
+    """Whether this worker's K/V heads are a copy of a lower rank's: vLLM replicates the KV heads when there are
+    more tensor-parallel ranks than KV heads (ranks r and r + 1 ... share head r // (ranks / heads))."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    ranks, heads = get_tensor_model_parallel_world_size(), vllm_config.model_config.get_total_num_kv_heads()
+    return ranks > heads and get_tensor_model_parallel_rank() % (ranks // heads) != 0
+
+
 # -- the attention layers --------------------------------------------------------------------
 def swap_attention_impls(model, impl_class: Callable[[type], type]) -> None:
     """Give every attention layer of `model` the impl class `impl_class(stock class)`, its index as
@@ -154,3 +203,7 @@ class EngineHandle:
     @property
     def unfinished(self) -> int:
         return self._engine.get_num_unfinished_requests()
+
+    def shutdown(self) -> None:
+        """Stop the engine core and its worker processes (tensor parallelism) now, not at garbage collection."""
+        self._engine.engine_core.shutdown()
