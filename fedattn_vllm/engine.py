@@ -60,6 +60,8 @@ class FederatedLLM:
             raise FedAttnEngineError("model", f"architecture {arch} is not supported; one of {sorted(FEDATTN_ARCHITECTURES)}")
         self.model_path = str(path)
         self.num_layers = hf_config.num_hidden_layers
+        self.num_heads = hf_config.num_attention_heads
+        self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or self.num_heads
         # Without chunked prefill one step computes a whole sequence: the batch must hold the longest one.
         longest = engine_args.get("max_model_len") or getattr(hf_config, "max_position_embeddings", None) or 16384
         args = {"enforce_eager": True, "max_num_batched_tokens": max(16384, longest), **engine_args,
@@ -198,10 +200,6 @@ class FederatedLLM:
     def running(self) -> int:
         """Started sessions (a length: safe to read from another thread)."""
         return len(self._active)
-
-    def shutdown(self) -> None:
-        """Stop the engine (its worker processes too); the object is unusable afterwards."""
-        self.engine.shutdown()
 
     def holdings(self) -> dict:
         """What this engine holds now (counts only): session state, requests with reserved cache, vLLM's own."""

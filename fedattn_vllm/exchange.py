@@ -51,15 +51,15 @@ class KVExchange(ABC):
     def __init__(self, counted: frozenset[PayloadKind] = frozenset(PayloadKind)) -> None:
         self._lock = threading.Lock()
         self._stats: dict[str, ExchangeStats] = {}
-        self._counted = counted
+        self.counted = counted
 
     def _count_published(self, session: str, participant: int, kv: Payload, kind: PayloadKind) -> None:
-        if kind in self._counted:
+        if kind in self.counted:
             with self._lock:
                 self._stats.setdefault(session, ExchangeStats()).published_bytes[participant] += kv_nbytes(kv)
 
     def _count_received(self, session: str, viewer: int, kv: Payload, kind: PayloadKind) -> None:
-        if kind in self._counted:
+        if kind in self.counted:
             with self._lock:
                 self._stats.setdefault(session, ExchangeStats()).received_bytes[viewer] += kv_nbytes(kv)
 

@@ -48,8 +48,8 @@ class ServerSettings(BaseSettings):
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="GPU: the fraction of device memory "
                                                  "vLLM may use, instead of --kv-cache-gib (vLLM's default if unset)")
     quantization: str | None = Field(None, description="vLLM's weight quantization method (awq, gptq, fp8, ...)")
-    tensor_parallel_size: int = Field(1, ge=1, description="devices (CPU: groups of cores) per engine, vLLM's tensor "
-                                      "parallelism; >1 in colocated mode only for now (docs/engine.md)")
+    tensor_parallel_size: int = Field(1, ge=1, description="devices (CPU: groups of cores) per engine: vLLM's "
+                                      "tensor parallelism, each rank exchanging its own heads' K/V (docs/engine.md)")
     seed: int = Field(0, ge=0, lt=2**63, description="the engine's random seed (sampling without a request seed)")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="any other vLLM engine argument, as JSON "
                                         "(e.g. '{\"cpu_offload_gb\": 4, \"tokenizer_mode\": \"slow\"}'); those with a "
@@ -100,10 +100,6 @@ class ServerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _engine_args(self) -> ServerSettings:
-        if self.tensor_parallel_size != 1 and (self.engines or self.engine_endpoints or self.role == "party"):
-            raise ValueError(f"--tensor-parallel-size {self.tensor_parallel_size}: a federated engine runs one rank "
-                             "(its K/V exchange client lives in its process); tensor parallelism is colocated-only "
-                             "for now (docs/engine.md)")
         if not self.engine_args:
             return self
         from dataclasses import fields

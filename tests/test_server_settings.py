@@ -81,8 +81,8 @@ def test_engine_arguments_pass_through_to_vllm_and_what_fedattn_fixes_is_refused
         "tensor_parallel_size": 1}
     gpu = parse(["--gpu-memory-utilization", "0.8"]).vllm_engine_args()
     assert gpu["gpu_memory_utilization"] == 0.8 and "kv_cache_memory_bytes" not in gpu
-    assert parse(["--tensor-parallel-size", "2"]).vllm_engine_args()["tensor_parallel_size"] == 2  # colocated
-    refused = {("--tensor-parallel-size", "2", "--engines", "2"): "tensor parallelism is colocated-only",
+    assert parse(["--tensor-parallel-size", "2", "--engines", "2"]).vllm_engine_args()["tensor_parallel_size"] == 2
+    refused = {("--tensor-parallel-size", "0"): "--tensor-parallel-size",
                ("--engine-args", '{"bogus": 1}'): "'bogus' is not a vLLM engine argument",
                ("--engine-args", '{"dtype": "float16"}'): "'dtype' is set by --dtype",
                ("--engine-args", '{"enable_chunked_prefill": true}'): "FedAttn needs False",

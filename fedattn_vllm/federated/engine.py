@@ -20,6 +20,7 @@ K/V does, through the coordinator.
 from __future__ import annotations
 
 import argparse
+import functools
 import hmac
 import json
 import logging
@@ -32,7 +33,7 @@ import zmq
 
 from fedattn_vllm.config import FedAttnConfig, FedAttnConfigError
 from fedattn_vllm.driver import SessionDriver
-from fedattn_vllm.engine import FedAttnEngineError, FederatedLLM
+from fedattn_vllm.engine import FederatedLLM
 from fedattn_vllm.session import FedAttnSessionError, logprobs_to_wire
 from fedattn_vllm.federated import curve as link_security
 from fedattn_vllm.federated import messages as m
@@ -40,6 +41,7 @@ from fedattn_vllm.federated.client import NetworkKVExchange
 from fedattn_vllm.federated.coordinator import write_ready_file
 from fedattn_vllm.federated.curve import ClientCurve, ServerCurve, bind_or_close
 from fedattn_vllm.federated.lifeline import exit_with_parent
+from fedattn_vllm.federated.ranks import HeadShards, RankExchange, RankGateway
 from fedattn_vllm.federated.wire import Dropped, WireError, decode, encode
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
 
@@ -56,12 +58,15 @@ class EngineServer:
                  curve: ServerCurve | None = None, coordinator_curve: ClientCurve | None = None):
         """`curve`: the control socket's keys and whom it admits; `coordinator_curve`: the link to the
         coordinator (None: plaintext)."""
-        if llm.tensor_parallel_size != 1:
-            raise FedAttnEngineError("tensor_parallel_size", "a federated engine runs one rank (its K/V exchange "
-                                     "client lives in its process; docs/engine.md)")
         self.llm = llm
         self.exchange = NetworkKVExchange(coordinator, curve=coordinator_curve)
-        REGISTRY.exchange = self.exchange  # this process's sync-layer hook publishes and fetches through it
+        self.gateway = None
+        if llm.tensor_parallel_size == 1:
+            REGISTRY.exchange = self.exchange  # this process's sync-layer hook publishes and fetches through it
+        else:  # each rank's hook goes through the gateway, which joins and splits the ranks' heads
+            self.gateway = RankGateway(self.exchange, HeadShards(llm.tensor_parallel_size, llm.num_heads,
+                                                                 llm.num_kv_heads))
+            llm.workers.install_exchange(functools.partial(RankExchange, self.gateway.endpoints))
         self._control_key = control_key
         self._context = zmq.Context()
         self._authenticator = curve.start(self._context) if curve is not None else None
@@ -100,6 +105,8 @@ class EngineServer:
             if self._authenticator is not None:
                 self._authenticator.stop()
             self._context.term()
+            if self.gateway is not None:
+                self.gateway.close()
 
     def _round(self) -> None:
         self._receive(timeout_ms=0 if self.driver.stepping else 100)
@@ -212,7 +219,8 @@ class EngineServer:
     def status(self) -> dict:
         """What this engine holds: queued and reserved sessions, worker session state, credentials, requests."""
         return {"queued": self.driver.queued, "runs": self.driver.held, **self.llm.holdings(),
-                "credentials": self.exchange.joined_sessions(), "dropped": dict(self.dropped)}
+                "credentials": self.exchange.joined_sessions(), "dropped": dict(self.dropped),
+                **({"rank_slots": self.gateway.pending()} if self.gateway is not None else {})}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -203,7 +203,3 @@ class EngineHandle:
     @property
     def unfinished(self) -> int:
         return self._engine.get_num_unfinished_requests()
-
-    def shutdown(self) -> None:
-        """Stop the engine core and its worker processes (tensor parallelism) now, not at garbage collection."""
-        self._engine.engine_core.shutdown()

@@ -9,7 +9,9 @@ process) and returns each one's result, rank 0 first.
 
 from __future__ import annotations
 
-from fedattn_vllm.exchange import ExchangeStats
+from collections.abc import Callable
+
+from fedattn_vllm.exchange import ExchangeStats, KVExchange, PayloadKind
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
 
 
@@ -28,6 +30,12 @@ def _release(worker, session_id: str) -> None:
 
 def _sessions(worker) -> int:
     return len(REGISTRY)
+
+
+def _install(worker, make: Callable[[int, frozenset[PayloadKind]], KVExchange]) -> None:
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    REGISTRY.exchange = make(get_tensor_model_parallel_rank(), REGISTRY.exchange.counted)
 
 
 class Workers:
@@ -57,6 +65,10 @@ class Workers:
     def release(self, session_id: str) -> None:
         """Free the session's state and K/V on every worker (idempotent)."""
         self._rpc(_release, args=(session_id,))
+
+    def install_exchange(self, make: Callable[[int, frozenset[PayloadKind]], KVExchange]) -> None:
+        """Give every worker the exchange `make(rank, kinds it counts)` (picklable: it travels to the workers)."""
+        self._rpc(_install, args=(make,))
 
     def sessions(self) -> int:
         """Sessions some worker still holds state of."""

@@ -1,0 +1,232 @@
+"""A federated engine's tensor-parallel ranks behind its one network exchange.
+
+Under tensor parallelism each rank (a vLLM worker process) computes its own heads' K/V, while the coordinator and
+the other parties deal with one participant holding every head, whatever their own parallelism. The engine
+process runs a `RankGateway`: a local socket per rank, in a private directory, served by a thread of its own.
+Each rank's sync-layer hook publishes and fetches through a `RankExchange` connected to it. The gateway joins the
+ranks' shards of a payload along the heads axis (dim 1 of every payload tensor: K/V, their wire encodings and
+scales, question queries) into what one device would publish, and splits a fetched payload into each rank's
+heads. With more ranks than KV heads vLLM gives several ranks a copy of one KV head: only the lowest of them
+contributes it. Every rank gets the same outcome for the same slot (published, fetched, or one error): the ranks
+run in lockstep, so a session fails on all of them or on none.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import zmq
+
+from fedattn_vllm.exchange import KVExchange, KVExchangeError, Payload, PayloadKind
+from fedattn_vllm.federated.messages import MAX_WAIT_S
+from fedattn_vllm.federated.wire import WireError, decode, encode
+
+log = logging.getLogger(__name__)
+REPLY_MARGIN_S = 30.0  # beyond the longest fetch wait, before a rank gives its gateway up
+
+
+@dataclass(frozen=True)
+class HeadShards:
+    """Which heads each of `ranks` tensor-parallel ranks holds (vLLM's split: contiguous blocks; a KV head copied
+    to ranks // kv_heads ranks when there are more ranks than KV heads)."""
+
+    ranks: int
+    heads: int  # query heads (question queries)
+    kv_heads: int
+
+    def span(self, rank: int, kind: PayloadKind) -> tuple[int, int]:
+        """(first head, heads) of `rank`'s shard of a payload of `kind`."""
+        if kind is PayloadKind.QUESTIONS:
+            return rank * (self.heads // self.ranks), self.heads // self.ranks
+        if self.ranks <= self.kv_heads:
+            return rank * (self.kv_heads // self.ranks), self.kv_heads // self.ranks
+        return rank // (self.ranks // self.kv_heads), 1
+
+    def contributors(self, kind: PayloadKind) -> list[int]:
+        """The ranks whose shards, in rank order, make up a whole payload (a copied KV head counted once)."""
+        if kind is PayloadKind.KV and self.ranks > self.kv_heads:
+            return list(range(0, self.ranks, self.ranks // self.kv_heads))
+        return list(range(self.ranks))
+
+    def join(self, shards: dict[int, Payload], kind: PayloadKind) -> Payload:
+        parts = [shards[r] for r in self.contributors(kind)]
+        return tuple(torch.cat(tensors, dim=1) for tensors in zip(*parts))
+
+    def split(self, payload: Payload, rank: int, kind: PayloadKind) -> Payload:
+        first, count = self.span(rank, kind)
+        return tuple(t.narrow(1, first, count).contiguous() for t in payload)
+
+
+@dataclass
+class _Slot:
+    """One payload in flight: the shards published so far (or the ranks that took a fetched payload) and the
+    outcome every rank gets."""
+
+    shards: dict[int, Payload] = field(default_factory=dict)
+    payload: Payload | None = None
+    error: str | None = None
+    done: bool = False
+    taken: set[int] = field(default_factory=set)
+
+
+class RankGateway:
+    """Serves the ranks of one engine (see the module's docstring); `exchange` is the engine's network exchange."""
+
+    def __init__(self, exchange: KVExchange, shards: HeadShards):
+        self.exchange, self.shards = exchange, shards
+        self._directory = tempfile.TemporaryDirectory(prefix="fedattn-ranks-")  # mode 0700: this user only
+        self.endpoints = [f"ipc://{Path(self._directory.name) / f'rank{r}'}" for r in range(shards.ranks)]
+        self._context = zmq.Context()
+        self._changed = threading.Condition()
+        self._slots: dict[tuple, _Slot] = {}
+        self._stop = threading.Event()
+        self._threads = []
+        for rank, endpoint in enumerate(self.endpoints):
+            socket = self._context.socket(zmq.REP)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.bind(endpoint)
+            thread = threading.Thread(target=self._serve, args=(rank, socket), name=f"fedattn-rank{rank}",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def pending(self) -> int:
+        """Payloads some rank still waits on or has yet to take."""
+        with self._changed:
+            return len(self._slots)
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._context.term()
+        self._directory.cleanup()
+
+    def _serve(self, rank: int, socket) -> None:
+        try:
+            while not self._stop.is_set():
+                if not socket.poll(200):
+                    continue
+                try:
+                    header, payload = decode(socket.recv_multipart(copy=False))
+                    reply = self._handle(rank, header, payload)
+                except (KVExchangeError, WireError, KeyError, ValueError) as error:
+                    reply = encode({"ok": False, "error": str(error)})
+                socket.send_multipart(reply, copy=False)
+        finally:
+            socket.close(0)
+
+    def _handle(self, rank: int, header: dict, payload: Payload | None) -> list:
+        op, session, kind = header["op"], header["session"], PayloadKind(header.get("kind", "kv"))
+        if op == "release":
+            self._release(session)
+            return encode({"ok": True})
+        if op == "publish":
+            self._publish(rank, (op, session, header["participant"], header["layer"], kind), payload)
+            return encode({"ok": True})
+        key = (op, session, header["participant"], header["source"], header["layer"], kind)
+        return encode({"ok": True}, self._fetch(rank, key))
+
+    def _publish(self, rank: int, key: tuple, shard: Payload | None) -> None:
+        """Wait for every contributor's shard; the last to arrive publishes the whole payload."""
+        _, session, participant, layer, kind = key
+        contributors = self.shards.contributors(kind)
+        with self._changed:
+            slot = self._slots.setdefault(key, _Slot())
+            if rank in contributors:
+                slot.shards[rank] = shard
+            last = not slot.done and slot.shards.keys() == set(contributors) and slot.payload is None
+            if last:
+                slot.payload = self.shards.join(slot.shards, kind)
+                slot.shards.clear()
+        if last:
+            try:
+                self.exchange.publish(session, participant, layer, slot.payload, kind)
+            except KVExchangeError as error:
+                slot.error = str(error)
+            with self._changed:
+                slot.payload, slot.done = None, True
+                self._changed.notify_all()
+        self._outcome(rank, key, slot)
+
+    def _fetch(self, rank: int, key: tuple) -> Payload:
+        """The first rank to ask fetches the whole payload; every rank takes its own heads of it."""
+        _, session, viewer, source, layer, kind = key
+        with self._changed:
+            first = key not in self._slots
+            slot = self._slots.setdefault(key, _Slot())
+        if first:
+            try:
+                payload = self.exchange.fetch(session, viewer, source, layer, kind)
+            except KVExchangeError as error:
+                payload, slot.error = None, str(error)
+            with self._changed:
+                slot.payload, slot.done = payload, True
+                self._changed.notify_all()
+        self._outcome(rank, key, slot)
+        return self.shards.split(slot.payload, rank, kind)
+
+    def _outcome(self, rank: int, key: tuple, slot: _Slot) -> None:
+        """Wait until the slot is done; forget it once every rank has seen it; raise its error."""
+        deadline_s = MAX_WAIT_S + REPLY_MARGIN_S
+        with self._changed:
+            self._changed.wait_for(lambda: slot.done or self._stop.is_set(), timeout=deadline_s)
+            if not slot.done:
+                raise KVExchangeError(f"rank gateway: no outcome for {key[0]} of session {key[1]}")
+            slot.taken.add(rank)
+            if len(slot.taken) == self.shards.ranks:
+                self._slots.pop(key, None)
+        if slot.error is not None:
+            raise KVExchangeError(slot.error)
+
+    def _release(self, session: str) -> None:
+        with self._changed:
+            for key in [k for k in self._slots if k[1] == session]:
+                del self._slots[key]
+        self.exchange.release(session)
+
+
+class RankExchange(KVExchange):
+    """A rank's exchange: its shards through the engine's `RankGateway` (a socket used by this rank's one model
+    thread). Counts what this rank moves, so that the ranks' counts add up to the whole payloads'."""
+
+    def __init__(self, endpoints: list[str], rank: int, counted: frozenset[PayloadKind] = frozenset(PayloadKind)):
+        """endpoints: the gateway's, one per rank; this is `rank`'s."""
+        super().__init__(counted)
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.REQ)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(endpoints[rank])
+
+    def _call(self, header: dict, payload: Payload | None = None) -> Payload | None:
+        with self._lock:
+            self._socket.send_multipart(encode(header, payload), copy=False)
+            if not self._socket.poll(int(1000 * (MAX_WAIT_S + 2 * REPLY_MARGIN_S))):
+                raise KVExchangeError("the engine's rank gateway did not answer")
+            reply, tensors = decode(self._socket.recv_multipart(copy=False))
+        if not reply.get("ok"):
+            raise KVExchangeError(reply.get("error", "refused"))
+        return tensors
+
+    def publish(self, session: str, participant: int, layer: int, kv: Payload,
+                kind: PayloadKind = PayloadKind.KV) -> None:
+        self._call({"op": "publish", "session": session, "participant": participant, "layer": layer,
+                    "kind": kind.value}, kv)
+        self._count_published(session, participant, kv, kind)
+
+    def fetch(self, session: str, viewer: int, source: int, layer: int,
+              kind: PayloadKind = PayloadKind.KV) -> Payload:
+        kv = self._call({"op": "fetch", "session": session, "participant": viewer, "source": source, "layer": layer,
+                         "kind": kind.value})
+        self._count_received(session, viewer, kv, kind)
+        return kv
+
+    def release(self, session: str) -> None:
+        self._call({"op": "release", "session": session})
+        with self._lock:
+            self._stats.pop(session, None)
