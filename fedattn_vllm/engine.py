@@ -18,7 +18,8 @@ from fedattn_vllm.driver import SessionDriver
 from fedattn_vllm.session import (FedAttnSession, FedAttnSessionError, GeneratorOutput, SessionCost, SessionResult,
                                   SessionRun)
 from fedattn_vllm.vllm_ext.sessions import METADATA_KEY, ParticipantMetadata
-from fedattn_vllm.vllm_ext.surface import CPU_BINDING_ENV, ENGINE_ENV, EngineHandle, check_vllm, cpu_rank_binding, on_cpu
+from fedattn_vllm.vllm_ext.surface import (CPU_BINDING_ENV, ENGINE_ENV, EngineHandle, check_vllm, cpu_rank_binding,
+                                          on_cpu)
 from fedattn_vllm.vllm_ext.workers import Workers
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30  # vLLM's CPU default sizes the cache from free memory; several engines share it
 # Engine arguments FedAttn needs: each segment is computed whole, in one step, at every layer.

@@ -24,7 +24,7 @@ import zmq
 
 from fedattn_vllm.exchange import KVExchange, KVExchangeError, Payload, PayloadKind
 from fedattn_vllm.federated.messages import MAX_WAIT_S
-from fedattn_vllm.federated.wire import WireError, decode, encode
+from fedattn_vllm.federated.wire import decode, encode
 
 log = logging.getLogger(__name__)
 REPLY_MARGIN_S = 30.0  # beyond the longest fetch wait, before a rank gives its gateway up
@@ -81,13 +81,12 @@ class RankGateway:
         self.exchange, self.shards = exchange, shards
         self._directory = tempfile.TemporaryDirectory(prefix="fedattn-ranks-")  # mode 0700: this user only
         self.endpoints = [f"ipc://{Path(self._directory.name) / f'rank{r}'}" for r in range(shards.ranks)]
-        self._context = zmq.Context()
         self._changed = threading.Condition()
         self._slots: dict[tuple, _Slot] = {}
         self._stop = threading.Event()
         self._threads = []
         for rank, endpoint in enumerate(self.endpoints):
-            socket = self._context.socket(zmq.REP)
+            socket = zmq.Context.instance().socket(zmq.REP)
             socket.setsockopt(zmq.LINGER, 0)
             socket.bind(endpoint)
             thread = threading.Thread(target=self._serve, args=(rank, socket), name=f"fedattn-rank{rank}",
@@ -101,10 +100,12 @@ class RankGateway:
             return len(self._slots)
 
     def close(self) -> None:
+        """Stop serving: calls still waiting fail, each thread closes its socket."""
         self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
         for thread in self._threads:
             thread.join(timeout=5)
-        self._context.term()
         self._directory.cleanup()
 
     def _serve(self, rank: int, socket) -> None:
@@ -115,8 +116,11 @@ class RankGateway:
                 try:
                     header, payload = decode(socket.recv_multipart(copy=False))
                     reply = self._handle(rank, header, payload)
-                except (KVExchangeError, WireError, KeyError, ValueError) as error:
+                except KVExchangeError as error:
                     reply = encode({"ok": False, "error": str(error)})
+                except Exception as error:  # a malformed request or a bug: that call fails, the thread goes on
+                    log.exception("rank %d's request failed", rank)
+                    reply = encode({"ok": False, "error": f"rank gateway: {type(error).__name__}: {error}"})
                 socket.send_multipart(reply, copy=False)
         finally:
             socket.close(0)
@@ -138,21 +142,28 @@ class RankGateway:
         contributors = self.shards.contributors(kind)
         with self._changed:
             slot = self._slots.setdefault(key, _Slot())
+            last = False
             if rank in contributors:
                 slot.shards[rank] = shard
-            last = not slot.done and slot.shards.keys() == set(contributors) and slot.payload is None
-            if last:
-                slot.payload = self.shards.join(slot.shards, kind)
-                slot.shards.clear()
+                last = len(slot.shards) == len(contributors)  # true for exactly one contributor
         if last:
-            try:
-                self.exchange.publish(session, participant, layer, slot.payload, kind)
-            except KVExchangeError as error:
-                slot.error = str(error)
+            slot.error = self._publish_whole(session, participant, layer, kind, slot.shards)
             with self._changed:
-                slot.payload, slot.done = None, True
+                slot.shards, slot.done = {}, True
                 self._changed.notify_all()
         self._outcome(rank, key, slot)
+
+    def _publish_whole(self, session: str, participant: int, layer: int, kind: PayloadKind,
+                       shards: dict[int, Payload]) -> str | None:
+        """Join the shards and publish the payload; the error every rank of the slot gets, or None."""
+        try:
+            self.exchange.publish(session, participant, layer, self.shards.join(shards, kind), kind)
+        except KVExchangeError as error:
+            return str(error)
+        except Exception as error:  # shards that do not fit together, or a bug: the waiting ranks get it too
+            log.exception("publishing the joined shards failed")
+            return f"rank gateway: {type(error).__name__}: {error}"
+        return None
 
     def _fetch(self, rank: int, key: tuple) -> Payload:
         """The first rank to ask fetches the whole payload; every rank takes its own heads of it."""
@@ -165,6 +176,9 @@ class RankGateway:
                 payload = self.exchange.fetch(session, viewer, source, layer, kind)
             except KVExchangeError as error:
                 payload, slot.error = None, str(error)
+            except Exception as error:  # a bug: the waiting ranks get it too
+                log.exception("fetching for the ranks failed")
+                payload, slot.error = None, f"rank gateway: {type(error).__name__}: {error}"
             with self._changed:
                 slot.payload, slot.done = payload, True
                 self._changed.notify_all()
@@ -198,8 +212,7 @@ class RankExchange(KVExchange):
     def __init__(self, endpoints: list[str], rank: int, counted: frozenset[PayloadKind] = frozenset(PayloadKind)):
         """endpoints: the gateway's, one per rank; this is `rank`'s."""
         super().__init__(counted)
-        self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.REQ)
+        self._socket = zmq.Context.instance().socket(zmq.REQ)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(endpoints[rank])
 

@@ -1,0 +1,74 @@
+"""The rank gateway of a federated engine under tensor parallelism, with real sockets and a real exchange behind it
+(the end-to-end check, TP = 2 engines against TP = 1, is in tests/test_tensor_parallel.py)."""
+
+from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from fedattn_vllm.exchange import InProcessKVExchange, KVExchangeError, PayloadKind
+from fedattn_vllm.federated.ranks import HeadShards, RankExchange, RankGateway
+
+
+@pytest.fixture
+def gateway(request):
+    ranks, heads, kv_heads = request.param
+    behind = InProcessKVExchange()
+    gateway = RankGateway(behind, HeadShards(ranks, heads, kv_heads))
+    clients = [RankExchange(gateway.endpoints, r) for r in range(ranks)]
+    yield gateway, behind, clients
+    gateway.close()
+
+
+def on_every_rank(clients, call):
+    """call(rank, client) on each rank at once (ranks run in lockstep); their results, or their exceptions."""
+    def outcome(rank):
+        try:
+            return call(rank, clients[rank])
+        except KVExchangeError as error:
+            return error
+
+    with ThreadPoolExecutor(len(clients)) as pool:
+        return list(pool.map(outcome, range(len(clients))))
+
+
+def test_head_shards_follow_vllms_split_and_count_a_copied_kv_head_once():
+    split = HeadShards(ranks=4, heads=8, kv_heads=2)
+    assert [split.span(r, PayloadKind.QUESTIONS) for r in range(4)] == [(0, 2), (2, 2), (4, 2), (6, 2)]
+    assert [split.span(r, PayloadKind.KV) for r in range(4)] == [(0, 1), (0, 1), (1, 1), (1, 1)]
+    assert split.contributors(PayloadKind.KV) == [0, 2] and split.contributors(PayloadKind.QUESTIONS) == [0, 1, 2, 3]
+    assert HeadShards(2, 4, 4).span(1, PayloadKind.KV) == (2, 2)
+
+
+@pytest.mark.parametrize("gateway", [(2, 4, 2), (4, 4, 2)], indirect=True, ids=["split heads", "copied heads"])
+def test_shards_publish_as_one_payload_and_each_rank_fetches_its_heads(gateway):
+    gateway, behind, clients = gateway
+    split = gateway.shards
+    whole = (torch.randn(5, split.kv_heads, 8), torch.randn(5, split.kv_heads, 8))
+    shard = lambda rank: split.split(whole, rank, PayloadKind.KV)  # noqa: E731  what each rank computed
+    assert on_every_rank(clients, lambda r, c: c.publish("s", 0, 3, shard(r))) == [None] * split.ranks
+    published = behind.fetch("s", 1, 0, 3)
+    assert all(torch.equal(a, b) for a, b in zip(published, whole))  # the payload one device would publish
+    fetched = on_every_rank(clients, lambda r, c: c.fetch("s", 1, 0, 3))
+    for rank, payload in enumerate(fetched):
+        assert all(torch.equal(a, b) for a, b in zip(payload, shard(rank)))
+    counted = sum(c.stats("s").published_bytes[0] for c, r in zip(clients, range(split.ranks))
+                  if r in split.contributors(PayloadKind.KV))
+    assert counted == sum(t.numel() * t.element_size() for t in whole)
+    assert gateway.pending() == 0  # every rank took its outcome: nothing kept
+
+
+@pytest.mark.parametrize("gateway", [(2, 2, 1)], indirect=True)
+def test_every_rank_gets_the_same_error_and_release_frees_the_session(gateway):
+    gateway, behind, clients = gateway
+    errors = on_every_rank(clients, lambda r, c: c.fetch("s", 1, 0, 2))  # never published
+    assert all(isinstance(e, KVExchangeError) and "not published" in str(e) for e in errors)
+    bad = on_every_rank(clients, lambda r, c: c.publish("t", 1, 0, (torch.zeros(2, 1, 4 + r),), PayloadKind.QUESTIONS))
+    assert all(isinstance(e, KVExchangeError) and "rank gateway" in str(e) for e in bad)
+    questions = on_every_rank(clients, lambda r, c: c.publish("u", 1, 0, (torch.ones(2, 1, 4),), PayloadKind.QUESTIONS))
+    assert questions == [None, None] and behind.fetch("u", 0, 1, 0, PayloadKind.QUESTIONS)[0].shape == (2, 2, 4)
+    on_every_rank(clients, lambda r, c: c.release("u"))
+    assert gateway.pending() == 0 and behind.live_sessions() == 0  # "t"'s shards did not fit: nothing was stored
