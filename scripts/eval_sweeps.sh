@@ -3,7 +3,8 @@
 # The defaults are what RESULTS.md ran: the headline on the whole test set (1319, in two shards),
 # 300 problems for its key comparisons, 50-100 elsewhere (LIMIT overrides those), FIDELITY_LIMIT
 # problems per fidelity sweep. Figures: python -m fedattn_vllm.eval plots
-#   bash scripts/eval_sweeps.sh [headline|fidelity|attention|splits|interval|participants|placement|sparse|crossparty|large|grid|all]
+#   bash scripts/eval_sweeps.sh [headline|fidelity|attention|splits|interval|participants|placement|sparse|sparse_local|
+#                                crossparty|large|grid|all]
 # `grid` extends every accuracy point to 300 problems (every run is saved in evaluation/gsm8k, so --resume skips them all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +47,9 @@ sparse() {
     run -N 4 -H 4 --kv-share-ratio 0.2 --kv-selection "$sel" --limit "${LIMIT:-100}"
   done
   run -N 4 -H 4 --kv-share-ratio 0.5 --publisher-dense --limit "${LIMIT:-100}"
+}
+sparse_local() {  # the paper's sparse local computation ablation, on the engine: own tokens kept at every layer
+  for ratio in 0.9 0.7 0.5 0.3 0.1; do run -N 4 -H 4 --local-keep-ratio "$ratio" --limit "${LIMIT:-100}"; done
 }
 crossparty() {  # the cross-party recall modes on GSM8K: the generator reads every layer, exact and 4/2-bit K/V
   for wire in native k4v2; do to300 -N 4 -H 2 --generator-sync-interval 1 --kv-wire "$wire"; done
@@ -94,7 +98,8 @@ grid() {  # the rest of the issue's accuracy grid, every point to 300 problems (
 }
 
 case "${1:-all}" in
-  all) headline; fidelity; attention; interval; splits; placement; sparse; participants; crossparty; large; grid ;;
-  headline|fidelity|attention|splits|interval|participants|placement|sparse|crossparty|large|grid) "$1" ;;
+  all) headline; fidelity; attention; interval; splits; placement; sparse; sparse_local; participants; crossparty; large
+       grid ;;
+  headline|fidelity|attention|splits|interval|participants|placement|sparse|sparse_local|crossparty|large|grid) "$1" ;;
   *) echo "unknown phase: $1" >&2; exit 2 ;;
 esac

@@ -90,7 +90,8 @@ def test_run_names_tell_settings_apart_and_publisher_dense_keeps_the_last_partic
     base = ["gsm8k", "-N", "3", "--limit", "100", "--kv-share-ratio", "0.5"]
     names = {run_name(parse_args(base + extra)) for extra in
              ([], ["--kv-selection", "key_norm"], ["--publisher-dense"], ["--publisher-sync-interval", "2"],
-              ["--offset", "100"], ["--seed", "1"], ["--split", "SemEx"], ["--placement", "back_half"])}
-    assert len(names) == 8
+              ["--offset", "100"], ["--seed", "1"], ["--split", "SemEx"], ["--placement", "back_half"],
+              ["--local-keep-ratio", "0.5"])}
+    assert len(names) == 9
     assert share_ratio(parse_args(base + ["--publisher-dense"])) == (0.5, 0.5, 1.0)
     assert share_ratio(parse_args(base)) == 0.5

@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--publisher-sync-interval", type=int, help="the question holder shares every H_p layers")
     p.add_argument("--generator-sync-interval", type=int, help="the generator also reads everyone every H_g layers")
     p.add_argument("--kv-selection", default="random", help="which tokens sparse sharing keeps: random, key_norm")
+    p.add_argument("--local-keep-ratio", type=float, default=1.0,
+                   help="sparse local computation (the paper's ablation): the share of its own tokens a participant "
+                        "attends to at every layer, chosen by --kv-selection")
     p.add_argument("--limit", type=int, help="problems to run (default: all 1319)")
     p.set_defaults(run=accuracy.run)
 

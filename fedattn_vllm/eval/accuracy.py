@@ -36,6 +36,8 @@ def run_name(args: argparse.Namespace) -> str:
         parts.append(f"hg{args.generator_sync_interval}")
     if getattr(args, "kv_wire", "native") != "native":
         parts.append(args.kv_wire)
+    if getattr(args, "local_keep_ratio", 1.0) < 1:
+        parts.append(f"lk{args.local_keep_ratio:g}")
     return "-".join(parts + [f"o{args.offset}", f"n{args.limit}", f"s{args.seed}"])
 
 
@@ -62,7 +64,8 @@ def run(args: argparse.Namespace) -> dict:
     config = FedAttnConfig(sync_interval=args.sync_interval, placement=args.placement, seed=args.seed,
                            kv_share_ratio=share_ratio(args), kv_selection=args.kv_selection,
                            publisher_sync_interval=args.publisher_sync_interval,
-                           generator_sync_interval=args.generator_sync_interval, kv_wire=args.kv_wire)
+                           generator_sync_interval=args.generator_sync_interval, kv_wire=args.kv_wire,
+                           local_keep_ratio=args.local_keep_ratio)
     llm = engine(args)
     problems = gsm8k.problems()[args.offset: None if args.limit is None else args.offset + args.limit]
     splits = [gsm8k.segments(llm.tokenizer, p, args.shots, args.participants, args.split) for p in problems]
