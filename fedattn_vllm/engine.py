@@ -69,12 +69,19 @@ class FederatedLLM:
                 **_REQUIRED_ENGINE_ARGS}
         args.pop("revision", None)  # `path` is that revision already
         self.tensor_parallel_size = args.get("tensor_parallel_size", 1)
+        binding = None
         if on_cpu():
             if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
                 args.setdefault("kv_cache_memory_bytes", DEFAULT_CPU_KV_CACHE_BYTES)
-            if CPU_BINDING_ENV not in os.environ and (binding := cpu_rank_binding(self.tensor_parallel_size)):
+            if CPU_BINDING_ENV not in os.environ:
+                binding = cpu_rank_binding(self.tensor_parallel_size)
+        try:  # the binding only while this engine's workers start (another engine may have other ranks)
+            if binding is not None:
                 os.environ[CPU_BINDING_ENV] = binding
-        self.llm = LLM(model=str(path), hf_overrides={"architectures": [FEDATTN_ARCHITECTURES[arch]]}, **args)
+            self.llm = LLM(model=str(path), hf_overrides={"architectures": [FEDATTN_ARCHITECTURES[arch]]}, **args)
+        finally:
+            if binding is not None:
+                os.environ.pop(CPU_BINDING_ENV, None)
         self.engine = EngineHandle(self.llm)
         self.workers = Workers(self.llm)  # FedAttn's state where the model runs (one worker per rank)
         self.tokenizer = self.llm.get_tokenizer()
@@ -222,7 +229,7 @@ class FederatedLLM:
                 run.finished[n] = output
                 self.admission.finished(output.request_id)
         self.admission.stepped()
-        for session_id, error in self.workers.failed(self._active).items():
+        for session_id, error in (self.workers.failed(self._active) if self._active else {}).items():
             self._active[session_id].error = error
         done = [run for run in self._active.values() if run.done]
         for run in done:

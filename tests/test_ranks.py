@@ -18,7 +18,9 @@ def gateway(request):
     ranks, heads, kv_heads = request.param
     behind = InProcessKVExchange()
     gateway = RankGateway(behind, HeadShards(ranks, heads, kv_heads))
-    clients = [RankExchange(gateway.endpoints, r) for r in range(ranks)]
+    copies = frozenset({PayloadKind.QUESTIONS})  # a rank holding a copy of a KV head counts (and sends) no K/V
+    clients = [RankExchange(gateway.endpoints, r, frozenset(PayloadKind) if r in
+                            gateway.shards.contributors(PayloadKind.KV) else copies) for r in range(ranks)]
     yield gateway, behind, clients
     gateway.close()
 
@@ -55,8 +57,7 @@ def test_shards_publish_as_one_payload_and_each_rank_fetches_its_heads(gateway):
     fetched = on_every_rank(clients, lambda r, c: c.fetch("s", 1, 0, 3))
     for rank, payload in enumerate(fetched):
         assert all(torch.equal(a, b) for a, b in zip(payload, shard(rank)))
-    counted = sum(c.stats("s").published_bytes[0] for c, r in zip(clients, range(split.ranks))
-                  if r in split.contributors(PayloadKind.KV))
+    counted = sum(c.stats("s").published_bytes[0] for c in clients)
     assert counted == sum(t.numel() * t.element_size() for t in whole)
     assert gateway.pending() == 0  # every rank took its outcome: nothing kept
 
@@ -72,3 +73,20 @@ def test_every_rank_gets_the_same_error_and_release_frees_the_session(gateway):
     assert questions == [None, None] and behind.fetch("u", 0, 1, 0, PayloadKind.QUESTIONS)[0].shape == (2, 2, 4)
     on_every_rank(clients, lambda r, c: c.release("u"))
     assert gateway.pending() == 0 and behind.live_sessions() == 0  # "t"'s shards did not fit: nothing was stored
+
+
+@pytest.mark.parametrize("gateway", [(2, 4, 2)], indirect=True)
+@pytest.mark.parametrize("bad", ["not finite in one rank's heads", "too few heads"])
+def test_a_bad_payload_from_another_party_fails_every_rank_alike(gateway, bad):
+    """Each rank's own checks see only its heads: the gateway checks the whole payload once, so that the ranks
+    (in lockstep through their all-reduces) never disagree about a session."""
+    gateway, behind, clients = gateway
+    k = torch.randn(3, 2, 4)
+    if bad == "too few heads":
+        k = k[:, :1]
+    else:
+        k[:, 1] = float("nan")
+    behind.publish("s", 0, 1, (k, k.clone()))
+    errors = on_every_rank(clients, lambda r, c: c.fetch("s", 1, 0, 1))
+    assert all(isinstance(e, KVExchangeError) for e in errors), errors
+    assert gateway.pending() == 0

@@ -24,7 +24,8 @@ import zmq
 
 from fedattn_vllm.exchange import KVExchange, KVExchangeError, Payload, PayloadKind
 from fedattn_vllm.federated.messages import MAX_WAIT_S
-from fedattn_vllm.federated.wire import decode, encode
+from fedattn_vllm.federated.wire import WireError, decode, encode
+from fedattn_vllm.vllm_ext.surface import kv_head_span
 
 log = logging.getLogger(__name__)
 REPLY_MARGIN_S = 30.0  # beyond the longest fetch wait, before a rank gives its gateway up
@@ -32,8 +33,8 @@ REPLY_MARGIN_S = 30.0  # beyond the longest fetch wait, before a rank gives its 
 
 @dataclass(frozen=True)
 class HeadShards:
-    """Which heads each of `ranks` tensor-parallel ranks holds (vLLM's split: contiguous blocks; a KV head copied
-    to ranks // kv_heads ranks when there are more ranks than KV heads)."""
+    """Which heads each of `ranks` tensor-parallel ranks holds (query heads in contiguous blocks; KV heads as
+    `surface.kv_head_span` says vLLM splits them)."""
 
     ranks: int
     heads: int  # query heads (question queries)
@@ -43,19 +44,30 @@ class HeadShards:
         """(first head, heads) of `rank`'s shard of a payload of `kind`."""
         if kind is PayloadKind.QUESTIONS:
             return rank * (self.heads // self.ranks), self.heads // self.ranks
-        if self.ranks <= self.kv_heads:
-            return rank * (self.kv_heads // self.ranks), self.kv_heads // self.ranks
-        return rank // (self.ranks // self.kv_heads), 1
+        return kv_head_span(rank, self.ranks, self.kv_heads)
 
     def contributors(self, kind: PayloadKind) -> list[int]:
         """The ranks whose shards, in rank order, make up a whole payload (a copied KV head counted once)."""
-        if kind is PayloadKind.KV and self.ranks > self.kv_heads:
-            return list(range(0, self.ranks, self.ranks // self.kv_heads))
-        return list(range(self.ranks))
+        if kind is PayloadKind.QUESTIONS:
+            return list(range(self.ranks))
+        return [r for r in range(self.ranks) if r == 0 or self.span(r, kind) != self.span(r - 1, kind)]
 
     def join(self, shards: dict[int, Payload], kind: PayloadKind) -> Payload:
+        for r in self.contributors(kind):
+            if any(t.dim() < 2 or t.shape[1] != self.span(r, kind)[1] for t in shards[r]):
+                raise KVExchangeError(f"rank {r}'s shard does not hold its {self.span(r, kind)[1]} heads")
         parts = [shards[r] for r in self.contributors(kind)]
         return tuple(torch.cat(tensors, dim=1) for tensors in zip(*parts))
+
+    def checked(self, payload: Payload, kind: PayloadKind) -> Payload:
+        """A fetched payload (from another party) with every head and finite values, or KVExchangeError: checked
+        here, once, so that every rank fails on it or none does (each rank's own checks see only its heads)."""
+        heads = self.heads if kind is PayloadKind.QUESTIONS else self.kv_heads
+        if any(t.dim() < 2 or t.shape[1] != heads for t in payload):
+            raise KVExchangeError(f"a {kind.noun} payload without {heads} heads on its second axis")
+        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in payload):
+            raise KVExchangeError(f"a {kind.noun} payload with values that are not finite")
+        return payload
 
     def split(self, payload: Payload, rank: int, kind: PayloadKind) -> Payload:
         first, count = self.span(rank, kind)
@@ -67,8 +79,7 @@ class _Slot:
     """One payload in flight: the shards published so far (or the ranks that took a fetched payload) and the
     outcome every rank gets."""
 
-    shards: dict[int, Payload] = field(default_factory=dict)
-    payload: Payload | None = None
+    shards: dict[int, Payload] = field(default_factory=dict)  # a publish's, as they arrive; a fetch's, per rank
     error: str | None = None
     done: bool = False
     taken: set[int] = field(default_factory=set)
@@ -143,7 +154,7 @@ class RankGateway:
         with self._changed:
             slot = self._slots.setdefault(key, _Slot())
             last = False
-            if rank in contributors:
+            if rank in contributors and not slot.done:
                 slot.shards[rank] = shard
                 last = len(slot.shards) == len(contributors)  # true for exactly one contributor
         if last:
@@ -174,24 +185,27 @@ class RankGateway:
         if first:
             try:
                 payload = self.exchange.fetch(session, viewer, source, layer, kind)
+                slot.shards = {r: self.shards.split(self.shards.checked(payload, kind), r, kind)
+                               for r in range(self.shards.ranks)}
             except KVExchangeError as error:
-                payload, slot.error = None, str(error)
+                slot.error = str(error)
             except Exception as error:  # a bug: the waiting ranks get it too
                 log.exception("fetching for the ranks failed")
-                payload, slot.error = None, f"rank gateway: {type(error).__name__}: {error}"
+                slot.error = f"rank gateway: {type(error).__name__}: {error}"
             with self._changed:
-                slot.payload, slot.done = payload, True
+                slot.done = True
                 self._changed.notify_all()
         self._outcome(rank, key, slot)
-        return self.shards.split(slot.payload, rank, kind)
+        return slot.shards.pop(rank)
 
     def _outcome(self, rank: int, key: tuple, slot: _Slot) -> None:
         """Wait until the slot is done; forget it once every rank has seen it; raise its error."""
         deadline_s = MAX_WAIT_S + REPLY_MARGIN_S
         with self._changed:
             self._changed.wait_for(lambda: slot.done or self._stop.is_set(), timeout=deadline_s)
-            if not slot.done:
-                raise KVExchangeError(f"rank gateway: no outcome for {key[0]} of session {key[1]}")
+            if not slot.done:  # decided for every rank: a shard arriving later joins nothing
+                slot.error, slot.done = f"rank gateway: no outcome for {key[0]} of session {key[1]}", True
+                self._changed.notify_all()
             slot.taken.add(rank)
             if len(slot.taken) == self.shards.ranks:
                 self._slots.pop(key, None)
@@ -214,22 +228,29 @@ class RankExchange(KVExchange):
         super().__init__(counted)
         self._socket = zmq.Context.instance().socket(zmq.REQ)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.REQ_RELAXED, 1)  # a new request after an unanswered one
+        self._socket.setsockopt(zmq.REQ_CORRELATE, 1)  # ... and the late answer to the old one dropped
         self._socket.connect(endpoints[rank])
+        self._contributes_kv = PayloadKind.KV in counted  # a copy of another rank's KV heads sends none
 
     def _call(self, header: dict, payload: Payload | None = None) -> Payload | None:
         with self._lock:
-            self._socket.send_multipart(encode(header, payload), copy=False)
-            if not self._socket.poll(int(1000 * (MAX_WAIT_S + 2 * REPLY_MARGIN_S))):
-                raise KVExchangeError("the engine's rank gateway did not answer")
-            reply, tensors = decode(self._socket.recv_multipart(copy=False))
+            try:
+                self._socket.send_multipart(encode(header, payload), copy=False)
+                if not self._socket.poll(int(1000 * (MAX_WAIT_S + 2 * REPLY_MARGIN_S))):
+                    raise KVExchangeError("the engine's rank gateway did not answer")
+                reply, tensors = decode(self._socket.recv_multipart(copy=False))
+            except (zmq.ZMQError, WireError) as error:
+                raise KVExchangeError(f"the engine's rank gateway: {error}") from None
         if not reply.get("ok"):
             raise KVExchangeError(reply.get("error", "refused"))
         return tensors
 
     def publish(self, session: str, participant: int, layer: int, kv: Payload,
                 kind: PayloadKind = PayloadKind.KV) -> None:
+        contributes = kind is PayloadKind.QUESTIONS or self._contributes_kv
         self._call({"op": "publish", "session": session, "participant": participant, "layer": layer,
-                    "kind": kind.value}, kv)
+                    "kind": kind.value}, kv if contributes else None)
         self._count_published(session, participant, kv, kind)
 
     def fetch(self, session: str, viewer: int, source: int, layer: int,

@@ -8,7 +8,8 @@ subclasses) is used where it is needed; what vLLM does not promise to keep lives
     `forward(layer, query, key, value, kv_cache, attn_metadata, output, ...)` runs the stock one first; on the
     CPU backend, its cache's block size and instruction set (`cpu_paging`), for its kernel;
   - tensor parallelism: the ranks' group, to choose tokens by scores over every rank's heads
-    (`head_combine`), and whether a rank's K/V heads replicate another's (`replicates_kv_heads`);
+    (`head_combine`), this worker's rank, and vLLM's split of the KV heads (`kv_head_span`,
+    `replicates_kv_heads`);
   - the engine behind `LLM`: prompts as token ids in, one step, abort, capacity (`EngineHandle`), and
     the environment that keeps the engine core in this process (`ENGINE_ENV`).
 `SUPPORTED_VLLM` is checked when the plugin registers (another series: FedAttn's models are not
@@ -130,29 +131,42 @@ def cpu_rank_binding(ranks: int) -> str | None:
 @functools.cache
 def head_combine():
     """selection.HeadCombine over this worker's tensor-parallel group (None with one rank): every rank holds some
-    heads, and all of them must choose the same tokens."""
+    heads, and all of them must choose the same tokens. Gathered through vLLM's own group, then summed (or maxed)
+    here in rank order: the same result, bit for bit, on every rank."""
     from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
 
     if get_tensor_model_parallel_world_size() == 1:
         return None
-    group = get_tp_group().device_group
-    ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
+    group = get_tp_group()
 
     def combine(score: torch.Tensor, op: str) -> torch.Tensor:
-        score = score.contiguous()
-        torch.distributed.all_reduce(score, op=ops[op], group=group)
-        return score
+        every = group.all_gather(score.contiguous()[None], dim=0)  # (ranks, length)
+        return every.sum(dim=0) if op == "sum" else every.amax(dim=0)
 
     return combine
 
 
+def kv_head_span(rank: int, ranks: int, kv_heads: int) -> tuple[int, int]:
+    """(first KV head, KV heads) that tensor-parallel `rank` of `ranks` holds: vLLM's split, contiguous blocks, and
+    with more ranks than KV heads one head copied to ranks // kv_heads consecutive ranks."""
+    if ranks <= kv_heads:
+        return rank * (kv_heads // ranks), kv_heads // ranks
+    return rank // (ranks // kv_heads), 1
+
+
 def replicates_kv_heads(vllm_config) -> bool:
-    """Whether this worker's K/V heads are a copy of a lower rank's: vLLM replicates the KV heads when there are
-    more tensor-parallel ranks than KV heads (ranks r and r + 1 ... share head r // (ranks / heads))."""
+    """Whether this worker's K/V heads are a copy of a lower rank's."""
     from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
-    ranks, heads = get_tensor_model_parallel_world_size(), vllm_config.model_config.get_total_num_kv_heads()
-    return ranks > heads and get_tensor_model_parallel_rank() % (ranks // heads) != 0
+    rank, ranks = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    heads = vllm_config.model_config.get_total_num_kv_heads()
+    return rank > 0 and kv_head_span(rank, ranks, heads) == kv_head_span(rank - 1, ranks, heads)
+
+
+def tensor_parallel_rank() -> int:
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank()
 
 
 # -- the attention layers --------------------------------------------------------------------

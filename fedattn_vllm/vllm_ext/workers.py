@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from fedattn_vllm.exchange import ExchangeStats, KVExchange, PayloadKind
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
+from fedattn_vllm.vllm_ext.surface import tensor_parallel_rank
 
 
 def _failed(worker, session_ids: list[str]) -> dict[str, str]:
@@ -33,9 +34,7 @@ def _sessions(worker) -> int:
 
 
 def _install(worker, make: Callable[[int, frozenset[PayloadKind]], KVExchange]) -> None:
-    from vllm.distributed import get_tensor_model_parallel_rank
-
-    REGISTRY.exchange = make(get_tensor_model_parallel_rank(), REGISTRY.exchange.counted)
+    REGISTRY.exchange = make(tensor_parallel_rank(), REGISTRY.exchange.counted)
 
 
 class Workers:
