@@ -76,10 +76,10 @@ class HeadShards:
 
 @dataclass
 class _Slot:
-    """One payload in flight: the shards published so far (or the ranks that took a fetched payload) and the
-    outcome every rank gets."""
+    """One payload in flight: its shards (a publish's as they arrive, a fetch's one per rank), the outcome every
+    rank gets, and the ranks that have taken it (forgotten once all have)."""
 
-    shards: dict[int, Payload] = field(default_factory=dict)  # a publish's, as they arrive; a fetch's, per rank
+    shards: dict[int, Payload] = field(default_factory=dict)
     error: str | None = None
     done: bool = False
     taken: set[int] = field(default_factory=set)

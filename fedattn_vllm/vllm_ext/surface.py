@@ -119,7 +119,7 @@ CPU_BINDING_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # the CPUs of each rank's OpenMP 
 def cpu_rank_binding(ranks: int) -> str | None:
     """This process's CPUs split evenly among `ranks` CPU workers where vLLM's own choice ("auto", a NUMA node per
     rank) would refuse them for want of nodes; None where it would not."""
-    if len(glob.glob("/sys/devices/system/node/node[0-9]*")) >= ranks:
+    if ranks == 1 or len(glob.glob("/sys/devices/system/node/node[0-9]*")) >= ranks:
         return None
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < ranks:
