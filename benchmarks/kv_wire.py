@@ -5,9 +5,11 @@
         --generator-sync-interval 1
 
 codec: per sync layer, on the model's shape and dtype (random K/V: the cost does not depend on
-    values), the generator's attention (own tokens causal, every other participant's tokens, and
-    the merge: the engine's code path) beside each encoding's encode (one publish) and decode
-    (one fetch per other participant), with the time its bytes take on a 1 Gbit/s link.
+    values), the generator's attention over every other participant's tokens and its own (causal)
+    as the engine computes it (on the CPU vLLM's kernel over keys copied into its paged layout,
+    the copy included) beside each encoding's encode (one publish) and checked decode (one fetch
+    per other participant), with the time its bytes take on a 1 Gbit/s link. The low-bit codecs
+    run twice, on the C kernel and on the torch reference (`kernels.native.reference_only`).
     Medians over --repeats.
 fidelity: the same GSM8K sessions in one colocated engine once per encoding (both transports
     carry the same encoded K/V, so federated mode gives the same numbers): bytes per
@@ -19,21 +21,25 @@ Both write machine-readable results to benchmarks/results/kv_wire_<part>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
 from pathlib import Path
 
 import torch
+from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from fedattn_vllm.config import FedAttnConfig, KVWire
 from fedattn_vllm.cost import ModelShape
-from fedattn_vllm.kv_wire import decode_kv, encode_kv
+from fedattn_vllm.kv_wire import LOW_BIT, decode_checked, encode_kv
 from fedattn_vllm.models import resolve_model
-from kernels import merge_attention, partial_attention
+from kernels import fused_partial_attention, merge_attention, native, quant_native
+from kernels.paged import PagedKeys, available, paged_attention
 from timing import median_seconds
 
 LINK_BITS_PER_S = 1e9
+PAGED_BLOCK = 128  # vLLM's CPU attention block size
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,6 +62,7 @@ def parse_args() -> argparse.Namespace:
 def codec(args: argparse.Namespace, shape: ModelShape, heads: int, dtype: torch.dtype) -> dict:
     """Per-layer codec and attention times of the generator, for each message size and encoding."""
     generator = torch.Generator().manual_seed(0)
+    isa = _get_attn_isa(dtype, PAGED_BLOCK, shape.head_dim) if available("cpu") else None
     rows = []
     for tokens in args.tokens:
         def tensor(t: int, h: int) -> torch.Tensor:
@@ -68,29 +75,41 @@ def codec(args: argparse.Namespace, shape: ModelShape, heads: int, dtype: torch.
         foreign = torch.cat([k for k, _ in others]), torch.cat([v for _, v in others])
         scale = shape.head_dim ** -0.5
 
-        def attention() -> None:
-            merge_attention(*partial_attention(query, *own, scale, causal=True),
-                            *partial_attention(query, *foreign, scale))
+        def attention() -> None:  # the engine's CPU path: one causal softmax over [foreign, own] on vLLM's kernel
+            if isa is None:  # elsewhere: own (causal) and foreign K/V each by a fused kernel, merged by log-sum-exp
+                merge_attention(*fused_partial_attention(query, *own, scale, causal=True),
+                                *fused_partial_attention(query, *foreign, scale))
+                return
+            held = PagedKeys(own, foreign[0].shape[0] + tokens, PAGED_BLOCK, isa)  # the copy is part of the cost
+            held.append(foreign)
+            held.append(own)
+            paged_attention(query, held, scale)
 
         attention_s = median_seconds(attention, args.repeats)
+        size = (tokens, shape.num_kv_heads, shape.head_dim)
         for wire in KVWire:
-            payloads = [encode_kv(kv, wire) for kv in others]
-            encode_s = median_seconds(lambda: encode_kv(own, wire), args.repeats)
-            decode_s = median_seconds(lambda: [decode_kv(p, wire, dtype) for p in payloads], args.repeats)
             layer_bytes = shape.shared_layer_bytes(tokens, wire) * args.participants  # one publish + N-1 fetches
-            rows.append({"tokens": tokens, "wire": wire.value, "attention_ms": 1e3 * attention_s,
-                         "encode_ms": 1e3 * encode_s, "decode_ms": 1e3 * decode_s,
-                         "codec_over_attention": (encode_s + decode_s) / attention_s,
-                         "layer_bytes": layer_bytes, "link_ms": 1e3 * 8 * layer_bytes / LINK_BITS_PER_S})
+            for kernel in ("native", "reference") if wire in LOW_BIT else ("torch",):  # side by side, one run
+                with native.reference_only() if kernel == "reference" else contextlib.nullcontext():
+                    payloads = [encode_kv(kv, wire) for kv in others]
+                    encode_s = median_seconds(lambda: encode_kv(own, wire), args.repeats)
+                    decode_s = median_seconds(lambda: [decode_checked(p, wire, dtype, size) for p in payloads],
+                                              args.repeats)
+                rows.append({"tokens": tokens, "wire": wire.value, "codec": kernel, "attention_ms": 1e3 * attention_s,
+                             "encode_ms": 1e3 * encode_s, "decode_ms": 1e3 * decode_s,
+                             "codec_over_attention": (encode_s + decode_s) / attention_s,
+                             "layer_bytes": layer_bytes, "link_ms": 1e3 * 8 * layer_bytes / LINK_BITS_PER_S})
     print(f"\nper sync layer, generator of N={args.participants}, {args.dtype}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}; link at {LINK_BITS_PER_S / 1e9:g} Gbit/s")
-    print(f"{'tokens':>6} {'wire':>6} {'attn ms':>8} {'enc ms':>7} {'dec ms':>7} {'codec/attn':>10} "
+          f"median of {args.repeats}; link at {LINK_BITS_PER_S / 1e9:g} Gbit/s; attention on "
+          f"{'vLLM' if isa else 'torch'}'s kernel; the finite check in C: {quant_native.available()}")
+    print(f"{'tokens':>6} {'wire':>6} {'codec':>9} {'attn ms':>8} {'enc ms':>7} {'dec ms':>7} {'codec/attn':>10} "
           f"{'KiB':>8} {'link ms':>8} {'codec+link ms':>13}")
     for r in rows:
-        print(f"{r['tokens']:>6} {r['wire']:>6} {r['attention_ms']:>8.3f} {r['encode_ms']:>7.3f} "
+        print(f"{r['tokens']:>6} {r['wire']:>6} {r['codec']:>9} {r['attention_ms']:>8.3f} {r['encode_ms']:>7.3f} "
               f"{r['decode_ms']:>7.3f} {100 * r['codec_over_attention']:>9.1f}% {r['layer_bytes'] / 1024:>8.1f} "
               f"{r['link_ms']:>8.3f} {r['encode_ms'] + r['decode_ms'] + r['link_ms']:>13.3f}")
-    return {"rows": rows, "threads": torch.get_num_threads()}
+    return {"rows": rows, "threads": torch.get_num_threads(), "attention": "paged" if isa else "fused",
+            "native_codec": quant_native.available()}
 
 
 def _first_divergence(a: list[int], b: list[int]) -> int | None:

@@ -19,7 +19,7 @@ import torch
 
 from fedattn_vllm.config import KVWire
 from fedattn_vllm.exchange import KV, KVExchangeError, Payload, kv_nbytes
-from kernels import dequantize_groups, dequantize_int8, quantize_groups, quantize_int8
+from kernels import all_finite, dequantize_groups, dequantize_int8, quantize_groups, quantize_int8
 
 _HALF = 2  # bytes of a float16 scale or minimum
 
@@ -88,7 +88,7 @@ def decode_checked(payload: Payload, wire: KVWire, dtype: torch.dtype, shape: tu
         kv = decode_kv(payload, wire, dtype)
     except (RuntimeError, ValueError, IndexError) as error:
         raise KVExchangeError(f"malformed {wire.value} payload: {error}") from None
-    if any(t.shape != shape or t.dtype != dtype or not torch.isfinite(t).all() for t in kv):
+    if any(t.shape != shape or t.dtype != dtype or not all_finite(t) for t in kv):
         raise KVExchangeError(f"a {wire.value} payload that does not decode to finite {tuple(shape)} {dtype}")
     return kv
 
@@ -96,8 +96,7 @@ def decode_checked(payload: Payload, wire: KVWire, dtype: torch.dtype, shape: tu
 def questions_checked(payload: Payload, dtype: torch.dtype, shape: tuple[int, int, int]) -> torch.Tensor:
     """A generator's question queries from another party (question selection), checked to be one finite
     (rows, H, D) `shape` tensor of `dtype`; KVExchangeError if not."""
-    if len(payload) != 1 or payload[0].shape != shape or payload[0].dtype != dtype or not torch.isfinite(
-            payload[0]).all():
+    if len(payload) != 1 or payload[0].shape != shape or payload[0].dtype != dtype or not all_finite(payload[0]):
         raise KVExchangeError(f"question queries that are not one finite {tuple(shape)} {dtype} tensor")
     return payload[0]
 

@@ -1,8 +1,10 @@
-"""Sync-layer attention math: partial attention with log-sum-exp, exact LSE merge, sparse K/V gather, K/V quantisation."""
+"""Sync-layer attention math: partial attention with log-sum-exp, exact LSE merge, sparse K/V gather, K/V quantisation
+(grouped low-bit codes on a C kernel beside the torch reference, `kernels.quant_native`)."""
 
 from kernels.fused import partial_attention as fused_partial_attention
-from kernels.quant import dequantize_groups, dequantize_int8, quantize_groups, quantize_int8
+from kernels.quant import dequantize_int8, quantize_int8
+from kernels.quant_native import all_finite, dequantize_groups, quantize_groups  # C kernels, else torch's
 from kernels.reference import decode_attention, gather_tokens, merge_attention, partial_attention
 
-__all__ = ["decode_attention", "dequantize_groups", "dequantize_int8", "fused_partial_attention", "gather_tokens",
-           "merge_attention", "partial_attention", "quantize_groups", "quantize_int8"]
+__all__ = ["all_finite", "decode_attention", "dequantize_groups", "dequantize_int8", "fused_partial_attention",
+           "gather_tokens", "merge_attention", "partial_attention", "quantize_groups", "quantize_int8"]

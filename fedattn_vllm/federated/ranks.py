@@ -26,6 +26,7 @@ from fedattn_vllm.exchange import KVExchange, KVExchangeError, Payload, PayloadK
 from fedattn_vllm.federated.messages import MAX_WAIT_S
 from fedattn_vllm.federated.wire import WireError, decode, encode
 from fedattn_vllm.vllm_ext.surface import kv_head_span
+from kernels import all_finite
 
 log = logging.getLogger(__name__)
 REPLY_MARGIN_S = 30.0  # beyond the longest fetch wait, before a rank gives its gateway up
@@ -65,7 +66,7 @@ class HeadShards:
         heads = self.heads if kind is PayloadKind.QUESTIONS else self.kv_heads
         if any(t.dim() < 2 or t.shape[1] != heads for t in payload):
             raise KVExchangeError(f"a {kind.noun} payload without {heads} heads on its second axis")
-        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in payload):
+        if any(t.is_floating_point() and not all_finite(t) for t in payload):
             raise KVExchangeError(f"a {kind.noun} payload with values that are not finite")
         return payload
 

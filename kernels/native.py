@@ -1,0 +1,89 @@
+"""C kernels beside their torch references: compiled once per source, cached, loaded with ctypes.
+
+A kernel `kernels/<name>.c` builds with the system C compiler (`$CC`, else `cc`) into
+`<cache>/kernels/<name>-<hash of source and flags>.so`, written under a temporary name and
+renamed into place, so concurrent processes never load a half-written library. Where no
+compiler works, with `FEDATTN_NATIVE_KERNELS=0` in the environment, or inside
+`reference_only()`, the kernel is unavailable (`library` returns None) and callers use the
+torch reference, which computes the same bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from fedattn_vllm.paths import cache_dir
+
+logger = logging.getLogger(__name__)
+
+# IEEE float32 arithmetic exactly as written (no fused multiply-add, no fast-math), like torch's CPU kernels, so
+# the bits do not depend on the vector width -march=native picks; the build is cached per CPU (`_cpu`).
+FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared")
+
+
+def _cpu() -> str:
+    """The machine and its CPU's feature flags (a cache shared between machines never serves another CPU's build)."""
+    try:
+        features = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        features = ""
+    return f"{platform.machine()} {platform.processor()} {features}"
+
+
+_switched_on = os.environ.get("FEDATTN_NATIVE_KERNELS") != "0"
+
+
+def library(name: str) -> ctypes.CDLL | None:
+    """kernels/<name>.c, compiled (cached) and loaded; None where it cannot be built here or is switched off."""
+    return _built(name) if _switched_on else None
+
+
+@contextlib.contextmanager
+def reference_only() -> Iterator[None]:
+    """Every kernel switched off inside (benchmarks time the torch references so, side by side)."""
+    global _switched_on
+    before, _switched_on = _switched_on, False
+    try:
+        yield
+    finally:
+        _switched_on = before
+
+
+@functools.cache
+def _built(name: str) -> ctypes.CDLL | None:
+    source = Path(__file__).with_name(f"{name}.c")
+    compiler = os.environ.get("CC") or "cc"
+    digest = hashlib.sha256(source.read_bytes() + " ".join((*FLAGS, compiler, _cpu())).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"{name}-{digest}.so"
+    if not target.exists():
+        if shutil.which(compiler) is None:
+            logger.warning("no C compiler (%s): the %s kernel runs on its torch reference", compiler, name)
+            return None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as partial:
+            pass
+        try:
+            subprocess.run([compiler, *FLAGS, "-o", partial.name, str(source), "-lm"], check=True,
+                           capture_output=True, text=True)
+            os.replace(partial.name, target)
+            for stale in target.parent.glob(f"{name}-*.so"):  # earlier sources' builds (a loaded one stays mapped)
+                if stale != target:
+                    stale.unlink(missing_ok=True)
+        except subprocess.CalledProcessError as error:
+            logger.warning("building the %s kernel failed, its torch reference runs instead:\n%s", name, error.stderr)
+            return None
+        finally:
+            Path(partial.name).unlink(missing_ok=True)
+    return ctypes.CDLL(str(target))

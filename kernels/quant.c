@@ -1,0 +1,268 @@
+/* Grouped low-bit K/V codes (kernels/quant.py's quantize_groups / dequantize_groups), in one pass each.
+ *
+ * Bit for bit the torch reference's arithmetic: float32 throughout, float16 scale and minimum rounded
+ * outward, round-half-to-even codes; built with -ffp-contract=off so no multiply-add is fused. Inputs and
+ * outputs are float32, bfloat16 or float16, converted as torch converts.
+ * Keys (dim 0) group tokens per head and channel (`*_tokens`), values (dim -1) channels per token and
+ * head (`*_channels`), each as its reference lays out codes, scales and minima.
+ * Codes are packed along the channel axis D: channel c in bits [bits*(c % k), ...) of byte c / k, k = 8 / bits.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef uint16_t half;  /* float16 bits: converted by hand, so no compiler or instruction-set support is needed */
+
+static const float F16_MAX = 65504.0f;
+
+static uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, sizeof u); return u; }
+static float float_of(uint32_t u) { float f; memcpy(&f, &u, sizeof f); return f; }
+
+/* float32 -> float16, rounded to nearest even (as torch converts): overflow to infinity, NaN to a quiet NaN. */
+static half half_of(float f) {
+    const uint32_t sign = bits_of(f) & 0x80000000u, x = bits_of(f) ^ sign;
+    half h;
+    if (x >= 0x47800000u) h = x > 0x7F800000u ? 0x7E00u : 0x7C00u;  /* >= 2^16: NaN or infinity */
+    else if (x < 0x38800000u)  /* below 2^-14: a subnormal, rounded by the float addition of 0.5 */
+        h = (half)(bits_of(float_of(x) + 0.5f) - bits_of(0.5f));
+    else  /* rebias the exponent, round the 13 dropped mantissa bits half to even (a carry may reach infinity) */
+        h = (half)((x + 0xC8000FFFu + ((x >> 13) & 1u)) >> 13);
+    return (half)(h | (sign >> 16));
+}
+
+/* float16 -> float32, exactly. */
+static float float_of_half(half h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
+    if (exponent == 0) {  /* zero or subnormal: mantissa * 2^-24 */
+        const float v = (float)mantissa * 0x1p-24f;
+        return sign ? -v : v;
+    }
+    return float_of(sign | (exponent == 0x1Fu ? 0x7F800000u : (exponent + 112u) << 23) | mantissa << 13);
+}
+
+/* The float16 next to h toward -inf (down) or +inf; NaN and infinities in that direction stay. */
+static half next_half(half h, int down) {
+    if ((h & 0x7FFFu) > 0x7C00u || h == (down ? 0xFC00u : 0x7C00u)) return h;
+    if ((h & 0x7FFFu) == 0) return down ? 0x8001u : 0x0001u;  /* from either zero */
+    return (half)((h >> 15) == (unsigned)down ? h + 1 : h - 1);  /* away from zero, or toward it */
+}
+
+/* x as float16, rounded toward -inf (down) or +inf where rounding to nearest went the other way. */
+static half round_toward(float x, int down) {
+    const half h = half_of(x);
+    const float back = float_of_half(h);
+    return (down ? back > x : back < x) ? next_half(h, down) : h;
+}
+
+/* Element types of the tensors the kernels read and write (torch's float32, bfloat16, float16). */
+enum { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
+
+/* float32 -> bfloat16, rounded to nearest even (as torch converts), NaN to 0x7FC0. */
+static uint16_t bfloat16_of(float f) {
+    const uint32_t u = bits_of(f);
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* n elements of `dtype` at x (from element `first`) -> float32 row. */
+static void load_row(const void *x, int64_t first, int64_t n, int dtype, float *row) {
+    if (dtype == FLOAT32) memcpy(row, (const float *)x + first, (size_t)n * sizeof(float));
+    else if (dtype == BFLOAT16)
+        for (int64_t i = 0; i < n; i++) row[i] = float_of((uint32_t)((const uint16_t *)x)[first + i] << 16);
+    else for (int64_t i = 0; i < n; i++) row[i] = float_of_half(((const uint16_t *)x)[first + i]);
+}
+
+/* float32 row -> n elements of `dtype` at out (from element `first`). */
+static void store_row(const float *row, int64_t n, int dtype, void *out, int64_t first) {
+    if (dtype == FLOAT32) memcpy((float *)out + first, row, (size_t)n * sizeof(float));
+    else if (dtype == BFLOAT16) for (int64_t i = 0; i < n; i++) ((uint16_t *)out)[first + i] = bfloat16_of(row[i]);
+    else for (int64_t i = 0; i < n; i++) ((uint16_t *)out)[first + i] = half_of(row[i]);
+}
+
+static float clamp_f16(float v) { return v < -F16_MAX ? -F16_MAX : v > F16_MAX ? F16_MAX : v; }
+
+/* One group's statistics from its clamped minimum and maximum: the stored float16 scale and minimum. */
+static void group_stats(float smallest, float largest, int levels, half *scale, half *low) {
+    *low = round_toward(smallest, 1);
+    *scale = round_toward((largest - float_of_half(*low)) / (float)levels, 0);
+}
+
+static float step_of(half scale) { return float_of_half(scale) > 0.0f ? float_of_half(scale) : 1.0f; }
+
+/* codes[i] of x[i] (clamped) against its group's minimum and step (the scale, 1 where that is 0): the quotient
+ * clamped to [0, levels] (NaN to 0) and rounded half to even (adding and taking away 1.5 * 2^23 rounds a float
+ * below 2^22 so). Branch-free, so the compiler vectorises it. */
+static void codes_of(const float *x, const float *low, const float *step, int64_t n, int levels, uint8_t *codes) {
+    for (int64_t i = 0; i < n; i++) {
+        float code = (clamp_f16(x[i]) - low[i]) / step[i];
+        code = code == code ? code : 0.0f;
+        code = code < 0.0f ? 0.0f : code;
+        code = code > (float)levels ? (float)levels : code;
+        codes[i] = (uint8_t)(int)((code + 12582912.0f) - 12582912.0f);
+    }
+}
+
+/* One row of `channels` codes -> its packed bytes: channel c in bits [bits*(c % k), ...) of byte c / k.
+ * Inlined where `bits` is a constant (pack_row), so each width compiles to its own unrolled loop. */
+static inline __attribute__((always_inline)) void pack_bits(const uint8_t *codes, int64_t channels, int bits,
+                                                            uint8_t *packed) {
+    const int per_byte = 8 / bits;
+    for (int64_t b = 0, c = 0; c < channels; b++) {
+        uint8_t byte = 0;
+        for (int k = 0; k < per_byte && c < channels; k++, c++) byte |= (uint8_t)(codes[c] << (bits * k));
+        packed[b] = byte;
+    }
+}
+
+static void pack_row(const uint8_t *codes, int64_t channels, int bits, uint8_t *packed) {
+    if (bits == 2) pack_bits(codes, channels, 2, packed);
+    else if (bits == 4) pack_bits(codes, channels, 4, packed);
+    else pack_bits(codes, channels, 8, packed);
+}
+
+/* Keys x (T, H*D) of `dtype`, in groups of `group` tokens per column -> packed codes (T, H, packed),
+ * scale and low (ceil(T / group), H*D). 0, or -1 where its scratch could not be allocated. */
+int quantize_tokens(const void *x, int dtype, int64_t tokens, int64_t heads, int64_t channels, int64_t group,
+                    int bits, int64_t packed, uint8_t *codes, half *scale_out, half *low_out) {
+    const int levels = (1 << bits) - 1;
+    const int64_t columns = heads * channels;
+    float *stats = malloc((size_t)(5 * columns) * sizeof(float));
+    uint8_t *row_codes = malloc((size_t)columns);
+    if (stats == NULL || row_codes == NULL) return free(stats), free(row_codes), -1;
+    float *smallest = stats, *largest = stats + columns, *nan = stats + 2 * columns, *step = stats + 3 * columns;
+    float *row = stats + 4 * columns;
+    for (int64_t first = 0, g = 0; first < tokens; first += group, g++) {
+        const int64_t last = first + group < tokens ? first + group : tokens;
+        for (int64_t i = 0; i < columns; i++) smallest[i] = INFINITY, largest[i] = -INFINITY, nan[i] = 0.0f;
+        for (int64_t t = first; t < last; t++) {
+            load_row(x, t * columns, columns, dtype, row);
+            for (int64_t i = 0; i < columns; i++) {
+                const float v = clamp_f16(row[i]);
+                nan[i] = v == v ? nan[i] : 1.0f;
+                smallest[i] = v < smallest[i] ? v : smallest[i];
+                largest[i] = v > largest[i] ? v : largest[i];
+            }
+        }
+        for (int64_t i = 0; i < columns; i++) {
+            half scale, low;
+            group_stats(nan[i] ? NAN : smallest[i], nan[i] ? NAN : largest[i], levels, &scale, &low);
+            scale_out[g * columns + i] = scale, low_out[g * columns + i] = low;
+            smallest[i] = float_of_half(low), step[i] = step_of(scale);
+        }
+        for (int64_t t = first; t < last; t++) {
+            load_row(x, t * columns, columns, dtype, row);
+            codes_of(row, smallest, step, columns, levels, row_codes);
+            for (int64_t h = 0; h < heads; h++)
+                pack_row(row_codes + h * channels, channels, bits, codes + (t * heads + h) * packed);
+        }
+    }
+    free(stats), free(row_codes);
+    return 0;
+}
+
+/* Values x (rows = T*H, D) of `dtype`, in groups of `group` channels per row -> packed codes (rows, packed),
+ * scale and low (rows, ceil(D / group)). 0, or -1 where its scratch could not be allocated. */
+int quantize_channels(const void *x, int dtype, int64_t rows, int64_t channels, int64_t group, int bits,
+                      int64_t packed, uint8_t *codes, half *scale_out, half *low_out) {
+    const int levels = (1 << bits) - 1;
+    const int64_t n_groups = (channels + group - 1) / group;
+    float *stats = malloc((size_t)(3 * channels) * sizeof(float));
+    uint8_t *row_codes = malloc((size_t)channels);
+    if (stats == NULL || row_codes == NULL) return free(stats), free(row_codes), -1;
+    float *low = stats, *step = stats + channels, *row = stats + 2 * channels;  /* per channel: its group's */
+    for (int64_t r = 0; r < rows; r++) {
+        load_row(x, r * channels, channels, dtype, row);
+        for (int64_t first = 0, g = 0; first < channels; first += group, g++) {
+            const int64_t last = first + group < channels ? first + group : channels;
+            float smallest = INFINITY, largest = -INFINITY;
+            int nan = 0;
+            for (int64_t c = first; c < last; c++) {
+                const float v = clamp_f16(row[c]);
+                nan |= v != v;
+                smallest = v < smallest ? v : smallest;
+                largest = v > largest ? v : largest;
+            }
+            half scale, low_half;
+            group_stats(nan ? NAN : smallest, nan ? NAN : largest, levels, &scale, &low_half);
+            scale_out[r * n_groups + g] = scale, low_out[r * n_groups + g] = low_half;
+            const float low_f = float_of_half(low_half), step_f = step_of(scale);
+            for (int64_t c = first; c < last; c++) low[c] = low_f, step[c] = step_f;
+        }
+        codes_of(row, low, step, channels, levels, row_codes);
+        pack_row(row_codes, channels, bits, codes + r * packed);
+    }
+    free(stats), free(row_codes);
+    return 0;
+}
+
+/* One row's packed bytes -> its `channels` codes (pack_bits's inverse). */
+static inline __attribute__((always_inline)) void unpack_bits(const uint8_t *packed, int64_t channels, int bits,
+                                                              uint8_t *codes) {
+    const int per_byte = 8 / bits, mask = (1 << bits) - 1;
+    for (int64_t b = 0, c = 0; c < channels; b++)
+        for (int k = 0; k < per_byte && c < channels; k++, c++) codes[c] = (uint8_t)((packed[b] >> (bits * k)) & mask);
+}
+
+static void unpack_row(const uint8_t *packed, int64_t channels, int bits, uint8_t *codes) {
+    if (bits == 2) unpack_bits(packed, channels, 2, codes);
+    else if (bits == 4) unpack_bits(packed, channels, 4, codes);
+    else unpack_bits(packed, channels, 8, codes);
+}
+
+/* Inverse of quantize_tokens: out (T, H*D) of `dtype`. 0, or -1 where its scratch could not be allocated. */
+int dequantize_tokens(const uint8_t *codes, const half *scale_in, const half *low_in, int64_t tokens, int64_t heads,
+                      int64_t channels, int64_t group, int bits, int64_t packed, void *out, int dtype) {
+    const int64_t columns = heads * channels;
+    float *stats = malloc((size_t)(3 * columns) * sizeof(float));
+    uint8_t *row_codes = malloc((size_t)columns);
+    if (stats == NULL || row_codes == NULL) return free(stats), free(row_codes), -1;
+    float *low = stats, *scale = stats + columns, *row = stats + 2 * columns;
+    for (int64_t first = 0, g = 0; first < tokens; first += group, g++) {
+        const int64_t last = first + group < tokens ? first + group : tokens;
+        for (int64_t i = 0; i < columns; i++)
+            low[i] = float_of_half(low_in[g * columns + i]), scale[i] = float_of_half(scale_in[g * columns + i]);
+        for (int64_t t = first; t < last; t++) {
+            for (int64_t h = 0; h < heads; h++)
+                unpack_row(codes + (t * heads + h) * packed, channels, bits, row_codes + h * channels);
+            for (int64_t i = 0; i < columns; i++) row[i] = low[i] + (float)row_codes[i] * scale[i];
+            store_row(row, columns, dtype, out, t * columns);
+        }
+    }
+    free(stats), free(row_codes);
+    return 0;
+}
+
+/* Inverse of quantize_channels: out (rows, D) of `dtype`. 0, or -1 where its scratch could not be allocated. */
+int dequantize_channels(const uint8_t *codes, const half *scale_in, const half *low_in, int64_t rows,
+                        int64_t channels, int64_t group, int bits, int64_t packed, void *out, int dtype) {
+    const int64_t n_groups = (channels + group - 1) / group;
+    float *row = malloc((size_t)channels * sizeof(float));
+    uint8_t *row_codes = malloc((size_t)channels);
+    if (row == NULL || row_codes == NULL) return free(row), free(row_codes), -1;
+    for (int64_t r = 0; r < rows; r++) {
+        unpack_row(codes + r * packed, channels, bits, row_codes);
+        for (int64_t first = 0, g = 0; first < channels; first += group, g++) {
+            const int64_t last = first + group < channels ? first + group : channels;
+            const float low = float_of_half(low_in[r * n_groups + g]);
+            const float scale = float_of_half(scale_in[r * n_groups + g]);
+            for (int64_t c = first; c < last; c++) row[c] = low + (float)row_codes[c] * scale;
+        }
+        store_row(row, channels, dtype, out, r * channels);
+    }
+    free(row), free(row_codes);
+    return 0;
+}
+
+/* 1 where every one of n elements of `dtype` is finite (neither infinite nor NaN: not every exponent bit set),
+ * else 0. A received payload's check, in one vectorised pass. */
+int all_finite(const void *data, int64_t n, int dtype) {
+    uint32_t bad = 0;
+    if (dtype == FLOAT32) {
+        const uint32_t *x = data;
+        for (int64_t i = 0; i < n; i++) bad |= (x[i] & 0x7F800000u) == 0x7F800000u;
+    } else {
+        const uint16_t *x = data, exponent = dtype == BFLOAT16 ? 0x7F80u : 0x7C00u;
+        for (int64_t i = 0; i < n; i++) bad |= (x[i] & exponent) == exponent;
+    }
+    return !bad;
+}

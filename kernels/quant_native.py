@@ -1,0 +1,121 @@
+"""Grouped low-bit K/V codes on the C kernel (`kernels/quant.c`), bit for bit `kernels.quant`'s reference, and the
+finite check of a received payload.
+
+The reference spends most of a short message's time in the fixed cost of ~30 small torch ops
+per tensor; the kernel makes one pass. CPU tensors only; elsewhere (or with no C compiler, or
+with `FEDATTN_NATIVE_KERNELS=0`) the reference runs. Decoding checks every shape and dtype
+before the kernel reads a byte: payloads come from other parties.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from kernels import quant
+from kernels.native import library
+
+_I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+
+
+def _kernel() -> ctypes.CDLL | None:
+    lib = library("quant")
+    return None if lib is None else _typed(lib)
+
+
+@functools.cache
+def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """`lib` with its functions' argument and result types declared (once)."""
+    signatures = {  # name: (argument types, result type)
+        "quantize_tokens": ([_PTR, _INT, _I64, _I64, _I64, _I64, _INT, _I64, _PTR, _PTR, _PTR], _INT),
+        "quantize_channels": ([_PTR, _INT, _I64, _I64, _I64, _INT, _I64, _PTR, _PTR, _PTR], _INT),
+        "dequantize_tokens": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _I64, _PTR, _INT], _INT),
+        "dequantize_channels": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _INT], _INT),
+        "all_finite": ([_PTR, _I64, _INT], _INT),
+    }
+    for name, (arguments, result) in signatures.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = arguments, result
+    return lib
+
+
+def available() -> bool:
+    """Whether the C kernel built and loaded here."""
+    return _kernel() is not None
+
+
+def _stats_shape(shape: tuple[int, int, int], dim: int, group: int) -> tuple[int, int, int]:
+    """The scale / minimum shape of (T, H, D) codes: keys (dim 0) per group of tokens, values per group of channels."""
+    tokens, heads, channels = shape
+    if dim == 0:
+        return -(-tokens // group), heads, channels
+    return tokens, heads, -(-channels // group)
+
+
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel's element types
+
+
+def _native(tensor: torch.Tensor, bits: int, dim: int, dtype: torch.dtype) -> bool:
+    return (tensor.device.type == "cpu" and bits in (2, 4, 8) and dim in (0, -1, 2) and dtype in _DTYPES
+            and _kernel() is not None)
+
+
+def _check(status: int | None) -> None:
+    if status:  # the kernel's scratch
+        raise MemoryError("the quant kernel could not allocate its scratch")
+
+
+def quantize_groups(x: torch.Tensor, bits: int, dim: int, group: int) -> tuple[torch.Tensor, ...]:
+    """`kernels.quant.quantize_groups`: x (T, H, D) -> (codes uint8 (T, H, ceil(D * bits / 8)), scale, minimum)."""
+    if x.dim() != 3 or not _native(x, bits, dim, x.dtype):
+        return quant.quantize_groups(x, bits, dim, group)
+    x = x.contiguous()
+    tokens, heads, channels = x.shape
+    packed = -(-channels * bits // 8)
+    codes = torch.empty(tokens, heads, packed, dtype=torch.uint8)
+    stats = _stats_shape(x.shape, dim, group)
+    scale, low = torch.empty(stats, dtype=torch.float16), torch.empty(stats, dtype=torch.float16)
+    pointers = codes.data_ptr(), scale.data_ptr(), low.data_ptr()
+    if dim == 0:
+        _check(_kernel().quantize_tokens(x.data_ptr(), _DTYPES[x.dtype], tokens, heads, channels, group, bits, packed,
+                                         *pointers))
+    else:
+        _check(_kernel().quantize_channels(x.data_ptr(), _DTYPES[x.dtype], tokens * heads, channels, group, bits,
+                                           packed, *pointers))
+    return codes, scale, low
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int, dim: int, group: int,
+                      channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """`kernels.quant.dequantize_groups`: (T, H, channels) in `dtype`. ValueError naming the tensor whose shape or
+    dtype does not fit the codes."""
+    if not _native(codes, bits, dim, dtype):
+        return quant.dequantize_groups(codes, scale, low, bits, dim, group, channels, dtype)
+    if codes.dim() != 3 or codes.dtype != torch.uint8 or codes.shape[-1] != -(-channels * bits // 8):
+        raise ValueError(f"codes of {channels} {bits}-bit channels: got {codes.dtype} {tuple(codes.shape)}")
+    tokens, heads, packed = codes.shape
+    stats = _stats_shape((tokens, heads, channels), dim, group)
+    for name, t in (("scale", scale), ("minimum", low)):
+        if t.dtype != torch.float16 or tuple(t.shape) != stats or t.device.type != "cpu":
+            raise ValueError(f"{name} of codes {tuple(codes.shape)} must be float16 {stats}: got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    out = torch.empty(tokens, heads, channels, dtype=dtype)
+    codes, scale, low = codes.contiguous(), scale.contiguous(), low.contiguous()  # held while the kernel reads them
+    pointers = codes.data_ptr(), scale.data_ptr(), low.data_ptr()
+    if dim == 0:
+        _check(_kernel().dequantize_tokens(*pointers, tokens, heads, channels, group, bits, packed, out.data_ptr(),
+                                           _DTYPES[dtype]))
+    else:
+        _check(_kernel().dequantize_channels(*pointers, tokens * heads, channels, group, bits, packed, out.data_ptr(),
+                                             _DTYPES[dtype]))
+    return out
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """`bool(torch.isfinite(tensor).all())`, in one C pass over float32 / bfloat16 / float16 CPU tensors (the torch
+    ops take ~1.7 ns an element: most of a received payload's decode)."""
+    if tensor.dtype not in _DTYPES or tensor.device.type != "cpu" or _kernel() is None:
+        return bool(torch.isfinite(tensor).all())
+    tensor = tensor.contiguous()
+    return bool(_kernel().all_finite(tensor.data_ptr(), tensor.numel(), _DTYPES[tensor.dtype]))
