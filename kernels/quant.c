@@ -79,6 +79,9 @@ static void store_row(const float *row, int64_t n, int dtype, void *out, int64_t
     else for (int64_t i = 0; i < n; i++) ((uint16_t *)out)[first + i] = half_of(row[i]);
 }
 
+/* Scratch of `bytes` (at least one, so an empty row is no allocation failure); NULL where memory ran out. */
+static void *scratch(int64_t bytes) { return malloc(bytes > 0 ? (size_t)bytes : 1); }
+
 static float clamp_f16(float v) { return v < -F16_MAX ? -F16_MAX : v > F16_MAX ? F16_MAX : v; }
 
 /* One group's statistics from its clamped minimum and maximum: the stored float16 scale and minimum. */
@@ -126,8 +129,8 @@ int quantize_tokens(const void *x, int dtype, int64_t tokens, int64_t heads, int
                     int bits, int64_t packed, uint8_t *codes, half *scale_out, half *low_out) {
     const int levels = (1 << bits) - 1;
     const int64_t columns = heads * channels;
-    float *stats = malloc((size_t)(5 * columns) * sizeof(float));
-    uint8_t *row_codes = malloc((size_t)columns);
+    float *stats = scratch(5 * columns * sizeof(float));
+    uint8_t *row_codes = scratch(columns);
     if (stats == NULL || row_codes == NULL) return free(stats), free(row_codes), -1;
     float *smallest = stats, *largest = stats + columns, *nan = stats + 2 * columns, *step = stats + 3 * columns;
     float *row = stats + 4 * columns;
@@ -166,8 +169,8 @@ int quantize_channels(const void *x, int dtype, int64_t rows, int64_t channels, 
                       int64_t packed, uint8_t *codes, half *scale_out, half *low_out) {
     const int levels = (1 << bits) - 1;
     const int64_t n_groups = (channels + group - 1) / group;
-    float *stats = malloc((size_t)(3 * channels) * sizeof(float));
-    uint8_t *row_codes = malloc((size_t)channels);
+    float *stats = scratch(3 * channels * sizeof(float));
+    uint8_t *row_codes = scratch(channels);
     if (stats == NULL || row_codes == NULL) return free(stats), free(row_codes), -1;
     float *low = stats, *step = stats + channels, *row = stats + 2 * channels;  /* per channel: its group's */
     for (int64_t r = 0; r < rows; r++) {
@@ -213,8 +216,8 @@ static void unpack_row(const uint8_t *packed, int64_t channels, int bits, uint8_
 int dequantize_tokens(const uint8_t *codes, const half *scale_in, const half *low_in, int64_t tokens, int64_t heads,
                       int64_t channels, int64_t group, int bits, int64_t packed, void *out, int dtype) {
     const int64_t columns = heads * channels;
-    float *stats = malloc((size_t)(3 * columns) * sizeof(float));
-    uint8_t *row_codes = malloc((size_t)columns);
+    float *stats = scratch(3 * columns * sizeof(float));
+    uint8_t *row_codes = scratch(columns);
     if (stats == NULL || row_codes == NULL) return free(stats), free(row_codes), -1;
     float *low = stats, *scale = stats + columns, *row = stats + 2 * columns;
     for (int64_t first = 0, g = 0; first < tokens; first += group, g++) {
@@ -236,8 +239,8 @@ int dequantize_tokens(const uint8_t *codes, const half *scale_in, const half *lo
 int dequantize_channels(const uint8_t *codes, const half *scale_in, const half *low_in, int64_t rows,
                         int64_t channels, int64_t group, int bits, int64_t packed, void *out, int dtype) {
     const int64_t n_groups = (channels + group - 1) / group;
-    float *row = malloc((size_t)channels * sizeof(float));
-    uint8_t *row_codes = malloc((size_t)channels);
+    float *row = scratch(channels * sizeof(float));
+    uint8_t *row_codes = scratch(channels);
     if (row == NULL || row_codes == NULL) return free(row), free(row_codes), -1;
     for (int64_t r = 0; r < rows; r++) {
         unpack_row(codes + r * packed, channels, bits, row_codes);

@@ -51,9 +51,32 @@ def quantize_groups(x: torch.Tensor, bits: int, dim: int, group: int) -> tuple[t
     return _pack(codes, bits), scale.movedim(-1, dim), low.movedim(-1, dim)
 
 
+def stats_shape(shape: tuple[int, int, int], dim: int, group: int) -> tuple[int, int, int]:
+    """The scale / minimum shape of (T, H, D) codes: keys (dim 0) per group of tokens, values per group of channels."""
+    tokens, heads, channels = shape
+    if dim == 0:
+        return -(-tokens // group), heads, channels
+    return tokens, heads, -(-channels // group)
+
+
+def check_codes(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int, dim: int, group: int,
+                channels: int) -> None:
+    """ValueError naming the tensor unless codes are uint8 (T, H, ceil(channels * bits / 8)) and scale and minimum
+    float16 of `stats_shape`: what `quantize_groups` writes (payloads come from other parties)."""
+    if codes.dim() != 3 or codes.dtype != torch.uint8 or codes.shape[-1] != -(-channels * bits // 8):
+        raise ValueError(f"codes of {channels} {bits}-bit channels: got {codes.dtype} {tuple(codes.shape)}")
+    stats = stats_shape((*codes.shape[:2], channels), dim, group)
+    for name, t in (("scale", scale), ("minimum", low)):
+        if t.dtype != torch.float16 or tuple(t.shape) != stats:
+            raise ValueError(f"{name} of codes {tuple(codes.shape)} must be float16 {stats}: got {t.dtype} "
+                             f"{tuple(t.shape)}")
+
+
 def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int, dim: int, group: int,
                       channels: int, dtype: torch.dtype) -> torch.Tensor:
-    """(T, H, channels) in `dtype` from `quantize_groups`'s output (`channels`: D before packing)."""
+    """(T, H, channels) in `dtype` from `quantize_groups`'s output (`channels`: D before packing); `check_codes`
+    first."""
+    check_codes(codes, scale, low, bits, dim, group, channels)
     q = _unpack(codes, bits, channels).float()
     groups = _split_groups(q, dim, group)  # (..., n_groups, group)
     low, scale = (t.float().movedim(dim, -1)[..., None] for t in (low, scale))  # (..., n_groups, 1)

@@ -45,14 +45,6 @@ def available() -> bool:
     return _kernel() is not None
 
 
-def _stats_shape(shape: tuple[int, int, int], dim: int, group: int) -> tuple[int, int, int]:
-    """The scale / minimum shape of (T, H, D) codes: keys (dim 0) per group of tokens, values per group of channels."""
-    tokens, heads, channels = shape
-    if dim == 0:
-        return -(-tokens // group), heads, channels
-    return tokens, heads, -(-channels // group)
-
-
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel's element types
 
 
@@ -74,7 +66,7 @@ def quantize_groups(x: torch.Tensor, bits: int, dim: int, group: int) -> tuple[t
     tokens, heads, channels = x.shape
     packed = -(-channels * bits // 8)
     codes = torch.empty(tokens, heads, packed, dtype=torch.uint8)
-    stats = _stats_shape(x.shape, dim, group)
+    stats = quant.stats_shape(x.shape, dim, group)
     scale, low = torch.empty(stats, dtype=torch.float16), torch.empty(stats, dtype=torch.float16)
     pointers = codes.data_ptr(), scale.data_ptr(), low.data_ptr()
     if dim == 0:
@@ -90,16 +82,10 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tenso
                       channels: int, dtype: torch.dtype) -> torch.Tensor:
     """`kernels.quant.dequantize_groups`: (T, H, channels) in `dtype`. ValueError naming the tensor whose shape or
     dtype does not fit the codes."""
-    if not _native(codes, bits, dim, dtype):
+    if not _native(codes, bits, dim, dtype) or scale.device != codes.device or low.device != codes.device:
         return quant.dequantize_groups(codes, scale, low, bits, dim, group, channels, dtype)
-    if codes.dim() != 3 or codes.dtype != torch.uint8 or codes.shape[-1] != -(-channels * bits // 8):
-        raise ValueError(f"codes of {channels} {bits}-bit channels: got {codes.dtype} {tuple(codes.shape)}")
+    quant.check_codes(codes, scale, low, bits, dim, group, channels)
     tokens, heads, packed = codes.shape
-    stats = _stats_shape((tokens, heads, channels), dim, group)
-    for name, t in (("scale", scale), ("minimum", low)):
-        if t.dtype != torch.float16 or tuple(t.shape) != stats or t.device.type != "cpu":
-            raise ValueError(f"{name} of codes {tuple(codes.shape)} must be float16 {stats}: got {t.dtype} "
-                             f"{tuple(t.shape)}")
     out = torch.empty(tokens, heads, channels, dtype=dtype)
     codes, scale, low = codes.contiguous(), scale.contiguous(), low.contiguous()  # held while the kernel reads them
     pointers = codes.data_ptr(), scale.data_ptr(), low.data_ptr()

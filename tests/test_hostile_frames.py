@@ -7,6 +7,7 @@ The engine's control socket gets the same treatment in tests/test_federated.py's
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
@@ -20,12 +21,13 @@ import torch
 import zmq
 
 from fedattn_vllm.config import FedAttnConfig, KVWire
-from fedattn_vllm.exchange import KVExchangeError
+from fedattn_vllm.exchange import KVExchangeError, kv_nbytes
 from fedattn_vllm.federated import messages as m
 from fedattn_vllm.federated.client import CoordinatorError, NetworkKVExchange, SessionAdmin
 from fedattn_vllm.federated.coordinator import Coordinator
 from fedattn_vllm.federated.wire import WireError, decode, encode
-from fedattn_vllm.kv_wire import decode_checked, encode_kv, questions_checked
+from fedattn_vllm.kv_wire import decode_checked, encode_kv, payload_bytes, questions_checked
+from kernels import native
 
 KEY = b"hostile-test-admin-key"
 pack = msgspec.msgpack.encode
@@ -256,3 +258,22 @@ def test_payloads_from_another_party_are_checked_before_they_are_used():
     for payload in ((questions, questions), (questions[:4],), (questions.double(),), (questions / 0,), ()):
         with pytest.raises(KVExchangeError, match="question queries"):
             questions_checked(payload, torch.float32, shape)
+
+
+@pytest.mark.parametrize("on_the_reference", [False, True], ids=["C kernel", "torch reference"])
+@pytest.mark.parametrize("lie", ["two key groups", "folded heads", "signed codes", "NaN scales", "infinite minima"])
+def test_low_bit_payloads_of_the_right_size_that_lie_about_their_layout_are_refused(lie, on_the_reference):
+    """They pass the byte count, so the decoder itself must check every shape and dtype before its kernel reads a
+    byte, and the finite check catch what decodes; on the C kernel and on the torch reference alike."""
+    shape = (5, 2, 8)
+    codes, k_scale, k_low, *values = encode_kv(kv(5), KVWire.K4V2)
+    payload = {
+        "two key groups": (codes, torch.cat([k_scale, k_low]), k_low[:0], *values),
+        "folded heads": (codes.view(10, 1, 4), k_scale, k_low, *values),
+        "signed codes": (codes.view(torch.int8), k_scale, k_low, *values),
+        "NaN scales": (codes, k_scale.clone().fill_(float("nan")), k_low, *values),
+        "infinite minima": (codes, k_scale, k_low.clone().fill_(float("-inf")), *values),
+    }[lie]
+    assert kv_nbytes(payload) == payload_bytes(KVWire.K4V2, *shape, 4)
+    with pytest.raises(KVExchangeError), native.reference_only() if on_the_reference else contextlib.nullcontext():
+        decode_checked(payload, KVWire.K4V2, torch.float32, shape)
