@@ -4,7 +4,7 @@
 # 300 problems for its key comparisons, 50-100 elsewhere (LIMIT overrides those), FIDELITY_LIMIT
 # problems per fidelity sweep. Figures: python -m fedattn_vllm.eval plots
 #   bash scripts/eval_sweeps.sh [headline|fidelity|attention|splits|interval|participants|placement|sparse|sparse_local|
-#                                crossparty|large|grid|all]
+#                                crossparty|wires|large|grid|all]
 # `grid` extends every accuracy point to 300 problems (every run is saved in evaluation/gsm8k, so --resume skips them all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,6 +68,10 @@ crossparty() {  # the cross-party recall modes on GSM8K: the generator reads eve
     run -N 4 -H 1 --kv-wire k4v2 --offset "$offset" --limit "$(( offset == 1100 ? 219 : 200 ))"
   done
 }
+wires() {  # every K/V encoding on the wire in the recall mode (H=2, the generator reading every layer), 300 problems
+  # each as the crossparty shards: native and k4v2 are there; int8, int4 and int2 here (RESULTS.md's wire table)
+  for wire in int8 int4 int2; do to300 -N 4 -H 2 --generator-sync-interval 1 --kv-wire "$wire"; done
+}
 large() {  # the key points on qwen2.5-coder-1.5b-instruct (3x the CPU time) in shards of 100, every point's shard
   # before any point's next: centralised, the default (every layer synced, k4v2), the paper's H=4
   local big=(--model qwen2.5-coder-1.5b-instruct)
@@ -101,8 +105,9 @@ grid() {  # the rest of the issue's accuracy grid, every point to 300 problems (
 }
 
 case "${1:-all}" in
-  all) headline; fidelity; attention; interval; splits; placement; sparse; sparse_local; participants; crossparty; large
-       grid ;;
-  headline|fidelity|attention|splits|interval|participants|placement|sparse|sparse_local|crossparty|large|grid) "$1" ;;
+  all) headline; fidelity; attention; interval; splits; placement; sparse; sparse_local; participants; crossparty; wires
+       large; grid ;;
+  headline|fidelity|attention|splits|interval|participants|placement|sparse|sparse_local|crossparty|wires|large|grid)
+    "$1" ;;
   *) echo "unknown phase: $1" >&2; exit 2 ;;
 esac
