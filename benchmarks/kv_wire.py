@@ -35,7 +35,7 @@ from fedattn_vllm.cost import ModelShape
 from fedattn_vllm.kv_wire import LOW_BIT, decode_checked, encode_kv
 from fedattn_vllm.models import resolve_model
 from kernels import fused_partial_attention, merge_attention, native, quant_native
-from kernels.paged import PagedKeys, available, paged_attention
+from kernels.paged import PagedKeys, available, paged_attention, pool_for
 from timing import median_seconds
 
 LINK_BITS_PER_S = 1e9
@@ -80,10 +80,10 @@ def codec(args: argparse.Namespace, shape: ModelShape, heads: int, dtype: torch.
                 merge_attention(*fused_partial_attention(query, *own, scale, causal=True),
                                 *fused_partial_attention(query, *foreign, scale))
                 return
-            held = PagedKeys(own, foreign[0].shape[0] + tokens, PAGED_BLOCK, isa)  # the copy is part of the cost
+            held = PagedKeys(pool_for(own[0], PAGED_BLOCK, isa))  # the copy is part of the cost
             held.append(foreign)
             held.append(own)
-            paged_attention(query, held, scale)
+            paged_attention([query], [held], scale)
 
         attention_s = median_seconds(attention, args.repeats)
         size = (tokens, shape.num_kv_heads, shape.head_dim)

@@ -21,7 +21,7 @@ import torch
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from kernels import decode_attention, fused_partial_attention, merge_attention
-from kernels.paged import PagedKeys, paged_attention, paged_decode_attention
+from kernels.paged import PagedKeys, paged_attention, pool_for
 from timing import median_seconds
 
 HEADS, KV_HEADS, DIM, BLOCK = 14, 2, 64, 128
@@ -50,10 +50,10 @@ def main() -> None:
                                    *fused_partial_attention(query, *own, scale, causal=True))[0]
 
         def vllm_path():
-            held = PagedKeys(own, prefix + foreign + segment, BLOCK, isa)
+            held = PagedKeys(pool_for(own[0], BLOCK, isa))
             for part in ((own[0][:prefix], own[1][:prefix]), far, (own[0][prefix:], own[1][prefix:])):
                 held.append(part)
-            return paged_attention(query, held, scale)
+            return paged_attention([query], [held], scale)
 
         rows.append({"kind": "prefill", "prefix": prefix, "segment": segment, "foreign": foreign,
                      "max_abs_diff": float((torch_path() - vllm_path()).abs().max()),
@@ -64,14 +64,14 @@ def main() -> None:
         sets = [kv(keys + 13 * b) for b in range(generators)]
         held = []
         for k, v in sets:
-            held.append(PagedKeys((k, v), k.shape[0], BLOCK, isa))
+            held.append(PagedKeys(pool_for(k, BLOCK, isa)))
             held[-1].append((k, v))
 
         def torch_decode():
             return decode_attention(queries, [k for k, _ in sets], [v for _, v in sets], scale)
 
         def vllm_decode():
-            return paged_decode_attention(queries, held, scale)
+            return paged_attention(list(queries[:, None]), held, scale)  # every generator in one call
 
         rows.append({"kind": "decode", "generators": generators, "keys": keys,
                      "max_abs_diff": float((torch_decode() - vllm_decode()).abs().max()),

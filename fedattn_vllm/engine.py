@@ -210,9 +210,10 @@ class FederatedLLM:
         return len(self._active)
 
     def holdings(self) -> dict:
-        """What this engine holds now (counts only): session state, requests with reserved cache, vLLM's own."""
-        return {"sessions": self.workers.sessions(), "requests": self.admission.live_requests,
-                "unfinished": self.engine.unfinished}
+        """What this engine holds now (counts only): session state, its paged keys' blocks, requests with reserved
+        cache, vLLM's own."""
+        return {"sessions": self.workers.sessions(), "paged_blocks": self.workers.paged_blocks(),
+                "requests": self.admission.live_requests, "unfinished": self.engine.unfinished}
 
     def step(self, on_output=None) -> list[SessionRun]:
         """One engine step; returns the runs that completed or failed in it (finish them next).

@@ -5,7 +5,9 @@ value halves, written by vLLM's reshape-and-cache op in the layout the kernel's 
 `paged_attention` runs vLLM's CPU kernel over them: queries that are the last rows, each seeing every row up to
 itself, in one softmax (no log-sum-exp merge). A participant's prefill rows at a sync layer attend over
 [public prefix, foreign, own segment] so; a generator's decode over foreign + own prompt + generated keys, its
-buffer growing by a row a step instead of being copied (`paged_decode_attention`). The torch reference
+buffer growing by a row a step instead of being copied. Every key set lives in one shared `PagedPool` (one
+tensor, as vLLM's own cache), so a layer's recomputed rows, every participant's and generator's, are one kernel
+call. The torch reference
 (`kernels.reference`) is the judge (tests/test_kernels.py) and serves wherever vLLM has no CPU kernel
 (`available`).
 """
@@ -13,6 +15,10 @@ buffer growing by a row a step instead of being copied (`paged_decode_attention`
 from __future__ import annotations
 
 import functools
+import itertools
+import threading
+import weakref
+from collections.abc import Sequence
 
 import torch
 from vllm import _custom_ops as ops  # loads vLLM's kernels into torch.ops._C
@@ -26,69 +32,147 @@ def available(device_type: str) -> bool:
     return device_type == "cpu" and hasattr(torch.ops._C, "cpu_attention_with_kv_cache")
 
 
-class PagedKeys:
-    """Append-only keys and values (T, H_kv, D) in vLLM's CPU paged layout; room grows by whole blocks (doubling).
-    A block is zeroed when its first row is written (the kernel reads whole blocks: garbage in a block's unwritten
-    tail could be NaN), so room reserved and never reached costs no memory.
+class PagedPool:
+    """Blocks in vLLM's CPU paged layout shared by many key sets, so that one kernel call attends for all of them.
 
-    block_size and isa: those of the model's own attention cache (vLLM chose them for this dtype and head size).
+    blocks (n, H_kv, 2 * block_size, D): each block's key half then value half, as vLLM's CPU cache holds them.
+    Grows by doubling (a block keeps its index) and keeps its size while in use, so that a layer's temporary keys
+    reuse the last layer's blocks; blocks are taken back when their `PagedKeys` is released or collected, and
+    `trim` gives the memory back when no block is in use. `pool_for` gives the one pool of a layout.
     """
 
-    def __init__(self, like: KV, rows: int, block_size: int, isa: str):
-        """Empty, with room for `rows` rows of `like`'s dtype, device and head shape."""
-        self.block_size, self.isa, self.size = block_size, isa, 0
-        self.kv_heads = like[0].shape[1]
-        self._blocks = like[0].new_empty((self._block_count(rows), self.kv_heads, 2 * block_size, like[0].shape[2]))
-        self.block_table = self._block_table()  # (1, blocks): block i holds rows i * block_size ...
+    def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, block_size: int,
+                 isa: str):
+        self.block_size, self.isa = block_size, isa
+        self._empty = torch.empty((0, kv_heads, 2 * block_size, head_dim), dtype=dtype, device=device)
+        self.blocks = self._empty
+        self.zeros = torch.zeros((block_size, kv_heads, head_dim), dtype=dtype, device=device)  # a block's rows
+        self.offsets = torch.arange(block_size, device=device)  # a row's slot within its block
+        self._free: list[int] = []  # free block indices, taken from the end
+        self.in_use = 0
+        self._lock = threading.Lock()  # a session may be released from another thread than the forward's
 
-    def _block_count(self, rows: int) -> int:
-        return max(-(-rows // self.block_size), 1)
+    def allocate(self, count: int) -> list[int]:
+        """`count` blocks' indices (their contents are whatever was there)."""
+        with self._lock:
+            if len(self._free) < count:
+                held = self.blocks.shape[0]
+                size = max(2 * held, held + count - len(self._free), 8)
+                grown = self.blocks.new_empty((size, *self.blocks.shape[1:]))
+                grown[:held] = self.blocks
+                self.blocks = grown
+                self._free.extend(range(size - 1, held - 1, -1))
+            ids = [self._free.pop() for _ in range(count)]
+            self.in_use += count
+        return ids
 
-    def _block_table(self) -> torch.Tensor:
-        return torch.arange(self._blocks.shape[0], dtype=torch.int32, device=self._blocks.device)[None]
+    def release(self, ids: list[int]) -> None:
+        with self._lock:
+            self.in_use -= len(ids)
+            self._free.extend(ids)
 
-    def halves(self) -> KV:
+    def trim(self) -> None:
+        """Give the memory back if no block is in use."""
+        with self._lock:
+            if self.in_use == 0:
+                self.blocks, self._free = self._empty, []
+
+    def halves(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The key and value caches, (blocks, H_kv, block_size, D) views as vLLM's kernels take them."""
-        keys, values = self._blocks.chunk(2, dim=2)
+        keys, values = self.blocks.chunk(2, dim=2)
         return keys, values
+
+
+_POOLS: dict[tuple, PagedPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def pool_for(like: torch.Tensor, block_size: int, isa: str) -> PagedPool:
+    """The pool of keys shaped like `like` (T, H_kv, D) in its dtype and device, for vLLM's `block_size` and `isa`
+    (those of the model's own attention cache: vLLM chose them for this dtype and head size)."""
+    key = (like.shape[1], like.shape[2], like.dtype, like.device, block_size, isa)
+    with _POOLS_LOCK:
+        if key not in _POOLS:
+            _POOLS[key] = PagedPool(*key)
+        return _POOLS[key]
+
+
+def blocks_in_use() -> int:
+    """Blocks held by some `PagedKeys`, over every pool."""
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+    return sum(pool.in_use for pool in pools)
+
+
+def trim_pools() -> None:
+    """Every pool's memory back where none of its blocks is in use (the worker holds no session)."""
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+    for pool in pools:
+        pool.trim()
+
+
+class PagedKeys:
+    """Append-only keys and values (T, H_kv, D) in blocks of a `PagedPool`; blocks are taken as rows arrive and
+    go back on `release()` or when this is collected. The rows of its last block past the end are zeros (the
+    kernel reads whole blocks: a reused block's old contents, or garbage, could be NaN)."""
+
+    def __init__(self, pool: PagedPool):
+        self.pool, self.size = pool, 0
+        self._ids: list[int] = []
+        self._slots = torch.empty(0, dtype=torch.long, device=pool.blocks.device)  # row i's slot in the pool
+        self.block_table = torch.empty(0, dtype=torch.int32)  # row i lives in block block_table[i // block_size]
+        self._finalizer = weakref.finalize(self, pool.release, self._ids)
 
     def append(self, kv: KV) -> None:
         """Add rows (T, H_kv, D) after those held."""
         end = self.size + kv[0].shape[0]
         if end == self.size:
             return
-        started = -(-self.size // self.block_size)  # blocks holding rows already
-        if end > self._blocks.shape[0] * self.block_size:
-            grown = self._blocks.new_empty((max(2 * self._blocks.shape[0], self._block_count(end)),
-                                            *self._blocks.shape[1:]))
-            grown[:started] = self._blocks[:started]  # rows keep their block and offset
-            self._blocks = grown
-            self.block_table = self._block_table()
-        self._blocks[started: self._block_count(end)].zero_()  # the blocks this append starts
-        slots = torch.arange(self.size, end, dtype=torch.long, device=self._blocks.device)
-        ops.cpu_attn_reshape_and_cache(kv[0].contiguous(), kv[1].contiguous(), *self.halves(), slots, self.isa)
+        pool, block = self.pool, self.pool.block_size
+        grown = (more := -(-end // block) - len(self._ids)) > 0
+        if grown:
+            ids = pool.allocate(more)
+            self._ids.extend(ids)
+            fresh = torch.tensor(ids, device=self._slots.device)
+            self._slots = torch.cat([self._slots, (fresh[:, None] * block + pool.offsets).flatten()])
+            self.block_table = torch.tensor(self._ids, dtype=torch.int32, device=self._slots.device)
+        keys, values = pool.halves()
+        ops.cpu_attn_reshape_and_cache(kv[0].contiguous(), kv[1].contiguous(), keys, values,
+                                       self._slots[self.size: end], pool.isa)
+        if grown and end % block:  # the new last block's rows past the end
+            tail = self._slots[end:]
+            zeros = pool.zeros[: tail.shape[0]]
+            ops.cpu_attn_reshape_and_cache(zeros, zeros, keys, values, tail, pool.isa)
         self.size = end
 
+    def release(self) -> None:
+        """Give the blocks back now (idempotent; nothing may be read from or added to these keys after)."""
+        self._finalizer()
+        self.size = 0
 
-def paged_attention(query: torch.Tensor, held: PagedKeys, scale: float) -> torch.Tensor:
-    """query (T_q, H, D): the last T_q of `held`'s rows, each attending over every row up to itself (causal), in one
-    softmax: `kernels.reference.partial_attention(query, *rows, scale, causal=True)[0]` on vLLM's CPU kernel."""
+
+def paged_attention(queries: Sequence[torch.Tensor], held: Sequence[PagedKeys], scale: float) -> torch.Tensor:
+    """queries[i] (T_i, H, D): the last T_i of held[i]'s rows, each attending over every row up to itself (causal),
+    in one softmax; every request in one call of vLLM's CPU kernel (all keys in one pool). Returns (sum T_i, H, D)
+    in the queries' dtype: `kernels.reference.partial_attention(q_i, *rows_i, scale, causal=True)[0]` stacked
+    (a generator's decode token is a request of one row)."""
+    pool = held[0].pool
+    if any(h.pool is not pool for h in held):
+        raise ValueError("paged attention over keys in different pools")
+    query = torch.cat(list(queries)) if len(queries) > 1 else queries[0].contiguous()
     output = torch.empty_like(query)
-    queries = torch.tensor([0, query.shape[0]], dtype=torch.int32)
-    seq_lens = torch.tensor([held.size], dtype=torch.int32)
+    starts = torch.tensor([0, *itertools.accumulate(q.shape[0] for q in queries)], dtype=torch.int32)
+    seq_lens = torch.tensor([h.size for h in held], dtype=torch.int32)
+    kv_heads = pool.blocks.shape[1]
     schedule = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=1, num_heads=query.shape[1], num_kv_heads=held.kv_heads, head_dim=query.shape[2], seq_lens=seq_lens,
-        dtype=query.dtype, query_start_loc=queries, causal=True, sliding_window_size=-1, isa=held.isa,
-        enable_kv_split=False)
-    key_cache, value_cache = held.halves()
+        num_reqs=len(held), num_heads=query.shape[1], num_kv_heads=kv_heads, head_dim=query.shape[2],
+        seq_lens=seq_lens, dtype=query.dtype, query_start_loc=starts, causal=True, sliding_window_size=-1,
+        isa=pool.isa, enable_kv_split=False)
+    block_table = torch.nn.utils.rnn.pad_sequence([h.block_table for h in held], batch_first=True)
+    key_cache, value_cache = pool.halves()
     ops.cpu_attention_with_kv_cache(
-        query=query.contiguous(), key_cache=key_cache, value_cache=value_cache, output=output,
-        query_start_loc=queries, seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1,
-        block_table=held.block_table, softcap=0.0, scheduler_metadata=schedule, s_aux=None)
+        query=query, key_cache=key_cache, value_cache=value_cache, output=output, query_start_loc=starts,
+        seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=block_table,
+        softcap=0.0, scheduler_metadata=schedule, s_aux=None)
     return output
-
-
-def paged_decode_attention(queries: torch.Tensor, keys: list[PagedKeys], scale: float) -> torch.Tensor:
-    """queries (B, H, D), one new token of each of B generators, each over its own `keys[b]` (all of them visible):
-    `kernels.reference.decode_attention` on vLLM's CPU kernel. Returns (B, H, D) in the queries' dtype."""
-    return torch.cat([paged_attention(queries[b: b + 1], held, scale) for b, held in enumerate(keys)])

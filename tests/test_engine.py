@@ -18,6 +18,7 @@ from fedattn_vllm.engine import FedAttnEngineError, FederatedLLM
 from fedattn_vllm.session import FedAttnSession, FedAttnSessionError
 from fedattn_vllm.exchange import InProcessKVExchange, KVExchangeError
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
+from kernels.paged import blocks_in_use
 
 
 @pytest.mark.parametrize("grid,selections,count", [("grid", ("random", "key_norm"), 48),
@@ -175,7 +176,7 @@ def published(monkeypatch):
 
 def assert_nothing_left(refs: list[weakref.ref]) -> None:
     gc.collect()
-    assert len(REGISTRY) == 0 and REGISTRY.exchange.live_sessions() == 0
+    assert len(REGISTRY) == 0 and REGISTRY.exchange.live_sessions() == 0 and blocks_in_use() == 0
     assert refs and all(ref() is None for ref in refs), "published K/V outlived its session"
 
 

@@ -77,15 +77,16 @@ def test_decoding_tokens_in_one_padded_call_equal_each_over_its_own_keys(dtype, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads", [(14, 2), (4, 4)])
 def test_decoding_on_vllms_cpu_kernel_over_paged_keys_equals_the_reference(dtype, heads, kv_heads):
-    """Keys appended as a decode grows them (a prompt, then a row a step, past the first blocks' room)."""
+    """Keys appended as a decode grows them (a prompt, then a row a step, past the first blocks), every generator
+    in one call."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from kernels.paged import PagedKeys, paged_decode_attention
+    from kernels.paged import PagedKeys, PagedPool, paged_attention
 
     d, scale, block = 64, 64**-0.5, 32
-    isa = _get_attn_isa(dtype, block, d)
+    pool = PagedPool(kv_heads, d, dtype, torch.device("cpu"), block, _get_attn_isa(dtype, block, d))
     prompts = [40, 1, 100]
-    held = [PagedKeys((torch.empty(0, kv_heads, d, dtype=dtype),) * 2, t + 2, block, isa) for t in prompts]
+    held = [PagedKeys(pool) for _ in prompts]
     keys = [torch.randn(t, kv_heads, d).to(dtype) for t in prompts]
     values = [torch.randn(t, kv_heads, d).to(dtype) for t in prompts]
     for buffer, k, v in zip(held, keys, values):
@@ -96,33 +97,86 @@ def test_decoding_on_vllms_cpu_kernel_over_paged_keys_equals_the_reference(dtype
             buffer.append(row)
             keys[b], values[b] = torch.cat([keys[b], row[0]]), torch.cat([values[b], row[1]])
         queries = torch.randn(len(prompts), heads, d).to(dtype)
-        paged = paged_decode_attention(queries, held, scale)
+        paged = paged_attention(list(queries[:, None]), held, scale)
         assert paged.dtype == dtype
         assert_close(paged.float(), decode_attention(queries, keys, values, scale).float(), **TOL[dtype])
 
 
+def _prefill_case(prefix: int, foreign: int, segment: int, dtype: torch.dtype, heads: int = 14, kv_heads: int = 2):
+    """(queries, own (prefix + segment) K/V, foreign K/V) of a segment's prefill at a sync layer."""
+    q = torch.randn(segment, heads, 64).to(dtype)
+    own = torch.randn(prefix + segment, kv_heads, 64).to(dtype), torch.randn(prefix + segment, kv_heads, 64).to(dtype)
+    far = torch.randn(foreign, kv_heads, 64).to(dtype), torch.randn(foreign, kv_heads, 64).to(dtype)
+    return q, own, far
+
+
+def _merged_reference(q, own, far, scale):
+    """Attention over own (causal) merged with attention over foreign: how the torch path computes a segment."""
+    expected = fused_partial_attention(q, *own, scale, causal=True)
+    if far[0].shape[0]:
+        expected = merge_attention(*fused_partial_attention(q, *far, scale), *expected)
+    return expected[0]
+
+
 @VLLM_CPU_KERNEL
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("prefix, foreign, segment", [(0, 30, 7), (5, 200, 60), (3, 0, 1), (0, 1, 130)])
-def test_prefill_rows_on_vllms_cpu_kernel_equal_the_merged_partials(dtype, prefix, foreign, segment):
-    """A segment's queries over [public prefix, foreign, own segment] causally in one softmax, as the engine's
-    reference computes them: attention over own (prefix + segment, causal) merged with attention over foreign."""
+def test_a_layers_prefill_and_decode_rows_in_one_call_equal_the_merged_partials(dtype):
+    """Segments' queries over [public prefix, foreign, own segment] causally in one softmax, as the engine's
+    reference computes them (own causal, merged with foreign), beside a generator's decode token: one call."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    from kernels.paged import PagedKeys, paged_attention
+    from kernels.paged import PagedKeys, PagedPool, paged_attention
 
-    heads, kv_heads, d, scale, block = 14, 2, 64, 64**-0.5, 32
-    q = torch.randn(segment, heads, d).to(dtype)
-    own = torch.randn(prefix + segment, kv_heads, d).to(dtype), torch.randn(prefix + segment, kv_heads, d).to(dtype)
-    far = torch.randn(foreign, kv_heads, d).to(dtype), torch.randn(foreign, kv_heads, d).to(dtype)
-    held = PagedKeys(own, 0, block, _get_attn_isa(dtype, block, d))  # room for nothing: it grows
-    for part in ((own[0][:prefix], own[1][:prefix]), far, (own[0][prefix:], own[1][prefix:])):
-        held.append(part)
-    assert held.size == prefix + foreign + segment
-    expected = fused_partial_attention(q, *own, scale, causal=True)
-    if foreign:
-        expected = merge_attention(*fused_partial_attention(q, *far, scale), *expected)
-    assert_close(paged_attention(q, held, scale).float(), expected[0].float(), **TOL[dtype])
+    scale, block = 64**-0.5, 32
+    pool = PagedPool(2, 64, dtype, torch.device("cpu"), block, _get_attn_isa(dtype, block, 64))
+    cases = [_prefill_case(*shape, dtype) for shape in [(0, 30, 7), (5, 200, 60), (3, 0, 1), (0, 1, 130)]]
+    held, queries, expected = [], [], []
+    for q, own, far in cases:
+        prefix = own[0].shape[0] - q.shape[0]
+        keys = PagedKeys(pool)
+        for part in ((own[0][:prefix], own[1][:prefix]), far, (own[0][prefix:], own[1][prefix:])):
+            keys.append(part)
+        assert keys.size == own[0].shape[0] + far[0].shape[0]
+        held.append(keys)
+        queries.append(q)
+        expected.append(_merged_reference(q, own, far, scale))
+    decode_keys = torch.randn(77, 2, 64).to(dtype), torch.randn(77, 2, 64).to(dtype)
+    held.append(PagedKeys(pool))
+    held[-1].append(decode_keys)
+    queries.append(torch.randn(1, 14, 64).to(dtype))
+    expected.append(decode_attention(queries[-1], [decode_keys[0]], [decode_keys[1]], scale))
+    assert_close(paged_attention(queries, held, scale).float(), torch.cat(expected).float(), **TOL[dtype])
+
+
+@VLLM_CPU_KERNEL
+def test_a_pool_reuses_released_blocks_and_gives_its_memory_back_when_trimmed_with_none_held():
+    """Released blocks serve again without growing the pool; whatever they held before (NaN here) is never read:
+    every row a kernel reads is written, and a last block's rows past the end are zeroed."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from kernels.paged import PagedKeys, PagedPool, paged_attention
+
+    pool = PagedPool(2, 64, torch.float32, torch.device("cpu"), 16, _get_attn_isa(torch.float32, 16, 64))
+    rows = lambda t: (torch.randn(t, 2, 64), torch.randn(t, 2, 64))  # noqa: E731
+    kept, dropped = PagedKeys(pool), PagedKeys(pool)
+    kept.append(rows(40))  # 3 blocks
+    dropped.append(rows(100))  # 7 blocks
+    size, dropped_blocks = pool.blocks.shape[0], dropped.block_table.long()
+    dropped.release()
+    pool.blocks[dropped_blocks] = float("nan")  # poisoned, as a reused block's old contents could be
+    again, kv = PagedKeys(pool), rows(90)
+    again.append((kv[0][:50], kv[1][:50]))
+    again.append((kv[0][50:], kv[1][50:]))
+    assert pool.blocks.shape[0] == size and set(again.block_table.tolist()) <= set(dropped_blocks.tolist())
+    q, scale = torch.randn(3, 4, 64), 64**-0.5
+    expected = partial_attention(q, *kv, scale, causal=True)[0]
+    assert_close(paged_attention([q], [again], scale), expected)
+    del again  # collected: its blocks go back too
+    pool.trim()  # one is still held: the memory stays
+    assert pool.blocks.shape[0] == size
+    kept.release()
+    pool.trim()
+    assert pool.blocks.shape[0] == 0
 
 
 def test_lse_is_the_log_partition_function():

@@ -5,7 +5,8 @@ stock forward runs first (it caches K/V and attends over the request's own token
 is all a local layer needs). At a layer where a participant sees foreign K/V, its rows are
 recomputed. On the CPU, vLLM's own attention kernel does it over keys copied into its paged
 layout (`kernels.paged`): a prefill row over [public prefix, foreign, own segment] causally in
-one softmax, a generator's decode over foreign + own prompt + generated keys. Elsewhere (and
+one softmax, a generator's decode over foreign + own prompt + generated keys, every recomputed
+row of the layer in one call. Elsewhere (and
 in the prefill of a participant that keeps only some of its own tokens: a mask the kernel
 cannot take) in prefill attention over its own K/V (causal) merged exactly, by log-sum-exp,
 with attention over the foreign K/V (each a fused kernel that returns its log-sum-exp,
@@ -28,7 +29,7 @@ from fedattn_vllm.vllm_ext.batch import FedAttnBatch, ParticipantRows, current_b
 from fedattn_vllm.vllm_ext.sessions import REGISTRY, GrowingKV
 from fedattn_vllm.vllm_ext.surface import cpu_paging, head_combine
 from kernels import decode_attention, fused_partial_attention, gather_tokens, merge_attention
-from kernels.paged import PagedKeys, paged_attention, paged_decode_attention
+from kernels.paged import PagedKeys, paged_attention, pool_for
 
 
 def apply_sync_layer(
@@ -49,25 +50,36 @@ def apply_sync_layer(
     for e in batch.entries:
         if e.prefill and e.session.plan.publishes(e.participant, layer):
             _isolated(e, _publish, layer, query, key, value)
-    # Pass 2: attention over own (kept) + foreign K/V for the rows that see any or keep only some of their own;
-    # the layer's decoding generators all in one call.
-    decoding: list[tuple[ParticipantRows, GrowingKV | PagedKeys]] = []
+    # Pass 2: attention over own (kept) + foreign K/V for the rows that see any or keep only some of their own.
+    # On vLLM's CPU kernel every such row of the layer, prefill and decode, is one call; elsewhere the layer's
+    # decoding generators are one padded torch call.
+    paged: list[tuple[slice, PagedKeys]] = []  # (batch rows, the keys they attend over as their last rows)
+    temporary: list[PagedKeys] = []  # prefill keys, released after the call
+    decoding: list[tuple[ParticipantRows, GrowingKV]] = []
     for e in batch.entries:
         if not e.session.recomputes(e.participant, layer):  # elsewhere vLLM's own output stands
             continue
         if e.prefill:
-            _isolated(e, _attend_prefill, layer, query, key, value, output, scale, paging)
+            held = _isolated(e, _attend_prefill, layer, query, key, value, output, scale, paging)
+            if held is not None:
+                paged.append((e.segment_rows, held))
+                temporary.append(held)
         elif e.session.decodes_from_buffer(e.participant, layer):
             held = _isolated(e, _decode_keys, layer, key, value, paging)
-            if held is not None:
+            if isinstance(held, PagedKeys):
+                paged.append((slice(e.rows.start, e.rows.start + 1), held))  # one token each
+            elif held is not None:
                 decoding.append((e, held))
+    if paged:
+        attended = paged_attention([query[rows] for rows, _ in paged], [held for _, held in paged], scale)
+        rows = torch.tensor([i for r, _ in paged for i in range(r.start, r.stop)], device=query.device)
+        output[rows] = attended.to(output.dtype)
+        for held in temporary:
+            held.release()
     if decoding:
         rows = torch.tensor([e.rows.start for e, _ in decoding], device=query.device)  # one token each
-        if paging is not None:
-            attended = paged_decode_attention(query[rows], [held for _, held in decoding], scale)
-        else:
-            keys = [held.rows() for _, held in decoding]
-            attended = decode_attention(query[rows], [k for k, _ in keys], [v for _, v in keys], scale)
+        keys = [held.rows() for _, held in decoding]
+        attended = decode_attention(query[rows], [k for k, _ in keys], [v for _, v in keys], scale)
         output[rows] = attended.to(output.dtype)
 
 
@@ -132,7 +144,10 @@ def _decode_keys(e: ParticipantRows, layer: int, key, value, paging) -> GrowingK
                                  e.max_tokens, paging)
 
 
-def _attend_prefill(e: ParticipantRows, layer: int, query, key, value, output, scale: float, paging) -> None:
+def _attend_prefill(e: ParticipantRows, layer: int, query, key, value, output, scale: float,
+                    paging) -> PagedKeys | None:
+    """The participant's segment rows over own (kept) + foreign K/V: on vLLM's CPU kernel the keys, paged, for the
+    layer's one call (its rows are their last rows); elsewhere (or sparse local) attended here. None: done."""
     state, n = e.session, e.participant
     own = key[e.rows], value[e.rows]  # public prefix + segment
     fetch = _fetcher(e, layer, key)
@@ -145,21 +160,21 @@ def _attend_prefill(e: ParticipantRows, layer: int, query, key, value, output, s
         state.prompt_kv[n, layer] = (gather_tokens(own[0], rows).clone(), gather_tokens(own[1], rows).clone())
     foreign = state.foreign(n, layer, True, fetch)
     if foreign is None and kept is None:
-        return
+        return None
     # Only the segment's rows change (the prefix precedes every foreign token and keeps all of itself).
-    q = query[e.segment_rows]
     if kept is None and paging is not None:  # one causal softmax over [prefix, foreign, segment] on vLLM's kernel
-        held = PagedKeys(own, own[0].shape[0] + foreign[0].shape[0], *paging)
+        held = PagedKeys(pool_for(own[0], *paging))
         for part in ((own[0][:prefix], own[1][:prefix]), foreign, (own[0][prefix:], own[1][prefix:])):
             held.append(part)
-        output[e.segment_rows] = paged_attention(q, held, scale).to(output.dtype)
-        return
+        return held
+    q = query[e.segment_rows]
     mask = None if kept is None else _local_mask(prefix, length, kept.to(q.device))
     out_own, lse_own = fused_partial_attention(q, own[0], own[1], scale, causal=True, mask=mask)
     if foreign is not None:
         out_far, lse_far = fused_partial_attention(q, foreign[0], foreign[1], scale)
         out_own = merge_attention(out_far, lse_far, out_own, lse_own)[0]
     output[e.segment_rows] = out_own.to(output.dtype)
+    return None
 
 
 def _local_mask(prefix: int, length: int, kept: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 from fedattn_vllm.config import FedAttnPlan
 from fedattn_vllm.exchange import KV, InProcessKVExchange, KVExchange
-from kernels.paged import PagedKeys
+from kernels.paged import PagedKeys, pool_for, trim_pools
 
 METADATA_KEY = "fedattn"  # SamplingParams.extra_args[METADATA_KEY]: a ParticipantMetadata marks a participant
 
@@ -68,6 +68,13 @@ class SessionState:
         """Mark the session failed (first error wins) and drop its K/V; the driver aborts its requests."""
         if self.error is None:
             self.error = message
+        self.drop_kv()
+
+    def drop_kv(self) -> None:
+        """Free the K/V this worker keeps for the session (paged decode keys give their blocks back)."""
+        for held in self.decode_kv.values():
+            if isinstance(held, PagedKeys):
+                held.release()
         self.prompt_kv.clear()
         self.decode_kv.clear()
         self.kept_foreign.clear()
@@ -130,17 +137,18 @@ class SessionState:
         """Keys/values a generator's new tokens `kv` attend to at `layer`: foreign (if any) + own prompt (kept
         tokens) + generated, this step's included.
 
-        Built once at the first decode step (the foreign set never changes after prefill), with room
-        for the generator's `max_tokens`, then grown: in vLLM's CPU cache layout where `paging` gives its
-        (block size, instruction set), so that vLLM's kernel attends over it (kernels/paged.py).
+        Built once at the first decode step (the foreign set never changes after prefill), then grown: in
+        vLLM's CPU cache layout where `paging` gives its (block size, instruction set), so that vLLM's kernel
+        attends over it (kernels/paged.py; its blocks go back to their pool when the session drops it), else
+        with room for the generator's `max_tokens`.
         """
         held = self.decode_kv.get((participant, layer))
         if held is None:
             foreign = self.foreign(participant, layer, False, fetch)
             own = self.prompt_kv.pop((participant, layer))
             start = own if foreign is None else (torch.cat([foreign[0], own[0]]), torch.cat([foreign[1], own[1]]))
-            rows = start[0].shape[0] + max_tokens
-            held = PagedKeys(start, rows, *paging) if paging is not None else GrowingKV(start, rows)
+            held = PagedKeys(pool_for(start[0], *paging)) if paging is not None \
+                else GrowingKV(start, start[0].shape[0] + max_tokens)
             self.decode_kv[participant, layer] = held
             held.append(start)
         held.append(kv)
@@ -170,10 +178,16 @@ class SessionRegistry:
         return {s.session_id: s.error for s in states if s is not None and s.error is not None}
 
     def release(self, session_id: str) -> None:
-        """Free the session's own and published K/V (idempotent)."""
+        """Free the session's own and published K/V (idempotent); with no session left, the paged buffers' memory
+        too."""
         with self._lock:
-            self._sessions.pop(session_id, None)
+            state = self._sessions.pop(session_id, None)
+            idle = not self._sessions
+        if state is not None:
+            state.drop_kv()
         self.exchange.release(session_id)
+        if idle:
+            trim_pools()
 
     def __len__(self) -> int:
         return len(self._sessions)

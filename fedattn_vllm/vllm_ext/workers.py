@@ -14,6 +14,7 @@ from collections.abc import Callable
 from fedattn_vllm.exchange import ExchangeStats, KVExchange, PayloadKind
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
 from fedattn_vllm.vllm_ext.surface import tensor_parallel_rank
+from kernels.paged import blocks_in_use
 
 
 def _failed(worker, session_ids: list[str]) -> dict[str, str]:
@@ -31,6 +32,10 @@ def _release(worker, session_id: str) -> None:
 
 def _sessions(worker) -> int:
     return len(REGISTRY)
+
+
+def _paged_blocks(worker) -> int:
+    return blocks_in_use()
 
 
 def _install(worker, make: Callable[[int, frozenset[PayloadKind]], KVExchange]) -> None:
@@ -72,3 +77,7 @@ class Workers:
     def sessions(self) -> int:
         """Sessions some worker still holds state of."""
         return max(self._rpc(_sessions))
+
+    def paged_blocks(self) -> int:
+        """Blocks of FedAttn's paged keys (kernels/paged.py) in use, over every worker."""
+        return sum(self._rpc(_paged_blocks))
