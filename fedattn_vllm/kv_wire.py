@@ -13,6 +13,7 @@ is the size the cost model counts, equal to what the encoders produce.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from fedattn_vllm.config import KVWire
 from fedattn_vllm.exchange import KV, KVExchangeError, Payload, kv_nbytes
 from kernels import all_finite, dequantize_groups, dequantize_int8, quantize_groups, quantize_int8
+from kernels.quant import packed_channels, stats_shape
 
 _HALF = 2  # bytes of a float16 scale or minimum
 
@@ -38,15 +40,17 @@ class LowBit:
         return (*quantize_groups(kv[0], self.key_bits, 0, self.key_group),
                 *quantize_groups(kv[1], self.value_bits, -1, self.value_group))
 
-    def decode(self, payload: Payload, dtype: torch.dtype) -> KV:
+    def decode(self, payload: Payload, dtype: torch.dtype, head_dim: int) -> KV:
+        """(K, V) of `head_dim` channels (the receiver's model's: the codes are checked against it)."""
         k, k_scale, k_low, v, v_scale, v_low = payload
-        head_dim = k_scale.shape[-1]  # key scales are per channel
         return (dequantize_groups(k, k_scale, k_low, self.key_bits, 0, self.key_group, head_dim, dtype),
                 dequantize_groups(v, v_scale, v_low, self.value_bits, -1, self.value_group, head_dim, dtype))
 
     def payload_bytes(self, tokens: int, heads: int, head_dim: int) -> int:
-        codes = tokens * heads * (_ceil(head_dim * self.key_bits, 8) + _ceil(head_dim * self.value_bits, 8))
-        groups = heads * (_ceil(tokens, self.key_group) * head_dim + tokens * _ceil(head_dim, self.value_group))
+        """Codes, and a float16 scale and minimum per group, as the encoder lays them out (`kernels.quant`)."""
+        shape = (tokens, heads, head_dim)
+        codes = tokens * heads * (packed_channels(head_dim, self.key_bits) + packed_channels(head_dim, self.value_bits))
+        groups = math.prod(stats_shape(shape, 0, self.key_group)) + math.prod(stats_shape(shape, -1, self.value_group))
         return codes + 2 * _HALF * groups
 
 
@@ -67,13 +71,13 @@ def encode_kv(kv: KV, wire: KVWire) -> Payload:
     return kv[0].clone(), kv[1].clone()
 
 
-def decode_kv(payload: Payload, wire: KVWire, dtype: torch.dtype) -> KV:
-    """(K, V) in the engine's `dtype` from a published payload."""
+def decode_kv(payload: Payload, wire: KVWire, dtype: torch.dtype, head_dim: int) -> KV:
+    """(K, V) of `head_dim` channels in the engine's `dtype` from a published payload."""
     if wire is KVWire.INT8:
         k, v, k_scale, v_scale = payload
         return dequantize_int8(k, k_scale, dtype), dequantize_int8(v, v_scale, dtype)
     if wire in LOW_BIT:
-        return LOW_BIT[wire].decode(payload, dtype)
+        return LOW_BIT[wire].decode(payload, dtype, head_dim)
     return payload[0], payload[1]
 
 
@@ -85,7 +89,7 @@ def decode_checked(payload: Payload, wire: KVWire, dtype: torch.dtype, shape: tu
     if kv_nbytes(payload) != expected:
         raise KVExchangeError(f"a {wire.value} payload of {shape} is {expected} bytes, got {kv_nbytes(payload)}")
     try:
-        kv = decode_kv(payload, wire, dtype)
+        kv = decode_kv(payload, wire, dtype, head_dim)
     except (RuntimeError, ValueError, IndexError) as error:
         raise KVExchangeError(f"malformed {wire.value} payload: {error}") from None
     if any(t.shape != shape or t.dtype != dtype or not all_finite(t) for t in kv):
@@ -108,7 +112,3 @@ def payload_bytes(wire: KVWire, tokens: int, heads: int, head_dim: int, element_
     if wire in LOW_BIT:
         return LOW_BIT[wire].payload_bytes(tokens, heads, head_dim)
     return 2 * tokens * heads * head_dim * element_size
-
-
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)

@@ -1,11 +1,12 @@
 """C kernels beside their torch references: compiled once per source, cached, loaded with ctypes.
 
 A kernel `kernels/<name>.c` builds with the system C compiler (`$CC`, else `cc`) into
-`<cache>/kernels/<name>-<hash of source and flags>.so`, written under a temporary name and
-renamed into place, so concurrent processes never load a half-written library. Where no
-compiler works, with `FEDATTN_NATIVE_KERNELS=0` in the environment, or inside
-`reference_only()`, the kernel is unavailable (`library` returns None) and callers use the
-torch reference, which computes the same bits.
+`<cache>/kernels/<name>-<hash of CPU, compiler, flags>-<hash of source>.so`, written under a
+temporary name and renamed into place, so concurrent processes never load a half-written
+library. Where no compiler works (or the file cannot be loaded), with
+`FEDATTN_NATIVE_KERNELS=0` in the environment, or inside `reference_only()`, the kernel is
+unavailable (`library` returns None) and callers use the torch reference, which computes the
+same bits.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import hashlib
 import logging
 import os
 import platform
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -65,25 +65,29 @@ def reference_only() -> Iterator[None]:
 def _built(name: str) -> ctypes.CDLL | None:
     source = Path(__file__).with_name(f"{name}.c")
     compiler = os.environ.get("CC") or "cc"
-    digest = hashlib.sha256(source.read_bytes() + " ".join((*FLAGS, compiler, _cpu())).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"{name}-{digest}.so"
-    if not target.exists():
-        if shutil.which(compiler) is None:
-            logger.warning("no C compiler (%s): the %s kernel runs on its torch reference", compiler, name)
-            return None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as partial:
-            pass
-        try:
-            subprocess.run([compiler, *FLAGS, "-o", partial.name, str(source), "-lm"], check=True,
-                           capture_output=True, text=True)
-            os.replace(partial.name, target)
-            for stale in target.parent.glob(f"{name}-*.so"):  # earlier sources' builds (a loaded one stays mapped)
+    cpu = hashlib.sha256(f"{_cpu()} {compiler} {' '.join(FLAGS)}".encode()).hexdigest()[:8]
+    target = cache_dir() / "kernels" / f"{name}-{cpu}-{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}.so"
+    try:
+        if not target.exists():
+            _build(source, compiler, target)
+            for stale in target.parent.glob(f"{name}-{cpu}-*.so"):  # this CPU's builds of earlier sources
                 if stale != target:
                     stale.unlink(missing_ok=True)
-        except subprocess.CalledProcessError as error:
-            logger.warning("building the %s kernel failed, its torch reference runs instead:\n%s", name, error.stderr)
-            return None
-        finally:
-            Path(partial.name).unlink(missing_ok=True)
-    return ctypes.CDLL(str(target))
+        return ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as error:  # no compiler, a failed build, an unloadable file
+        detail = error.stderr if isinstance(error, subprocess.CalledProcessError) else error
+        logger.warning("the %s kernel is unavailable here, its torch reference runs instead: %s", name, detail)
+        return None
+
+
+def _build(source: Path, compiler: str, target: Path) -> None:
+    """Compile `source` into `target`, written under a temporary name and renamed into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as partial:
+        pass
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", partial.name, str(source), "-lm"], check=True, capture_output=True,
+                       text=True)
+        os.replace(partial.name, target)
+    finally:
+        Path(partial.name).unlink(missing_ok=True)

@@ -7,9 +7,8 @@ itself, in one softmax (no log-sum-exp merge). A participant's prefill rows at a
 [public prefix, foreign, own segment] so; a generator's decode over foreign + own prompt + generated keys, its
 buffer growing by a row a step instead of being copied. Every key set lives in one shared `PagedPool` (one
 tensor, as vLLM's own cache), so a layer's recomputed rows, every participant's and generator's, are one kernel
-call. The torch reference
-(`kernels.reference`) is the judge (tests/test_kernels.py) and serves wherever vLLM has no CPU kernel
-(`available`).
+call. The torch reference (`kernels.reference`) is the judge (tests/test_kernels.py) and serves wherever vLLM
+has no CPU kernel (`available`).
 """
 
 from __future__ import annotations
@@ -50,7 +49,10 @@ class PagedPool:
         self.offsets = torch.arange(block_size, device=device)  # a row's slot within its block
         self._free: list[int] = []  # free block indices, taken from the end
         self.in_use = 0
-        self._lock = threading.Lock()  # a session may be released from another thread than the forward's
+        # Keys are added, attended and released between or inside forwards, never beside one (a session's release
+        # reaches a worker through vLLM's collective RPC, between steps); the lock keeps the book consistent
+        # should a collected `PagedKeys` give its blocks back from inside `allocate` (a re-entrant lock).
+        self._lock = threading.RLock()
 
     def allocate(self, count: int) -> list[int]:
         """`count` blocks' indices (their contents are whatever was there)."""
@@ -77,10 +79,9 @@ class PagedPool:
             if self.in_use == 0:
                 self.blocks, self._free = self._empty, []
 
-    def halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def halves(self) -> tuple[torch.Tensor, ...]:
         """The key and value caches, (blocks, H_kv, block_size, D) views as vLLM's kernels take them."""
-        keys, values = self.blocks.chunk(2, dim=2)
-        return keys, values
+        return self.blocks.chunk(2, dim=2)
 
 
 _POOLS: dict[tuple, PagedPool] = {}
@@ -124,8 +125,14 @@ class PagedKeys:
         self.block_table = torch.empty(0, dtype=torch.int32)  # row i lives in block block_table[i // block_size]
         self._finalizer = weakref.finalize(self, pool.release, self._ids)
 
+    @property
+    def released(self) -> bool:
+        return not self._finalizer.alive
+
     def append(self, kv: KV) -> None:
         """Add rows (T, H_kv, D) after those held."""
+        if self.released:
+            raise ValueError("keys added after their blocks were released")
         end = self.size + kv[0].shape[0]
         if end == self.size:
             return
@@ -160,6 +167,8 @@ def paged_attention(queries: Sequence[torch.Tensor], held: Sequence[PagedKeys], 
     pool = held[0].pool
     if any(h.pool is not pool for h in held):
         raise ValueError("paged attention over keys in different pools")
+    if any(h.released or h.size < q.shape[0] for h, q in zip(held, queries, strict=True)):
+        raise ValueError("paged attention over released keys, or fewer keys than queries")
     query = torch.cat(list(queries)) if len(queries) > 1 else queries[0].contiguous()
     output = torch.empty_like(query)
     starts = torch.tensor([0, *itertools.accumulate(q.shape[0] for q in queries)], dtype=torch.int32)

@@ -2,7 +2,8 @@
  *
  * Bit for bit the torch reference's arithmetic: float32 throughout, float16 scale and minimum rounded
  * outward, round-half-to-even codes; built with -ffp-contract=off so no multiply-add is fused. Inputs and
- * outputs are float32, bfloat16 or float16, converted as torch converts.
+ * outputs are float32, bfloat16 or float16, converted as torch converts. A NaN input gives NaN statistics
+ * and outputs, as torch's do, though not always the same NaN bits (no receiver takes a non-finite payload).
  * Keys (dim 0) group tokens per head and channel (`*_tokens`), values (dim -1) channels per token and
  * head (`*_channels`), each as its reference lays out codes, scales and minima.
  * Codes are packed along the channel axis D: channel c in bits [bits*(c % k), ...) of byte c / k, k = 8 / bits.
@@ -58,7 +59,7 @@ static half round_toward(float x, int down) {
 /* Element types of the tensors the kernels read and write (torch's float32, bfloat16, float16). */
 enum { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
 
-/* float32 -> bfloat16, rounded to nearest even (as torch converts), NaN to 0x7FC0. */
+/* float32 -> bfloat16, rounded to nearest even (as torch converts), NaN to a quiet NaN. */
 static uint16_t bfloat16_of(float f) {
     const uint32_t u = bits_of(f);
     return (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);

@@ -51,6 +51,11 @@ def quantize_groups(x: torch.Tensor, bits: int, dim: int, group: int) -> tuple[t
     return _pack(codes, bits), scale.movedim(-1, dim), low.movedim(-1, dim)
 
 
+def packed_channels(channels: int, bits: int) -> int:
+    """Bytes a token and head's `channels` codes of `bits` bits take packed."""
+    return -(-channels * bits // 8)
+
+
 def stats_shape(shape: tuple[int, int, int], dim: int, group: int) -> tuple[int, int, int]:
     """The scale / minimum shape of (T, H, D) codes: keys (dim 0) per group of tokens, values per group of channels."""
     tokens, heads, channels = shape
@@ -63,7 +68,7 @@ def check_codes(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bit
                 channels: int) -> None:
     """ValueError naming the tensor unless codes are uint8 (T, H, ceil(channels * bits / 8)) and scale and minimum
     float16 of `stats_shape`: what `quantize_groups` writes (payloads come from other parties)."""
-    if codes.dim() != 3 or codes.dtype != torch.uint8 or codes.shape[-1] != -(-channels * bits // 8):
+    if codes.dim() != 3 or codes.dtype != torch.uint8 or codes.shape[-1] != packed_channels(channels, bits):
         raise ValueError(f"codes of {channels} {bits}-bit channels: got {codes.dtype} {tuple(codes.shape)}")
     stats = stats_shape((*codes.shape[:2], channels), dim, group)
     for name, t in (("scale", scale), ("minimum", low)):

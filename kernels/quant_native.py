@@ -1,5 +1,5 @@
-"""Grouped low-bit K/V codes on the C kernel (`kernels/quant.c`), bit for bit `kernels.quant`'s reference, and the
-finite check of a received payload.
+"""Grouped low-bit K/V codes on the C kernel (`kernels/quant.c`), bit for bit `kernels.quant`'s reference (where
+an input is NaN, both give NaN, not always the same NaN bits), and the finite check of a received payload.
 
 The reference spends most of a short message's time in the fixed cost of ~30 small torch ops
 per tensor; the kernel makes one pass. CPU tensors only; elsewhere (or with no C compiler, or
@@ -48,23 +48,23 @@ def available() -> bool:
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel's element types
 
 
-def _native(tensor: torch.Tensor, bits: int, dim: int, dtype: torch.dtype) -> bool:
-    return (tensor.device.type == "cpu" and bits in (2, 4, 8) and dim in (0, -1, 2) and dtype in _DTYPES
-            and _kernel() is not None)
+def _native(tensor: torch.Tensor, bits: int, dim: int, group: int, dtype: torch.dtype) -> bool:
+    return (tensor.device.type == "cpu" and bits in (2, 4, 8) and dim in (0, -1, 2) and group >= 1
+            and dtype in _DTYPES and _kernel() is not None)
 
 
-def _check(status: int | None) -> None:
-    if status:  # the kernel's scratch
-        raise MemoryError("the quant kernel could not allocate its scratch")
+def _check(status: int) -> None:
+    if status:  # the kernel's scratch (torch's own allocation failures are RuntimeErrors too)
+        raise RuntimeError("the quant kernel could not allocate its scratch")
 
 
 def quantize_groups(x: torch.Tensor, bits: int, dim: int, group: int) -> tuple[torch.Tensor, ...]:
     """`kernels.quant.quantize_groups`: x (T, H, D) -> (codes uint8 (T, H, ceil(D * bits / 8)), scale, minimum)."""
-    if x.dim() != 3 or not _native(x, bits, dim, x.dtype):
+    if x.dim() != 3 or not _native(x, bits, dim, group, x.dtype):
         return quant.quantize_groups(x, bits, dim, group)
     x = x.contiguous()
     tokens, heads, channels = x.shape
-    packed = -(-channels * bits // 8)
+    packed = quant.packed_channels(channels, bits)
     codes = torch.empty(tokens, heads, packed, dtype=torch.uint8)
     stats = quant.stats_shape(x.shape, dim, group)
     scale, low = torch.empty(stats, dtype=torch.float16), torch.empty(stats, dtype=torch.float16)
@@ -82,7 +82,7 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tenso
                       channels: int, dtype: torch.dtype) -> torch.Tensor:
     """`kernels.quant.dequantize_groups`: (T, H, channels) in `dtype`. ValueError naming the tensor whose shape or
     dtype does not fit the codes."""
-    if not _native(codes, bits, dim, dtype) or scale.device != codes.device or low.device != codes.device:
+    if not _native(codes, bits, dim, group, dtype) or scale.device != codes.device or low.device != codes.device:
         return quant.dequantize_groups(codes, scale, low, bits, dim, group, channels, dtype)
     quant.check_codes(codes, scale, low, bits, dim, group, channels)
     tokens, heads, packed = codes.shape

@@ -6,14 +6,12 @@ is all a local layer needs). At a layer where a participant sees foreign K/V, it
 recomputed. On the CPU, vLLM's own attention kernel does it over keys copied into its paged
 layout (`kernels.paged`): a prefill row over [public prefix, foreign, own segment] causally in
 one softmax, a generator's decode over foreign + own prompt + generated keys, every recomputed
-row of the layer in one call. Elsewhere (and
-in the prefill of a participant that keeps only some of its own tokens: a mask the kernel
-cannot take) in prefill attention over its own K/V (causal) merged exactly, by log-sum-exp,
-with attention over the foreign K/V (each a fused kernel that returns its log-sum-exp,
-`kernels.fused`); in decode every decoding generator of the layer in one padded call
-(`kernels.decode_attention`). A
-participant that attends to only some of its own tokens (sparse local computation) is
-recomputed at every layer the same way.
+row of the layer in one call. Elsewhere (and in the prefill of a participant that keeps only
+some of its own tokens: a mask the kernel cannot take) in prefill attention over its own K/V
+(causal) merged exactly, by log-sum-exp, with attention over the foreign K/V (each a fused
+kernel that returns its log-sum-exp, `kernels.fused`); in decode every decoding generator of
+the layer in one padded call (`kernels.decode_attention`). A participant that attends to only
+some of its own tokens (sparse local computation) is recomputed at every layer the same way.
 """
 
 from __future__ import annotations
@@ -53,7 +51,7 @@ def apply_sync_layer(
     # Pass 2: attention over own (kept) + foreign K/V for the rows that see any or keep only some of their own.
     # On vLLM's CPU kernel every such row of the layer, prefill and decode, is one call; elsewhere the layer's
     # decoding generators are one padded torch call.
-    paged: list[tuple[slice, PagedKeys]] = []  # (batch rows, the keys they attend over as their last rows)
+    paged: list[tuple[ParticipantRows, slice, PagedKeys]] = []  # (entry, batch rows, keys whose last rows they are)
     temporary: list[PagedKeys] = []  # prefill keys, released after the call
     decoding: list[tuple[ParticipantRows, GrowingKV]] = []
     for e in batch.entries:
@@ -62,20 +60,23 @@ def apply_sync_layer(
         if e.prefill:
             held = _isolated(e, _attend_prefill, layer, query, key, value, output, scale, paging)
             if held is not None:
-                paged.append((e.segment_rows, held))
+                paged.append((e, e.segment_rows, held))
                 temporary.append(held)
         elif e.session.decodes_from_buffer(e.participant, layer):
             held = _isolated(e, _decode_keys, layer, key, value, paging)
             if isinstance(held, PagedKeys):
-                paged.append((slice(e.rows.start, e.rows.start + 1), held))  # one token each
+                paged.append((e, e.rows, held))  # its new tokens are the keys' last rows
             elif held is not None:
                 decoding.append((e, held))
-    if paged:
-        attended = paged_attention([query[rows] for rows, _ in paged], [held for _, held in paged], scale)
-        rows = torch.tensor([i for r, _ in paged for i in range(r.start, r.stop)], device=query.device)
+    # A session that failed after its rows were gathered (a later participant's exchange error) is left out: its
+    # keys are released and its rows are the driver's to discard.
+    live = [(rows, held) for e, rows, held in paged if e.session.error is None]
+    if live:
+        attended = paged_attention([query[rows] for rows, _ in live], [held for _, held in live], scale)
+        rows = torch.tensor([i for r, _ in live for i in range(r.start, r.stop)], device=query.device)
         output[rows] = attended.to(output.dtype)
-        for held in temporary:
-            held.release()
+    for held in temporary:
+        held.release()
     if decoding:
         rows = torch.tensor([e.rows.start for e, _ in decoding], device=query.device)  # one token each
         keys = [held.rows() for _, held in decoding]
