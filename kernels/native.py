@@ -39,7 +39,7 @@ def _cpu() -> str:
                          if line.startswith(("flags", "Features"))), "")
     except OSError:
         features = ""
-    return f"{platform.machine()} {platform.processor()} {features}"
+    return f"{platform.machine()} {features}"
 
 
 _switched_on = os.environ.get("FEDATTN_NATIVE_KERNELS") != "0"
@@ -83,11 +83,11 @@ def _built(name: str) -> ctypes.CDLL | None:
 def _build(source: Path, compiler: str, target: Path) -> None:
     """Compile `source` into `target`, written under a temporary name and renamed into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as partial:
-        pass
+    handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so")
+    os.close(handle)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", partial.name, str(source), "-lm"], check=True, capture_output=True,
+        subprocess.run([compiler, *FLAGS, "-o", partial, str(source), "-lm"], check=True, capture_output=True,
                        text=True)
-        os.replace(partial.name, target)
+        os.replace(partial, target)
     finally:
-        Path(partial.name).unlink(missing_ok=True)
+        Path(partial).unlink(missing_ok=True)

@@ -122,7 +122,7 @@ class PagedKeys:
         self.pool, self.size = pool, 0
         self._ids: list[int] = []
         self._slots = torch.empty(0, dtype=torch.long, device=pool.blocks.device)  # row i's slot in the pool
-        self.block_table = torch.empty(0, dtype=torch.int32)  # row i lives in block block_table[i // block_size]
+        self.block_table = torch.empty(0, dtype=torch.int32, device=pool.blocks.device)  # row i: block [i // size]
         self._finalizer = weakref.finalize(self, pool.release, self._ids)
 
     @property

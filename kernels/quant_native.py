@@ -48,9 +48,11 @@ def available() -> bool:
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel's element types
 
 
-def _native(tensor: torch.Tensor, bits: int, dim: int, group: int, dtype: torch.dtype) -> bool:
-    return (tensor.device.type == "cpu" and bits in (2, 4, 8) and dim in (0, -1, 2) and group >= 1
-            and dtype in _DTYPES and _kernel() is not None)
+def _kernel_for(tensor: torch.Tensor, bits: int, dim: int, group: int, dtype: torch.dtype) -> ctypes.CDLL | None:
+    """The kernel where it serves these codes (CPU tensors of its widths and element types), else None."""
+    if tensor.device.type == "cpu" and bits in (2, 4, 8) and dim in (0, -1, 2) and group >= 1 and dtype in _DTYPES:
+        return _kernel()
+    return None
 
 
 def _check(status: int) -> None:
@@ -60,7 +62,7 @@ def _check(status: int) -> None:
 
 def quantize_groups(x: torch.Tensor, bits: int, dim: int, group: int) -> tuple[torch.Tensor, ...]:
     """`kernels.quant.quantize_groups`: x (T, H, D) -> (codes uint8 (T, H, ceil(D * bits / 8)), scale, minimum)."""
-    if x.dim() != 3 or not _native(x, bits, dim, group, x.dtype):
+    if x.dim() != 3 or (kernel := _kernel_for(x, bits, dim, group, x.dtype)) is None:
         return quant.quantize_groups(x, bits, dim, group)
     x = x.contiguous()
     tokens, heads, channels = x.shape
@@ -70,11 +72,11 @@ def quantize_groups(x: torch.Tensor, bits: int, dim: int, group: int) -> tuple[t
     scale, low = torch.empty(stats, dtype=torch.float16), torch.empty(stats, dtype=torch.float16)
     pointers = codes.data_ptr(), scale.data_ptr(), low.data_ptr()
     if dim == 0:
-        _check(_kernel().quantize_tokens(x.data_ptr(), _DTYPES[x.dtype], tokens, heads, channels, group, bits, packed,
-                                         *pointers))
+        _check(kernel.quantize_tokens(x.data_ptr(), _DTYPES[x.dtype], tokens, heads, channels, group, bits, packed,
+                                      *pointers))
     else:
-        _check(_kernel().quantize_channels(x.data_ptr(), _DTYPES[x.dtype], tokens * heads, channels, group, bits,
-                                           packed, *pointers))
+        _check(kernel.quantize_channels(x.data_ptr(), _DTYPES[x.dtype], tokens * heads, channels, group, bits, packed,
+                                        *pointers))
     return codes, scale, low
 
 
@@ -82,7 +84,8 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tenso
                       channels: int, dtype: torch.dtype) -> torch.Tensor:
     """`kernels.quant.dequantize_groups`: (T, H, channels) in `dtype`. ValueError naming the tensor whose shape or
     dtype does not fit the codes."""
-    if not _native(codes, bits, dim, group, dtype) or scale.device != codes.device or low.device != codes.device:
+    kernel = _kernel_for(codes, bits, dim, group, dtype)
+    if kernel is None or scale.device != codes.device or low.device != codes.device:
         return quant.dequantize_groups(codes, scale, low, bits, dim, group, channels, dtype)
     quant.check_codes(codes, scale, low, bits, dim, group, channels)
     tokens, heads, packed = codes.shape
@@ -90,18 +93,19 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tenso
     codes, scale, low = codes.contiguous(), scale.contiguous(), low.contiguous()  # held while the kernel reads them
     pointers = codes.data_ptr(), scale.data_ptr(), low.data_ptr()
     if dim == 0:
-        _check(_kernel().dequantize_tokens(*pointers, tokens, heads, channels, group, bits, packed, out.data_ptr(),
-                                           _DTYPES[dtype]))
+        _check(kernel.dequantize_tokens(*pointers, tokens, heads, channels, group, bits, packed, out.data_ptr(),
+                                        _DTYPES[dtype]))
     else:
-        _check(_kernel().dequantize_channels(*pointers, tokens * heads, channels, group, bits, packed, out.data_ptr(),
-                                             _DTYPES[dtype]))
+        _check(kernel.dequantize_channels(*pointers, tokens * heads, channels, group, bits, packed, out.data_ptr(),
+                                          _DTYPES[dtype]))
     return out
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
     """`bool(torch.isfinite(tensor).all())`, in one C pass over float32 / bfloat16 / float16 CPU tensors (the torch
     ops take ~1.7 ns an element: most of a received payload's decode)."""
-    if tensor.dtype not in _DTYPES or tensor.device.type != "cpu" or _kernel() is None:
+    kernel = _kernel() if tensor.dtype in _DTYPES and tensor.device.type == "cpu" else None
+    if kernel is None:
         return bool(torch.isfinite(tensor).all())
     tensor = tensor.contiguous()
-    return bool(_kernel().all_finite(tensor.data_ptr(), tensor.numel(), _DTYPES[tensor.dtype]))
+    return bool(kernel.all_finite(tensor.data_ptr(), tensor.numel(), _DTYPES[tensor.dtype]))

@@ -63,7 +63,8 @@ def test_tp2_equals_tp1_token_for_token_and_bytes_match_the_cost_model(colocated
                                   len(case.prefix))
         assert published == [c.upload_bytes for c in costs], case
         assert received == [c.download_bytes for c in costs], case
-    assert colocated_tp2[1] == {"sessions": 0, "paged_blocks": 0, "requests": 0, "unfinished": 0}  # nothing left on either rank
+    # nothing left on either rank
+    assert colocated_tp2[1] == {"sessions": 0, "paged_blocks": 0, "requests": 0, "unfinished": 0}
 
 
 @pytest.fixture(scope="module")
@@ -95,4 +96,5 @@ def test_federated_tp2_engines_equal_colocated_tp1_and_the_coordinator_sees_whol
         assert got.cost.published_bytes == [c.upload_bytes for c in costs], case
         assert got.cost.received_bytes == [c.download_bytes for c in costs], case
     for engine in tp2_cluster.cluster.status():
-        assert engine["rank_slots"] == engine["sessions"] == engine["paged_blocks"] == engine["credentials"] == 0, engine
+        left = (engine["rank_slots"], engine["sessions"], engine["paged_blocks"], engine["credentials"])
+        assert left == (0, 0, 0, 0), engine
