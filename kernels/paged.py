@@ -159,20 +159,23 @@ class PagedKeys:
         self.size = 0
 
 
-def paged_attention(queries: Sequence[torch.Tensor], held: Sequence[PagedKeys], scale: float) -> torch.Tensor:
-    """queries[i] (T_i, H, D): the last T_i of held[i]'s rows, each attending over every row up to itself (causal),
-    in one softmax; every request in one call of vLLM's CPU kernel (all keys in one pool). Returns (sum T_i, H, D)
-    in the queries' dtype: `kernels.reference.partial_attention(q_i, *rows_i, scale, causal=True)[0]` stacked
-    (a generator's decode token is a request of one row)."""
+def paged_attention(queries: Sequence[torch.Tensor], held: Sequence[PagedKeys], scale: float,
+                    seen: Sequence[int | None] | None = None) -> torch.Tensor:
+    """queries[i] (T_i, H, D): the last T_i of held[i]'s first seen[i] rows (None: all of them), each attending over
+    every row up to itself (causal), in one softmax; every request in one call of vLLM's CPU kernel (all keys in one
+    pool). Returns (sum T_i, H, D) in the queries' dtype: `kernels.reference.partial_attention(q_i, *rows_i, scale,
+    causal=True)[0]` stacked (a generator's decode token is a request of one row; a public prefix's rows, the
+    first rows of their participant's keys)."""
     pool = held[0].pool
+    seen = [h.size if n is None else n for h, n in zip(held, seen or [None] * len(held), strict=True)]
     if any(h.pool is not pool for h in held):
         raise ValueError("paged attention over keys in different pools")
-    if any(h.released or h.size < q.shape[0] for h, q in zip(held, queries, strict=True)):
+    if any(h.released or not q.shape[0] <= n <= h.size for h, q, n in zip(held, queries, seen, strict=True)):
         raise ValueError("paged attention over released keys, or fewer keys than queries")
     query = torch.cat(list(queries)) if len(queries) > 1 else queries[0].contiguous()
     output = torch.empty_like(query)
     starts = torch.tensor([0, *itertools.accumulate(q.shape[0] for q in queries)], dtype=torch.int32)
-    seq_lens = torch.tensor([h.size for h in held], dtype=torch.int32)
+    seq_lens = torch.tensor(seen, dtype=torch.int32)
     kv_heads = pool.blocks.shape[1]
     schedule = ops.cpu_attn_get_scheduler_metadata(
         num_reqs=len(held), num_heads=query.shape[1], num_kv_heads=kv_heads, head_dim=query.shape[2],

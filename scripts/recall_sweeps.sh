@@ -17,7 +17,7 @@ key() {  # the generator reads every layer, with the public prefix; others sync 
 }
 wire() {  # the bytes levers: quantised K/V on the wire, and the generator reading every 2nd layer
   for w in int8 int4 k4v2 int2; do run -H 2 "${PREFIX_HG1[@]}" --kv-wire "$w"; done
-  run -H 4 --kv-wire k4v2  # the paper's mode with the default encoding
+  for w in k4v2 int8 int4 int2; do run -H 4 --kv-wire "$w"; done  # the paper's mode with every encoding
   run -H 4 --generator-sync-interval 2 --public-prefix --kv-wire int8
 }
 minor() {  # the paper at other H, nobody but the generator reading, key-norm selection, the prefix alone

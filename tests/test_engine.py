@@ -99,6 +99,41 @@ def test_h1_and_n1_equal_plain_vllm_on_the_concatenated_prompt(tiny_engine, with
     assert all(r.cost.prefix_tokens == len(s.public_prefix) for r, s in zip(results, sessions))
 
 
+@pytest.mark.parametrize("mode", ["H=1", "mixed"])
+def test_steps_whose_every_row_is_recomputed_skip_vllms_attention_and_match_the_oracle(tiny_engine, mode,
+                                                                                      monkeypatch):
+    """At H = 1 every row of every step is recomputed (prefill, a public prefix and participant 0 included; decode),
+    and so with the generators reading every layer; beside sessions at H > 1 or N = 1, some steps' rows are left
+    alone. vLLM's own attention runs exactly where a step has a row the sync step does not write."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    from fedattn_vllm.vllm_ext import attention
+
+    decisions, stock_calls = [], []
+    replaces_stock, stock_forward = attention.replaces_stock, CPUAttentionBackendImpl.forward
+    monkeypatch.setattr(attention, "replaces_stock", lambda *a: decisions.append(replaces_stock(*a)) or decisions[-1])
+    monkeypatch.setattr(CPUAttentionBackendImpl, "forward",
+                        lambda *a, **k: stock_calls.append(1) or stock_forward(*a, **k))
+    rng = random.Random(f"whole-{mode}-{tiny_engine.name}")
+    llm, vocab = tiny_engine.llm, len(tiny_engine.tokenizer)
+    cases = []
+    for i in range(8):
+        n = rng.randint(2, 4) if mode == "H=1" or i % 3 else 1
+        options = {"sync_interval": 1} if mode == "H=1" or i % 2 else {"sync_interval": rng.randint(2, 4)}
+        if mode == "H=1" and i % 2:
+            options["generator_sync_interval"] = 1
+        config = FedAttnConfig(generators=tuple(rng.sample(range(n), rng.randint(1, n))), **options)
+        prefix = random_tokens(rng, vocab, rng.randint(1, 6)) if rng.random() < 0.5 else []
+        cases.append(([random_tokens(rng, vocab, rng.randint(1, 30)) for _ in range(n)], prefix, config,
+                      rng.randint(2, 8)))
+    results = llm.generate([FedAttnSession(s, c, greedy(m), public_prefix=p) for s, p, c, m in cases])
+    for (segments, prefix, config, max_tokens), result in zip(cases, results):
+        expected = tiny_engine.oracle.generate(segments, config, max_tokens, ignore_eos=True, public_prefix=prefix)
+        assert {g: out.token_ids for g, out in result.outputs.items()} == expected.tokens
+    assert len(stock_calls) == decisions.count(False)
+    assert all(decisions) if mode == "H=1" else 0 < decisions.count(True) < len(decisions)
+
+
 def test_plain_requests_in_a_fedattn_engine_are_untouched(tiny_engine):
     prompt = random_tokens(random.Random(5), len(tiny_engine.tokenizer), 30)
     mine = tiny_engine.llm.llm.generate([{"prompt_token_ids": prompt}], greedy(12), use_tqdm=False)

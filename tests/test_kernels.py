@@ -122,7 +122,8 @@ def _merged_reference(q, own, far, scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_layers_prefill_and_decode_rows_in_one_call_equal_the_merged_partials(dtype):
     """Segments' queries over [public prefix, foreign, own segment] causally in one softmax, as the engine's
-    reference computes them (own causal, merged with foreign), beside a generator's decode token: one call."""
+    reference computes them (own causal, merged with foreign), their public prefixes' queries over the prefix alone
+    (the first rows of the same keys), beside a generator's decode token: one call."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     from kernels.paged import PagedKeys, PagedPool, paged_attention
@@ -130,7 +131,7 @@ def test_a_layers_prefill_and_decode_rows_in_one_call_equal_the_merged_partials(
     scale, block = 64**-0.5, 32
     pool = PagedPool(2, 64, dtype, torch.device("cpu"), block, _get_attn_isa(dtype, block, 64))
     cases = [_prefill_case(*shape, dtype) for shape in [(0, 30, 7), (5, 200, 60), (3, 0, 1), (0, 1, 130)]]
-    held, queries, expected = [], [], []
+    held, queries, seen, expected = [], [], [], []
     for q, own, far in cases:
         prefix = own[0].shape[0] - q.shape[0]
         keys = PagedKeys(pool)
@@ -139,13 +140,21 @@ def test_a_layers_prefill_and_decode_rows_in_one_call_equal_the_merged_partials(
         assert keys.size == own[0].shape[0] + far[0].shape[0]
         held.append(keys)
         queries.append(q)
+        seen.append(None)
         expected.append(_merged_reference(q, own, far, scale))
+        if prefix:
+            prefix_q, prefix_kv = torch.randn(prefix, 14, 64).to(dtype), (own[0][:prefix], own[1][:prefix])
+            held.append(keys)
+            queries.append(prefix_q)
+            seen.append(prefix)
+            expected.append(fused_partial_attention(prefix_q, *prefix_kv, scale, causal=True)[0])
     decode_keys = torch.randn(77, 2, 64).to(dtype), torch.randn(77, 2, 64).to(dtype)
     held.append(PagedKeys(pool))
     held[-1].append(decode_keys)
     queries.append(torch.randn(1, 14, 64).to(dtype))
+    seen.append(None)
     expected.append(decode_attention(queries[-1], [decode_keys[0]], [decode_keys[1]], scale))
-    assert_close(paged_attention(queries, held, scale).float(), torch.cat(expected).float(), **TOL[dtype])
+    assert_close(paged_attention(queries, held, scale, seen).float(), torch.cat(expected).float(), **TOL[dtype])
 
 
 @VLLM_CPU_KERNEL

@@ -72,7 +72,9 @@ def tp2_cluster(tmp_path_factory):
     """Two federated engines of two ranks each (a coordinator process, CURVE links, sealed K/V)."""
     from fedattn_vllm.federated.local import LocalCluster
 
-    with LocalCluster(MODEL, engines=2, engine_args={**TINY_ENGINE_ARGS, "tensor_parallel_size": 2}, timeout_s=30,
+    # Six processes (a coordinator, two engines of two ranks) on a loaded 2-core machine: a peer's K/V can take
+    # long, never forever (the timeout is for a peer that is gone).
+    with LocalCluster(MODEL, engines=2, engine_args={**TINY_ENGINE_ARGS, "tensor_parallel_size": 2}, timeout_s=120,
                       log_dir=tmp_path_factory.mktemp("tp2-cluster")) as local:
         yield local
 

@@ -1,9 +1,10 @@
 """The sync-layer hook: vLLM's attention impl plus FedAttn's foreign K/V, in one softmax.
 
 Every attention impl of a FedAttn model becomes a subclass of its backend's impl. The
-stock forward runs first (it caches K/V and attends over the request's own tokens, which
-is all a local layer needs). At a layer where a participant sees foreign K/V, its rows are
-recomputed. On the CPU, vLLM's own attention kernel does it over keys copied into its paged
+stock forward runs first (it attends over the request's own tokens, which is all a local
+layer needs). At a layer where a participant sees foreign K/V, its rows are recomputed;
+where every row of the step would be (H = 1, a generator's decode at a layer it reads), the
+stock forward is skipped on the CPU backend, which caches K/V outside it (`replaces_stock`). On the CPU, vLLM's own attention kernel does it over keys copied into its paged
 layout (`kernels.paged`): a prefill row over [public prefix, foreign, own segment] causally in
 one softmax, a generator's decode over foreign + own prompt + generated keys, every recomputed
 row of the layer in one call. Elsewhere (and in the prefill of a participant that keeps only
@@ -25,19 +26,21 @@ from fedattn_vllm.kv_wire import decode_checked, encode_kv, questions_checked
 from fedattn_vllm.selection import QUESTION_ROWS
 from fedattn_vllm.vllm_ext.batch import FedAttnBatch, ParticipantRows, current_batch
 from fedattn_vllm.vllm_ext.sessions import REGISTRY, GrowingKV
-from fedattn_vllm.vllm_ext.surface import cpu_paging, head_combine
+from fedattn_vllm.vllm_ext.surface import caches_before_forward, cpu_paging, head_combine
 from kernels import decode_attention, fused_partial_attention, gather_tokens, merge_attention
 from kernels.paged import PagedKeys, paged_attention, pool_for
 
 
 def apply_sync_layer(
     batch: FedAttnBatch, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    output: torch.Tensor, scale: float, paging: tuple[int, str] | None = None,
+    output: torch.Tensor, scale: float, paging: tuple[int, str] | None = None, whole: bool = False,
 ) -> None:
     """Publish this layer's K/V, then overwrite the rows that see foreign K/V.
 
     query/output (T, H, D), key/value (T, H_kv, D): post-RoPE, rows as in `batch`. paging: vLLM's CPU cache
     (block size, instruction set), whose kernel then attends for the rows recomputed (None: the reference).
+    whole: vLLM's own attention did not run (`replaces_stock`), so every row is written here, a participant's
+    public prefix and a segment that sees no foreign K/V included.
     """
     # Pass 1: publish (the generators' questions first), so a participant later in this same batch finds its
     # predecessors' K/V, and a publisher that chooses by the questions finds them.
@@ -51,29 +54,33 @@ def apply_sync_layer(
     # Pass 2: attention over own (kept) + foreign K/V for the rows that see any or keep only some of their own.
     # On vLLM's CPU kernel every such row of the layer, prefill and decode, is one call; elsewhere the layer's
     # decoding generators are one padded torch call.
-    paged: list[tuple[ParticipantRows, slice, PagedKeys]] = []  # (entry, batch rows, keys whose last rows they are)
+    # (entry, batch rows, keys whose last rows of the first `seen` (None: all) they are)
+    paged: list[tuple[ParticipantRows, slice, PagedKeys, int | None]] = []
     temporary: list[PagedKeys] = []  # prefill keys, released after the call
     decoding: list[tuple[ParticipantRows, GrowingKV]] = []
     for e in batch.entries:
         if not e.session.recomputes(e.participant, layer):  # elsewhere vLLM's own output stands
             continue
         if e.prefill:
-            held = _isolated(e, _attend_prefill, layer, query, key, value, output, scale, paging)
+            held = _isolated(e, _attend_prefill, layer, query, key, value, output, scale, paging, whole)
             if held is not None:
-                paged.append((e, e.segment_rows, held))
+                paged.append((e, e.segment_rows, held, None))
+                if whole and e.session.prefix_len:  # the public prefix's rows over the prefix alone
+                    paged.append((e, slice(e.rows.start, e.segment_rows.start), held, e.session.prefix_len))
                 temporary.append(held)
         elif e.session.decodes_from_buffer(e.participant, layer):
             held = _isolated(e, _decode_keys, layer, key, value, paging)
             if isinstance(held, PagedKeys):
-                paged.append((e, e.rows, held))  # its new tokens are the keys' last rows
+                paged.append((e, e.rows, held, None))  # its new tokens are the keys' last rows
             elif held is not None:
                 decoding.append((e, held))
     # A session that failed after its rows were gathered (a later participant's exchange error) is left out: its
     # keys are released and its rows are the driver's to discard.
-    live = [(rows, held) for e, rows, held in paged if e.session.error is None]
+    live = [(rows, held, seen) for e, rows, held, seen in paged if e.session.error is None]
     if live:
-        attended = paged_attention([query[rows] for rows, _ in live], [held for _, held in live], scale)
-        rows = torch.tensor([i for r, _ in live for i in range(r.start, r.stop)], device=query.device)
+        attended = paged_attention([query[rows] for rows, _, _ in live], [held for _, held, _ in live], scale,
+                                   [seen for _, _, seen in live])
+        rows = torch.tensor([i for r, _, _ in live for i in range(r.start, r.stop)], device=query.device)
         output[rows] = attended.to(output.dtype)
     for held in temporary:
         held.release()
@@ -82,6 +89,20 @@ def apply_sync_layer(
         keys = [held.rows() for _, held in decoding]
         attended = decode_attention(query[rows], [k for k, _ in keys], [v for _, v in keys], scale)
         output[rows] = attended.to(output.dtype)
+
+
+def replaces_stock(batch: FedAttnBatch, layer: int, rows: int) -> bool:
+    """Whether `apply_sync_layer(..., whole=True)` on vLLM's CPU kernel writes all of a step's `rows` rows at
+    `layer`: every row belongs to a participant that the sync step recomputes there (a prefill at a sync layer,
+    every own token kept; a generator's decode over foreign or kept K/V). vLLM's own attention is then skipped:
+    at H = 1 it would attend over each request's own tokens only for every row to be overwritten."""
+    def recomputed(e: ParticipantRows) -> bool:
+        state, n = e.session, e.participant
+        if e.prefill:
+            return layer in state.plan.sync_layers and not state.sparse_local(n)
+        return state.decodes_from_buffer(n, layer)
+
+    return sum(e.rows.stop - e.rows.start for e in batch.entries if recomputed(e)) == rows
 
 
 def _isolated(entry: ParticipantRows, step, *args):
@@ -146,9 +167,10 @@ def _decode_keys(e: ParticipantRows, layer: int, key, value, paging) -> GrowingK
 
 
 def _attend_prefill(e: ParticipantRows, layer: int, query, key, value, output, scale: float,
-                    paging) -> PagedKeys | None:
+                    paging, whole: bool) -> PagedKeys | None:
     """The participant's segment rows over own (kept) + foreign K/V: on vLLM's CPU kernel the keys, paged, for the
-    layer's one call (its rows are their last rows); elsewhere (or sparse local) attended here. None: done."""
+    layer's one call (its rows are their last rows; `whole`: even where it sees no foreign K/V, vLLM's own
+    attention having not run); elsewhere (or sparse local) attended here. None: done."""
     state, n = e.session, e.participant
     own = key[e.rows], value[e.rows]  # public prefix + segment
     fetch = _fetcher(e, layer, key)
@@ -160,13 +182,14 @@ def _attend_prefill(e: ParticipantRows, layer: int, query, key, value, output, s
         rows = None if kept is None else torch.cat([torch.arange(prefix, device=kept.device), prefix + kept])
         state.prompt_kv[n, layer] = (gather_tokens(own[0], rows).clone(), gather_tokens(own[1], rows).clone())
     foreign = state.foreign(n, layer, True, fetch)
-    if foreign is None and kept is None:
+    if foreign is None and kept is None and not whole:
         return None
     # Only the segment's rows change (the prefix precedes every foreign token and keeps all of itself).
     if kept is None and paging is not None:  # one causal softmax over [prefix, foreign, segment] on vLLM's kernel
         held = PagedKeys(pool_for(own[0], *paging))
         for part in ((own[0][:prefix], own[1][:prefix]), foreign, (own[0][prefix:], own[1][prefix:])):
-            held.append(part)
+            if part is not None:
+                held.append(part)
         return held
     q = query[e.segment_rows]
     mask = None if kept is None else _local_mask(prefix, length, kept.to(q.device))
@@ -197,11 +220,15 @@ def fedattn_impl_class(base: type) -> type:
     """
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        result = base.forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         batch = current_batch()
-        if batch is not None and attn_metadata is not None:  # warm-up / profile runs have neither
-            apply_sync_layer(batch, self.fedattn_layer, query, key, value, output, self.scale,
-                             cpu_paging(layer, kv_cache, query.device))
+        if batch is None or attn_metadata is None:  # warm-up / profile runs have neither
+            return base.forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        paging = cpu_paging(layer, kv_cache, query.device)
+        whole = paging is not None and caches_before_forward(layer) and \
+            replaces_stock(batch, self.fedattn_layer, attn_metadata.num_actual_tokens)
+        result = output if whole else \
+            base.forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        apply_sync_layer(batch, self.fedattn_layer, query, key, value, output, self.scale, paging, whole)
         return result
 
     return type(f"FedAttn{base.__name__}", (base,), {"forward": forward})
