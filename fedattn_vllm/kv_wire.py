@@ -20,7 +20,7 @@ import torch
 
 from fedattn_vllm.config import KVWire
 from fedattn_vllm.exchange import KV, KVExchangeError, Payload, kv_nbytes
-from kernels import all_finite, dequantize_groups, dequantize_int8, quantize_groups, quantize_int8
+from kernels import all_finite, dequantize_int8, dequantize_kv, quantize_int8, quantize_kv
 from kernels.quant import packed_channels, stats_shape
 
 _HALF = 2  # bytes of a float16 scale or minimum
@@ -37,14 +37,12 @@ class LowBit:
 
     def encode(self, kv: KV) -> Payload:
         """(K codes, K scales, K minima, V codes, V scales, V minima)."""
-        return (*quantize_groups(kv[0], self.key_bits, 0, self.key_group),
-                *quantize_groups(kv[1], self.value_bits, -1, self.value_group))
+        return quantize_kv(*kv, self.key_bits, self.key_group, self.value_bits, self.value_group)
 
-    def decode(self, payload: Payload, dtype: torch.dtype, head_dim: int) -> KV:
-        """(K, V) of `head_dim` channels (the receiver's model's: the codes are checked against it)."""
-        k, k_scale, k_low, v, v_scale, v_low = payload
-        return (dequantize_groups(k, k_scale, k_low, self.key_bits, 0, self.key_group, head_dim, dtype),
-                dequantize_groups(v, v_scale, v_low, self.value_bits, -1, self.value_group, head_dim, dtype))
+    def decode(self, payload: Payload, dtype: torch.dtype, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(K, V, whether every value is finite), K and V of `head_dim` channels (the receiver's model's: the codes
+        are checked against it)."""
+        return dequantize_kv(payload, self.key_bits, self.key_group, self.value_bits, self.value_group, head_dim, dtype)
 
     def payload_bytes(self, tokens: int, heads: int, head_dim: int) -> int:
         """Codes, and a float16 scale and minimum per group, as the encoder lays them out (`kernels.quant`)."""
@@ -73,12 +71,20 @@ def encode_kv(kv: KV, wire: KVWire) -> Payload:
 
 def decode_kv(payload: Payload, wire: KVWire, dtype: torch.dtype, head_dim: int) -> KV:
     """(K, V) of `head_dim` channels in the engine's `dtype` from a published payload."""
+    return _decoded(payload, wire, dtype, head_dim)[:2]
+
+
+def _decoded(payload: Payload, wire: KVWire, dtype: torch.dtype, head_dim: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                          bool]:
+    """(K, V, whether every value of both is finite)."""
+    if wire in LOW_BIT:  # the finite check in the decoding kernel's call
+        return LOW_BIT[wire].decode(payload, dtype, head_dim)
     if wire is KVWire.INT8:
         k, v, k_scale, v_scale = payload
-        return dequantize_int8(k, k_scale, dtype), dequantize_int8(v, v_scale, dtype)
-    if wire in LOW_BIT:
-        return LOW_BIT[wire].decode(payload, dtype, head_dim)
-    return payload[0], payload[1]
+        k, v = dequantize_int8(k, k_scale, dtype), dequantize_int8(v, v_scale, dtype)
+    else:
+        k, v = payload[0], payload[1]
+    return k, v, all_finite(k) and all_finite(v)
 
 
 def decode_checked(payload: Payload, wire: KVWire, dtype: torch.dtype, shape: tuple[int, int, int]) -> KV:
@@ -89,12 +95,12 @@ def decode_checked(payload: Payload, wire: KVWire, dtype: torch.dtype, shape: tu
     if kv_nbytes(payload) != expected:
         raise KVExchangeError(f"a {wire.value} payload of {shape} is {expected} bytes, got {kv_nbytes(payload)}")
     try:
-        kv = decode_kv(payload, wire, dtype, head_dim)
+        k, v, finite = _decoded(payload, wire, dtype, head_dim)
     except (RuntimeError, ValueError, IndexError) as error:
         raise KVExchangeError(f"malformed {wire.value} payload: {error}") from None
-    if any(t.shape != shape or t.dtype != dtype or not all_finite(t) for t in kv):
+    if not finite or any(t.shape != shape or t.dtype != dtype for t in (k, v)):
         raise KVExchangeError(f"a {wire.value} payload that does not decode to finite {tuple(shape)} {dtype}")
-    return kv
+    return k, v
 
 
 def questions_checked(payload: Payload, dtype: torch.dtype, shape: tuple[int, int, int]) -> torch.Tensor:

@@ -257,6 +257,35 @@ int dequantize_channels(const uint8_t *codes, const half *scale_in, const half *
     return 0;
 }
 
+/* One payload's keys (k: quantize_tokens, groups of `key_group` tokens) and values (v: quantize_channels, groups of
+ * `value_group` channels), both (T, H, D) of `dtype`, in one call. 0, or -1 where scratch could not be allocated. */
+int quantize_kv(const void *k, const void *v, int dtype, int64_t tokens, int64_t heads, int64_t channels,
+                int key_bits, int64_t key_group, int64_t key_packed, int value_bits, int64_t value_group,
+                int64_t value_packed, uint8_t *k_codes, half *k_scale, half *k_low, uint8_t *v_codes, half *v_scale,
+                half *v_low) {
+    if (quantize_tokens(k, dtype, tokens, heads, channels, key_group, key_bits, key_packed, k_codes, k_scale, k_low))
+        return -1;
+    return quantize_channels(v, dtype, tokens * heads, channels, value_group, value_bits, value_packed, v_codes,
+                             v_scale, v_low);
+}
+
+int all_finite(const void *data, int64_t n, int dtype);
+
+/* quantize_kv's inverse into k_out and v_out (T, H, D) of `dtype`, then their finite check (the payload came from
+ * another party). 0; 1 where a decoded value is not finite; -1 where scratch could not be allocated. */
+int dequantize_kv(const uint8_t *k_codes, const half *k_scale, const half *k_low, const uint8_t *v_codes,
+                  const half *v_scale, const half *v_low, int64_t tokens, int64_t heads, int64_t channels, int key_bits,
+                  int64_t key_group, int64_t key_packed, int value_bits, int64_t value_group, int64_t value_packed,
+                  void *k_out, void *v_out, int dtype) {
+    if (dequantize_tokens(k_codes, k_scale, k_low, tokens, heads, channels, key_group, key_bits, key_packed, k_out,
+                          dtype) ||
+        dequantize_channels(v_codes, v_scale, v_low, tokens * heads, channels, value_group, value_bits, value_packed,
+                            v_out, dtype))
+        return -1;
+    const int64_t n = tokens * heads * channels;
+    return all_finite(k_out, n, dtype) && all_finite(v_out, n, dtype) ? 0 : 1;
+}
+
 /* 1 where every one of n elements of `dtype` is finite (neither infinite nor NaN: not every exponent bit set),
  * else 0. A received payload's check, in one vectorised pass. */
 int all_finite(const void *data, int64_t n, int dtype) {

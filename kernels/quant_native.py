@@ -34,6 +34,8 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
         "dequantize_tokens": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _I64, _PTR, _INT], _INT),
         "dequantize_channels": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _INT], _INT),
         "all_finite": ([_PTR, _I64, _INT], _INT),
+        "quantize_kv": ([_PTR, _PTR, _INT, _I64, _I64, _I64, _INT, _I64, _I64, _INT, _I64, _I64, *[_PTR] * 6], _INT),
+        "dequantize_kv": ([*[_PTR] * 6, _I64, _I64, _I64, _INT, _I64, _I64, _INT, _I64, _I64, _PTR, _PTR, _INT], _INT),
     }
     for name, (arguments, result) in signatures.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = arguments, result
@@ -109,3 +111,49 @@ def all_finite(tensor: torch.Tensor) -> bool:
         return bool(torch.isfinite(tensor).all())
     tensor = tensor.contiguous()
     return bool(kernel.all_finite(tensor.data_ptr(), tensor.numel(), _DTYPES[tensor.dtype]))
+
+
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, key_bits: int, key_group: int, value_bits: int,
+                value_group: int) -> tuple[torch.Tensor, ...]:
+    """One payload: `quantize_groups(k, key_bits, 0, key_group)` then `quantize_groups(v, value_bits, -1,
+    value_group)`, k and v (T, H, D), in one kernel call (a short message's cost is mostly per call)."""
+    kernel = _kernel_for(k, key_bits, 0, key_group, k.dtype) if k.dim() == 3 and k.shape == v.shape \
+        and k.dtype == v.dtype and v.device == k.device else None
+    if kernel is None or _kernel_for(v, value_bits, -1, value_group, v.dtype) is None:
+        return (*quantize_groups(k, key_bits, 0, key_group), *quantize_groups(v, value_bits, -1, value_group))
+    k, v = k.contiguous(), v.contiguous()
+    tokens, heads, channels = k.shape
+    key_packed, value_packed = quant.packed_channels(channels, key_bits), quant.packed_channels(channels, value_bits)
+    key_stats, value_stats = quant.stats_shape(k.shape, 0, key_group), quant.stats_shape(k.shape, -1, value_group)
+    out = (torch.empty(tokens, heads, key_packed, dtype=torch.uint8), torch.empty(key_stats, dtype=torch.float16),
+           torch.empty(key_stats, dtype=torch.float16), torch.empty(tokens, heads, value_packed, dtype=torch.uint8),
+           torch.empty(value_stats, dtype=torch.float16), torch.empty(value_stats, dtype=torch.float16))
+    _check(kernel.quantize_kv(k.data_ptr(), v.data_ptr(), _DTYPES[k.dtype], tokens, heads, channels, key_bits,
+                              key_group, key_packed, value_bits, value_group, value_packed, *(t.data_ptr() for t in out)))
+    return out
+
+
+def dequantize_kv(payload: tuple[torch.Tensor, ...], key_bits: int, key_group: int, value_bits: int, value_group: int,
+                  channels: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """`quantize_kv`'s payload (key codes, scale, minimum, value codes, scale, minimum) -> (K, V, whether every
+    decoded value is finite), K and V (T, H, channels) in `dtype`, in one kernel call. ValueError naming the tensor
+    whose shape or dtype does not fit the codes (payloads come from other parties)."""
+    k_codes, k_scale, k_low, v_codes, v_scale, v_low = payload
+    kernel = _kernel_for(k_codes, key_bits, 0, key_group, dtype)
+    if kernel is None or _kernel_for(v_codes, value_bits, -1, value_group, dtype) is None \
+            or any(t.device != k_codes.device for t in payload):
+        k = dequantize_groups(k_codes, k_scale, k_low, key_bits, 0, key_group, channels, dtype)
+        v = dequantize_groups(v_codes, v_scale, v_low, value_bits, -1, value_group, channels, dtype)
+        return k, v, all_finite(k) and all_finite(v)
+    quant.check_codes(k_codes, k_scale, k_low, key_bits, 0, key_group, channels)
+    quant.check_codes(v_codes, v_scale, v_low, value_bits, -1, value_group, channels)
+    if v_codes.shape[:2] != k_codes.shape[:2]:
+        raise ValueError(f"value codes {tuple(v_codes.shape)} for key codes {tuple(k_codes.shape)}")
+    tokens, heads, key_packed = k_codes.shape
+    k, v = torch.empty(tokens, heads, channels, dtype=dtype), torch.empty(tokens, heads, channels, dtype=dtype)
+    held = [t.contiguous() for t in payload]  # held while the kernel reads them
+    status = kernel.dequantize_kv(*(t.data_ptr() for t in held), tokens, heads, channels, key_bits, key_group,
+                                  key_packed, value_bits, value_group, v_codes.shape[-1], k.data_ptr(), v.data_ptr(),
+                                  _DTYPES[dtype])
+    _check(min(status, 0))
+    return k, v, status == 0

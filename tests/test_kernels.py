@@ -346,6 +346,60 @@ def test_the_native_decoder_checks_every_shape_before_it_reads(bad, field):
         quant_native.dequantize_groups(*bad(codes, scale, low), 4, 0, 64, 64, torch.float32)
 
 
+PAIRS = pytest.mark.parametrize("key_bits,key_group,value_bits,value_group", [(4, 64, 2, 32), (2, 32, 2, 32),
+                                                                            (4, 7, 4, 5)])
+
+
+@PAIRS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 65])
+def test_a_payload_in_one_call_equals_its_keys_and_values_through_the_reference(key_bits, key_group, value_bits,
+                                                                                 value_group, dtype, tokens):
+    k, v = _edge_kv(tokens, dtype, tokens), _edge_kv(tokens, dtype, tokens + 1)
+    payload = quant_native.quantize_kv(k, v, key_bits, key_group, value_bits, value_group)
+    expected = (*quant.quantize_groups(k, key_bits, 0, key_group), *quant.quantize_groups(v, value_bits, -1, value_group))
+    assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(payload, expected, strict=True))
+    for out in (torch.float32, torch.bfloat16, torch.float16):
+        back_k, back_v, finite = quant_native.dequantize_kv(payload, key_bits, key_group, value_bits, value_group, 64,
+                                                            out)
+        assert torch.equal(_bits(back_k), _bits(quant.dequantize_groups(*expected[:3], key_bits, 0, key_group, 64, out)))
+        assert torch.equal(_bits(back_v), _bits(quant.dequantize_groups(*expected[3:], value_bits, -1, value_group, 64,
+                                                                        out)))
+        assert finite == bool(torch.isfinite(back_k).all() and torch.isfinite(back_v).all())
+        with native.reference_only():  # the same calls without the kernel
+            assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(
+                quant_native.quantize_kv(k, v, key_bits, key_group, value_bits, value_group), payload, strict=True))
+            *back, flag = quant_native.dequantize_kv(payload, key_bits, key_group, value_bits, value_group, 64, out)
+            assert torch.equal(_bits(back[0]), _bits(back_k)) and torch.equal(_bits(back[1]), _bits(back_v))
+            assert flag == finite
+
+
+@pytest.mark.parametrize("poison", ["key scale", "value minimum", "float16 overflow"])
+def test_a_payload_that_decodes_to_a_non_finite_value_is_flagged(poison):
+    """A NaN or infinite statistic from another party, or finite ones whose values overflow float16."""
+    k, v = torch.randn(70, 2, 64), torch.randn(70, 2, 64)
+    payload = list(quant_native.quantize_kv(k, v, 4, 64, 2, 32))
+    if poison == "key scale":
+        payload[1][0, 1, 7] = float("nan")
+    elif poison == "value minimum":
+        payload[5][69, 0, 1] = float("-inf")
+    else:
+        payload[4][3, 1, 0] = 65504.0  # minimum + 3 * scale beyond float16's largest
+    for out, finite in ((torch.float16, False), (torch.bfloat16, poison == "float16 overflow")):
+        assert quant_native.dequantize_kv(tuple(payload), 4, 64, 2, 32, 64, out)[2] is finite
+
+
+@pytest.mark.parametrize("bad, field", [
+    (lambda p: (p[0][:, :, :-1], *p[1:]), "codes"),
+    (lambda p: (*p[:4], p[4][:-1], p[5]), "scale"),
+    (lambda p: (*p[:3], *(t[:-1] for t in p[3:])), "value codes"),  # values for fewer tokens than the keys
+])
+def test_a_payload_decoder_checks_every_shape_before_it_reads(bad, field):
+    payload = quant_native.quantize_kv(torch.randn(70, 2, 64), torch.randn(70, 2, 64), 4, 64, 2, 32)
+    with pytest.raises(ValueError, match=field):
+        quant_native.dequantize_kv(bad(payload), 4, 64, 2, 32, 64, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("special", [None, float("inf"), float("-inf"), float("nan")])
 def test_the_finite_check_equals_torchs(dtype, special):
