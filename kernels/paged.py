@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 from vllm import _custom_ops as ops  # loads vLLM's kernels into torch.ops._C
+from vllm import envs
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (T, H_kv, D) keys and values
 
@@ -180,7 +181,7 @@ def paged_attention(queries: Sequence[torch.Tensor], held: Sequence[PagedKeys], 
     schedule = ops.cpu_attn_get_scheduler_metadata(
         num_reqs=len(held), num_heads=query.shape[1], num_kv_heads=kv_heads, head_dim=query.shape[2],
         seq_lens=seq_lens, dtype=query.dtype, query_start_loc=starts, causal=True, sliding_window_size=-1,
-        isa=pool.isa, enable_kv_split=False)
+        isa=pool.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)  # as vLLM's own CPU attention schedules it
     block_table = torch.nn.utils.rnn.pad_sequence([h.block_table for h in held], batch_first=True)
     key_cache, value_cache = pool.halves()
     ops.cpu_attention_with_kv_cache(
