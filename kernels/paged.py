@@ -175,17 +175,27 @@ def paged_attention(queries: Sequence[torch.Tensor], held: Sequence[PagedKeys], 
         raise ValueError("paged attention over released keys, or fewer keys than queries")
     query = torch.cat(list(queries)) if len(queries) > 1 else queries[0].contiguous()
     output = torch.empty_like(query)
-    starts = torch.tensor([0, *itertools.accumulate(q.shape[0] for q in queries)], dtype=torch.int32)
-    seq_lens = torch.tensor(seen, dtype=torch.int32)
-    kv_heads = pool.blocks.shape[1]
-    schedule = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=len(held), num_heads=query.shape[1], num_kv_heads=kv_heads, head_dim=query.shape[2],
-        seq_lens=seq_lens, dtype=query.dtype, query_start_loc=starts, causal=True, sliding_window_size=-1,
-        isa=pool.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)  # as vLLM's own CPU attention schedules it
-    block_table = torch.nn.utils.rnn.pad_sequence([h.block_table for h in held], batch_first=True)
+    starts, seq_lens, schedule = _schedule(tuple(q.shape[0] for q in queries), tuple(seen), query.shape[1],
+                                           pool.blocks.shape[1], query.shape[2], query.dtype, pool.isa)
+    block_table = held[0].block_table[None] if len(held) == 1 else \
+        torch.nn.utils.rnn.pad_sequence([h.block_table for h in held], batch_first=True)
     key_cache, value_cache = pool.halves()
     ops.cpu_attention_with_kv_cache(
         query=query, key_cache=key_cache, value_cache=value_cache, output=output, query_start_loc=starts,
         seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=block_table,
         softcap=0.0, scheduler_metadata=schedule, s_aux=None)
     return output
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule(query_lengths: tuple[int, ...], seen: tuple[int, ...], heads: int, kv_heads: int, head_dim: int,
+              dtype: torch.dtype, isa: str) -> tuple[torch.Tensor, ...]:
+    """(query start offsets, key lengths, vLLM's work schedule) of a call: the same at every layer of a step, so
+    computed once for all of them, as vLLM's own backend does (the kernel only reads them)."""
+    starts = torch.tensor([0, *itertools.accumulate(query_lengths)], dtype=torch.int32)
+    seq_lens = torch.tensor(seen, dtype=torch.int32)
+    schedule = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=len(seen), num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, seq_lens=seq_lens, dtype=dtype,
+        query_start_loc=starts, causal=True, sliding_window_size=-1, isa=isa,
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)  # as vLLM's own CPU attention schedules it
+    return starts, seq_lens, schedule
