@@ -70,7 +70,7 @@ crossparty() {  # the cross-party recall modes on GSM8K: the generator reads eve
 }
 participants_default() {  # N = 2..6 in the default mode (every layer synced, k4v2), the 4-shot prompt split N ways
   # (N=4 is the crossparty shard o0; centralised is the headline's N=1)
-  for n in 2 3 5 6; do run -N "$n" -H 1 --kv-wire k4v2 --limit "${LIMIT:-100}"; done
+  for n in 2 6 3 5; do run -N "$n" -H 1 --kv-wire k4v2 --limit "${LIMIT:-100}"; done
 }
 wires() {  # every K/V encoding on the wire in the recall mode (H=2, the generator reading every layer), 300 problems
   # each as the crossparty shards: native and k4v2 are there; int8, int4 and int2 here (RESULTS.md's wire table)
