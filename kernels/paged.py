@@ -176,7 +176,8 @@ def paged_attention(queries: Sequence[torch.Tensor], held: Sequence[PagedKeys], 
     query = torch.cat(list(queries)) if len(queries) > 1 else queries[0].contiguous()
     output = torch.empty_like(query)
     starts, seq_lens, schedule = _schedule(tuple(q.shape[0] for q in queries), tuple(seen), query.shape[1],
-                                           pool.blocks.shape[1], query.shape[2], query.dtype, pool.isa)
+                                           pool.blocks.shape[1], query.shape[2], query.dtype, pool.isa,
+                                           torch.get_num_threads())
     block_table = held[0].block_table[None] if len(held) == 1 else \
         torch.nn.utils.rnn.pad_sequence([h.block_table for h in held], batch_first=True)
     key_cache, value_cache = pool.halves()
@@ -189,9 +190,10 @@ def paged_attention(queries: Sequence[torch.Tensor], held: Sequence[PagedKeys], 
 
 @functools.lru_cache(maxsize=64)
 def _schedule(query_lengths: tuple[int, ...], seen: tuple[int, ...], heads: int, kv_heads: int, head_dim: int,
-              dtype: torch.dtype, isa: str) -> tuple[torch.Tensor, ...]:
+              dtype: torch.dtype, isa: str, threads: int) -> tuple[torch.Tensor, ...]:
     """(query start offsets, key lengths, vLLM's work schedule) of a call: the same at every layer of a step, so
-    computed once for all of them, as vLLM's own backend does (the kernel only reads them)."""
+    computed once for all of them, as vLLM's own backend does (the kernel only reads them, and checks the schedule
+    was made for its `threads` OpenMP threads)."""
     starts = torch.tensor([0, *itertools.accumulate(query_lengths)], dtype=torch.int32)
     seq_lens = torch.tensor(seen, dtype=torch.int32)
     schedule = ops.cpu_attn_get_scheduler_metadata(

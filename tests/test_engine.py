@@ -215,7 +215,8 @@ def assert_nothing_left(refs: list[weakref.ref]) -> None:
     assert refs and all(ref() is None for ref in refs), "published K/V outlived its session"
 
 
-def test_a_failing_session_fails_alone_and_leaves_no_kv(tiny_engine, published, monkeypatch):
+@pytest.mark.parametrize("h", [2, 1], ids=["H=2", "H=1: vLLM's own attention skipped"])
+def test_a_failing_session_fails_alone_and_leaves_no_kv(tiny_engine, published, monkeypatch, h):
     """Fault injection at the exchange: the 4-participant session loses participant 1's K/V at layer 2."""
     original = InProcessKVExchange.fetch
 
@@ -226,7 +227,7 @@ def test_a_failing_session_fails_alone_and_leaves_no_kv(tiny_engine, published, 
 
     monkeypatch.setattr(InProcessKVExchange, "fetch", fetch)
     rng = random.Random(11)
-    vocab, config = len(tiny_engine.tokenizer), FedAttnConfig(sync_interval=2)
+    vocab, config = len(tiny_engine.tokenizer), FedAttnConfig(sync_interval=h)
     healthy = [[random_tokens(rng, vocab, 9) for _ in range(2)] for _ in range(3)]
     victim = [random_tokens(rng, vocab, 5) for _ in range(4)]
     results = tiny_engine.llm.generate([FedAttnSession(s, config, greedy(6)) for s in [healthy[0], victim, *healthy[1:]]])

@@ -355,6 +355,7 @@ PAIRS = pytest.mark.parametrize("key_bits,key_group,value_bits,value_group", [(4
 @pytest.mark.parametrize("tokens", [1, 65])
 def test_a_payload_in_one_call_equals_its_keys_and_values_through_the_reference(key_bits, key_group, value_bits,
                                                                                  value_group, dtype, tokens):
+    assert quant_native.available()
     k, v = _edge_kv(tokens, dtype, tokens), _edge_kv(tokens, dtype, tokens + 1)
     payload = quant_native.quantize_kv(k, v, key_bits, key_group, value_bits, value_group)
     expected = (*quant.quantize_groups(k, key_bits, 0, key_group), *quant.quantize_groups(v, value_bits, -1, value_group))

@@ -26,7 +26,7 @@ from fedattn_vllm.kv_wire import decode_checked, encode_kv, questions_checked
 from fedattn_vllm.selection import QUESTION_ROWS
 from fedattn_vllm.vllm_ext.batch import FedAttnBatch, ParticipantRows, current_batch
 from fedattn_vllm.vllm_ext.sessions import REGISTRY, GrowingKV
-from fedattn_vllm.vllm_ext.surface import caches_before_forward, cpu_paging, head_combine
+from fedattn_vllm.vllm_ext.surface import cpu_paging, head_combine, stock_forward_skippable
 from kernels import decode_attention, fused_partial_attention, gather_tokens, merge_attention
 from kernels.paged import PagedKeys, paged_attention, pool_for
 
@@ -84,6 +84,10 @@ def apply_sync_layer(
         output[rows] = attended.to(output.dtype)
     for held in temporary:
         held.release()
+    if whole:  # a session that failed in this step: rows the driver discards, zeros rather than what memory held
+        for e in batch.entries:
+            if e.session.error is not None:
+                output[e.rows] = 0
     if decoding:
         rows = torch.tensor([e.rows.start for e, _ in decoding], device=query.device)  # one token each
         keys = [held.rows() for _, held in decoding]
@@ -224,7 +228,7 @@ def fedattn_impl_class(base: type) -> type:
         if batch is None or attn_metadata is None:  # warm-up / profile runs have neither
             return base.forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         paging = cpu_paging(layer, kv_cache, query.device)
-        whole = paging is not None and caches_before_forward(layer) and \
+        whole = paging is not None and stock_forward_skippable(layer, self) and \
             replaces_stock(batch, self.fedattn_layer, attn_metadata.num_actual_tokens)
         result = output if whole else \
             base.forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)

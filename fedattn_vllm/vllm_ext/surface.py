@@ -6,7 +6,7 @@ subclasses) is used where it is needed; what vLLM does not promise to keep lives
     wrapper of `_model_forward` that rewrites positions (`install_forward_hook`);
   - the attention layers: their impls are swapped for subclasses (`swap_attention_impls`) whose
     `forward(layer, query, key, value, kv_cache, attn_metadata, output, ...)` runs the stock one first (or not,
-    where FedAttn recomputes every row and the backend caches K/V outside it: `caches_before_forward`); on the
+    where FedAttn recomputes every row and the backend caches K/V outside it: `stock_forward_skippable`); on the
     CPU backend, its cache's block size and instruction set (`cpu_paging`), for its kernel;
   - tensor parallelism: the ranks' group, to choose tokens by scores over every rank's heads
     (`head_combine`), this worker's rank, and vLLM's split of the KV heads (`kv_head_span`,
@@ -76,12 +76,15 @@ def cpu_paging(layer, kv_cache, device) -> tuple[int, str] | None:
     return kv_cache.shape[2], isa
 
 
-def caches_before_forward(layer) -> bool:
-    """Whether `layer`'s backend writes the step's K/V into its cache before (not inside) its impl's forward, as the
-    CPU backend does (`Attention.forward` calls `unified_kv_cache_update` first): then a forward whose every row
-    FedAttn recomputes can be skipped without losing the cache write."""
+def stock_forward_skippable(layer, impl) -> bool:
+    """Whether a forward whose every row FedAttn recomputes can be skipped: `layer`'s backend writes the step's K/V
+    into its cache before (not inside) the impl's forward, as the CPU backend does (`Attention.forward` calls
+    `unified_kv_cache_update` first), and the CPU `impl` is a plain causal softmax (no sliding window, ALiBi,
+    attention sinks or soft cap), which the paged recompute reproduces."""
     backend = getattr(layer, "attn_backend", None)
-    return backend is not None and getattr(backend, "forward_includes_kv_cache_update", True) is False
+    return backend is not None and getattr(backend, "forward_includes_kv_cache_update", True) is False \
+        and getattr(impl, "sliding_window", -1) in (None, -1) and getattr(impl, "alibi_slopes", None) is None \
+        and getattr(impl, "sinks", None) is None and not getattr(impl, "logits_soft_cap", 0)
 
 
 def on_cpu() -> bool:
