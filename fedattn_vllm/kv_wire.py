@@ -71,20 +71,12 @@ def encode_kv(kv: KV, wire: KVWire) -> Payload:
 
 def decode_kv(payload: Payload, wire: KVWire, dtype: torch.dtype, head_dim: int) -> KV:
     """(K, V) of `head_dim` channels in the engine's `dtype` from a published payload."""
-    return _decoded(payload, wire, dtype, head_dim)[:2]
-
-
-def _decoded(payload: Payload, wire: KVWire, dtype: torch.dtype, head_dim: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                          bool]:
-    """(K, V, whether every value of both is finite)."""
-    if wire in LOW_BIT:  # the finite check in the decoding kernel's call
-        return LOW_BIT[wire].decode(payload, dtype, head_dim)
+    if wire in LOW_BIT:
+        return LOW_BIT[wire].decode(payload, dtype, head_dim)[:2]
     if wire is KVWire.INT8:
         k, v, k_scale, v_scale = payload
-        k, v = dequantize_int8(k, k_scale, dtype), dequantize_int8(v, v_scale, dtype)
-    else:
-        k, v = payload[0], payload[1]
-    return k, v, all_finite(k) and all_finite(v)
+        return dequantize_int8(k, k_scale, dtype), dequantize_int8(v, v_scale, dtype)
+    return payload[0], payload[1]
 
 
 def decode_checked(payload: Payload, wire: KVWire, dtype: torch.dtype, shape: tuple[int, int, int]) -> KV:
@@ -95,7 +87,11 @@ def decode_checked(payload: Payload, wire: KVWire, dtype: torch.dtype, shape: tu
     if kv_nbytes(payload) != expected:
         raise KVExchangeError(f"a {wire.value} payload of {shape} is {expected} bytes, got {kv_nbytes(payload)}")
     try:
-        k, v, finite = _decoded(payload, wire, dtype, head_dim)
+        if wire in LOW_BIT:  # the finite check in the decoding kernel's call
+            k, v, finite = LOW_BIT[wire].decode(payload, dtype, head_dim)
+        else:
+            k, v = decode_kv(payload, wire, dtype, head_dim)
+            finite = all_finite(k) and all_finite(v)
     except (RuntimeError, ValueError, IndexError) as error:
         raise KVExchangeError(f"malformed {wire.value} payload: {error}") from None
     if not finite or any(t.shape != shape or t.dtype != dtype for t in (k, v)):

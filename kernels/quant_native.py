@@ -68,10 +68,8 @@ def quantize_groups(x: torch.Tensor, bits: int, dim: int, group: int) -> tuple[t
         return quant.quantize_groups(x, bits, dim, group)
     x = x.contiguous()
     tokens, heads, channels = x.shape
-    packed = quant.packed_channels(channels, bits)
-    codes = torch.empty(tokens, heads, packed, dtype=torch.uint8)
-    stats = quant.stats_shape(x.shape, dim, group)
-    scale, low = torch.empty(stats, dtype=torch.float16), torch.empty(stats, dtype=torch.float16)
+    codes, scale, low = _empty_codes(x.shape, bits, dim, group)
+    packed = codes.shape[-1]
     pointers = codes.data_ptr(), scale.data_ptr(), low.data_ptr()
     if dim == 0:
         _check(kernel.quantize_tokens(x.data_ptr(), _DTYPES[x.dtype], tokens, heads, channels, group, bits, packed,
@@ -80,6 +78,14 @@ def quantize_groups(x: torch.Tensor, bits: int, dim: int, group: int) -> tuple[t
         _check(kernel.quantize_channels(x.data_ptr(), _DTYPES[x.dtype], tokens * heads, channels, group, bits, packed,
                                         *pointers))
     return codes, scale, low
+
+
+def _empty_codes(shape: torch.Size, bits: int, dim: int, group: int) -> tuple[torch.Tensor, ...]:
+    """(codes, scale, minimum) of (T, H, D) values as `quant.quantize_groups` lays them out, for the kernel to fill."""
+    tokens, heads, channels = shape
+    stats = quant.stats_shape(shape, dim, group)
+    return (torch.empty(tokens, heads, quant.packed_channels(channels, bits), dtype=torch.uint8),
+            torch.empty(stats, dtype=torch.float16), torch.empty(stats, dtype=torch.float16))
 
 
 def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int, dim: int, group: int,
@@ -122,14 +128,9 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, key_bits: int, key_group: int,
     if kernel is None or _kernel_for(v, value_bits, -1, value_group, v.dtype) is None:
         return (*quantize_groups(k, key_bits, 0, key_group), *quantize_groups(v, value_bits, -1, value_group))
     k, v = k.contiguous(), v.contiguous()
-    tokens, heads, channels = k.shape
-    key_packed, value_packed = quant.packed_channels(channels, key_bits), quant.packed_channels(channels, value_bits)
-    key_stats, value_stats = quant.stats_shape(k.shape, 0, key_group), quant.stats_shape(k.shape, -1, value_group)
-    out = (torch.empty(tokens, heads, key_packed, dtype=torch.uint8), torch.empty(key_stats, dtype=torch.float16),
-           torch.empty(key_stats, dtype=torch.float16), torch.empty(tokens, heads, value_packed, dtype=torch.uint8),
-           torch.empty(value_stats, dtype=torch.float16), torch.empty(value_stats, dtype=torch.float16))
-    _check(kernel.quantize_kv(k.data_ptr(), v.data_ptr(), _DTYPES[k.dtype], tokens, heads, channels, key_bits,
-                              key_group, key_packed, value_bits, value_group, value_packed, *(t.data_ptr() for t in out)))
+    out = (*_empty_codes(k.shape, key_bits, 0, key_group), *_empty_codes(v.shape, value_bits, -1, value_group))
+    _check(kernel.quantize_kv(k.data_ptr(), v.data_ptr(), _DTYPES[k.dtype], *k.shape, key_bits, key_group,
+                              out[0].shape[-1], value_bits, value_group, out[3].shape[-1], *(t.data_ptr() for t in out)))
     return out
 
 

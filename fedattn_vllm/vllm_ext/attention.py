@@ -4,7 +4,8 @@ Every attention impl of a FedAttn model becomes a subclass of its backend's impl
 stock forward runs first (it attends over the request's own tokens, which is all a local
 layer needs). At a layer where a participant sees foreign K/V, its rows are recomputed;
 where every row of the step would be (H = 1, a generator's decode at a layer it reads), the
-stock forward is skipped on the CPU backend, which caches K/V outside it (`replaces_stock`). On the CPU, vLLM's own attention kernel does it over keys copied into its paged
+stock forward is skipped on the CPU backend, which caches K/V outside it (`replaces_stock`).
+On the CPU, vLLM's own attention kernel does it over keys copied into its paged
 layout (`kernels.paged`): a prefill row over [public prefix, foreign, own segment] causally in
 one softmax, a generator's decode over foreign + own prompt + generated keys, every recomputed
 row of the layer in one call. Elsewhere (and in the prefill of a participant that keeps only
@@ -102,8 +103,8 @@ def replaces_stock(batch: FedAttnBatch, layer: int, rows: int) -> bool:
     at H = 1 it would attend over each request's own tokens only for every row to be overwritten."""
     def recomputed(e: ParticipantRows) -> bool:
         state, n = e.session, e.participant
-        if e.prefill:
-            return layer in state.plan.sync_layers and not state.sparse_local(n)
+        if e.prefill:  # the paged path (not sparse local computation's masked one)
+            return state.recomputes(n, layer) and not state.sparse_local(n)
         return state.decodes_from_buffer(n, layer)
 
     return sum(e.rows.stop - e.rows.start for e in batch.entries if recomputed(e)) == rows
