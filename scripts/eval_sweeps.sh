@@ -4,7 +4,7 @@
 # 300 problems for its key comparisons, 50-100 elsewhere (LIMIT overrides those), FIDELITY_LIMIT
 # problems per fidelity sweep. Figures: python -m fedattn_vllm.eval plots
 #   bash scripts/eval_sweeps.sh [headline|fidelity|attention|splits|interval|participants|placement|sparse|sparse_local|
-#                                crossparty|participants_default|wires|large|grid|all]
+#                                crossparty|participants_default|wires|wires_paper|large|grid|all]
 # `grid` extends every accuracy point to 300 problems (every run is saved in evaluation/gsm8k, so --resume skips them all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,6 +76,9 @@ wires() {  # every K/V encoding on the wire in the recall mode (H=2, the generat
   # each as the crossparty shards: native and k4v2 are there; int8, int4 and int2 here (RESULTS.md's wire table)
   for wire in int8 int4 int2; do to300 -N 4 -H 2 --generator-sync-interval 1 --kv-wire "$wire"; done
 }
+wires_paper() {  # every K/V encoding in the paper's mode (H=4, no prefix); exact K/V there is the headline's N=4 H=4
+  for wire in int8 k4v2 int4 int2; do run -N 4 -H 4 --kv-wire "$wire" --limit "${LIMIT:-100}"; done
+}
 large() {  # the key points on qwen2.5-coder-1.5b-instruct (3x the CPU time) in shards of 100, every point's shard
   # before any point's next: centralised, the default (every layer synced, k4v2), the paper's H=4
   local big=(--model qwen2.5-coder-1.5b-instruct)
@@ -109,10 +112,10 @@ grid() {  # the rest of the issue's accuracy grid, every point to 300 problems (
 }
 
 case "${1:-all}" in
-  all) headline; fidelity; attention; interval; splits; placement; sparse; sparse_local; participants; crossparty; participants_default; wires
+  all) headline; fidelity; attention; interval; splits; placement; sparse; sparse_local; participants; crossparty; participants_default; wires; wires_paper
        large; grid ;;
   headline|fidelity|attention|splits|interval|participants|placement|sparse|sparse_local|crossparty|participants_default|\
-  wires|large|grid)
+  wires|wires_paper|large|grid)
     "$1" ;;
   *) echo "unknown phase: $1" >&2; exit 2 ;;
 esac
