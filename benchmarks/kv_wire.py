@@ -34,7 +34,7 @@ from fedattn_vllm.config import FedAttnConfig, KVWire
 from fedattn_vllm.cost import ModelShape
 from fedattn_vllm.kv_wire import LOW_BIT, decode_checked, encode_kv
 from fedattn_vllm.models import resolve_model
-from kernels import fused_partial_attention, merge_attention, native, quant_native
+from kernels import concat_kv, fused_partial_attention, merge_attention, native, quant_native
 from kernels.paged import PagedKeys, available, paged_attention, pool_for
 from timing import median_seconds
 
@@ -72,18 +72,16 @@ def codec(args: argparse.Namespace, shape: ModelShape, heads: int, dtype: torch.
         own = tensor(tokens, shape.num_kv_heads), tensor(tokens, shape.num_kv_heads)
         others = [(tensor(tokens, shape.num_kv_heads), tensor(tokens, shape.num_kv_heads))
                   for _ in range(args.participants - 1)]
-        foreign = torch.cat([k for k, _ in others]), torch.cat([v for _, v in others])
         scale = shape.head_dim ** -0.5
 
         def attention() -> None:  # the engine's CPU path: one causal softmax over [foreign, own] on vLLM's kernel
             if isa is None:  # elsewhere: own (causal) and foreign K/V each by a fused kernel, merged by log-sum-exp
                 merge_attention(*fused_partial_attention(query, *own, scale, causal=True),
-                                *fused_partial_attention(query, *foreign, scale))
+                                *fused_partial_attention(query, *concat_kv(others), scale))
                 return
             held = PagedKeys(pool_for(own[0], PAGED_BLOCK, isa))  # the copy is part of the cost
-            held.append(foreign)
-            held.append(own)
-            paged_attention([query], [held], scale)
+            held.append(*others, own)
+            paged_attention(query, [tokens], [held], scale)
 
         attention_s = median_seconds(attention, args.repeats)
         size = (tokens, shape.num_kv_heads, shape.head_dim)

@@ -130,11 +130,12 @@ class PagedKeys:
     def released(self) -> bool:
         return not self._finalizer.alive
 
-    def append(self, kv: KV) -> None:
-        """Add rows (T, H_kv, D) after those held."""
+    def append(self, *parts: KV) -> None:
+        """Add rows (T, H_kv, D), part after part, after those held (rows may be strided: a view of the batch's
+        keys is read in place, as vLLM's own cache update reads it)."""
         if self.released:
             raise ValueError("keys added after their blocks were released")
-        end = self.size + kv[0].shape[0]
+        end = self.size + sum(k.shape[0] for k, _ in parts)
         if end == self.size:
             return
         pool, block = self.pool, self.pool.block_size
@@ -146,13 +147,16 @@ class PagedKeys:
             self._slots = torch.cat([self._slots, (fresh[:, None] * block + pool.offsets).flatten()])
             self.block_table = torch.tensor(self._ids, dtype=torch.int32, device=self._slots.device)
         keys, values = pool.halves()
-        ops.cpu_attn_reshape_and_cache(kv[0].contiguous(), kv[1].contiguous(), keys, values,
-                                       self._slots[self.size: end], pool.isa)
+        for k, v in parts:
+            if k.shape[0]:
+                stop = self.size + k.shape[0]
+                ops.cpu_attn_reshape_and_cache(_rows(k), _rows(v), keys, values, self._slots[self.size: stop],
+                                               pool.isa)
+                self.size = stop
         if grown and end % block:  # the new last block's rows past the end
             tail = self._slots[end:]
             zeros = pool.zeros[: tail.shape[0]]
             ops.cpu_attn_reshape_and_cache(zeros, zeros, keys, values, tail, pool.isa)
-        self.size = end
 
     def release(self) -> None:
         """Give the blocks back now (idempotent; nothing may be read from or added to these keys after)."""
@@ -160,22 +164,26 @@ class PagedKeys:
         self.size = 0
 
 
-def paged_attention(queries: Sequence[torch.Tensor], held: Sequence[PagedKeys], scale: float,
-                    seen: Sequence[int | None] | None = None) -> torch.Tensor:
-    """queries[i] (T_i, H, D): the last T_i of held[i]'s first seen[i] rows (None: all of them), each attending over
-    every row up to itself (causal), in one softmax; every request in one call of vLLM's CPU kernel (all keys in one
-    pool). Returns (sum T_i, H, D) in the queries' dtype: `kernels.reference.partial_attention(q_i, *rows_i, scale,
-    causal=True)[0]` stacked (a generator's decode token is a request of one row; a public prefix's rows, the
-    first rows of their participant's keys)."""
+def paged_attention(query: torch.Tensor, lengths: Sequence[int], held: Sequence[PagedKeys], scale: float,
+                    seen: Sequence[int | None] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """query (sum T_i, H, D), request after request (rows may be strided): request i's T_i = lengths[i] rows are the
+    last T_i of held[i]'s first seen[i] rows (None: all of them), each attending over every row up to itself
+    (causal), in one softmax; every request in one call of vLLM's CPU kernel (all keys in one pool). Returns (sum
+    T_i, H, D) in the query's dtype, written into `out` where given (a view of the layer's output: no copy):
+    `kernels.reference.partial_attention(q_i, *rows_i, scale, causal=True)[0]` stacked (a generator's decode token
+    is a request of one row; a public prefix's rows, the first rows of their participant's keys)."""
     pool = held[0].pool
-    seen = [h.size if n is None else n for h, n in zip(held, seen or [None] * len(held), strict=True)]
+    lengths = tuple(lengths)
+    seen = tuple(h.size if n is None else n for h, n in zip(held, seen or [None] * len(held), strict=True))
     if any(h.pool is not pool for h in held):
         raise ValueError("paged attention over keys in different pools")
-    if any(h.released or not q.shape[0] <= n <= h.size for h, q, n in zip(held, queries, seen, strict=True)):
+    if any(h.released or not t <= n <= h.size for h, t, n in zip(held, lengths, seen, strict=True)):
         raise ValueError("paged attention over released keys, or fewer keys than queries")
-    query = torch.cat(list(queries)) if len(queries) > 1 else queries[0].contiguous()
-    output = torch.empty_like(query)
-    starts, seq_lens, schedule = _schedule(tuple(q.shape[0] for q in queries), tuple(seen), query.shape[1],
+    if sum(lengths) != query.shape[0] or (out is not None and (out.shape != query.shape or out.dtype != query.dtype)):
+        raise ValueError("paged attention's query or output rows do not match its requests")
+    query = _rows(query)
+    output = torch.empty_like(query) if out is None else out
+    starts, seq_lens, schedule = _schedule(lengths, seen, query.shape[1],
                                            pool.blocks.shape[1], query.shape[2], query.dtype, pool.isa,
                                            torch.get_num_threads())
     block_table = held[0].block_table[None] if len(held) == 1 else \
@@ -186,6 +194,12 @@ def paged_attention(queries: Sequence[torch.Tensor], held: Sequence[PagedKeys], 
         seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=block_table,
         softcap=0.0, scheduler_metadata=schedule, s_aux=None)
     return output
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` (T, heads, D) as vLLM's CPU kernels read it: each row's heads packed, rows at any stride (a view of the
+    batch's fused projection is; a copy only otherwise)."""
+    return t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous()
 
 
 @functools.lru_cache(maxsize=64)

@@ -89,3 +89,8 @@ def merge_attention(
 def gather_tokens(tensor: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
     """Rows `positions` of a (T, ...) tensor (sparse K/V sharing); None keeps every row."""
     return tensor if positions is None else tensor.index_select(0, positions.to(tensor.device))
+
+
+def concat_kv(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key/value pairs (T_i, H_kv, D), keys and values each concatenated along the rows."""
+    return torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])

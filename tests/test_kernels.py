@@ -97,7 +97,7 @@ def test_decoding_on_vllms_cpu_kernel_over_paged_keys_equals_the_reference(dtype
             buffer.append(row)
             keys[b], values[b] = torch.cat([keys[b], row[0]]), torch.cat([values[b], row[1]])
         queries = torch.randn(len(prompts), heads, d).to(dtype)
-        paged = paged_attention(list(queries[:, None]), held, scale)
+        paged = paged_attention(queries, [1] * len(prompts), held, scale)
         assert paged.dtype == dtype
         assert_close(paged.float(), decode_attention(queries, keys, values, scale).float(), **TOL[dtype])
 
@@ -135,8 +135,7 @@ def test_a_layers_prefill_and_decode_rows_in_one_call_equal_the_merged_partials(
     for q, own, far in cases:
         prefix = own[0].shape[0] - q.shape[0]
         keys = PagedKeys(pool)
-        for part in ((own[0][:prefix], own[1][:prefix]), far, (own[0][prefix:], own[1][prefix:])):
-            keys.append(part)
+        keys.append((own[0][:prefix], own[1][:prefix]), far, (own[0][prefix:], own[1][prefix:]))
         assert keys.size == own[0].shape[0] + far[0].shape[0]
         held.append(keys)
         queries.append(q)
@@ -154,7 +153,41 @@ def test_a_layers_prefill_and_decode_rows_in_one_call_equal_the_merged_partials(
     queries.append(torch.randn(1, 14, 64).to(dtype))
     seen.append(None)
     expected.append(decode_attention(queries[-1], [decode_keys[0]], [decode_keys[1]], scale))
-    assert_close(paged_attention(queries, held, scale, seen).float(), torch.cat(expected).float(), **TOL[dtype])
+    lengths = [q.shape[0] for q in queries]
+    assert_close(paged_attention(torch.cat(queries), lengths, held, scale, seen).float(), torch.cat(expected).float(),
+                 **TOL[dtype])
+
+
+@VLLM_CPU_KERNEL
+def test_paged_attention_reads_a_fused_projections_views_in_place_and_writes_into_the_layers_output():
+    """Keys, values and queries as views of one fused projection (rows at its stride, as vLLM hands them to the
+    hook), the result written into a slice of the layer's output: equal to the reference, the rows outside the
+    slice untouched."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from kernels.paged import PagedKeys, PagedPool, paged_attention
+
+    heads, kv_heads, d, block, scale = 14, 2, 64, 32, 64**-0.5
+    pool = PagedPool(kv_heads, d, torch.float32, torch.device("cpu"), block, _get_attn_isa(torch.float32, block, d))
+    tokens, prefix = 90, 10  # the batch: 10 rows of another request, then a participant's prefix and segment
+    qkv = torch.randn(10 + tokens, (heads + 2 * kv_heads) * d)
+    q, k, v = (t.view(-1, h, d) for t, h in zip(qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1),
+                                                   (heads, kv_heads, kv_heads)))
+    assert not k.is_contiguous()
+    far = torch.randn(50, kv_heads, d), torch.randn(50, kv_heads, d)
+    own = k[10:], v[10:]
+    held = PagedKeys(pool)
+    held.append((own[0][:prefix], own[1][:prefix]), far, (own[0][prefix:], own[1][prefix:]))
+    output = torch.full((10 + tokens, heads, d), 7.0)
+    # the participant's prefix rows over the prefix alone, then its segment over everything: rows 10.. unbroken
+    paged_attention(q[10:], [prefix, tokens - prefix], [held, held], scale, [prefix, None], out=output[10:])
+    expected_prefix = partial_attention(q[10:20], own[0][:prefix], own[1][:prefix], scale, causal=True)[0]
+    expected_segment = _merged_reference(q[20:], (own[0], own[1]), far, scale)
+    assert_close(output[10:20], expected_prefix)
+    assert_close(output[20:], expected_segment)
+    assert torch.equal(output[:10], torch.full((10, heads, d), 7.0))
+    with pytest.raises(ValueError, match="rows"):
+        paged_attention(q[10:], [tokens], [held], scale, out=output[11:])
 
 
 @VLLM_CPU_KERNEL
@@ -179,7 +212,7 @@ def test_a_pool_reuses_released_blocks_and_gives_its_memory_back_when_trimmed_wi
     assert pool.blocks.shape[0] == size and set(again.block_table.tolist()) <= set(dropped_blocks.tolist())
     q, scale = torch.randn(3, 4, 64), 64**-0.5
     expected = partial_attention(q, *kv, scale, causal=True)[0]
-    assert_close(paged_attention([q], [again], scale), expected)
+    assert_close(paged_attention(q, [3], [again], scale), expected)
     del again  # collected: its blocks go back too
     pool.trim()  # one is still held: the memory stays
     assert pool.blocks.shape[0] == size

@@ -28,7 +28,7 @@ from fedattn_vllm.selection import QUESTION_ROWS
 from fedattn_vllm.vllm_ext.batch import FedAttnBatch, ParticipantRows, current_batch
 from fedattn_vllm.vllm_ext.sessions import REGISTRY, GrowingKV
 from fedattn_vllm.vllm_ext.surface import cpu_paging, head_combine, stock_forward_skippable
-from kernels import decode_attention, fused_partial_attention, gather_tokens, merge_attention
+from kernels import concat_kv, decode_attention, fused_partial_attention, gather_tokens, merge_attention
 from kernels.paged import PagedKeys, paged_attention, pool_for
 
 
@@ -77,12 +77,10 @@ def apply_sync_layer(
                 decoding.append((e, held))
     # A session that failed after its rows were gathered (a later participant's exchange error) is left out: its
     # keys are released and its rows are the driver's to discard.
-    live = [(rows, held, seen) for e, rows, held, seen in paged if e.session.error is None]
+    live = sorted(((rows, held, seen) for e, rows, held, seen in paged if e.session.error is None),
+                  key=lambda request: request[0].start)
     if live:
-        attended = paged_attention([query[rows] for rows, _, _ in live], [held for _, held, _ in live], scale,
-                                   [seen for _, _, seen in live])
-        rows = torch.tensor([i for r, _, _ in live for i in range(r.start, r.stop)], device=query.device)
-        output[rows] = attended.to(output.dtype)
+        _attend_paged(live, query, output, scale)
     for held in temporary:
         held.release()
     if whole:  # a session that failed in this step: rows the driver discards, zeros rather than what memory held
@@ -94,6 +92,21 @@ def apply_sync_layer(
         keys = [held.rows() for _, held in decoding]
         attended = decode_attention(query[rows], [k for k, _ in keys], [v for _, v in keys], scale)
         output[rows] = attended.to(output.dtype)
+
+
+def _attend_paged(requests: list[tuple[slice, PagedKeys, int | None]], query: torch.Tensor, output: torch.Tensor,
+                  scale: float) -> None:
+    """The layer's recomputed rows (batch rows, their keys, how many of the keys they see; in row order) in one call
+    of vLLM's kernel, which reads the queries and writes the output in place where the rows run unbroken (every row
+    of a step it replaces, the usual case), else through a gathered copy."""
+    lengths = [rows.stop - rows.start for rows, _, _ in requests]
+    held, seen = [h for _, h, _ in requests], [n for _, _, n in requests]
+    first, last = requests[0][0].start, requests[-1][0].stop
+    if last - first == sum(lengths):
+        paged_attention(query[first:last], lengths, held, scale, seen, out=output[first:last])
+        return
+    rows = torch.cat([torch.arange(r.start, r.stop, device=query.device) for r, _, _ in requests])
+    output[rows] = paged_attention(query[rows], lengths, held, scale, seen).to(output.dtype)
 
 
 def replaces_stock(batch: FedAttnBatch, layer: int, rows: int) -> bool:
@@ -187,20 +200,18 @@ def _attend_prefill(e: ParticipantRows, layer: int, query, key, value, output, s
         rows = None if kept is None else torch.cat([torch.arange(prefix, device=kept.device), prefix + kept])
         state.prompt_kv[n, layer] = (gather_tokens(own[0], rows).clone(), gather_tokens(own[1], rows).clone())
     foreign = state.foreign(n, layer, True, fetch)
-    if foreign is None and kept is None and not whole:
+    if not foreign and kept is None and not whole:
         return None
     # Only the segment's rows change (the prefix precedes every foreign token and keeps all of itself).
     if kept is None and paging is not None:  # one causal softmax over [prefix, foreign, segment] on vLLM's kernel
         held = PagedKeys(pool_for(own[0], *paging))
-        for part in ((own[0][:prefix], own[1][:prefix]), foreign, (own[0][prefix:], own[1][prefix:])):
-            if part is not None:
-                held.append(part)
+        held.append((own[0][:prefix], own[1][:prefix]), *foreign, (own[0][prefix:], own[1][prefix:]))
         return held
     q = query[e.segment_rows]
     mask = None if kept is None else _local_mask(prefix, length, kept.to(q.device))
     out_own, lse_own = fused_partial_attention(q, own[0], own[1], scale, causal=True, mask=mask)
-    if foreign is not None:
-        out_far, lse_far = fused_partial_attention(q, foreign[0], foreign[1], scale)
+    if foreign:
+        out_far, lse_far = fused_partial_attention(q, *concat_kv(foreign), scale)
         out_own = merge_attention(out_far, lse_far, out_own, lse_own)[0]
     output[e.segment_rows] = out_own.to(output.dtype)
     return None

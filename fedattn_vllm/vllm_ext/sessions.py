@@ -9,6 +9,7 @@ import torch
 
 from fedattn_vllm.config import FedAttnPlan
 from fedattn_vllm.exchange import KV, InProcessKVExchange, KVExchange
+from kernels import concat_kv
 from kernels.paged import PagedKeys, pool_for, trim_pools
 
 METADATA_KEY = "fedattn"  # SamplingParams.extra_args[METADATA_KEY]: a ParticipantMetadata marks a participant
@@ -63,6 +64,7 @@ class SessionState:
     # (generator, source, layer) -> foreign K/V fetched in prefill, kept for its first decode step
     kept_foreign: dict[tuple[int, int, int], KV] = field(default_factory=dict)
     error: str | None = None  # set when the session failed; its rows are then left alone
+    _sources: dict[tuple[int, int, bool], list[int]] = field(default_factory=dict, repr=False)  # `sources`, memoised
 
     def fail(self, message: str) -> None:
         """Mark the session failed (first error wins) and drop its K/V; the driver aborts its requests."""
@@ -93,8 +95,12 @@ class SessionState:
         return self.prefix_len + self.lengths[participant]
 
     def sources(self, participant: int, layer: int, prefill: bool) -> list[int]:
-        """Participants whose K/V `participant` attends to at `layer` (earlier ones in prefill)."""
-        return [m for m in range(len(self.lengths)) if self.plan.sees(participant, m, layer, prefill)]
+        """Participants whose K/V `participant` attends to at `layer` (earlier ones in prefill); asked for every
+        participant at every layer of every step, computed once."""
+        key = (participant, layer, prefill)
+        if key not in self._sources:
+            self._sources[key] = [m for m in range(len(self.lengths)) if self.plan.sees(participant, m, layer, prefill)]
+        return self._sources[key]
 
     def decodes_over_foreign(self, participant: int, layer: int) -> bool:
         """Whether `participant` generates and its decode sees foreign K/V at `layer`."""
@@ -115,8 +121,9 @@ class SessionState:
         return self.decodes_over_foreign(participant, layer) or (participant in self.plan.generators
                                                                  and self.sparse_local(participant))
 
-    def foreign(self, participant: int, layer: int, prefill: bool, fetch) -> KV | None:
-        """Foreign K/V `participant` attends to at `layer`, concatenated in participant order (None: none).
+    def foreign(self, participant: int, layer: int, prefill: bool, fetch) -> list[KV]:
+        """Foreign K/V `participant` attends to at `layer`, one (shared, H_kv, D) part per source in participant
+        order (empty: none).
 
         fetch(source) -> KV reads the exchange; each source is fetched once per layer (a generator
         keeps what it fetched in prefill for its decode).
@@ -128,9 +135,7 @@ class SessionState:
             if keep:
                 self.kept_foreign[participant, m, layer] = kv
             parts.append(kv)
-        if not parts:
-            return None
-        return torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts])  # (sum of shared, H_kv, D)
+        return parts
 
     def decode_keys(self, participant: int, layer: int, kv: KV, fetch, max_tokens: int,
                     paging: tuple[int, str] | None) -> GrowingKV | PagedKeys:
@@ -143,15 +148,17 @@ class SessionState:
         with room for the generator's `max_tokens`.
         """
         held = self.decode_kv.get((participant, layer))
-        if held is None:
-            foreign = self.foreign(participant, layer, False, fetch)
-            own = self.prompt_kv.pop((participant, layer))
-            start = own if foreign is None else (torch.cat([foreign[0], own[0]]), torch.cat([foreign[1], own[1]]))
-            held = PagedKeys(pool_for(start[0], *paging)) if paging is not None \
-                else GrowingKV(start, start[0].shape[0] + max_tokens)
-            self.decode_kv[participant, layer] = held
-            held.append(start)
-        held.append(kv)
+        if held is not None:
+            held.append(kv)
+            return held
+        parts = [*self.foreign(participant, layer, False, fetch), self.prompt_kv.pop((participant, layer)), kv]
+        if paging is not None:
+            held = PagedKeys(pool_for(kv[0], *paging))
+            held.append(*parts)
+        else:
+            held = GrowingKV(parts[0], sum(k.shape[0] for k, _ in parts) + max_tokens)
+            held.append(concat_kv(parts))
+        self.decode_kv[participant, layer] = held
         return held
 
 
