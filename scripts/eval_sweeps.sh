@@ -53,6 +53,10 @@ sparse_local() {  # the paper's sparse local computation ablation, on the engine
   for ratio in 0.9 0.7 0.5 0.3 0.1; do
     run -N 4 -H 1 --kv-wire k4v2 --local-keep-ratio "$ratio" --limit "${LIMIT:-100}"
   done
+  # the largest keys kept (key norm) rather than random ones: the attention sink's key is among them
+  for ratio in 0.9 0.7 0.5 0.3; do
+    run -N 4 -H 1 --kv-wire k4v2 --local-keep-ratio "$ratio" --kv-selection key_norm --limit "${LIMIT:-100}"
+  done
 }
 crossparty() {  # the cross-party recall modes on GSM8K: the generator reads every layer, exact and 4/2-bit K/V
   for wire in native k4v2; do to300 -N 4 -H 2 --generator-sync-interval 1 --kv-wire "$wire"; done

@@ -93,5 +93,7 @@ def test_run_names_tell_settings_apart_and_publisher_dense_keeps_the_last_partic
               ["--offset", "100"], ["--seed", "1"], ["--split", "SemEx"], ["--placement", "back_half"],
               ["--local-keep-ratio", "0.5"])}
     assert len(names) == 9
+    local = ["gsm8k", "-N", "4", "--local-keep-ratio", "0.7"]  # every token shared: the selection is the local one's
+    assert run_name(parse_args(local)) != run_name(parse_args(local + ["--kv-selection", "key_norm"]))
     assert share_ratio(parse_args(base + ["--publisher-dense"])) == (0.5, 0.5, 1.0)
     assert share_ratio(parse_args(base)) == 0.5

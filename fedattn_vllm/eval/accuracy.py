@@ -36,8 +36,8 @@ def run_name(args: argparse.Namespace) -> str:
         parts.append(f"hg{args.generator_sync_interval}")
     if getattr(args, "kv_wire", "native") != "native":
         parts.append(args.kv_wire)
-    if getattr(args, "local_keep_ratio", 1.0) < 1:
-        parts.append(f"lk{args.local_keep_ratio:g}")
+    if getattr(args, "local_keep_ratio", 1.0) < 1:  # the selection too where it is not the default
+        parts.append(f"lk{args.local_keep_ratio:g}" + ("" if args.kv_selection == "random" else f"-{args.kv_selection}"))
     return "-".join(parts + [f"o{args.offset}", f"n{args.limit}", f"s{args.seed}"])
 
 
