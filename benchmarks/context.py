@@ -10,8 +10,10 @@ depend on the text) split evenly among N participants, generated greedily to --m
   default    the server's default (fedattn_vllm.config.RECOMMENDED: every layer synced, K/V
              encoded 4-bit keys / 2-bit values even in one process);
   paper H=4  the paper's default.
-Each run is timed step by step: time to first token (the prefill) and decode tokens/s (the
-tokens after the first over the time after it). Modes interleave round by round; medians.
+Each run is timed step by step: time to first token (the prefill) and decode speed, one token a
+step after the first: tokens/s is the inverse of the median step over every round's steps (a
+stray slow step, which moves a short run's total by 10% here, moves the median by nothing).
+Modes interleave round by round; medians.
 Writes benchmarks/results/context.json.
 """
 
@@ -49,34 +51,43 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def timed_plain(llm, prompt: list[int], params) -> tuple[float, float]:
-    """(seconds to the first token, seconds from it to the last) of one request, stepped by hand."""
+def timed_plain(llm, prompt: list[int], params) -> tuple[float, list[float]]:
+    """(seconds to the first token, seconds of each step after it) of one request, stepped by hand."""
     engine = llm.llm_engine
-    started = time.perf_counter()
     engine.add_request("plain", {"prompt_token_ids": prompt}, params)
-    first = None
-    while engine.has_unfinished_requests():
-        outputs = engine.step()
-        if first is None and any(o.outputs and o.outputs[0].token_ids for o in outputs):
-            first = time.perf_counter()
-    return first - started, time.perf_counter() - first
+    return _stepped(engine.has_unfinished_requests, lambda: any(o.outputs and o.outputs[0].token_ids
+                                                               for o in engine.step()))
 
 
 def timed_fedattn(federated: FederatedLLM, segments: list[list[int]], config: FedAttnConfig,
-                  params) -> tuple[float, float]:
-    """(seconds to the generator's first token, seconds from it to the last) of one session."""
+                  params) -> tuple[float, list[float]]:
+    """(seconds to the generator's first token, seconds of each step after it) of one session."""
     driver = SessionDriver(federated)
-    started = time.perf_counter()
     driver.submit(*federated.prepare(FedAttnSession(segments, config, params)))
-    first = None
-    while driver.holding:
+
+    def step() -> bool:
         progress = driver.advance()
-        if first is None and progress.pieces:
-            first = time.perf_counter()
         for _, result in progress.finished:
             if result.error is not None:
                 raise RuntimeError(result.error)
-    return first - started, time.perf_counter() - first
+        return bool(progress.pieces)
+
+    return _stepped(lambda: driver.holding, step)
+
+
+def _stepped(busy, step) -> tuple[float, list[float]]:
+    """Run `step()` (whether it produced a token) while `busy()`: (seconds to the first token, each later step's
+    seconds)."""
+    started = time.perf_counter()
+    first, steps = None, []
+    while busy():
+        begun = time.perf_counter()
+        produced = step()
+        if first is not None:
+            steps.append(time.perf_counter() - begun)
+        elif produced:
+            first = time.perf_counter() - started
+    return first, steps
 
 
 def main() -> None:
@@ -105,8 +116,7 @@ def main() -> None:
             for mode, run in runs.items():
                 samples[n][mode].append(run(prompt))
             print(f"round {round_index + 1}, {n} tokens: " + ", ".join(
-                f"{mode} {s[-1][0]:.2f} + {s[-1][1]:.2f} s" for mode, s in samples[n].items()), flush=True)
-    decoded = args.max_tokens - 1  # tokens after the first
+                f"{mode} {s[-1][0]:.2f} + {sum(s[-1][1]):.2f} s" for mode, s in samples[n].items()), flush=True)
     report = {"model": args.model, "dtype": args.dtype, "participants": args.participants,
               "max_tokens": args.max_tokens, "rounds": args.rounds,
               "machine": f"{platform.machine()} {os.cpu_count()} cpus", "context": {}}
@@ -115,9 +125,11 @@ def main() -> None:
     for n, modes in samples.items():
         rows = {}
         for mode, pairs in modes.items():
-            ttft, decode = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
-            rows[mode] = {"ttft_s": ttft, "decode_s": decode, "decode_tokens_per_s": decoded / decode,
-                          "samples": pairs}
+            step = statistics.median(s for _, steps in pairs for s in steps)
+            rows[mode] = {"ttft_s": statistics.median(ttft for ttft, _ in pairs),
+                          "decode_s": statistics.median(sum(steps) for _, steps in pairs),
+                          "median_step_s": step, "decode_tokens_per_s": 1 / step,
+                          "samples": [{"ttft_s": ttft, "step_s": steps} for ttft, steps in pairs]}
         for row in rows.values():
             row["decode_ratio_to_plain"] = row["decode_tokens_per_s"] / rows["plain"]["decode_tokens_per_s"]
             row["ttft_ratio_to_plain"] = row["ttft_s"] / rows["plain"]["ttft_s"]
