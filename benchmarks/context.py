@@ -54,16 +54,15 @@ def parse_args() -> argparse.Namespace:
 def timed_plain(llm, prompt: list[int], params) -> tuple[float, list[float]]:
     """(seconds to the first token, seconds of each step after it) of one request, stepped by hand."""
     engine = llm.llm_engine
-    engine.add_request("plain", {"prompt_token_ids": prompt}, params)
-    return _stepped(engine.has_unfinished_requests, lambda: any(o.outputs and o.outputs[0].token_ids
-                                                               for o in engine.step()))
+    return _stepped(lambda: engine.add_request("plain", {"prompt_token_ids": prompt}, params),
+                    engine.has_unfinished_requests,
+                    lambda: any(o.outputs and o.outputs[0].token_ids for o in engine.step()))
 
 
 def timed_fedattn(federated: FederatedLLM, segments: list[list[int]], config: FedAttnConfig,
                   params) -> tuple[float, list[float]]:
     """(seconds to the generator's first token, seconds of each step after it) of one session."""
     driver = SessionDriver(federated)
-    driver.submit(*federated.prepare(FedAttnSession(segments, config, params)))
 
     def step() -> bool:
         progress = driver.advance()
@@ -72,13 +71,15 @@ def timed_fedattn(federated: FederatedLLM, segments: list[list[int]], config: Fe
                 raise RuntimeError(result.error)
         return bool(progress.pieces)
 
-    return _stepped(lambda: driver.holding, step)
+    return _stepped(lambda: driver.submit(*federated.prepare(FedAttnSession(segments, config, params))),
+                    lambda: driver.holding, step)
 
 
-def _stepped(busy, step) -> tuple[float, list[float]]:
-    """Run `step()` (whether it produced a token) while `busy()`: (seconds to the first token, each later step's
-    seconds)."""
+def _stepped(submit, busy, step) -> tuple[float, list[float]]:
+    """`submit()` the request, then run `step()` (whether it produced a token) while `busy()`: (seconds from the
+    submission to the first token, each later step's seconds)."""
     started = time.perf_counter()
+    submit()
     first, steps = None, []
     while busy():
         begun = time.perf_counter()

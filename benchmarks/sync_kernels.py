@@ -51,9 +51,8 @@ def main() -> None:
 
         def vllm_path():
             held = PagedKeys(pool_for(own[0], BLOCK, isa))
-            for part in ((own[0][:prefix], own[1][:prefix]), far, (own[0][prefix:], own[1][prefix:])):
-                held.append(part)
-            return paged_attention([query], [held], scale)
+            held.append((own[0][:prefix], own[1][:prefix]), far, (own[0][prefix:], own[1][prefix:]))
+            return paged_attention(query, [segment], [held], scale)
 
         rows.append({"kind": "prefill", "prefix": prefix, "segment": segment, "foreign": foreign,
                      "max_abs_diff": float((torch_path() - vllm_path()).abs().max()),
@@ -71,7 +70,7 @@ def main() -> None:
             return decode_attention(queries, [k for k, _ in sets], [v for _, v in sets], scale)
 
         def vllm_decode():
-            return paged_attention(list(queries[:, None]), held, scale)  # every generator in one call
+            return paged_attention(queries, [1] * generators, held, scale)  # every generator in one call
 
         rows.append({"kind": "decode", "generators": generators, "keys": keys,
                      "max_abs_diff": float((torch_decode() - vllm_decode()).abs().max()),

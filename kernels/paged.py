@@ -169,7 +169,8 @@ def paged_attention(query: torch.Tensor, lengths: Sequence[int], held: Sequence[
     """query (sum T_i, H, D), request after request (rows may be strided): request i's T_i = lengths[i] rows are the
     last T_i of held[i]'s first seen[i] rows (None: all of them), each attending over every row up to itself
     (causal), in one softmax; every request in one call of vLLM's CPU kernel (all keys in one pool). Returns (sum
-    T_i, H, D) in the query's dtype, written into `out` where given (a view of the layer's output: no copy):
+    T_i, H, D) in the query's dtype, written into `out` where given (a view of the layer's output: no copy; see
+    `fits_output`):
     `kernels.reference.partial_attention(q_i, *rows_i, scale, causal=True)[0]` stacked (a generator's decode token
     is a request of one row; a public prefix's rows, the first rows of their participant's keys)."""
     pool = held[0].pool
@@ -179,7 +180,7 @@ def paged_attention(query: torch.Tensor, lengths: Sequence[int], held: Sequence[
         raise ValueError("paged attention over keys in different pools")
     if any(h.released or not t <= n <= h.size for h, t, n in zip(held, lengths, seen, strict=True)):
         raise ValueError("paged attention over released keys, or fewer keys than queries")
-    if sum(lengths) != query.shape[0] or (out is not None and (out.shape != query.shape or out.dtype != query.dtype)):
+    if sum(lengths) != query.shape[0] or (out is not None and not fits_output(out, query)):
         raise ValueError("paged attention's query or output rows do not match its requests")
     query = _rows(query)
     output = torch.empty_like(query) if out is None else out
@@ -194,6 +195,12 @@ def paged_attention(query: torch.Tensor, lengths: Sequence[int], held: Sequence[
         seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=block_table,
         softcap=0.0, scheduler_metadata=schedule, s_aux=None)
     return output
+
+
+def fits_output(out: torch.Tensor, query: torch.Tensor) -> bool:
+    """Whether the kernel can write `query`'s result into `out`: its shape and dtype, packed (the kernel takes the
+    output's address alone, no strides)."""
+    return out.shape == query.shape and out.dtype == query.dtype and out.is_contiguous()
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

@@ -188,6 +188,42 @@ def test_paged_attention_reads_a_fused_projections_views_in_place_and_writes_int
     assert torch.equal(output[:10], torch.full((10, heads, d), 7.0))
     with pytest.raises(ValueError, match="rows"):
         paged_attention(q[10:], [tokens], [held], scale, out=output[11:])
+    with pytest.raises(ValueError, match="rows"):  # the kernel takes the output's address, not its strides
+        paged_attention(q[10:], [tokens], [held], scale, out=torch.empty(tokens, heads, 2 * d)[..., :d])
+
+
+@VLLM_CPU_KERNEL
+@pytest.mark.parametrize("gap", [0, 5])
+def test_a_layers_recomputed_rows_land_on_their_batch_rows_whether_or_not_they_run_unbroken(gap):
+    """The sync-layer hook's paged call: requests (a participant's public-prefix rows, its segment's, a generator's
+    token) given out of row order; where they cover one row range the kernel writes the layer's output in place,
+    where another request's rows lie between them (gap) through a gathered copy; rows of no request untouched."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from fedattn_vllm.vllm_ext.attention import _attend_paged
+    from kernels.paged import PagedKeys, PagedPool
+
+    heads, kv_heads, d, block, scale = 14, 2, 64, 32, 64**-0.5
+    pool = PagedPool(kv_heads, d, torch.float32, torch.device("cpu"), block, _get_attn_isa(torch.float32, block, d))
+    prefix, segment, foreign, decoded = 6, 40, 70, 55
+    rows = 1 + gap + prefix + segment
+    query, key, value = torch.randn(rows, heads, d), torch.randn(rows, kv_heads, d), torch.randn(rows, kv_heads, d)
+    far = torch.randn(foreign, kv_heads, d), torch.randn(foreign, kv_heads, d)
+    generator_keys = torch.randn(decoded, kv_heads, d), torch.randn(decoded, kv_heads, d)
+    generator, participant = PagedKeys(pool), PagedKeys(pool)
+    generator.append(generator_keys)
+    start = 1 + gap  # row 0: the generator's token; then `gap` rows of a request no one recomputes
+    own = key[start:], value[start:]
+    participant.append((own[0][:prefix], own[1][:prefix]), far, (own[0][prefix:], own[1][prefix:]))
+    requests = [(slice(start + prefix, rows), participant, None), (slice(0, 1), generator, None),
+                (slice(start, start + prefix), participant, prefix)]
+    output = torch.full((rows, heads, d), 3.0)
+    _attend_paged(sorted(requests, key=lambda r: r[0].start), query, output, scale)
+    assert_close(output[0:1], decode_attention(query[0:1], [generator_keys[0]], [generator_keys[1]], scale))
+    assert torch.equal(output[1:start], torch.full((gap, heads, d), 3.0))
+    assert_close(output[start:start + prefix],
+                 partial_attention(query[start:start + prefix], own[0][:prefix], own[1][:prefix], scale, causal=True)[0])
+    assert_close(output[start + prefix:], _merged_reference(query[start + prefix:], own, far, scale))
 
 
 @VLLM_CPU_KERNEL

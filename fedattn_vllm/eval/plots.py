@@ -45,6 +45,7 @@ class Setting:
     publisher_dense: bool = False
     generator_interval: int | None = None
     wire: str = "native"  # kv_wire
+    local_ratio: float = 1.0  # local_keep_ratio (sparse local computation; its tokens chosen by `selection`)
 
     @property
     def label(self) -> str:
@@ -55,6 +56,7 @@ class Setting:
             text += f" r={self.ratio:g} {self.selection}" + (" publisher r=1" if self.publisher_dense else "")
         text += f" Hp={self.publisher_interval}" if self.publisher_interval else ""
         text += f" Hg={self.generator_interval}" if self.generator_interval else ""
+        text += f" local r={self.local_ratio:g} {self.selection}" if self.local_ratio < 1 else ""
         return text + (f" {self.wire}" if self.wire != "native" else "")
 
 
@@ -83,12 +85,12 @@ class Accuracy:
 
 
 def _setting(args: dict) -> Setting:
-    n = args["participants"]
+    n, local = args["participants"], args.get("local_keep_ratio", 1.0)
     return Setting(n, args["sync_interval"] if n > 1 else 1, args["placement"] if n > 1 else "uniform",
                    args["split"] if n > 1 else "-", args["shots"], args["kv_share_ratio"],
-                   args["kv_selection"] if args["kv_share_ratio"] < 1 else "-", args.get("publisher_sync_interval"),
-                   args.get("publisher_dense", False) and args["kv_share_ratio"] < 1,
-                   args.get("generator_sync_interval") if n > 1 else None, args.get("kv_wire", "native"))
+                   args["kv_selection"] if args["kv_share_ratio"] < 1 or local < 1 else "-",
+                   args.get("publisher_sync_interval"), args.get("publisher_dense", False) and args["kv_share_ratio"] < 1,
+                   args.get("generator_sync_interval") if n > 1 else None, args.get("kv_wire", "native"), local)
 
 
 def load_accuracy(directory: Path) -> dict[Setting, Accuracy]:

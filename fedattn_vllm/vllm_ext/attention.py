@@ -29,7 +29,7 @@ from fedattn_vllm.vllm_ext.batch import FedAttnBatch, ParticipantRows, current_b
 from fedattn_vllm.vllm_ext.sessions import REGISTRY, GrowingKV
 from fedattn_vllm.vllm_ext.surface import cpu_paging, head_combine, stock_forward_skippable
 from kernels import concat_kv, decode_attention, fused_partial_attention, gather_tokens, merge_attention
-from kernels.paged import PagedKeys, paged_attention, pool_for
+from kernels.paged import PagedKeys, fits_output, paged_attention, pool_for
 
 
 def apply_sync_layer(
@@ -102,7 +102,7 @@ def _attend_paged(requests: list[tuple[slice, PagedKeys, int | None]], query: to
     lengths = [rows.stop - rows.start for rows, _, _ in requests]
     held, seen = [h for _, h, _ in requests], [n for _, _, n in requests]
     first, last = requests[0][0].start, requests[-1][0].stop
-    if last - first == sum(lengths):
+    if last - first == sum(lengths) and fits_output(output[first:last], query[first:last]):
         paged_attention(query[first:last], lengths, held, scale, seen, out=output[first:last])
         return
     rows = torch.cat([torch.arange(r.start, r.stop, device=query.device) for r, _, _ in requests])
