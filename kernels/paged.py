@@ -170,9 +170,9 @@ def paged_attention(query: torch.Tensor, lengths: Sequence[int], held: Sequence[
     last T_i of held[i]'s first seen[i] rows (None: all of them), each attending over every row up to itself
     (causal), in one softmax; every request in one call of vLLM's CPU kernel (all keys in one pool). Returns (sum
     T_i, H, D) in the query's dtype, written into `out` where given (a view of the layer's output: no copy; see
-    `fits_output`):
-    `kernels.reference.partial_attention(q_i, *rows_i, scale, causal=True)[0]` stacked (a generator's decode token
-    is a request of one row; a public prefix's rows, the first rows of their participant's keys)."""
+    `fits_output`): `kernels.reference.partial_attention(q_i, *rows_i, scale, causal=True)[0]` stacked (a
+    generator's decode token is a request of one row; a public prefix's rows, the first rows of their
+    participant's keys)."""
     pool = held[0].pool
     lengths = tuple(lengths)
     seen = tuple(h.size if n is None else n for h, n in zip(held, seen or [None] * len(held), strict=True))

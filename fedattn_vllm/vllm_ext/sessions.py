@@ -64,7 +64,7 @@ class SessionState:
     # (generator, source, layer) -> foreign K/V fetched in prefill, kept for its first decode step
     kept_foreign: dict[tuple[int, int, int], KV] = field(default_factory=dict)
     error: str | None = None  # set when the session failed; its rows are then left alone
-    _sources: dict[tuple[int, int, bool], list[int]] = field(default_factory=dict, repr=False)  # `sources`, memoised
+    _sources: dict[tuple[int, int, bool], tuple[int, ...]] = field(default_factory=dict, repr=False)  # memoised
 
     def fail(self, message: str) -> None:
         """Mark the session failed (first error wins) and drop its K/V; the driver aborts its requests."""
@@ -94,12 +94,13 @@ class SessionState:
         """Prompt tokens of the participant's request: the public prefix, then its segment."""
         return self.prefix_len + self.lengths[participant]
 
-    def sources(self, participant: int, layer: int, prefill: bool) -> list[int]:
+    def sources(self, participant: int, layer: int, prefill: bool) -> tuple[int, ...]:
         """Participants whose K/V `participant` attends to at `layer` (earlier ones in prefill); asked for every
         participant at every layer of every step, computed once."""
         key = (participant, layer, prefill)
         if key not in self._sources:
-            self._sources[key] = [m for m in range(len(self.lengths)) if self.plan.sees(participant, m, layer, prefill)]
+            self._sources[key] = tuple(m for m in range(len(self.lengths))
+                                       if self.plan.sees(participant, m, layer, prefill))
         return self._sources[key]
 
     def decodes_over_foreign(self, participant: int, layer: int) -> bool:
