@@ -28,8 +28,11 @@ from fedattn_vllm.paths import cache_dir
 logger = logging.getLogger(__name__)
 
 # IEEE float32 arithmetic exactly as written (no fused multiply-add, no fast-math), like torch's CPU kernels, so
-# the bits do not depend on the vector width -march=native picks; the build is cached per CPU (`_cpu`).
-FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared")
+# the bits do not depend on the vector width -march=native picks; the build is cached per CPU (`_cpu`). No code
+# reads the floating-point exception flags, so the compiler may compute both arms of a branch-free select and
+# vectorise it (-fno-trapping-math: results unchanged).
+FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fPIC",
+         "-shared")
 
 
 def _cpu() -> str:

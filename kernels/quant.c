@@ -20,37 +20,36 @@ static const float F16_MAX = 65504.0f;
 static uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, sizeof u); return u; }
 static float float_of(uint32_t u) { float f; memcpy(&f, &u, sizeof f); return f; }
 
-/* float32 -> float16, rounded to nearest even (as torch converts): overflow to infinity, NaN to a quiet NaN. */
-static half half_of(float f) {
+/* float32 -> float16, rounded to nearest even (as torch converts): overflow to infinity, NaN to a quiet NaN.
+ * Branch-free (every case computed, one selected), so loops over many statistics vectorise. */
+static inline half half_of(float f) {
     const uint32_t sign = bits_of(f) & 0x80000000u, x = bits_of(f) ^ sign;
-    half h;
-    if (x >= 0x47800000u) h = x > 0x7F800000u ? 0x7E00u : 0x7C00u;  /* >= 2^16: NaN or infinity */
-    else if (x < 0x38800000u)  /* below 2^-14: a subnormal, rounded by the float addition of 0.5 */
-        h = (half)(bits_of(float_of(x) + 0.5f) - bits_of(0.5f));
-    else  /* rebias the exponent, round the 13 dropped mantissa bits half to even (a carry may reach infinity) */
-        h = (half)((x + 0xC8000FFFu + ((x >> 13) & 1u)) >> 13);
-    return (half)(h | (sign >> 16));
+    const uint32_t huge = x > 0x7F800000u ? 0x7E00u : 0x7C00u;  /* >= 2^16: NaN or infinity */
+    const uint32_t tiny = bits_of(float_of(x) + 0.5f) - bits_of(0.5f);  /* below 2^-14: a subnormal, rounded by the
+                                                                        * float addition of 0.5 */
+    /* rebias the exponent, round the 13 dropped mantissa bits half to even (a carry may reach infinity) */
+    const uint32_t normal = (x + 0xC8000FFFu + ((x >> 13) & 1u)) >> 13;
+    return (half)((x >= 0x47800000u ? huge : x < 0x38800000u ? tiny : normal) | (sign >> 16));
 }
 
-/* float16 -> float32, exactly. */
-static float float_of_half(half h) {
+/* float16 -> float32, exactly (branch-free). */
+static inline float float_of_half(half h) {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
-    if (exponent == 0) {  /* zero or subnormal: mantissa * 2^-24 */
-        const float v = (float)mantissa * 0x1p-24f;
-        return sign ? -v : v;
-    }
-    return float_of(sign | (exponent == 0x1Fu ? 0x7F800000u : (exponent + 112u) << 23) | mantissa << 13);
+    const uint32_t subnormal = bits_of((float)mantissa * 0x1p-24f);  /* zero or subnormal: mantissa * 2^-24 */
+    const uint32_t normal = (exponent == 0x1Fu ? 0x7F800000u : (exponent + 112u) << 23) | mantissa << 13;
+    return float_of(sign | (exponent == 0 ? subnormal : normal));
 }
 
 /* The float16 next to h toward -inf (down) or +inf; NaN and infinities in that direction stay. */
-static half next_half(half h, int down) {
-    if ((h & 0x7FFFu) > 0x7C00u || h == (down ? 0xFC00u : 0x7C00u)) return h;
-    if ((h & 0x7FFFu) == 0) return down ? 0x8001u : 0x0001u;  /* from either zero */
-    return (half)((h >> 15) == (unsigned)down ? h + 1 : h - 1);  /* away from zero, or toward it */
+static inline half next_half(half h, int down) {
+    const int stays = ((h & 0x7FFFu) > 0x7C00u) | (h == (down ? 0xFC00u : 0x7C00u));  /* no branch */
+    const half from_zero = down ? 0x8001u : 0x0001u;
+    const half along = (half)((h >> 15) == (unsigned)down ? h + 1 : h - 1);  /* away from zero, or toward it */
+    return stays ? h : (h & 0x7FFFu) == 0 ? from_zero : along;
 }
 
 /* x as float16, rounded toward -inf (down) or +inf where rounding to nearest went the other way. */
-static half round_toward(float x, int down) {
+static inline half round_toward(float x, int down) {
     const half h = half_of(x);
     const float back = float_of_half(h);
     return (down ? back > x : back < x) ? next_half(h, down) : h;
@@ -60,13 +59,13 @@ static half round_toward(float x, int down) {
 enum { FLOAT32 = 0, BFLOAT16 = 1, FLOAT16 = 2 };
 
 /* float32 -> bfloat16, rounded to nearest even (as torch converts), NaN to a quiet NaN. */
-static uint16_t bfloat16_of(float f) {
+static inline uint16_t bfloat16_of(float f) {
     const uint32_t u = bits_of(f);
     return (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 /* n elements of `dtype` at x (from element `first`) -> float32 row. */
-static void load_row(const void *x, int64_t first, int64_t n, int dtype, float *row) {
+static inline void load_row(const void *x, int64_t first, int64_t n, int dtype, float *row) {
     if (dtype == FLOAT32) memcpy(row, (const float *)x + first, (size_t)n * sizeof(float));
     else if (dtype == BFLOAT16)
         for (int64_t i = 0; i < n; i++) row[i] = float_of((uint32_t)((const uint16_t *)x)[first + i] << 16);
@@ -74,7 +73,7 @@ static void load_row(const void *x, int64_t first, int64_t n, int dtype, float *
 }
 
 /* float32 row -> n elements of `dtype` at out (from element `first`). */
-static void store_row(const float *row, int64_t n, int dtype, void *out, int64_t first) {
+static inline void store_row(const float *row, int64_t n, int dtype, void *out, int64_t first) {
     if (dtype == FLOAT32) memcpy((float *)out + first, row, (size_t)n * sizeof(float));
     else if (dtype == BFLOAT16) for (int64_t i = 0; i < n; i++) ((uint16_t *)out)[first + i] = bfloat16_of(row[i]);
     else for (int64_t i = 0; i < n; i++) ((uint16_t *)out)[first + i] = half_of(row[i]);
@@ -83,27 +82,44 @@ static void store_row(const float *row, int64_t n, int dtype, void *out, int64_t
 /* Scratch of `bytes` (at least one, so an empty row is no allocation failure); NULL where memory ran out. */
 static void *scratch(int64_t bytes) { return malloc(bytes > 0 ? (size_t)bytes : 1); }
 
-static float clamp_f16(float v) { return v < -F16_MAX ? -F16_MAX : v > F16_MAX ? F16_MAX : v; }
+static inline float clamp_f16(float v) { return v < -F16_MAX ? -F16_MAX : v > F16_MAX ? F16_MAX : v; }
 
-/* One group's statistics from its clamped minimum and maximum: the stored float16 scale and minimum. */
-static void group_stats(float smallest, float largest, int levels, half *scale, half *low) {
-    *low = round_toward(smallest, 1);
-    *scale = round_toward((largest - float_of_half(*low)) / (float)levels, 0);
+/* Running extremes and NaN flag, taking in v (clamped to float16's range). */
+static inline void extend(float v, float *lo, float *hi, float *nan) {
+    v = clamp_f16(v);
+    *nan = v == v ? *nan : 1.0f;
+    *lo = v < *lo ? v : *lo;
+    *hi = v > *hi ? v : *hi;
 }
 
-static float step_of(half scale) { return float_of_half(scale) > 0.0f ? float_of_half(scale) : 1.0f; }
-
-/* codes[i] of x[i] (clamped) against its group's minimum and step (the scale, 1 where that is 0): the quotient
- * clamped to [0, levels] (NaN to 0) and rounded half to even (adding and taking away 1.5 * 2^23 rounds a float
- * below 2^22 so). Branch-free, so the compiler vectorises it. */
-static void codes_of(const float *x, const float *low, const float *step, int64_t n, int levels, uint8_t *codes) {
+/* n groups' statistics from their clamped extremes (NaN where a group holds one): the stored float16 scale and
+ * minimum, and in place of the extremes the minimum and step codes_of takes (the scale, 1 where that is 0). A zero
+ * extreme counts as +0 (adding +0 makes -0 so): the order a group is reduced in cannot change a bit. */
+static void stats_of(float *smallest, float *largest, int64_t n, int levels, half *scale_out, half *low_out) {
     for (int64_t i = 0; i < n; i++) {
-        float code = (clamp_f16(x[i]) - low[i]) / step[i];
-        code = code == code ? code : 0.0f;
-        code = code < 0.0f ? 0.0f : code;
-        code = code > (float)levels ? (float)levels : code;
-        codes[i] = (uint8_t)(int)((code + 12582912.0f) - 12582912.0f);
+        const half low = round_toward(smallest[i] + 0.0f, 1);
+        const float low_f = float_of_half(low);
+        const half scale = round_toward((largest[i] + 0.0f - low_f) / (float)levels, 0);
+        const float scale_f = float_of_half(scale);
+        low_out[i] = low, scale_out[i] = scale;
+        smallest[i] = low_f, largest[i] = scale_f > 0.0f ? scale_f : 1.0f;
     }
+}
+
+/* The code of x (clamped) against its group's minimum and step (the scale, 1 where that is 0): the quotient
+ * clamped to [0, levels] (NaN to 0) and rounded half to even (adding and taking away 1.5 * 2^23 rounds a float
+ * below 2^22 so). Branch-free, so the loops around it vectorise. */
+static inline uint8_t code_of(float x, float low, float step, int levels) {
+    float code = (clamp_f16(x) - low) / step;
+    code = code == code ? code : 0.0f;
+    code = code < 0.0f ? 0.0f : code;
+    code = code > (float)levels ? (float)levels : code;
+    return (uint8_t)(int)((code + 12582912.0f) - 12582912.0f);
+}
+
+/* codes[i] of x[i], each against its own column's minimum and step (keys). */
+static void codes_of(const float *x, const float *low, const float *step, int64_t n, int levels, uint8_t *codes) {
+    for (int64_t i = 0; i < n; i++) codes[i] = code_of(x[i], low[i], step[i], levels);
 }
 
 /* One row of `channels` codes -> its packed bytes: channel c in bits [bits*(c % k), ...) of byte c / k.
@@ -111,10 +127,16 @@ static void codes_of(const float *x, const float *low, const float *step, int64_
 static inline __attribute__((always_inline)) void pack_bits(const uint8_t *codes, int64_t channels, int bits,
                                                             uint8_t *packed) {
     const int per_byte = 8 / bits;
-    for (int64_t b = 0, c = 0; c < channels; b++) {
+    const int64_t whole = channels / per_byte;  /* bytes every one of whose codes is a channel */
+    for (int64_t b = 0; b < whole; b++) {
         uint8_t byte = 0;
-        for (int k = 0; k < per_byte && c < channels; k++, c++) byte |= (uint8_t)(codes[c] << (bits * k));
+        for (int k = 0; k < per_byte; k++) byte |= (uint8_t)(codes[b * per_byte + k] << (bits * k));
         packed[b] = byte;
+    }
+    if (whole * per_byte < channels) {
+        uint8_t byte = 0;
+        for (int64_t c = whole * per_byte; c < channels; c++) byte |= (uint8_t)(codes[c] << (bits * (c % per_byte)));
+        packed[whole] = byte;
     }
 }
 
@@ -130,32 +152,23 @@ int quantize_tokens(const void *x, int dtype, int64_t tokens, int64_t heads, int
                     int bits, int64_t packed, uint8_t *codes, half *scale_out, half *low_out) {
     const int levels = (1 << bits) - 1;
     const int64_t columns = heads * channels;
-    float *stats = scratch(5 * columns * sizeof(float));
+    float *stats = scratch(4 * columns * sizeof(float));
     uint8_t *row_codes = scratch(columns);
     if (stats == NULL || row_codes == NULL) return free(stats), free(row_codes), -1;
-    float *smallest = stats, *largest = stats + columns, *nan = stats + 2 * columns, *step = stats + 3 * columns;
-    float *row = stats + 4 * columns;
+    float *smallest = stats, *largest = stats + columns, *nan = stats + 2 * columns, *row = stats + 3 * columns;
     for (int64_t first = 0, g = 0; first < tokens; first += group, g++) {
         const int64_t last = first + group < tokens ? first + group : tokens;
         for (int64_t i = 0; i < columns; i++) smallest[i] = INFINITY, largest[i] = -INFINITY, nan[i] = 0.0f;
         for (int64_t t = first; t < last; t++) {
             load_row(x, t * columns, columns, dtype, row);
-            for (int64_t i = 0; i < columns; i++) {
-                const float v = clamp_f16(row[i]);
-                nan[i] = v == v ? nan[i] : 1.0f;
-                smallest[i] = v < smallest[i] ? v : smallest[i];
-                largest[i] = v > largest[i] ? v : largest[i];
-            }
+            for (int64_t i = 0; i < columns; i++) extend(row[i], smallest + i, largest + i, nan + i);
         }
-        for (int64_t i = 0; i < columns; i++) {
-            half scale, low;
-            group_stats(nan[i] ? NAN : smallest[i], nan[i] ? NAN : largest[i], levels, &scale, &low);
-            scale_out[g * columns + i] = scale, low_out[g * columns + i] = low;
-            smallest[i] = float_of_half(low), step[i] = step_of(scale);
-        }
-        for (int64_t t = first; t < last; t++) {
+        for (int64_t i = 0; i < columns; i++)
+            smallest[i] = nan[i] != 0.0f ? NAN : smallest[i], largest[i] = nan[i] != 0.0f ? NAN : largest[i];
+        stats_of(smallest, largest, columns, levels, scale_out + g * columns, low_out + g * columns);
+        for (int64_t t = first; t < last; t++) {  /* smallest, largest: each column's minimum and step */
             load_row(x, t * columns, columns, dtype, row);
-            codes_of(row, smallest, step, columns, levels, row_codes);
+            codes_of(row, smallest, largest, columns, levels, row_codes);
             for (int64_t h = 0; h < heads; h++)
                 pack_row(row_codes + h * channels, channels, bits, codes + (t * heads + h) * packed);
         }
@@ -164,38 +177,52 @@ int quantize_tokens(const void *x, int dtype, int64_t tokens, int64_t heads, int
     return 0;
 }
 
+enum { LANES = 8 };  /* independent running extremes, so the compiler vectorises a group's reduction */
+
+/* The smallest and largest of x[0..n) clamped to float16's range, both NaN where one is. The elements are reduced
+ * in lanes: the extremes are the same values in any order, up to a zero's sign (stats_of makes that +0). */
+static inline void group_range(const float *x, int64_t n, float *smallest, float *largest) {
+    float lo[LANES], hi[LANES], nan[LANES];
+    for (int l = 0; l < LANES; l++) lo[l] = INFINITY, hi[l] = -INFINITY, nan[l] = 0.0f;
+    int64_t first = 0;
+    for (; first + LANES <= n; first += LANES)
+        for (int l = 0; l < LANES; l++) extend(x[first + l], lo + l, hi + l, nan + l);
+    for (int l = 0; first + l < n; l++) extend(x[first + l], lo + l, hi + l, nan + l);
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) {
+            nan[l] = nan[l] > nan[l + w] ? nan[l] : nan[l + w];
+            lo[l] = lo[l + w] < lo[l] ? lo[l + w] : lo[l];
+            hi[l] = hi[l + w] > hi[l] ? hi[l + w] : hi[l];
+        }
+    *smallest = nan[0] != 0.0f ? NAN : lo[0];
+    *largest = nan[0] != 0.0f ? NAN : hi[0];
+}
+
 /* Values x (rows = T*H, D) of `dtype`, in groups of `group` channels per row -> packed codes (rows, packed),
- * scale and low (rows, ceil(D / group)). 0, or -1 where its scratch could not be allocated. */
+ * scale and low (rows, ceil(D / group)): every group's extremes, then every group's statistics in one loop, then
+ * every code, then the packing, each pass over the whole message (a short row's work is mostly per call).
+ * 0, or -1 where its scratch could not be allocated. */
 int quantize_channels(const void *x, int dtype, int64_t rows, int64_t channels, int64_t group, int bits,
                       int64_t packed, uint8_t *codes, half *scale_out, half *low_out) {
     const int levels = (1 << bits) - 1;
-    const int64_t n_groups = (channels + group - 1) / group;
-    float *stats = scratch(3 * channels * sizeof(float));
-    uint8_t *row_codes = scratch(channels);
-    if (stats == NULL || row_codes == NULL) return free(stats), free(row_codes), -1;
-    float *low = stats, *step = stats + channels, *row = stats + 2 * channels;  /* per channel: its group's */
-    for (int64_t r = 0; r < rows; r++) {
-        load_row(x, r * channels, channels, dtype, row);
-        for (int64_t first = 0, g = 0; first < channels; first += group, g++) {
-            const int64_t last = first + group < channels ? first + group : channels;
-            float smallest = INFINITY, largest = -INFINITY;
-            int nan = 0;
-            for (int64_t c = first; c < last; c++) {
-                const float v = clamp_f16(row[c]);
-                nan |= v != v;
-                smallest = v < smallest ? v : smallest;
-                largest = v > largest ? v : largest;
-            }
-            half scale, low_half;
-            group_stats(nan ? NAN : smallest, nan ? NAN : largest, levels, &scale, &low_half);
-            scale_out[r * n_groups + g] = scale, low_out[r * n_groups + g] = low_half;
-            const float low_f = float_of_half(low_half), step_f = step_of(scale);
-            for (int64_t c = first; c < last; c++) low[c] = low_f, step[c] = step_f;
+    const int64_t n_groups = (channels + group - 1) / group, groups = rows * n_groups, n = rows * channels;
+    float *stats = scratch((2 * groups + n) * sizeof(float));
+    uint8_t *all_codes = scratch(n);
+    if (stats == NULL || all_codes == NULL) return free(stats), free(all_codes), -1;
+    float *smallest = stats, *largest = stats + groups, *values = stats + 2 * groups;
+    load_row(x, 0, n, dtype, values);
+    for (int64_t r = 0, g = 0; r < rows; r++)
+        for (int64_t first = 0; first < channels; first += group, g++)
+            group_range(values + r * channels + first, first + group < channels ? group : channels - first,
+                        smallest + g, largest + g);
+    stats_of(smallest, largest, groups, levels, scale_out, low_out);  /* smallest, largest: minimum, step */
+    for (int64_t r = 0, g = 0; r < rows; r++)
+        for (int64_t first = 0; first < channels; first += group, g++) {
+            const int64_t at = r * channels + first, last = at + (first + group < channels ? group : channels - first);
+            for (int64_t i = at; i < last; i++) all_codes[i] = code_of(values[i], smallest[g], largest[g], levels);
         }
-        codes_of(row, low, step, channels, levels, row_codes);
-        pack_row(row_codes, channels, bits, codes + r * packed);
-    }
-    free(stats), free(row_codes);
+    for (int64_t r = 0; r < rows; r++) pack_row(all_codes + r * channels, channels, bits, codes + r * packed);
+    free(stats), free(all_codes);
     return 0;
 }
 
@@ -203,8 +230,11 @@ int quantize_channels(const void *x, int dtype, int64_t rows, int64_t channels, 
 static inline __attribute__((always_inline)) void unpack_bits(const uint8_t *packed, int64_t channels, int bits,
                                                               uint8_t *codes) {
     const int per_byte = 8 / bits, mask = (1 << bits) - 1;
-    for (int64_t b = 0, c = 0; c < channels; b++)
-        for (int k = 0; k < per_byte && c < channels; k++, c++) codes[c] = (uint8_t)((packed[b] >> (bits * k)) & mask);
+    const int64_t whole = channels / per_byte;
+    for (int64_t b = 0; b < whole; b++)
+        for (int k = 0; k < per_byte; k++) codes[b * per_byte + k] = (uint8_t)((packed[b] >> (bits * k)) & mask);
+    for (int64_t c = whole * per_byte; c < channels; c++)
+        codes[c] = (uint8_t)((packed[c / per_byte] >> (bits * (c % per_byte))) & mask);
 }
 
 static void unpack_row(const uint8_t *packed, int64_t channels, int bits, uint8_t *codes) {
@@ -236,24 +266,23 @@ int dequantize_tokens(const uint8_t *codes, const half *scale_in, const half *lo
     return 0;
 }
 
-/* Inverse of quantize_channels: out (rows, D) of `dtype`. 0, or -1 where its scratch could not be allocated. */
+/* Inverse of quantize_channels: out (rows, D) of `dtype`, each pass over the whole message. 0, or -1 where its
+ * scratch could not be allocated. */
 int dequantize_channels(const uint8_t *codes, const half *scale_in, const half *low_in, int64_t rows,
                         int64_t channels, int64_t group, int bits, int64_t packed, void *out, int dtype) {
-    const int64_t n_groups = (channels + group - 1) / group;
-    float *row = scratch(channels * sizeof(float));
-    uint8_t *row_codes = scratch(channels);
-    if (row == NULL || row_codes == NULL) return free(row), free(row_codes), -1;
-    for (int64_t r = 0; r < rows; r++) {
-        unpack_row(codes + r * packed, channels, bits, row_codes);
-        for (int64_t first = 0, g = 0; first < channels; first += group, g++) {
-            const int64_t last = first + group < channels ? first + group : channels;
-            const float low = float_of_half(low_in[r * n_groups + g]);
-            const float scale = float_of_half(scale_in[r * n_groups + g]);
-            for (int64_t c = first; c < last; c++) row[c] = low + (float)row_codes[c] * scale;
+    const int64_t n = rows * channels;
+    float *values = scratch(n * sizeof(float));
+    uint8_t *all_codes = scratch(n);
+    if (values == NULL || all_codes == NULL) return free(values), free(all_codes), -1;
+    for (int64_t r = 0; r < rows; r++) unpack_row(codes + r * packed, channels, bits, all_codes + r * channels);
+    for (int64_t r = 0, g = 0; r < rows; r++)
+        for (int64_t first = 0; first < channels; first += group, g++) {
+            const float low = float_of_half(low_in[g]), scale = float_of_half(scale_in[g]);
+            const int64_t at = r * channels + first, last = at + (first + group < channels ? group : channels - first);
+            for (int64_t i = at; i < last; i++) values[i] = low + (float)all_codes[i] * scale;
         }
-        store_row(row, channels, dtype, out, r * channels);
-    }
-    free(row), free(row_codes);
+    store_row(values, n, dtype, out, 0);
+    free(values), free(all_codes);
     return 0;
 }
 

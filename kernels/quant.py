@@ -42,7 +42,7 @@ def quantize_groups(x: torch.Tensor, bits: int, dim: int, group: int) -> tuple[t
     """
     levels = (1 << bits) - 1
     groups = _split_groups(x.float().clamp(-_F16_MAX, _F16_MAX), dim, group)  # (..., n_groups, group)
-    smallest, largest = torch.aminmax(groups, dim=-1)
+    smallest, largest = (t + 0.0 for t in torch.aminmax(groups, dim=-1))  # a zero extreme as +0, whatever its order
     low = _round_toward(smallest, -torch.inf)
     scale = _round_toward((largest - low.float()) / levels, torch.inf)
     step = torch.where(scale > 0, scale.float(), 1.0)  # a constant group is its minimum, exactly
