@@ -4,10 +4,18 @@
 from __future__ import annotations
 
 import functools
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
+import zmq
 
 from fedattn_vllm.exchange import InProcessKVExchange, KVExchangeError, PayloadKind
 from fedattn_vllm.federated.ranks import HeadShards, RankExchange, RankGateway
@@ -90,3 +98,61 @@ def test_a_bad_payload_from_another_party_fails_every_rank_alike(gateway, bad):
     errors = on_every_rank(clients, lambda r, c: c.fetch("s", 1, 0, 1))
     assert all(isinstance(e, KVExchangeError) for e in errors), errors
     assert gateway.pending() == 0
+
+
+_RANK = """
+import sys, time
+from fedattn_vllm.exchange import KVExchangeError
+from fedattn_vllm.federated.ranks import RankExchange
+rank = RankExchange([sys.argv[1]], 0)
+start = time.monotonic()
+try:
+    rank.fetch("s", 0, 1, 0)
+except KVExchangeError as error:
+    print(f"{time.monotonic() - start:.1f} {error}", flush=True)
+"""
+_ENGINE = """
+import subprocess, sys, time
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], stdout=sys.stdout)
+print(rank.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_rank_waiting_on_its_gateway_ends_with_the_engine_process(tmp_path):
+    """A rank blocked mid-step on a gateway that never answers gives up once the process that started it (the
+    engine, the gateway's host) is killed, so no worker outlives its engine; vLLM's own watch of its parent acts
+    only between steps."""
+    endpoint = f"ipc://{tmp_path / 'rank0'}"
+    silent = zmq.Context.instance().socket(zmq.ROUTER)  # takes the request, never answers
+    silent.setsockopt(zmq.LINGER, 0)
+    silent.bind(endpoint)
+    engine = subprocess.Popen([sys.executable, "-c", _ENGINE, _RANK, endpoint], stdout=subprocess.PIPE, text=True)
+    rank_pid = None
+    try:
+        rank_pid = int(engine.stdout.readline())
+        assert silent.poll(60_000), "the rank never asked its gateway"
+        silent.recv_multipart()
+        engine.kill()
+        engine.wait(timeout=10)
+        assert select.select([engine.stdout], [], [], 30)[0], "the rank still waits on its gateway"
+        waited_s, message = engine.stdout.readline().split(" ", 1)  # the rank's, through the pipe it inherited
+        assert "engine process that hosts the rank gateway is gone" in message
+        assert float(waited_s) < 30  # not the longest fetch wait
+        deadline = time.monotonic() + 10
+        while _alive(rank_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(rank_pid)
+    finally:
+        engine.kill()
+        if rank_pid is not None and _alive(rank_pid):
+            os.kill(rank_pid, signal.SIGKILL)
+        silent.close(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie has ended

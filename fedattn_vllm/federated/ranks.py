@@ -14,8 +14,10 @@ run in lockstep, so a session fails on all of them or on none.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from kernels import all_finite
 
 log = logging.getLogger(__name__)
 REPLY_MARGIN_S = 30.0  # beyond the longest fetch wait, before a rank gives its gateway up
+HOST_CHECK_S = 0.5  # how often a rank waiting on its gateway checks that the engine process is still there
 
 
 @dataclass(frozen=True)
@@ -233,19 +236,29 @@ class RankExchange(KVExchange):
         self._socket.setsockopt(zmq.REQ_CORRELATE, 1)  # ... and the late answer to the old one dropped
         self._socket.connect(endpoints[rank])
         self._contributes_kv = PayloadKind.KV in counted  # a copy of another rank's KV heads sends none
+        self._host = os.getppid()  # the engine process, which serves the gateway and started this rank
 
     def _call(self, header: dict, payload: Payload | None = None) -> Payload | None:
         with self._lock:
             try:
                 self._socket.send_multipart(encode(header, payload), copy=False)
-                if not self._socket.poll(int(1000 * (MAX_WAIT_S + 2 * REPLY_MARGIN_S))):
-                    raise KVExchangeError("the engine's rank gateway did not answer")
+                self._await_reply()
                 reply, tensors = decode(self._socket.recv_multipart(copy=False))
             except (zmq.ZMQError, WireError) as error:
                 raise KVExchangeError(f"the engine's rank gateway: {error}") from None
         if not reply.get("ok"):
             raise KVExchangeError(reply.get("error", "refused"))
         return tensors
+
+    def _await_reply(self) -> None:
+        """Until the gateway answers: KVExchangeError once the engine process is gone (a rank blocked here must not
+        outlive it: vLLM's own watch of its parent acts only between steps) or the longest wait has passed."""
+        deadline = time.monotonic() + MAX_WAIT_S + 2 * REPLY_MARGIN_S
+        while not self._socket.poll(int(1000 * HOST_CHECK_S)):
+            if os.getppid() != self._host:
+                raise KVExchangeError("the engine process that hosts the rank gateway is gone")
+            if time.monotonic() > deadline:
+                raise KVExchangeError("the engine's rank gateway did not answer")
 
     def publish(self, session: str, participant: int, layer: int, kv: Payload,
                 kind: PayloadKind = PayloadKind.KV) -> None:
