@@ -18,6 +18,7 @@ import torch
 import zmq
 
 from fedattn_vllm.exchange import InProcessKVExchange, KVExchangeError, PayloadKind
+from fedattn_vllm.federated import ranks
 from fedattn_vllm.federated.ranks import HeadShards, RankExchange, RankGateway
 
 
@@ -98,6 +99,20 @@ def test_a_bad_payload_from_another_party_fails_every_rank_alike(gateway, bad):
     errors = on_every_rank(clients, lambda r, c: c.fetch("s", 1, 0, 1))
     assert all(isinstance(e, KVExchangeError) for e in errors), errors
     assert gateway.pending() == 0
+
+
+@pytest.mark.parametrize("gateway", [(2, 4, 2)], indirect=True)
+def test_a_rank_whose_peer_never_sends_its_shard_is_reported_then_fails(gateway, monkeypatch, caplog):
+    """Ranks out of step (one publishes what the other never does) stall on the slot: the gateway logs who waits on
+    what, with the ranks whose shards are in, until the longest wait passes and the slot fails."""
+    gateway, _, clients = gateway
+    monkeypatch.setattr(ranks, "MAX_WAIT_S", 0.5)
+    monkeypatch.setattr(ranks, "REPLY_MARGIN_S", 0.5)  # the rank waits a margin beyond its gateway
+    monkeypatch.setattr(ranks, "STALL_REPORT_S", 0.2)
+    shard = (torch.randn(3, 1, 8), torch.randn(3, 1, 8))
+    with pytest.raises(KVExchangeError, match="no outcome for publish of session s"):
+        clients[0].publish("s", 0, 3, shard)
+    assert "rank 0 has waited" in caplog.text and "shards in from ranks [0]" in caplog.text
 
 
 _RANK = """

@@ -32,6 +32,7 @@ from kernels import all_finite
 
 log = logging.getLogger(__name__)
 REPLY_MARGIN_S = 30.0  # beyond the longest fetch wait, before a rank gives its gateway up
+STALL_REPORT_S = 60.0  # a rank waiting this long on a slot is logged, with the ranks whose shards are in
 HOST_CHECK_S = 0.5  # how often a rank waiting on its gateway checks that the engine process is still there
 
 
@@ -204,9 +205,13 @@ class RankGateway:
 
     def _outcome(self, rank: int, key: tuple, slot: _Slot) -> None:
         """Wait until the slot is done; forget it once every rank has seen it; raise its error."""
-        deadline_s = MAX_WAIT_S + REPLY_MARGIN_S
+        start = time.monotonic()
         with self._changed:
-            self._changed.wait_for(lambda: slot.done or self._stop.is_set(), timeout=deadline_s)
+            while not (slot.done or self._stop.is_set()) \
+                    and (left := start + MAX_WAIT_S + REPLY_MARGIN_S - time.monotonic()) > 0:
+                if not self._changed.wait(min(left, STALL_REPORT_S)):  # ranks out of step stall here: say where
+                    log.warning("rank %d has waited %.0f s on %s %s of session %s; shards in from ranks %s", rank,
+                                time.monotonic() - start, key[0], key[2:], key[1], sorted(slot.shards))
             if not slot.done:  # decided for every rank: a shard arriving later joins nothing
                 slot.error, slot.done = f"rank gateway: no outcome for {key[0]} of session {key[1]}", True
                 self._changed.notify_all()
