@@ -1,10 +1,11 @@
 """Shared K/V as they travel between participants: exact ('native') or quantised with their scales.
 
 - int8: keys with one float32 scale per head and channel, values with one per token and head.
-- int4, k4v2 (4-bit keys, 2-bit values), int2: asymmetric codes in groups (KIVI's split): keys per head and channel over
-  groups of tokens, values per token and head over groups of channels, a float16 scale and
-  minimum per group (`kernels/quant.py`). The public prefix, where attention sinks sit, is
-  never exchanged, so it stays exact.
+- int4, k4v2 (4-bit keys, 2-bit values), int2: asymmetric codes in groups (KIVI's split): keys
+  per head and channel over groups of tokens, values per token and head over groups of channels,
+  a float16 scale and minimum per group, each head's in its bytes of one uint8 tensor
+  (`kernels/quant.py`). The public prefix, where attention sinks sit, is never exchanged, so it
+  stays exact.
 
 Both transports (in-process and networked) carry the encoded tensors, so colocated and
 federated sessions compute on identical values and count identical bytes; `payload_bytes`
@@ -13,7 +14,6 @@ is the size the cost model counts, equal to what the encoders produce.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -21,14 +21,13 @@ import torch
 from fedattn_vllm.config import KVWire
 from fedattn_vllm.exchange import KV, KVExchangeError, Payload, kv_nbytes
 from kernels import all_finite, dequantize_int8, dequantize_kv, quantize_int8, quantize_kv
-from kernels.quant import packed_channels, stats_shape
-
-_HALF = 2  # bytes of a float16 scale or minimum
+from kernels.quant import PayloadLayout, payload_layout
 
 
 @dataclass(frozen=True)
 class LowBit:
-    """Grouped asymmetric codes for keys (per channel) and values (per token)."""
+    """Grouped asymmetric codes for keys (per channel) and values (per token): a payload is one uint8 (1, H, B)
+    tensor, each head's statistics and codes in its B bytes."""
 
     key_bits: int
     value_bits: int
@@ -36,20 +35,20 @@ class LowBit:
     value_group: int  # channels of a token and head that share a value scale and minimum
 
     def encode(self, kv: KV) -> Payload:
-        """(K codes, K scales, K minima, V codes, V scales, V minima)."""
-        return quantize_kv(*kv, self.key_bits, self.key_group, self.value_bits, self.value_group)
+        return (quantize_kv(*kv, self.key_bits, self.key_group, self.value_bits, self.value_group),)
 
-    def decode(self, payload: Payload, dtype: torch.dtype, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(K, V, whether every value is finite), K and V of `head_dim` channels (the receiver's model's: the codes
-        are checked against it)."""
-        return dequantize_kv(payload, self.key_bits, self.key_group, self.value_bits, self.value_group, head_dim, dtype)
+    def decode(self, payload: Payload, dtype: torch.dtype, shape: tuple[int, int, int]
+               ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(K, V, whether every value is finite), K and V of (T, H, D) `shape` (the receiver's: the payload is checked
+        against it). ValueError for anything but one tensor of that shape's layout."""
+        if len(payload) != 1:
+            raise ValueError(f"a low-bit payload is one tensor, got {len(payload)}")
+        return dequantize_kv(payload[0], shape, self.key_bits, self.key_group, self.value_bits, self.value_group,
+                             dtype)
 
-    def payload_bytes(self, tokens: int, heads: int, head_dim: int) -> int:
-        """Codes, and a float16 scale and minimum per group, as the encoder lays them out (`kernels.quant`)."""
-        shape = (tokens, heads, head_dim)
-        codes = tokens * heads * (packed_channels(head_dim, self.key_bits) + packed_channels(head_dim, self.value_bits))
-        groups = math.prod(stats_shape(shape, 0, self.key_group)) + math.prod(stats_shape(shape, -1, self.value_group))
-        return codes + 2 * _HALF * groups
+    def layout(self, tokens: int, head_dim: int) -> PayloadLayout:
+        """Where a head's codes, scales and minima of `tokens` tokens lie in its bytes."""
+        return payload_layout(tokens, head_dim, self.key_bits, self.key_group, self.value_bits, self.value_group)
 
 
 LOW_BIT = {
@@ -69,10 +68,10 @@ def encode_kv(kv: KV, wire: KVWire) -> Payload:
     return kv[0].clone(), kv[1].clone()
 
 
-def decode_kv(payload: Payload, wire: KVWire, dtype: torch.dtype, head_dim: int) -> KV:
-    """(K, V) of `head_dim` channels in the engine's `dtype` from a published payload."""
+def decode_kv(payload: Payload, wire: KVWire, dtype: torch.dtype, shape: tuple[int, int, int]) -> KV:
+    """(K, V) of (T, H, D) `shape` in the engine's `dtype` from a published payload."""
     if wire in LOW_BIT:
-        return LOW_BIT[wire].decode(payload, dtype, head_dim)[:2]
+        return LOW_BIT[wire].decode(payload, dtype, shape)[:2]
     if wire is KVWire.INT8:
         k, v, k_scale, v_scale = payload
         return dequantize_int8(k, k_scale, dtype), dequantize_int8(v, v_scale, dtype)
@@ -82,19 +81,18 @@ def decode_kv(payload: Payload, wire: KVWire, dtype: torch.dtype, head_dim: int)
 def decode_checked(payload: Payload, wire: KVWire, dtype: torch.dtype, shape: tuple[int, int, int]) -> KV:
     """decode_kv of a payload from another party, checked to be what a (T, H_kv, D) `shape` encodes:
     its byte count, its decoded shapes and dtypes, finite values. KVExchangeError if not."""
-    tokens, heads, head_dim = shape
-    expected = payload_bytes(wire, tokens, heads, head_dim, dtype.itemsize)
+    expected = payload_bytes(wire, *shape, dtype.itemsize)
     if kv_nbytes(payload) != expected:
         raise KVExchangeError(f"a {wire.value} payload of {shape} is {expected} bytes, got {kv_nbytes(payload)}")
     try:
-        if wire in LOW_BIT:  # the finite check in the decoding kernel's call
-            k, v, finite = LOW_BIT[wire].decode(payload, dtype, head_dim)
+        if wire in LOW_BIT:  # decoded into `shape` and `dtype`, the finite check in the decoding kernel's call
+            k, v, fits = LOW_BIT[wire].decode(payload, dtype, shape)
         else:
-            k, v = decode_kv(payload, wire, dtype, head_dim)
-            finite = all_finite(k) and all_finite(v)
+            k, v = decode_kv(payload, wire, dtype, shape)
+            fits = all(t.shape == shape and t.dtype == dtype for t in (k, v)) and all_finite(k) and all_finite(v)
     except (RuntimeError, ValueError, IndexError) as error:
         raise KVExchangeError(f"malformed {wire.value} payload: {error}") from None
-    if not finite or any(t.shape != shape or t.dtype != dtype for t in (k, v)):
+    if not fits:
         raise KVExchangeError(f"a {wire.value} payload that does not decode to finite {tuple(shape)} {dtype}")
     return k, v
 
@@ -112,5 +110,5 @@ def payload_bytes(wire: KVWire, tokens: int, heads: int, head_dim: int, element_
     if wire is KVWire.INT8:  # int8 K and V, a float32 scale per key channel and per value token (and head)
         return heads * (2 * tokens * head_dim + 4 * head_dim + 4 * tokens)
     if wire in LOW_BIT:
-        return LOW_BIT[wire].payload_bytes(tokens, heads, head_dim)
+        return heads * LOW_BIT[wire].layout(tokens, head_dim).head_bytes
     return 2 * tokens * heads * head_dim * element_size

@@ -146,10 +146,11 @@ static void pack_row(const uint8_t *codes, int64_t channels, int bits, uint8_t *
     else pack_bits(codes, channels, 8, packed);
 }
 
-/* Keys x (T, H*D) of `dtype`, in groups of `group` tokens per column -> packed codes (T, H, packed),
- * scale and low (ceil(T / group), H*D). 0, or -1 where its scratch could not be allocated. */
-int quantize_tokens(const void *x, int dtype, int64_t tokens, int64_t heads, int64_t channels, int64_t group,
-                    int bits, int64_t packed, uint8_t *codes, half *scale_out, half *low_out) {
+/* Keys x (T, H*D) of `dtype`, a token's H*D elements `stride` elements after the previous token's, in groups of
+ * `group` tokens per column -> packed codes (T, H, packed), scale and low (ceil(T / group), H*D). 0, or -1 where
+ * its scratch could not be allocated. */
+int quantize_tokens(const void *x, int dtype, int64_t tokens, int64_t heads, int64_t channels, int64_t stride,
+                    int64_t group, int bits, int64_t packed, uint8_t *codes, half *scale_out, half *low_out) {
     const int levels = (1 << bits) - 1;
     const int64_t columns = heads * channels;
     float *stats = scratch(4 * columns * sizeof(float));
@@ -160,14 +161,14 @@ int quantize_tokens(const void *x, int dtype, int64_t tokens, int64_t heads, int
         const int64_t last = first + group < tokens ? first + group : tokens;
         for (int64_t i = 0; i < columns; i++) smallest[i] = INFINITY, largest[i] = -INFINITY, nan[i] = 0.0f;
         for (int64_t t = first; t < last; t++) {
-            load_row(x, t * columns, columns, dtype, row);
+            load_row(x, t * stride, columns, dtype, row);
             for (int64_t i = 0; i < columns; i++) extend(row[i], smallest + i, largest + i, nan + i);
         }
         for (int64_t i = 0; i < columns; i++)
             smallest[i] = nan[i] != 0.0f ? NAN : smallest[i], largest[i] = nan[i] != 0.0f ? NAN : largest[i];
         stats_of(smallest, largest, columns, levels, scale_out + g * columns, low_out + g * columns);
         for (int64_t t = first; t < last; t++) {  /* smallest, largest: each column's minimum and step */
-            load_row(x, t * columns, columns, dtype, row);
+            load_row(x, t * stride, columns, dtype, row);
             codes_of(row, smallest, largest, columns, levels, row_codes);
             for (int64_t h = 0; h < heads; h++)
                 pack_row(row_codes + h * channels, channels, bits, codes + (t * heads + h) * packed);
@@ -198,19 +199,20 @@ static inline void group_range(const float *x, int64_t n, float *smallest, float
     *largest = nan[0] != 0.0f ? NAN : hi[0];
 }
 
-/* Values x (rows = T*H, D) of `dtype`, in groups of `group` channels per row -> packed codes (rows, packed),
+/* Values x (rows = T*H, D) of `dtype`, a row `stride` elements after the previous one, in groups of `group`
+ * channels per row -> packed codes (rows, packed),
  * scale and low (rows, ceil(D / group)): every group's extremes, then every group's statistics in one loop, then
  * every code, then the packing, each pass over the whole message (a short row's work is mostly per call).
  * 0, or -1 where its scratch could not be allocated. */
-int quantize_channels(const void *x, int dtype, int64_t rows, int64_t channels, int64_t group, int bits,
-                      int64_t packed, uint8_t *codes, half *scale_out, half *low_out) {
+int quantize_channels(const void *x, int dtype, int64_t rows, int64_t channels, int64_t stride, int64_t group,
+                      int bits, int64_t packed, uint8_t *codes, half *scale_out, half *low_out) {
     const int levels = (1 << bits) - 1;
     const int64_t n_groups = (channels + group - 1) / group, groups = rows * n_groups, n = rows * channels;
     float *stats = scratch((2 * groups + n) * sizeof(float));
     uint8_t *all_codes = scratch(n);
     if (stats == NULL || all_codes == NULL) return free(stats), free(all_codes), -1;
     float *smallest = stats, *largest = stats + groups, *values = stats + 2 * groups;
-    load_row(x, 0, n, dtype, values);
+    for (int64_t r = 0; r < rows; r++) load_row(x, r * stride, channels, dtype, values + r * channels);
     for (int64_t r = 0, g = 0; r < rows; r++)
         for (int64_t first = 0; first < channels; first += group, g++)
             group_range(values + r * channels + first, first + group < channels ? group : channels - first,
@@ -243,9 +245,10 @@ static void unpack_row(const uint8_t *packed, int64_t channels, int bits, uint8_
     else unpack_bits(packed, channels, 8, codes);
 }
 
-/* Inverse of quantize_tokens: out (T, H*D) of `dtype`. 0, or -1 where its scratch could not be allocated. */
+/* Inverse of quantize_tokens: out (T, H*D) of `dtype`, a token `stride` elements after the previous one. 0, or -1 where its scratch could not be allocated. */
 int dequantize_tokens(const uint8_t *codes, const half *scale_in, const half *low_in, int64_t tokens, int64_t heads,
-                      int64_t channels, int64_t group, int bits, int64_t packed, void *out, int dtype) {
+                      int64_t channels, int64_t group, int bits, int64_t packed, void *out, int64_t stride,
+                      int dtype) {
     const int64_t columns = heads * channels;
     float *stats = scratch(3 * columns * sizeof(float));
     uint8_t *row_codes = scratch(columns);
@@ -259,17 +262,19 @@ int dequantize_tokens(const uint8_t *codes, const half *scale_in, const half *lo
             for (int64_t h = 0; h < heads; h++)
                 unpack_row(codes + (t * heads + h) * packed, channels, bits, row_codes + h * channels);
             for (int64_t i = 0; i < columns; i++) row[i] = low[i] + (float)row_codes[i] * scale[i];
-            store_row(row, columns, dtype, out, t * columns);
+            store_row(row, columns, dtype, out, t * stride);
         }
     }
     free(stats), free(row_codes);
     return 0;
 }
 
-/* Inverse of quantize_channels: out (rows, D) of `dtype`, each pass over the whole message. 0, or -1 where its
+/* Inverse of quantize_channels: out (rows, D) of `dtype`, rows `stride` elements apart, each pass over the whole
+ * message. 0, or -1 where its
  * scratch could not be allocated. */
 int dequantize_channels(const uint8_t *codes, const half *scale_in, const half *low_in, int64_t rows,
-                        int64_t channels, int64_t group, int bits, int64_t packed, void *out, int dtype) {
+                        int64_t channels, int64_t group, int bits, int64_t packed, void *out, int64_t stride,
+                        int dtype) {
     const int64_t n = rows * channels;
     float *values = scratch(n * sizeof(float));
     uint8_t *all_codes = scratch(n);
@@ -281,36 +286,54 @@ int dequantize_channels(const uint8_t *codes, const half *scale_in, const half *
             const int64_t at = r * channels + first, last = at + (first + group < channels ? group : channels - first);
             for (int64_t i = at; i < last; i++) values[i] = low + (float)all_codes[i] * scale;
         }
-    store_row(values, n, dtype, out, 0);
+    for (int64_t r = 0; r < rows; r++) store_row(values + r * channels, channels, dtype, out, r * stride);
     free(values), free(all_codes);
     return 0;
 }
 
-/* One payload's keys (k: quantize_tokens, groups of `key_group` tokens) and values (v: quantize_channels, groups of
- * `value_group` channels), both (T, H, D) of `dtype`, in one call. 0, or -1 where scratch could not be allocated. */
+/* Where a payload's parts lie in each head's bytes (kernels/quant.py's payload_layout of one head). */
+typedef struct { int64_t key_codes, key_scale, key_low, value_codes, value_scale, value_low; } Parts;
+
+static int64_t element_bytes(int dtype) { return dtype == FLOAT32 ? 4 : 2; }
+
+/* One payload (kernels/quant.py's quantize_kv): k and v (T, H, D) of `dtype` -> each head's keys (quantize_tokens,
+ * groups of `key_group` tokens) and values (quantize_channels, groups of `value_group` channels) in that head's
+ * `head_bytes` of `payload`, its parts at `at`. 0, or -1 where scratch could not be allocated. */
 int quantize_kv(const void *k, const void *v, int dtype, int64_t tokens, int64_t heads, int64_t channels,
                 int key_bits, int64_t key_group, int64_t key_packed, int value_bits, int64_t value_group,
-                int64_t value_packed, uint8_t *k_codes, half *k_scale, half *k_low, uint8_t *v_codes, half *v_scale,
-                half *v_low) {
-    if (quantize_tokens(k, dtype, tokens, heads, channels, key_group, key_bits, key_packed, k_codes, k_scale, k_low))
-        return -1;
-    return quantize_channels(v, dtype, tokens * heads, channels, value_group, value_bits, value_packed, v_codes,
-                             v_scale, v_low);
+                int64_t value_packed, uint8_t *payload, int64_t head_bytes, const Parts *at) {
+    const int64_t stride = heads * channels, head_in = channels * element_bytes(dtype);
+    for (int64_t h = 0; h < heads; h++) {
+        uint8_t *out = payload + h * head_bytes;
+        if (quantize_tokens((const uint8_t *)k + h * head_in, dtype, tokens, 1, channels, stride, key_group, key_bits,
+                            key_packed, out + at->key_codes, (half *)(out + at->key_scale),
+                            (half *)(out + at->key_low)) ||
+            quantize_channels((const uint8_t *)v + h * head_in, dtype, tokens, channels, stride, value_group,
+                              value_bits, value_packed, out + at->value_codes, (half *)(out + at->value_scale),
+                              (half *)(out + at->value_low)))
+            return -1;
+    }
+    return 0;
 }
 
 int all_finite(const void *data, int64_t n, int dtype);
 
 /* quantize_kv's inverse into k_out and v_out (T, H, D) of `dtype`, then their finite check (the payload came from
  * another party). 0; 1 where a decoded value is not finite; -1 where scratch could not be allocated. */
-int dequantize_kv(const uint8_t *k_codes, const half *k_scale, const half *k_low, const uint8_t *v_codes,
-                  const half *v_scale, const half *v_low, int64_t tokens, int64_t heads, int64_t channels, int key_bits,
-                  int64_t key_group, int64_t key_packed, int value_bits, int64_t value_group, int64_t value_packed,
-                  void *k_out, void *v_out, int dtype) {
-    if (dequantize_tokens(k_codes, k_scale, k_low, tokens, heads, channels, key_group, key_bits, key_packed, k_out,
-                          dtype) ||
-        dequantize_channels(v_codes, v_scale, v_low, tokens * heads, channels, value_group, value_bits, value_packed,
-                            v_out, dtype))
-        return -1;
+int dequantize_kv(const uint8_t *payload, int64_t head_bytes, const Parts *at, int64_t tokens, int64_t heads,
+                  int64_t channels, int key_bits, int64_t key_group, int64_t key_packed, int value_bits,
+                  int64_t value_group, int64_t value_packed, void *k_out, void *v_out, int dtype) {
+    const int64_t stride = heads * channels, head_out = channels * element_bytes(dtype);
+    for (int64_t h = 0; h < heads; h++) {
+        const uint8_t *in = payload + h * head_bytes;
+        if (dequantize_tokens(in + at->key_codes, (const half *)(in + at->key_scale), (const half *)(in + at->key_low),
+                              tokens, 1, channels, key_group, key_bits, key_packed, (uint8_t *)k_out + h * head_out,
+                              stride, dtype) ||
+            dequantize_channels(in + at->value_codes, (const half *)(in + at->value_scale),
+                                (const half *)(in + at->value_low), tokens, channels, value_group, value_bits,
+                                value_packed, (uint8_t *)v_out + h * head_out, stride, dtype))
+            return -1;
+    }
     const int64_t n = tokens * heads * channels;
     return all_finite(k_out, n, dtype) && all_finite(v_out, n, dtype) ? 0 : 1;
 }

@@ -18,6 +18,7 @@ from kernels import quant
 from kernels.native import library
 
 _I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_PARTS = ctypes.POINTER(ctypes.c_int64)  # the kernel's Parts: a part's offset in a head's bytes, in quant.PARTS order
 
 
 def _kernel() -> ctypes.CDLL | None:
@@ -29,13 +30,15 @@ def _kernel() -> ctypes.CDLL | None:
 def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
     """`lib` with its functions' argument and result types declared (once)."""
     signatures = {  # name: (argument types, result type)
-        "quantize_tokens": ([_PTR, _INT, _I64, _I64, _I64, _I64, _INT, _I64, _PTR, _PTR, _PTR], _INT),
-        "quantize_channels": ([_PTR, _INT, _I64, _I64, _I64, _INT, _I64, _PTR, _PTR, _PTR], _INT),
-        "dequantize_tokens": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _I64, _PTR, _INT], _INT),
-        "dequantize_channels": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _INT], _INT),
+        "quantize_tokens": ([_PTR, _INT, _I64, _I64, _I64, _I64, _I64, _INT, _I64, _PTR, _PTR, _PTR], _INT),
+        "quantize_channels": ([_PTR, _INT, _I64, _I64, _I64, _I64, _INT, _I64, _PTR, _PTR, _PTR], _INT),
+        "dequantize_tokens": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _I64, _PTR, _I64, _INT], _INT),
+        "dequantize_channels": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _I64, _INT], _INT),
         "all_finite": ([_PTR, _I64, _INT], _INT),
-        "quantize_kv": ([_PTR, _PTR, _INT, _I64, _I64, _I64, _INT, _I64, _I64, _INT, _I64, _I64, *[_PTR] * 6], _INT),
-        "dequantize_kv": ([*[_PTR] * 6, _I64, _I64, _I64, _INT, _I64, _I64, _INT, _I64, _I64, _PTR, _PTR, _INT], _INT),
+        "quantize_kv": ([_PTR, _PTR, _INT, _I64, _I64, _I64, _INT, _I64, _I64, _INT, _I64, _I64, _PTR, _I64, _PARTS],
+                        _INT),
+        "dequantize_kv": ([_PTR, _I64, _PARTS, _I64, _I64, _I64, _INT, _I64, _I64, _INT, _I64, _I64, _PTR, _PTR, _INT],
+                          _INT),
     }
     for name, (arguments, result) in signatures.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = arguments, result
@@ -72,11 +75,11 @@ def quantize_groups(x: torch.Tensor, bits: int, dim: int, group: int) -> tuple[t
     packed = codes.shape[-1]
     pointers = codes.data_ptr(), scale.data_ptr(), low.data_ptr()
     if dim == 0:
-        _check(kernel.quantize_tokens(x.data_ptr(), _DTYPES[x.dtype], tokens, heads, channels, group, bits, packed,
-                                      *pointers))
+        _check(kernel.quantize_tokens(x.data_ptr(), _DTYPES[x.dtype], tokens, heads, channels, heads * channels,
+                                      group, bits, packed, *pointers))
     else:
-        _check(kernel.quantize_channels(x.data_ptr(), _DTYPES[x.dtype], tokens * heads, channels, group, bits, packed,
-                                        *pointers))
+        _check(kernel.quantize_channels(x.data_ptr(), _DTYPES[x.dtype], tokens * heads, channels, channels, group,
+                                        bits, packed, *pointers))
     return codes, scale, low
 
 
@@ -102,10 +105,10 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tenso
     pointers = codes.data_ptr(), scale.data_ptr(), low.data_ptr()
     if dim == 0:
         _check(kernel.dequantize_tokens(*pointers, tokens, heads, channels, group, bits, packed, out.data_ptr(),
-                                        _DTYPES[dtype]))
+                                        heads * channels, _DTYPES[dtype]))
     else:
         _check(kernel.dequantize_channels(*pointers, tokens * heads, channels, group, bits, packed, out.data_ptr(),
-                                          _DTYPES[dtype]))
+                                          channels, _DTYPES[dtype]))
     return out
 
 
@@ -119,42 +122,47 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(kernel.all_finite(tensor.data_ptr(), tensor.numel(), _DTYPES[tensor.dtype]))
 
 
+@functools.lru_cache(maxsize=4096)  # a layout per message size
+def _parts(layout: quant.PayloadLayout) -> ctypes.Array:
+    """The layout's part offsets as the kernel reads them (made once per layout)."""
+    return (ctypes.c_int64 * len(layout.offsets))(*layout.offsets)
+
+
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, key_bits: int, key_group: int, value_bits: int,
-                value_group: int) -> tuple[torch.Tensor, ...]:
-    """One payload: `quantize_groups(k, key_bits, 0, key_group)` then `quantize_groups(v, value_bits, -1,
-    value_group)`, k and v (T, H, D), in one kernel call (a short message's cost is mostly per call)."""
+                value_group: int) -> torch.Tensor:
+    """`kernels.quant.quantize_kv`: k and v (T, H, D) -> their payload, one uint8 (1, H, B) tensor
+    (`quant.payload_layout`), in one kernel call (a short message's cost is mostly per call)."""
     kernel = _kernel_for(k, key_bits, 0, key_group, k.dtype) if k.dim() == 3 and k.shape == v.shape \
         and k.dtype == v.dtype and v.device == k.device else None
     if kernel is None or _kernel_for(v, value_bits, -1, value_group, v.dtype) is None:
-        return (*quantize_groups(k, key_bits, 0, key_group), *quantize_groups(v, value_bits, -1, value_group))
+        return quant.quantize_kv(k, v, key_bits, key_group, value_bits, value_group)
     k, v = k.contiguous(), v.contiguous()
-    out = (*_empty_codes(k.shape, key_bits, 0, key_group), *_empty_codes(v.shape, value_bits, -1, value_group))
-    _check(kernel.quantize_kv(k.data_ptr(), v.data_ptr(), _DTYPES[k.dtype], *k.shape, key_bits, key_group,
-                              out[0].shape[-1], value_bits, value_group, out[3].shape[-1], *(t.data_ptr() for t in out)))
-    return out
+    tokens, heads, channels = k.shape
+    layout = quant.payload_layout(tokens, channels, key_bits, key_group, value_bits, value_group)
+    payload = torch.empty(1, heads, layout.head_bytes, dtype=torch.uint8)
+    if layout.pad:  # the byte that evens a head's, zero: the same bits in every process
+        payload[..., -1] = 0
+    _check(kernel.quantize_kv(k.data_ptr(), v.data_ptr(), _DTYPES[k.dtype], tokens, heads, channels, key_bits,
+                              key_group, layout.shapes[0][1], value_bits, value_group, layout.shapes[3][1],
+                              payload.data_ptr(), layout.head_bytes, _parts(layout)))
+    return payload
 
 
-def dequantize_kv(payload: tuple[torch.Tensor, ...], key_bits: int, key_group: int, value_bits: int, value_group: int,
-                  channels: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """`quantize_kv`'s payload (key codes, scale, minimum, value codes, scale, minimum) -> (K, V, whether every
-    decoded value is finite), K and V (T, H, channels) in `dtype`, in one kernel call. ValueError naming the tensor
-    whose shape or dtype does not fit the codes (payloads come from other parties)."""
-    k_codes, k_scale, k_low, v_codes, v_scale, v_low = payload
-    kernel = _kernel_for(k_codes, key_bits, 0, key_group, dtype)
-    if kernel is None or _kernel_for(v_codes, value_bits, -1, value_group, dtype) is None \
-            or any(t.device != k_codes.device for t in payload):
-        k = dequantize_groups(k_codes, k_scale, k_low, key_bits, 0, key_group, channels, dtype)
-        v = dequantize_groups(v_codes, v_scale, v_low, value_bits, -1, value_group, channels, dtype)
-        return k, v, all_finite(k) and all_finite(v)
-    quant.check_codes(k_codes, k_scale, k_low, key_bits, 0, key_group, channels)
-    quant.check_codes(v_codes, v_scale, v_low, value_bits, -1, value_group, channels)
-    if v_codes.shape[:2] != k_codes.shape[:2]:
-        raise ValueError(f"value codes {tuple(v_codes.shape)} for key codes {tuple(k_codes.shape)}")
-    tokens, heads, key_packed = k_codes.shape
-    k, v = torch.empty(tokens, heads, channels, dtype=dtype), torch.empty(tokens, heads, channels, dtype=dtype)
-    held = [t.contiguous() for t in payload]  # held while the kernel reads them
-    status = kernel.dequantize_kv(*(t.data_ptr() for t in held), tokens, heads, channels, key_bits, key_group,
-                                  key_packed, value_bits, value_group, v_codes.shape[-1], k.data_ptr(), v.data_ptr(),
-                                  _DTYPES[dtype])
+def dequantize_kv(payload: torch.Tensor, shape: tuple[int, int, int], key_bits: int, key_group: int, value_bits: int,
+                  value_group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """`kernels.quant.dequantize_kv`: (K, V, whether every decoded value is finite), K and V of (T, H, D) `shape` in
+    `dtype`, in one kernel call. ValueError where the payload is not that shape's (payloads come from other
+    parties)."""
+    kernel = _kernel_for(payload, key_bits, 0, key_group, dtype) if value_bits in (2, 4, 8) and value_group >= 1 \
+        else None
+    if kernel is None:
+        return quant.dequantize_kv(payload, shape, key_bits, key_group, value_bits, value_group, dtype)
+    tokens, heads, channels = shape
+    layout = quant.payload_layout(tokens, channels, key_bits, key_group, value_bits, value_group)
+    quant.check_payload(payload, layout, heads)
+    k, v = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+    status = kernel.dequantize_kv(payload.data_ptr(), layout.head_bytes, _parts(layout), tokens, heads, channels,
+                                  key_bits, key_group, layout.shapes[0][1], value_bits, value_group,
+                                  layout.shapes[3][1], k.data_ptr(), v.data_ptr(), _DTYPES[dtype])
     _check(min(status, 0))
     return k, v, status == 0

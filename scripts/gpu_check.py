@@ -121,7 +121,8 @@ def check_codecs(device: torch.device, report: Report, quick: bool) -> None:
         on_cpu = encode_kv(kv, wire)
         on_device = encode_kv(tuple(t.to(device) for t in kv), wire)
         same = all(torch.equal(a, b.cpu()) for a, b in zip(on_cpu, on_device))
-        decoded = [decode_kv(p, wire, torch.bfloat16, 64) for p in (on_cpu, tuple(t.to(device) for t in on_cpu))]
+        decoded = [decode_kv(p, wire, torch.bfloat16, tuple(kv[0].shape))
+                   for p in (on_cpu, tuple(t.to(device) for t in on_cpu))]
         alike = all(torch.equal(a, b.cpu()) for a, b in zip(*decoded))
         report.check(f"{wire.value}", same and alike, f"codes identical {same}, decoded identical {alike}")
 

@@ -26,8 +26,8 @@ from fedattn_vllm.federated import messages as m
 from fedattn_vllm.federated.client import CoordinatorError, NetworkKVExchange, SessionAdmin
 from fedattn_vllm.federated.coordinator import Coordinator
 from fedattn_vllm.federated.wire import WireError, decode, encode
-from fedattn_vllm.kv_wire import decode_checked, encode_kv, payload_bytes, questions_checked
-from kernels import native
+from fedattn_vllm.kv_wire import LOW_BIT, decode_checked, encode_kv, payload_bytes, questions_checked
+from kernels import native, quant
 
 KEY = b"hostile-test-admin-key"
 pack = msgspec.msgpack.encode
@@ -250,7 +250,7 @@ def test_payloads_from_another_party_are_checked_before_they_are_used():
     assert all(torch.equal(a, b) for a, b in zip(decode_checked(exact, KVWire.NATIVE, torch.float32, shape), exact))
     nan = (exact[0].clone().fill_(float("nan")), exact[1])
     for payload, wire in ((exact, KVWire.INT8), (encode_kv(kv(4), KVWire.NATIVE), KVWire.NATIVE),
-                          (nan, KVWire.NATIVE), (encode_kv(kv(5), KVWire.K4V2)[:3], KVWire.K4V2)):
+                          (nan, KVWire.NATIVE), (encode_kv(kv(4), KVWire.K4V2), KVWire.K4V2)):
         with pytest.raises(KVExchangeError):
             decode_checked(payload, wire, torch.float32, shape)
     questions = torch.randn(*shape)
@@ -261,19 +261,19 @@ def test_payloads_from_another_party_are_checked_before_they_are_used():
 
 
 @pytest.mark.parametrize("on_the_reference", [False, True], ids=["C kernel", "torch reference"])
-@pytest.mark.parametrize("lie", ["two key groups", "folded heads", "signed codes", "NaN scales", "infinite minima"])
+@pytest.mark.parametrize("lie", ["two tensors", "signed bytes", "heads folded", "NaN scales", "infinite minima"])
 def test_low_bit_payloads_of_the_right_size_that_lie_about_their_layout_are_refused(lie, on_the_reference):
-    """They pass the byte count, so the decoder itself must check every shape and dtype before its kernel reads a
-    byte, and the finite check catch what decodes; on the C kernel and on the torch reference alike."""
+    """They pass the byte count, so the decoder itself must check the tensor before its kernel reads a byte, and the
+    finite check catch what decodes; on the C kernel and on the torch reference alike."""
     shape = (5, 2, 8)
-    codes, k_scale, k_low, *values = encode_kv(kv(5), KVWire.K4V2)
-    payload = {
-        "two key groups": (codes, torch.cat([k_scale, k_low]), k_low[:0], *values),
-        "folded heads": (codes.view(10, 1, 4), k_scale, k_low, *values),
-        "signed codes": (codes.view(torch.int8), k_scale, k_low, *values),
-        "NaN scales": (codes, k_scale.clone().fill_(float("nan")), k_low, *values),
-        "infinite minima": (codes, k_scale, k_low.clone().fill_(float("-inf")), *values),
-    }[lie]
-    assert kv_nbytes(payload) == payload_bytes(KVWire.K4V2, *shape, 4)
+    (payload,) = encode_kv(kv(5), KVWire.K4V2)
+    _, k_scale, k_low, *_ = quant.split_payload(payload, LOW_BIT[KVWire.K4V2].layout(5, 8))
+    if lie == "NaN scales":
+        k_scale.fill_(float("nan"))  # views of the payload
+    elif lie == "infinite minima":
+        k_low.fill_(float("-inf"))
+    lying = {"two tensors": (payload[:, :1], payload[:, 1:]), "signed bytes": (payload.view(torch.int8),),
+             "heads folded": (payload.view(1, 1, -1),)}.get(lie, (payload,))
+    assert kv_nbytes(lying) == payload_bytes(KVWire.K4V2, *shape, 4)
     with pytest.raises(KVExchangeError), native.reference_only() if on_the_reference else contextlib.nullcontext():
-        decode_checked(payload, KVWire.K4V2, torch.float32, shape)
+        decode_checked(lying, KVWire.K4V2, torch.float32, shape)

@@ -129,8 +129,8 @@ def test_the_native_decoder_checks_every_shape_before_it_reads(bad, field):
         quant_native.dequantize_groups(*bad(codes, scale, low), 4, 0, 64, 64, torch.float32)
 
 
-PAIRS = pytest.mark.parametrize("key_bits,key_group,value_bits,value_group", [(4, 64, 2, 32), (2, 32, 2, 32),
-                                                                            (4, 7, 4, 5)])
+PAIRS = pytest.mark.parametrize("key_bits,key_group,value_bits,value_group", [  # k4v2, int2, int4, odd groups
+    (4, 64, 2, 32), (2, 32, 2, 32), (4, 64, 4, 64), (4, 7, 4, 5)])
 
 
 @PAIRS
@@ -140,48 +140,78 @@ def test_a_payload_in_one_call_equals_its_keys_and_values_through_the_reference(
                                                                                  value_group, dtype, tokens):
     assert quant_native.available()
     k, v = _edge_kv(tokens, dtype, tokens), _edge_kv(tokens, dtype, tokens + 1)
+    shape = (tokens, 2, 64)
+    layout = quant.payload_layout(tokens, 64, key_bits, key_group, value_bits, value_group)
     payload = quant_native.quantize_kv(k, v, key_bits, key_group, value_bits, value_group)
+    assert payload.dtype == torch.uint8 and payload.shape == (1, 2, layout.head_bytes)
     expected = (*quant.quantize_groups(k, key_bits, 0, key_group), *quant.quantize_groups(v, value_bits, -1, value_group))
-    assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(payload, expected, strict=True))
+    parts = quant.split_payload(payload, layout)
+    assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(parts, expected, strict=True))
+    assert payload.numel() == sum(t.nbytes for t in expected) + 2 * layout.pad  # nothing but the parts
     for out in (torch.float32, torch.bfloat16, torch.float16):
-        back_k, back_v, finite = quant_native.dequantize_kv(payload, key_bits, key_group, value_bits, value_group, 64,
-                                                            out)
+        back_k, back_v, finite = quant_native.dequantize_kv(payload, shape, key_bits, key_group, value_bits,
+                                                            value_group, out)
         assert torch.equal(_bits(back_k), _bits(quant.dequantize_groups(*expected[:3], key_bits, 0, key_group, 64, out)))
         assert torch.equal(_bits(back_v), _bits(quant.dequantize_groups(*expected[3:], value_bits, -1, value_group, 64,
                                                                         out)))
         assert finite == bool(torch.isfinite(back_k).all() and torch.isfinite(back_v).all())
         with native.reference_only():  # the same calls without the kernel
-            assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(
-                quant_native.quantize_kv(k, v, key_bits, key_group, value_bits, value_group), payload, strict=True))
-            *back, flag = quant_native.dequantize_kv(payload, key_bits, key_group, value_bits, value_group, 64, out)
+            assert torch.equal(quant_native.quantize_kv(k, v, key_bits, key_group, value_bits, value_group), payload)
+            *back, flag = quant_native.dequantize_kv(payload, shape, key_bits, key_group, value_bits, value_group, out)
             assert torch.equal(_bits(back[0]), _bits(back_k)) and torch.equal(_bits(back[1]), _bits(back_v))
             assert flag == finite
 
 
+def test_a_payload_splits_along_its_heads_like_kv():
+    """Head h's bytes are its own payload: what a tensor-parallel rank holding some heads encodes is their slice."""
+    k, v = torch.randn(9, 4, 64), torch.randn(9, 4, 64)
+    whole = quant_native.quantize_kv(k, v, 4, 64, 2, 32)
+    for first in range(0, 4, 2):
+        assert torch.equal(whole[:, first:first + 2], quant_native.quantize_kv(k[:, first:first + 2],
+                                                                               v[:, first:first + 2], 4, 64, 2, 32))
+
+
+def test_a_heads_statistics_lie_at_even_offsets_before_its_codes():
+    """Codes of an odd byte count (3 channels of 2 bits: one byte a token) after every float16 statistic, the head's
+    bytes evened by a zero byte so that the next head's statistics start even."""
+    layout = quant.payload_layout(5, 3, 2, 2, 4, 2)
+    assert layout.shapes == ((5, 1), (3, 3), (3, 3), (5, 2), (5, 2), (5, 2))
+    assert layout.offsets == (76, 0, 18, 81, 36, 56) and (layout.head_bytes, layout.pad) == (92, 1)
+    k, v = torch.randn(5, 3, 3), torch.randn(5, 3, 3)
+    payload = quant_native.quantize_kv(k, v, 2, 2, 4, 2)
+    assert payload.shape == (1, 3, 92) and torch.all(payload[..., -1] == 0)
+    assert torch.equal(payload, quant.quantize_kv(k, v, 2, 2, 4, 2))
+
+
+@CODECS
 @pytest.mark.parametrize("poison", ["key scale", "value minimum", "float16 overflow"])
-def test_a_payload_that_decodes_to_a_non_finite_value_is_flagged(poison):
+def test_a_payload_that_decodes_to_a_non_finite_value_is_flagged(codec, poison):
     """A NaN or infinite statistic from another party, or finite ones whose values overflow float16."""
     k, v = torch.randn(70, 2, 64), torch.randn(70, 2, 64)
-    payload = list(quant_native.quantize_kv(k, v, 4, 64, 2, 32))
+    payload = quant_native.quantize_kv(k, v, 4, 64, 2, 32)
+    _, k_scale, _, _, v_scale, v_low = quant.split_payload(payload, quant.payload_layout(70, 64, 4, 64, 2, 32))
     if poison == "key scale":
-        payload[1][0, 1, 7] = float("nan")
+        k_scale[0, 1, 7] = float("nan")  # views of the payload
     elif poison == "value minimum":
-        payload[5][69, 0, 1] = float("-inf")
+        v_low[69, 0, 1] = float("-inf")
     else:
-        payload[4][3, 1, 0] = 65504.0  # minimum + 3 * scale beyond float16's largest
+        v_scale[3, 1, 0] = 65504.0  # minimum + 3 * scale beyond float16's largest
     for out, finite in ((torch.float16, False), (torch.bfloat16, poison == "float16 overflow")):
-        assert quant_native.dequantize_kv(tuple(payload), 4, 64, 2, 32, 64, out)[2] is finite
+        assert codec.dequantize_kv(payload, (70, 2, 64), 4, 64, 2, 32, out)[2] is finite
 
 
-@pytest.mark.parametrize("bad, field", [
-    (lambda p: (p[0][:, :, :-1], *p[1:]), "codes"),
-    (lambda p: (*p[:4], p[4][:-1], p[5]), "scale"),
-    (lambda p: (*p[:3], *(t[:-1] for t in p[3:])), "value codes"),  # values for fewer tokens than the keys
+@CODECS
+@pytest.mark.parametrize("bad", [
+    lambda p: p[..., :-1],  # a byte short a head
+    lambda p: p[:, :1],  # a head missing
+    lambda p: p.view(torch.int8),
+    lambda p: p.view(2, 1, -1),
+    lambda p: torch.cat([p, p], dim=-1)[..., ::2],  # the right shape, strided
 ])
-def test_a_payload_decoder_checks_every_shape_before_it_reads(bad, field):
+def test_a_payload_decoder_checks_the_tensor_before_it_reads(codec, bad):
     payload = quant_native.quantize_kv(torch.randn(70, 2, 64), torch.randn(70, 2, 64), 4, 64, 2, 32)
-    with pytest.raises(ValueError, match=field):
-        quant_native.dequantize_kv(bad(payload), 4, 64, 2, 32, 64, torch.float32)
+    with pytest.raises(ValueError, match="one contiguous uint8"):
+        codec.dequantize_kv(bad(payload), (70, 2, 64), 4, 64, 2, 32, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
