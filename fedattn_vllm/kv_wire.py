@@ -3,9 +3,9 @@
 - int8: keys with one float32 scale per head and channel, values with one per token and head.
 - int4, k4v2 (4-bit keys, 2-bit values), int2: asymmetric codes in groups (KIVI's split): keys
   per head and channel over groups of tokens, values per token and head over groups of channels,
-  a float16 scale and minimum per group, each head's in its bytes of one uint8 tensor
-  (`kernels/quant.py`). The public prefix, where attention sinks sit, is never exchanged, so it
-  stays exact.
+  a float16 scale and minimum per group, in two tensors: every head's statistics, every head's
+  codes (`kernels/quant.py`). The public prefix, where attention sinks sit, is never exchanged,
+  so it stays exact.
 
 Both transports (in-process and networked) carry the encoded tensors, so colocated and
 federated sessions compute on identical values and count identical bytes; `payload_bytes`
@@ -26,8 +26,8 @@ from kernels.quant import PayloadLayout, payload_layout
 
 @dataclass(frozen=True)
 class LowBit:
-    """Grouped asymmetric codes for keys (per channel) and values (per token): a payload is one uint8 (1, H, B)
-    tensor, each head's statistics and codes in its B bytes."""
+    """Grouped asymmetric codes for keys (per channel) and values (per token): a payload is (statistics float16
+    (1, H, S), codes uint8 (1, H, C)), row h head h's."""
 
     key_bits: int
     value_bits: int
@@ -35,19 +35,19 @@ class LowBit:
     value_group: int  # channels of a token and head that share a value scale and minimum
 
     def encode(self, kv: KV) -> Payload:
-        return (quantize_kv(*kv, self.key_bits, self.key_group, self.value_bits, self.value_group),)
+        return quantize_kv(*kv, self.key_bits, self.key_group, self.value_bits, self.value_group)
 
     def decode(self, payload: Payload, dtype: torch.dtype, shape: tuple[int, int, int]
                ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(K, V, whether every value is finite), K and V of (T, H, D) `shape` (the receiver's: the payload is checked
-        against it). ValueError for anything but one tensor of that shape's layout."""
-        if len(payload) != 1:
-            raise ValueError(f"a low-bit payload is one tensor, got {len(payload)}")
-        return dequantize_kv(payload[0], shape, self.key_bits, self.key_group, self.value_bits, self.value_group,
+        against it). ValueError for anything but the two tensors of that shape's layout."""
+        if len(payload) != 2:
+            raise ValueError(f"a low-bit payload is two tensors (statistics, codes), got {len(payload)}")
+        return dequantize_kv(payload, shape, self.key_bits, self.key_group, self.value_bits, self.value_group,
                              dtype)
 
     def layout(self, tokens: int, head_dim: int) -> PayloadLayout:
-        """Where a head's codes, scales and minima of `tokens` tokens lie in its bytes."""
+        """Where a head's codes, scales and minima of `tokens` tokens lie in its rows of a payload."""
         return payload_layout(tokens, head_dim, self.key_bits, self.key_group, self.value_bits, self.value_group)
 
 
@@ -110,5 +110,6 @@ def payload_bytes(wire: KVWire, tokens: int, heads: int, head_dim: int, element_
     if wire is KVWire.INT8:  # int8 K and V, a float32 scale per key channel and per value token (and head)
         return heads * (2 * tokens * head_dim + 4 * head_dim + 4 * tokens)
     if wire in LOW_BIT:
-        return heads * LOW_BIT[wire].layout(tokens, head_dim).head_bytes
+        layout = LOW_BIT[wire].layout(tokens, head_dim)
+        return heads * (2 * layout.statistics + layout.codes)  # float16 statistics, code bytes
     return 2 * tokens * heads * head_dim * element_size

@@ -1,4 +1,5 @@
-/* Grouped low-bit K/V codes (kernels/quant.py's quantize_groups / dequantize_groups), in one pass each.
+/* Grouped low-bit K/V codes (kernels/quant.py's quantize_groups / dequantize_groups and a payload's quantize_kv /
+ * dequantize_kv), in a few passes over the message each, no allocation beyond bounded scratch.
  *
  * Bit for bit the torch reference's arithmetic: float32 throughout, float16 scale and minimum rounded
  * outward, round-half-to-even codes; built with -ffp-contract=off so no multiply-add is fused. Inputs and
@@ -199,13 +200,15 @@ static inline void group_range(const float *x, int64_t n, float *smallest, float
     *largest = nan[0] != 0.0f ? NAN : hi[0];
 }
 
-/* Values x (rows = T*H, D) of `dtype`, a row `stride` elements after the previous one, in groups of `group`
- * channels per row -> packed codes (rows, packed),
- * scale and low (rows, ceil(D / group)): every group's extremes, then every group's statistics in one loop, then
- * every code, then the packing, each pass over the whole message (a short row's work is mostly per call).
- * 0, or -1 where its scratch could not be allocated. */
-int quantize_channels(const void *x, int dtype, int64_t rows, int64_t channels, int64_t stride, int64_t group,
-                      int bits, int64_t packed, uint8_t *codes, half *scale_out, half *low_out) {
+enum { ROW_BLOCK = 1024 };  /* value rows a pass covers: long passes, scratch bounded whatever the message */
+
+static int64_t element_bytes(int dtype) { return dtype == FLOAT32 ? 4 : 2; }
+
+/* quantize_channels over rows (at most ROW_BLOCK): every group's extremes, then every group's statistics in one
+ * loop, then every code, then the packing (a short row's work is mostly per pass). */
+static int quantize_channel_rows(const void *x, int dtype, int64_t rows, int64_t channels, int64_t stride,
+                                 int64_t group, int bits, int64_t packed, uint8_t *codes, half *scale_out,
+                                 half *low_out) {
     const int levels = (1 << bits) - 1;
     const int64_t n_groups = (channels + group - 1) / group, groups = rows * n_groups, n = rows * channels;
     float *stats = scratch((2 * groups + n) * sizeof(float));
@@ -228,6 +231,21 @@ int quantize_channels(const void *x, int dtype, int64_t rows, int64_t channels, 
     return 0;
 }
 
+/* Values x (rows = T*H, D) of `dtype`, a row `stride` elements after the previous one, in groups of `group`
+ * channels per row -> packed codes (rows, packed), scale and low (rows, ceil(D / group)). 0, or -1 where its
+ * scratch could not be allocated. */
+int quantize_channels(const void *x, int dtype, int64_t rows, int64_t channels, int64_t stride, int64_t group,
+                      int bits, int64_t packed, uint8_t *codes, half *scale_out, half *low_out) {
+    const int64_t n_groups = (channels + group - 1) / group;
+    for (int64_t first = 0; first < rows; first += ROW_BLOCK)
+        if (quantize_channel_rows((const uint8_t *)x + first * stride * element_bytes(dtype), dtype,
+                                  rows - first < ROW_BLOCK ? rows - first : ROW_BLOCK, channels, stride, group, bits,
+                                  packed, codes + first * packed, scale_out + first * n_groups,
+                                  low_out + first * n_groups))
+            return -1;
+    return 0;
+}
+
 /* One row's packed bytes -> its `channels` codes (pack_bits's inverse). */
 static inline __attribute__((always_inline)) void unpack_bits(const uint8_t *packed, int64_t channels, int bits,
                                                               uint8_t *codes) {
@@ -245,7 +263,8 @@ static void unpack_row(const uint8_t *packed, int64_t channels, int bits, uint8_
     else unpack_bits(packed, channels, 8, codes);
 }
 
-/* Inverse of quantize_tokens: out (T, H*D) of `dtype`, a token `stride` elements after the previous one. 0, or -1 where its scratch could not be allocated. */
+/* Inverse of quantize_tokens: out (T, H*D) of `dtype`, a token `stride` elements after the previous one. 0, or -1
+ * where its scratch could not be allocated. */
 int dequantize_tokens(const uint8_t *codes, const half *scale_in, const half *low_in, int64_t tokens, int64_t heads,
                       int64_t channels, int64_t group, int bits, int64_t packed, void *out, int64_t stride,
                       int dtype) {
@@ -269,12 +288,10 @@ int dequantize_tokens(const uint8_t *codes, const half *scale_in, const half *lo
     return 0;
 }
 
-/* Inverse of quantize_channels: out (rows, D) of `dtype`, rows `stride` elements apart, each pass over the whole
- * message. 0, or -1 where its
- * scratch could not be allocated. */
-int dequantize_channels(const uint8_t *codes, const half *scale_in, const half *low_in, int64_t rows,
-                        int64_t channels, int64_t group, int bits, int64_t packed, void *out, int64_t stride,
-                        int dtype) {
+/* dequantize_channels over rows (at most ROW_BLOCK), each step a pass over them all. */
+static int dequantize_channel_rows(const uint8_t *codes, const half *scale_in, const half *low_in, int64_t rows,
+                                   int64_t channels, int64_t group, int bits, int64_t packed, void *out,
+                                   int64_t stride, int dtype) {
     const int64_t n = rows * channels;
     float *values = scratch(n * sizeof(float));
     uint8_t *all_codes = scratch(n);
@@ -291,26 +308,40 @@ int dequantize_channels(const uint8_t *codes, const half *scale_in, const half *
     return 0;
 }
 
-/* Where a payload's parts lie in each head's bytes (kernels/quant.py's payload_layout of one head). */
-typedef struct { int64_t key_codes, key_scale, key_low, value_codes, value_scale, value_low; } Parts;
+/* Inverse of quantize_channels: out (rows, D) of `dtype`, rows `stride` elements apart. 0, or -1 where its scratch
+ * could not be allocated. */
+int dequantize_channels(const uint8_t *codes, const half *scale_in, const half *low_in, int64_t rows,
+                        int64_t channels, int64_t group, int bits, int64_t packed, void *out, int64_t stride,
+                        int dtype) {
+    const int64_t n_groups = (channels + group - 1) / group;
+    for (int64_t first = 0; first < rows; first += ROW_BLOCK)
+        if (dequantize_channel_rows(codes + first * packed, scale_in + first * n_groups, low_in + first * n_groups,
+                                    rows - first < ROW_BLOCK ? rows - first : ROW_BLOCK, channels, group, bits,
+                                    packed, (uint8_t *)out + first * stride * element_bytes(dtype), stride, dtype))
+            return -1;
+    return 0;
+}
 
-static int64_t element_bytes(int dtype) { return dtype == FLOAT32 ? 4 : 2; }
+/* Where a head's parts lie in its rows of a payload (kernels/quant.py's payload_layout): codes in bytes of its
+ * codes row, statistics in elements of its statistics row. */
+typedef struct { int64_t key_codes, key_scale, key_low, value_codes, value_scale, value_low; } Parts;
 
 /* One payload (kernels/quant.py's quantize_kv): k and v (T, H, D) of `dtype` -> each head's keys (quantize_tokens,
  * groups of `key_group` tokens) and values (quantize_channels, groups of `value_group` channels) in that head's
- * `head_bytes` of `payload`, its parts at `at`. 0, or -1 where scratch could not be allocated. */
+ * row of `stats` (`head_stats` float16 elements) and of `codes` (`head_codes` bytes), its parts at `at`. 0, or -1
+ * where scratch could not be allocated. */
 int quantize_kv(const void *k, const void *v, int dtype, int64_t tokens, int64_t heads, int64_t channels,
                 int key_bits, int64_t key_group, int64_t key_packed, int value_bits, int64_t value_group,
-                int64_t value_packed, uint8_t *payload, int64_t head_bytes, const Parts *at) {
+                int64_t value_packed, half *stats, int64_t head_stats, uint8_t *codes, int64_t head_codes,
+                const Parts *at) {
     const int64_t stride = heads * channels, head_in = channels * element_bytes(dtype);
     for (int64_t h = 0; h < heads; h++) {
-        uint8_t *out = payload + h * head_bytes;
+        half *s = stats + h * head_stats;
+        uint8_t *c = codes + h * head_codes;
         if (quantize_tokens((const uint8_t *)k + h * head_in, dtype, tokens, 1, channels, stride, key_group, key_bits,
-                            key_packed, out + at->key_codes, (half *)(out + at->key_scale),
-                            (half *)(out + at->key_low)) ||
+                            key_packed, c + at->key_codes, s + at->key_scale, s + at->key_low) ||
             quantize_channels((const uint8_t *)v + h * head_in, dtype, tokens, channels, stride, value_group,
-                              value_bits, value_packed, out + at->value_codes, (half *)(out + at->value_scale),
-                              (half *)(out + at->value_low)))
+                              value_bits, value_packed, c + at->value_codes, s + at->value_scale, s + at->value_low))
             return -1;
     }
     return 0;
@@ -320,18 +351,18 @@ int all_finite(const void *data, int64_t n, int dtype);
 
 /* quantize_kv's inverse into k_out and v_out (T, H, D) of `dtype`, then their finite check (the payload came from
  * another party). 0; 1 where a decoded value is not finite; -1 where scratch could not be allocated. */
-int dequantize_kv(const uint8_t *payload, int64_t head_bytes, const Parts *at, int64_t tokens, int64_t heads,
-                  int64_t channels, int key_bits, int64_t key_group, int64_t key_packed, int value_bits,
-                  int64_t value_group, int64_t value_packed, void *k_out, void *v_out, int dtype) {
+int dequantize_kv(const half *stats, int64_t head_stats, const uint8_t *codes, int64_t head_codes, const Parts *at,
+                  int64_t tokens, int64_t heads, int64_t channels, int key_bits, int64_t key_group, int64_t key_packed,
+                  int value_bits, int64_t value_group, int64_t value_packed, void *k_out, void *v_out, int dtype) {
     const int64_t stride = heads * channels, head_out = channels * element_bytes(dtype);
     for (int64_t h = 0; h < heads; h++) {
-        const uint8_t *in = payload + h * head_bytes;
-        if (dequantize_tokens(in + at->key_codes, (const half *)(in + at->key_scale), (const half *)(in + at->key_low),
-                              tokens, 1, channels, key_group, key_bits, key_packed, (uint8_t *)k_out + h * head_out,
-                              stride, dtype) ||
-            dequantize_channels(in + at->value_codes, (const half *)(in + at->value_scale),
-                                (const half *)(in + at->value_low), tokens, channels, value_group, value_bits,
-                                value_packed, (uint8_t *)v_out + h * head_out, stride, dtype))
+        const half *s = stats + h * head_stats;
+        const uint8_t *c = codes + h * head_codes;
+        if (dequantize_tokens(c + at->key_codes, s + at->key_scale, s + at->key_low, tokens, 1, channels, key_group,
+                              key_bits, key_packed, (uint8_t *)k_out + h * head_out, stride, dtype) ||
+            dequantize_channels(c + at->value_codes, s + at->value_scale, s + at->value_low, tokens, channels,
+                                value_group, value_bits, value_packed, (uint8_t *)v_out + h * head_out, stride,
+                                dtype))
             return -1;
     }
     const int64_t n = tokens * heads * channels;

@@ -8,9 +8,10 @@ Keys carry a few large outlier channels, so they take their scales per head and 
   values: groups of channels); a float16 scale and minimum per group, rounded outward so
   the stored grid covers every value of its group; codes packed 8 // bits per byte along
   the channel axis.
-- a payload: one uint8 tensor (1, H, B), head h's B bytes its own keys' and values' statistics
-  and codes (`payload_layout`), so that a payload splits and joins along the heads axis like
-  K/V (tensor-parallel ranks each hold some heads) and a receiver checks one shape.
+- a payload: (statistics float16 (1, H, S), codes uint8 (1, H, C)), row h head h's own (keys'
+  and values') statistics and codes (`payload_layout`), so that a payload splits and joins along
+  the heads axis like K/V (tensor-parallel ranks each hold some heads), whoever holds it can
+  check every statistic finite, and a receiver checks two exact shapes.
 """
 
 from __future__ import annotations
@@ -97,64 +98,76 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tenso
 
 @dataclass(frozen=True)
 class PayloadLayout:
-    """Where each part of a head's payload lies in that head's bytes: the float16 statistics first (each at an even
-    byte), then the codes, the head's bytes rounded up to even (a zero byte) so the next head's start even too."""
+    """Where each part of a head's payload lies: its float16 statistics in that head's row of the statistics tensor
+    (offsets in elements), its codes in that head's row of the codes tensor (offsets in bytes)."""
 
     shapes: tuple[tuple[int, int], ...]  # one head's part, (rows, columns), in `PARTS` order
-    offsets: tuple[int, ...]  # bytes from the head's start
-    head_bytes: int
-    pad: int  # the zero byte at a head's end (0 or 1)
+    offsets: tuple[int, ...]
+    statistics: int  # float16 statistics a head
+    codes: int  # code bytes a head
 
 
 PARTS = ("key codes", "key scale", "key minimum", "value codes", "value scale", "value minimum")
-_PART_DTYPES = (torch.uint8, torch.float16, torch.float16) * 2
-_STATS_FIRST = (1, 2, 4, 5, 0, 3)  # the order the parts lie in
+_CODES, _STATISTICS = (0, 3), (1, 2, 4, 5)  # the parts of each tensor, in the order they lie in it
 
 
 @functools.lru_cache(maxsize=4096)  # a layout per message size
 def payload_layout(tokens: int, channels: int, key_bits: int, key_group: int, value_bits: int,
                    value_group: int) -> PayloadLayout:
-    """A head's bytes of T `tokens` keys quantised per channel in groups of `key_group` tokens and values per token
-    in groups of `value_group` of their `channels` channels."""
+    """A head's share of a payload of T `tokens` keys quantised per channel in groups of `key_group` tokens and
+    values per token in groups of `value_group` of their `channels` channels."""
     key_stats = stats_shape((tokens, 1, channels), 0, key_group)[::2]
     value_stats = stats_shape((tokens, 1, channels), -1, value_group)[::2]
     shapes = ((tokens, packed_channels(channels, key_bits)), key_stats, key_stats,
               (tokens, packed_channels(channels, value_bits)), value_stats, value_stats)
-    offsets, at = [0] * len(PARTS), 0
-    for part in _STATS_FIRST:
-        offsets[part], at = at, at + math.prod(shapes[part]) * _PART_DTYPES[part].itemsize
-    return PayloadLayout(shapes, tuple(offsets), at + at % 2, at % 2)
+    offsets, ends = [0] * len(PARTS), []
+    for parts in (_STATISTICS, _CODES):
+        at = 0
+        for part in parts:
+            offsets[part], at = at, at + math.prod(shapes[part])
+        ends.append(at)
+    return PayloadLayout(shapes, tuple(offsets), *ends)
 
 
-def check_payload(payload: torch.Tensor, layout: PayloadLayout, heads: int) -> None:
-    """ValueError unless `payload` is one contiguous uint8 (1, heads, B) tensor of the layout (it came from another
-    party)."""
-    if payload.dtype != torch.uint8 or payload.shape != (1, heads, layout.head_bytes) or not payload.is_contiguous():
-        raise ValueError(f"a payload must be one contiguous uint8 (1, {heads}, {layout.head_bytes}) tensor: got "
-                         f"{payload.dtype} {tuple(payload.shape)}")
+def check_payload(payload: tuple[torch.Tensor, ...], layout: PayloadLayout, heads: int) -> None:
+    """ValueError unless `payload` is (statistics float16 (1, heads, S), codes uint8 (1, heads, C)) of the layout,
+    both contiguous, the statistics at an even address (it came from another party)."""
+    if len(payload) == 2:
+        statistics, codes = payload
+        if statistics.dtype == torch.float16 and codes.dtype == torch.uint8 \
+                and statistics.shape == (1, heads, layout.statistics) and codes.shape == (1, heads, layout.codes) \
+                and statistics.is_contiguous() and codes.is_contiguous() and not statistics.data_ptr() % 2:
+            return
+    raise ValueError(f"a payload must be contiguous float16 (1, {heads}, {layout.statistics}) statistics and uint8 "
+                     f"(1, {heads}, {layout.codes}) codes: got {[(t.dtype, tuple(t.shape)) for t in payload]}")
 
 
-def split_payload(payload: torch.Tensor, layout: PayloadLayout) -> tuple[torch.Tensor, ...]:
-    """The parts of a (1, H, B) payload as views, each as `quantize_groups` lays it out ((rows, H, columns)): key
-    codes, scale, minimum, value codes, scale, minimum."""
-    heads = payload.shape[1]
-    return tuple(payload[0, :, offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(heads, *shape)
-                 .transpose(0, 1) for shape, offset, dtype in zip(layout.shapes, layout.offsets, _PART_DTYPES))
+def split_payload(payload: tuple[torch.Tensor, ...], layout: PayloadLayout) -> tuple[torch.Tensor, ...]:
+    """The parts of a (statistics, codes) payload as views, each as `quantize_groups` lays it out ((rows, H,
+    columns)): key codes, scale, minimum, value codes, scale, minimum."""
+    statistics, codes = payload
+    heads = codes.shape[1]
+    return tuple((codes if part in _CODES else statistics)[0, :, offset:offset + math.prod(shape)]
+                 .view(heads, *shape).transpose(0, 1) for part, (shape, offset) in enumerate(zip(layout.shapes,
+                                                                                                layout.offsets)))
 
 
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, key_bits: int, key_group: int, value_bits: int,
-                value_group: int) -> torch.Tensor:
-    """k and v (T, H, D) -> their payload (1, H, B): `quantize_groups(k, key_bits, 0, key_group)` and
-    `quantize_groups(v, value_bits, -1, value_group)`, each head's parts in its bytes (`payload_layout`)."""
+                value_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v (T, H, D) -> their payload: `quantize_groups(k, key_bits, 0, key_group)` and `quantize_groups(v,
+    value_bits, -1, value_group)`, each head's statistics in its row of one float16 (1, H, S) tensor and its codes in
+    its row of one uint8 (1, H, C) tensor (`payload_layout`)."""
+    if k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(f"keys and values of one (T, H, D) shape: got {tuple(k.shape)} and {tuple(v.shape)}")
     tokens, heads, channels = k.shape
-    layout = payload_layout(tokens, channels, key_bits, key_group, value_bits, value_group)
     parts = (*quantize_groups(k, key_bits, 0, key_group), *quantize_groups(v, value_bits, -1, value_group))
-    per_head = [parts[part].transpose(0, 1).contiguous().view(heads, -1).view(torch.uint8) for part in _STATS_FIRST]
-    return torch.cat([*per_head, per_head[0].new_zeros(heads, layout.pad)], dim=1)[None]
+    layout = payload_layout(tokens, channels, key_bits, key_group, value_bits, value_group)
+    return tuple(torch.cat([parts[part].transpose(0, 1).reshape(heads, math.prod(layout.shapes[part]))
+                            for part in order], dim=1)[None] for order in (_STATISTICS, _CODES))
 
 
-def dequantize_kv(payload: torch.Tensor, shape: tuple[int, int, int], key_bits: int, key_group: int, value_bits: int,
-                  value_group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def dequantize_kv(payload: tuple[torch.Tensor, ...], shape: tuple[int, int, int], key_bits: int, key_group: int,
+                  value_bits: int, value_group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """`quantize_kv`'s inverse: (K, V, whether every decoded value is finite), K and V of (T, H, D) `shape` in
     `dtype`. ValueError where the payload is not that shape's."""
     tokens, heads, channels = shape

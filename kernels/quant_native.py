@@ -2,7 +2,7 @@
 an input is NaN, both give NaN, not always the same NaN bits), and the finite check of a received payload.
 
 The reference spends most of a short message's time in the fixed cost of ~30 small torch ops
-per tensor; the kernel makes one pass. CPU tensors only; elsewhere (or with no C compiler, or
+per tensor; the kernel makes a few passes in one call. CPU tensors only; elsewhere (or with no C compiler, or
 with `FEDATTN_NATIVE_KERNELS=0`) the reference runs. Decoding checks every shape and dtype
 before the kernel reads a byte: payloads come from other parties.
 """
@@ -18,7 +18,7 @@ from kernels import quant
 from kernels.native import library
 
 _I64, _INT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-_PARTS = ctypes.POINTER(ctypes.c_int64)  # the kernel's Parts: a part's offset in a head's bytes, in quant.PARTS order
+_PARTS = ctypes.POINTER(ctypes.c_int64)  # the kernel's Parts: each part's offset in a head's row, quant.PARTS order
 
 
 def _kernel() -> ctypes.CDLL | None:
@@ -35,10 +35,10 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
         "dequantize_tokens": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _I64, _PTR, _I64, _INT], _INT),
         "dequantize_channels": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _I64, _INT], _INT),
         "all_finite": ([_PTR, _I64, _INT], _INT),
-        "quantize_kv": ([_PTR, _PTR, _INT, _I64, _I64, _I64, _INT, _I64, _I64, _INT, _I64, _I64, _PTR, _I64, _PARTS],
-                        _INT),
-        "dequantize_kv": ([_PTR, _I64, _PARTS, _I64, _I64, _I64, _INT, _I64, _I64, _INT, _I64, _I64, _PTR, _PTR, _INT],
-                          _INT),
+        "quantize_kv": ([_PTR, _PTR, _INT, _I64, _I64, _I64, _INT, _I64, _I64, _INT, _I64, _I64, _PTR, _I64, _PTR, _I64,
+                         _PARTS], _INT),
+        "dequantize_kv": ([_PTR, _I64, _PTR, _I64, _PARTS, _I64, _I64, _I64, _INT, _I64, _I64, _INT, _I64, _I64, _PTR,
+                           _PTR, _INT], _INT),
     }
     for name, (arguments, result) in signatures.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = arguments, result
@@ -129,9 +129,9 @@ def _parts(layout: quant.PayloadLayout) -> ctypes.Array:
 
 
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, key_bits: int, key_group: int, value_bits: int,
-                value_group: int) -> torch.Tensor:
-    """`kernels.quant.quantize_kv`: k and v (T, H, D) -> their payload, one uint8 (1, H, B) tensor
-    (`quant.payload_layout`), in one kernel call (a short message's cost is mostly per call)."""
+                value_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernels.quant.quantize_kv`: k and v (T, H, D) -> their payload (statistics float16 (1, H, S), codes uint8
+    (1, H, C)), in one kernel call (a short message's cost is mostly per call)."""
     kernel = _kernel_for(k, key_bits, 0, key_group, k.dtype) if k.dim() == 3 and k.shape == v.shape \
         and k.dtype == v.dtype and v.device == k.device else None
     if kernel is None or _kernel_for(v, value_bits, -1, value_group, v.dtype) is None:
@@ -139,30 +139,32 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, key_bits: int, key_group: int,
     k, v = k.contiguous(), v.contiguous()
     tokens, heads, channels = k.shape
     layout = quant.payload_layout(tokens, channels, key_bits, key_group, value_bits, value_group)
-    payload = torch.empty(1, heads, layout.head_bytes, dtype=torch.uint8)
-    if layout.pad:  # the byte that evens a head's, zero: the same bits in every process
-        payload[..., -1] = 0
+    statistics = torch.empty(1, heads, layout.statistics, dtype=torch.float16)
+    codes = torch.empty(1, heads, layout.codes, dtype=torch.uint8)
     _check(kernel.quantize_kv(k.data_ptr(), v.data_ptr(), _DTYPES[k.dtype], tokens, heads, channels, key_bits,
                               key_group, layout.shapes[0][1], value_bits, value_group, layout.shapes[3][1],
-                              payload.data_ptr(), layout.head_bytes, _parts(layout)))
-    return payload
+                              statistics.data_ptr(), layout.statistics, codes.data_ptr(), layout.codes,
+                              _parts(layout)))
+    return statistics, codes
 
 
-def dequantize_kv(payload: torch.Tensor, shape: tuple[int, int, int], key_bits: int, key_group: int, value_bits: int,
-                  value_group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def dequantize_kv(payload: tuple[torch.Tensor, ...], shape: tuple[int, int, int], key_bits: int, key_group: int,
+                  value_bits: int, value_group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """`kernels.quant.dequantize_kv`: (K, V, whether every decoded value is finite), K and V of (T, H, D) `shape` in
     `dtype`, in one kernel call. ValueError where the payload is not that shape's (payloads come from other
     parties)."""
-    kernel = _kernel_for(payload, key_bits, 0, key_group, dtype) if value_bits in (2, 4, 8) and value_group >= 1 \
-        else None
+    kernel = _kernel_for(payload[0], key_bits, 0, key_group, dtype) \
+        if len(payload) == 2 and payload[1].is_cpu and value_bits in (2, 4, 8) and value_group >= 1 else None
     if kernel is None:
         return quant.dequantize_kv(payload, shape, key_bits, key_group, value_bits, value_group, dtype)
     tokens, heads, channels = shape
     layout = quant.payload_layout(tokens, channels, key_bits, key_group, value_bits, value_group)
     quant.check_payload(payload, layout, heads)
+    statistics, codes = payload
     k, v = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
-    status = kernel.dequantize_kv(payload.data_ptr(), layout.head_bytes, _parts(layout), tokens, heads, channels,
-                                  key_bits, key_group, layout.shapes[0][1], value_bits, value_group,
-                                  layout.shapes[3][1], k.data_ptr(), v.data_ptr(), _DTYPES[dtype])
+    status = kernel.dequantize_kv(statistics.data_ptr(), layout.statistics, codes.data_ptr(), layout.codes,
+                                  _parts(layout), tokens, heads, channels, key_bits, key_group, layout.shapes[0][1],
+                                  value_bits, value_group, layout.shapes[3][1], k.data_ptr(), v.data_ptr(),
+                                  _DTYPES[dtype])
     _check(min(status, 0))
     return k, v, status == 0

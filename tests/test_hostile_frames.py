@@ -261,19 +261,19 @@ def test_payloads_from_another_party_are_checked_before_they_are_used():
 
 
 @pytest.mark.parametrize("on_the_reference", [False, True], ids=["C kernel", "torch reference"])
-@pytest.mark.parametrize("lie", ["two tensors", "signed bytes", "heads folded", "NaN scales", "infinite minima"])
+@pytest.mark.parametrize("lie", ["swapped", "codes as statistics", "heads folded", "NaN scales", "infinite minima"])
 def test_low_bit_payloads_of_the_right_size_that_lie_about_their_layout_are_refused(lie, on_the_reference):
-    """They pass the byte count, so the decoder itself must check the tensor before its kernel reads a byte, and the
-    finite check catch what decodes; on the C kernel and on the torch reference alike."""
+    """They pass the byte count, so the decoder itself must check both tensors before its kernel reads a byte, and
+    the finite check catch what decodes; on the C kernel and on the torch reference alike."""
     shape = (5, 2, 8)
-    (payload,) = encode_kv(kv(5), KVWire.K4V2)
-    _, k_scale, k_low, *_ = quant.split_payload(payload, LOW_BIT[KVWire.K4V2].layout(5, 8))
+    statistics, codes = encode_kv(kv(5), KVWire.K4V2)
+    _, k_scale, k_low, *_ = quant.split_payload((statistics, codes), LOW_BIT[KVWire.K4V2].layout(5, 8))
     if lie == "NaN scales":
-        k_scale.fill_(float("nan"))  # views of the payload
+        k_scale.fill_(float("nan"))  # views of the statistics
     elif lie == "infinite minima":
         k_low.fill_(float("-inf"))
-    lying = {"two tensors": (payload[:, :1], payload[:, 1:]), "signed bytes": (payload.view(torch.int8),),
-             "heads folded": (payload.view(1, 1, -1),)}.get(lie, (payload,))
+    lying = {"swapped": (codes, statistics), "codes as statistics": (codes.view(torch.float16), statistics.view(
+        torch.uint8)), "heads folded": (statistics.view(1, 1, -1), codes.view(1, 1, -1))}.get(lie, (statistics, codes))
     assert kv_nbytes(lying) == payload_bytes(KVWire.K4V2, *shape, 4)
     with pytest.raises(KVExchangeError), native.reference_only() if on_the_reference else contextlib.nullcontext():
         decode_checked(lying, KVWire.K4V2, torch.float32, shape)

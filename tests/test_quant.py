@@ -143,11 +143,12 @@ def test_a_payload_in_one_call_equals_its_keys_and_values_through_the_reference(
     shape = (tokens, 2, 64)
     layout = quant.payload_layout(tokens, 64, key_bits, key_group, value_bits, value_group)
     payload = quant_native.quantize_kv(k, v, key_bits, key_group, value_bits, value_group)
-    assert payload.dtype == torch.uint8 and payload.shape == (1, 2, layout.head_bytes)
+    assert [(t.dtype, t.shape) for t in payload] == [(torch.float16, (1, 2, layout.statistics)),
+                                                     (torch.uint8, (1, 2, layout.codes))]
     expected = (*quant.quantize_groups(k, key_bits, 0, key_group), *quant.quantize_groups(v, value_bits, -1, value_group))
     parts = quant.split_payload(payload, layout)
     assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(parts, expected, strict=True))
-    assert payload.numel() == sum(t.nbytes for t in expected) + 2 * layout.pad  # nothing but the parts
+    assert sum(t.nbytes for t in payload) == sum(t.nbytes for t in expected)  # nothing but the parts
     for out in (torch.float32, torch.bfloat16, torch.float16):
         back_k, back_v, finite = quant_native.dequantize_kv(payload, shape, key_bits, key_group, value_bits,
                                                             value_group, out)
@@ -156,7 +157,8 @@ def test_a_payload_in_one_call_equals_its_keys_and_values_through_the_reference(
                                                                         out)))
         assert finite == bool(torch.isfinite(back_k).all() and torch.isfinite(back_v).all())
         with native.reference_only():  # the same calls without the kernel
-            assert torch.equal(quant_native.quantize_kv(k, v, key_bits, key_group, value_bits, value_group), payload)
+            assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(
+                quant_native.quantize_kv(k, v, key_bits, key_group, value_bits, value_group), payload, strict=True))
             *back, flag = quant_native.dequantize_kv(payload, shape, key_bits, key_group, value_bits, value_group, out)
             assert torch.equal(_bits(back[0]), _bits(back_k)) and torch.equal(_bits(back[1]), _bits(back_v))
             assert flag == finite
@@ -167,20 +169,19 @@ def test_a_payload_splits_along_its_heads_like_kv():
     k, v = torch.randn(9, 4, 64), torch.randn(9, 4, 64)
     whole = quant_native.quantize_kv(k, v, 4, 64, 2, 32)
     for first in range(0, 4, 2):
-        assert torch.equal(whole[:, first:first + 2], quant_native.quantize_kv(k[:, first:first + 2],
-                                                                               v[:, first:first + 2], 4, 64, 2, 32))
+        heads = quant_native.quantize_kv(k[:, first:first + 2], v[:, first:first + 2], 4, 64, 2, 32)
+        assert all(torch.equal(_bits(a[:, first:first + 2]), _bits(b)) for a, b in zip(whole, heads, strict=True))
 
 
-def test_a_heads_statistics_lie_at_even_offsets_before_its_codes():
-    """Codes of an odd byte count (3 channels of 2 bits: one byte a token) after every float16 statistic, the head's
-    bytes evened by a zero byte so that the next head's statistics start even."""
+def test_a_heads_parts_lie_one_after_another_in_its_rows():
+    """Statistics in a float16 row (key scale, key minimum, value scale, value minimum), codes in a byte row (keys,
+    values); 3 channels of 2 bits: one byte a token."""
     layout = quant.payload_layout(5, 3, 2, 2, 4, 2)
     assert layout.shapes == ((5, 1), (3, 3), (3, 3), (5, 2), (5, 2), (5, 2))
-    assert layout.offsets == (76, 0, 18, 81, 36, 56) and (layout.head_bytes, layout.pad) == (92, 1)
+    assert layout.offsets == (0, 0, 9, 5, 18, 28) and (layout.statistics, layout.codes) == (38, 15)
     k, v = torch.randn(5, 3, 3), torch.randn(5, 3, 3)
-    payload = quant_native.quantize_kv(k, v, 2, 2, 4, 2)
-    assert payload.shape == (1, 3, 92) and torch.all(payload[..., -1] == 0)
-    assert torch.equal(payload, quant.quantize_kv(k, v, 2, 2, 4, 2))
+    assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(quant_native.quantize_kv(k, v, 2, 2, 4, 2),
+                                                               quant.quantize_kv(k, v, 2, 2, 4, 2), strict=True))
 
 
 @CODECS
@@ -191,7 +192,7 @@ def test_a_payload_that_decodes_to_a_non_finite_value_is_flagged(codec, poison):
     payload = quant_native.quantize_kv(k, v, 4, 64, 2, 32)
     _, k_scale, _, _, v_scale, v_low = quant.split_payload(payload, quant.payload_layout(70, 64, 4, 64, 2, 32))
     if poison == "key scale":
-        k_scale[0, 1, 7] = float("nan")  # views of the payload
+        k_scale[0, 1, 7] = float("nan")  # views of the payload's statistics
     elif poison == "value minimum":
         v_low[69, 0, 1] = float("-inf")
     else:
@@ -202,16 +203,22 @@ def test_a_payload_that_decodes_to_a_non_finite_value_is_flagged(codec, poison):
 
 @CODECS
 @pytest.mark.parametrize("bad", [
-    lambda p: p[..., :-1],  # a byte short a head
-    lambda p: p[:, :1],  # a head missing
-    lambda p: p.view(torch.int8),
-    lambda p: p.view(2, 1, -1),
-    lambda p: torch.cat([p, p], dim=-1)[..., ::2],  # the right shape, strided
+    lambda s, c: (s, c[..., :-1]),  # a code byte short a head
+    lambda s, c: (s[..., 1:], c),  # a statistic short a head
+    lambda s, c: (s[:, :1], c),  # a head's statistics missing
+    lambda s, c: (s.view(torch.int16), c),
+    lambda s, c: (s, c.view(torch.int8)),
+    lambda s, c: (c, s),
+    lambda s, c: (s, c.view(2, 1, -1)),
+    lambda s, c: (s, torch.cat([c, c], dim=-1)[..., ::2]),  # the right shape, strided
+    lambda s, c: (s,),
+    lambda s, c: (torch.frombuffer(bytearray(s.nbytes + 1), dtype=torch.float16, offset=1,
+                                   count=s.numel()).view(s.shape), c),  # at an odd address
 ])
-def test_a_payload_decoder_checks_the_tensor_before_it_reads(codec, bad):
+def test_a_payload_decoder_checks_its_tensors_before_it_reads(codec, bad):
     payload = quant_native.quantize_kv(torch.randn(70, 2, 64), torch.randn(70, 2, 64), 4, 64, 2, 32)
-    with pytest.raises(ValueError, match="one contiguous uint8"):
-        codec.dequantize_kv(bad(payload), (70, 2, 64), 4, 64, 2, 32, torch.float32)
+    with pytest.raises(ValueError, match="a payload must be"):
+        codec.dequantize_kv(bad(*payload), (70, 2, 64), 4, 64, 2, 32, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -17,9 +17,11 @@ import pytest
 import torch
 import zmq
 
+from fedattn_vllm.config import KVWire
 from fedattn_vllm.exchange import InProcessKVExchange, KVExchangeError, PayloadKind
 from fedattn_vllm.federated import ranks
 from fedattn_vllm.federated.ranks import HeadShards, RankExchange, RankGateway
+from fedattn_vllm.kv_wire import encode_kv
 
 
 @pytest.fixture
@@ -85,7 +87,7 @@ def test_every_rank_gets_the_same_error_and_release_frees_the_session(gateway):
 
 
 @pytest.mark.parametrize("gateway", [(2, 4, 2)], indirect=True)
-@pytest.mark.parametrize("bad", ["not finite in one rank's heads", "too few heads"])
+@pytest.mark.parametrize("bad", ["not finite in one rank's heads", "too few heads", "a low-bit scale not finite"])
 def test_a_bad_payload_from_another_party_fails_every_rank_alike(gateway, bad):
     """Each rank's own checks see only its heads: the gateway checks the whole payload once, so that the ranks
     (in lockstep through their all-reduces) never disagree about a session."""
@@ -93,9 +95,13 @@ def test_a_bad_payload_from_another_party_fails_every_rank_alike(gateway, bad):
     k = torch.randn(3, 2, 4)
     if bad == "too few heads":
         k = k[:, :1]
-    else:
+    elif bad == "not finite in one rank's heads":
         k[:, 1] = float("nan")
-    behind.publish("s", 0, 1, (k, k.clone()))
+    payload = (k, k.clone())
+    if bad == "a low-bit scale not finite":  # head 1's statistics (its own row), which only rank 1 decodes
+        payload = encode_kv(payload, KVWire.K4V2)
+        payload[0][0, 1, 0] = float("nan")
+    behind.publish("s", 0, 1, payload)
     errors = on_every_rank(clients, lambda r, c: c.fetch("s", 1, 0, 1))
     assert all(isinstance(e, KVExchangeError) for e in errors), errors
     assert gateway.pending() == 0

@@ -206,12 +206,16 @@ class RankGateway:
     def _outcome(self, rank: int, key: tuple, slot: _Slot) -> None:
         """Wait until the slot is done; forget it once every rank has seen it; raise its error."""
         start = time.monotonic()
-        with self._changed:
+        report = start + STALL_REPORT_S
+        with self._changed:  # woken by any slot's change: the clock decides
             while not (slot.done or self._stop.is_set()) \
-                    and (left := start + MAX_WAIT_S + REPLY_MARGIN_S - time.monotonic()) > 0:
-                if not self._changed.wait(min(left, STALL_REPORT_S)):  # ranks out of step stall here: say where
-                    log.warning("rank %d has waited %.0f s on %s %s of session %s; shards in from ranks %s", rank,
-                                time.monotonic() - start, key[0], key[2:], key[1], sorted(slot.shards))
+                    and (now := time.monotonic()) < start + MAX_WAIT_S + REPLY_MARGIN_S:
+                if now >= report:  # ranks out of step stall here: say where
+                    arrived = f"; shards in from ranks {sorted(slot.shards)}" if key[0] == "publish" else ""
+                    log.warning("rank %d has waited %.0f s on %s %s of session %s%s", rank, now - start, key[0],
+                                key[2:], key[1], arrived)
+                    report += STALL_REPORT_S
+                self._changed.wait(min(report, start + MAX_WAIT_S + REPLY_MARGIN_S) - now)
             if not slot.done:  # decided for every rank: a shard arriving later joins nothing
                 slot.error, slot.done = f"rank gateway: no outcome for {key[0]} of session {key[1]}", True
                 self._changed.notify_all()
