@@ -4,7 +4,7 @@
 # 300 problems for its key comparisons, 50-100 elsewhere (LIMIT overrides those), FIDELITY_LIMIT
 # problems per fidelity sweep. Figures: python -m fedattn_vllm.eval plots
 #   bash scripts/eval_sweeps.sh [headline|fidelity|attention|splits|interval|participants|placement|sparse|sparse_local|
-#                                crossparty|participants_default|wires|wires_paper|large|grid|all]
+#                                crossparty|participants_default|participants_wires|wires|wires_paper|large|grid|all]
 # `grid` extends every accuracy point to 300 problems (every run is saved in evaluation/gsm8k, so --resume skips them all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,6 +76,12 @@ participants_default() {  # N = 2..6 in the default mode (every layer synced, k4
   # (N=4 is the crossparty shard o0; centralised is the headline's N=1)
   for n in 2 6 3 5; do run -N "$n" -H 1 --kv-wire k4v2 --limit "${LIMIT:-100}"; done
 }
+participants_wires() {  # N = 2..6 with every layer synced and every other encoding (k4v2: participants_default), the
+  # extremes of N first, so a partial run leaves whole rows
+  for n in 2 6 3 5; do
+    for wire in native int2 int8 int4; do run -N "$n" -H 1 --kv-wire "$wire" --limit "${LIMIT:-100}"; done
+  done
+}
 wires() {  # every K/V encoding on the wire in the recall mode (H=2, the generator reading every layer), 300 problems
   # each as the crossparty shards: native and k4v2 are there; int8, int4 and int2 here (RESULTS.md's wire table)
   for wire in int8 int4 int2; do to300 -N 4 -H 2 --generator-sync-interval 1 --kv-wire "$wire"; done
@@ -116,10 +122,10 @@ grid() {  # the rest of the issue's accuracy grid, every point to 300 problems (
 }
 
 case "${1:-all}" in
-  all) headline; fidelity; attention; interval; splits; placement; sparse; sparse_local; participants; crossparty; participants_default; wires; wires_paper
-       large; grid ;;
+  all) headline; fidelity; attention; interval; splits; placement; sparse; sparse_local; participants; crossparty
+       participants_default; participants_wires; wires; wires_paper; large; grid ;;
   headline|fidelity|attention|splits|interval|participants|placement|sparse|sparse_local|crossparty|participants_default|\
-  wires|wires_paper|large|grid)
+  participants_wires|wires|wires_paper|large|grid)
     "$1" ;;
   *) echo "unknown phase: $1" >&2; exit 2 ;;
 esac
