@@ -78,7 +78,7 @@ participants_default() {  # N = 2..6 in the default mode (every layer synced, k4
 }
 participants_wires() {  # N = 2..6 with every layer synced and every other encoding (k4v2: participants_default), the
   # extremes of N first, so a partial run leaves whole rows
-  for n in 2 6 3 5; do
+  for n in 2 6 3 5 4; do
     for wire in native int2 int8 int4; do run -N "$n" -H 1 --kv-wire "$wire" --limit "${LIMIT:-100}"; done
   done
 }
