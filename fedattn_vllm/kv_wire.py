@@ -41,8 +41,6 @@ class LowBit:
                ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(K, V, whether every value is finite), K and V of (T, H, D) `shape` (the receiver's: the payload is checked
         against it). ValueError for anything but the two tensors of that shape's layout."""
-        if len(payload) != 2:
-            raise ValueError(f"a low-bit payload is two tensors (statistics, codes), got {len(payload)}")
         return dequantize_kv(payload, shape, self.key_bits, self.key_group, self.value_bits, self.value_group,
                              dtype)
 

@@ -2,8 +2,8 @@
 an input is NaN, both give NaN, not always the same NaN bits), and the finite check of a received payload.
 
 The reference spends most of a short message's time in the fixed cost of ~30 small torch ops
-per tensor; the kernel makes a few passes in one call. CPU tensors only; elsewhere (or with no C compiler, or
-with `FEDATTN_NATIVE_KERNELS=0`) the reference runs. Decoding checks every shape and dtype
+per tensor; the kernel makes a few passes in one call. CPU tensors only; elsewhere (or with no
+C compiler, or with `FEDATTN_NATIVE_KERNELS=0`) the reference runs. Decoding checks every shape and dtype
 before the kernel reads a byte: payloads come from other parties.
 """
 
