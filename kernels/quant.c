@@ -123,28 +123,36 @@ static void codes_of(const float *x, const float *low, const float *step, int64_
     for (int64_t i = 0; i < n; i++) codes[i] = code_of(x[i], low[i], step[i], levels);
 }
 
-/* One row of `channels` codes -> its packed bytes: channel c in bits [bits*(c % k), ...) of byte c / k.
- * Inlined where `bits` is a constant (pack_row), so each width compiles to its own unrolled loop. */
-static inline __attribute__((always_inline)) void pack_bits(const uint8_t *codes, int64_t channels, int bits,
-                                                            uint8_t *packed) {
+/* Packing moves each code of a word of codes, one a byte, to its place in a packed byte, by shifted copies ORed
+ * together (w | w >> s | w >> 2s ..., s = 8 - bits: codes below 2^bits never overlap, so no carry); unpacking
+ * spreads a packed byte's codes back into a word by the opposite shifts, masked. Whole words of plain integer
+ * operations, so the loops vectorise. A word's first byte is its first code: little-endian machines only. */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "kernels/quant.c packs codes through little-endian words"
+#endif
+
+/* `channels` codes -> their packed bytes: channel c in bits [bits*(c % k), ...) of byte c / k, k = 8 / bits. */
+static void pack_row(const uint8_t *codes, int64_t channels, int bits, uint8_t *packed) {
     const int per_byte = 8 / bits;
     const int64_t whole = channels / per_byte;  /* bytes every one of whose codes is a channel */
-    for (int64_t b = 0; b < whole; b++) {
-        uint8_t byte = 0;
-        for (int k = 0; k < per_byte; k++) byte |= (uint8_t)(codes[b * per_byte + k] << (bits * k));
-        packed[b] = byte;
-    }
+    if (bits == 2)
+        for (int64_t b = 0; b < whole; b++) {
+            uint32_t w;
+            memcpy(&w, codes + 4 * b, sizeof w);
+            packed[b] = (uint8_t)(w | w >> 6 | w >> 12 | w >> 18);
+        }
+    else if (bits == 4)
+        for (int64_t b = 0; b < whole; b++) {
+            uint16_t w;
+            memcpy(&w, codes + 2 * b, sizeof w);
+            packed[b] = (uint8_t)(w | w >> 4);
+        }
+    else memcpy(packed, codes, (size_t)whole);
     if (whole * per_byte < channels) {
         uint8_t byte = 0;
         for (int64_t c = whole * per_byte; c < channels; c++) byte |= (uint8_t)(codes[c] << (bits * (c % per_byte)));
         packed[whole] = byte;
     }
-}
-
-static void pack_row(const uint8_t *codes, int64_t channels, int bits, uint8_t *packed) {
-    if (bits == 2) pack_bits(codes, channels, 2, packed);
-    else if (bits == 4) pack_bits(codes, channels, 4, packed);
-    else pack_bits(codes, channels, 8, packed);
 }
 
 /* Keys x (T, H*D) of `dtype`, a token's H*D elements `stride` elements after the previous token's, in groups of
@@ -226,7 +234,8 @@ static int quantize_channel_rows(const void *x, int dtype, int64_t rows, int64_t
             const int64_t at = r * channels + first, last = at + (first + group < channels ? group : channels - first);
             for (int64_t i = at; i < last; i++) all_codes[i] = code_of(values[i], smallest[g], largest[g], levels);
         }
-    for (int64_t r = 0; r < rows; r++) pack_row(all_codes + r * channels, channels, bits, codes + r * packed);
+    if (channels % (8 / bits) == 0) pack_row(all_codes, n, bits, codes);  /* rows back to back: one long run */
+    else for (int64_t r = 0; r < rows; r++) pack_row(all_codes + r * channels, channels, bits, codes + r * packed);
     free(stats), free(all_codes);
     return 0;
 }
@@ -246,21 +255,31 @@ int quantize_channels(const void *x, int dtype, int64_t rows, int64_t channels, 
     return 0;
 }
 
-/* One row's packed bytes -> its `channels` codes (pack_bits's inverse). */
-static inline __attribute__((always_inline)) void unpack_bits(const uint8_t *packed, int64_t channels, int bits,
-                                                              uint8_t *codes) {
+/* One row's packed bytes -> its `channels` codes (pack_row's inverse). */
+static void unpack_row(const uint8_t *packed, int64_t channels, int bits, uint8_t *codes) {
     const int per_byte = 8 / bits, mask = (1 << bits) - 1;
     const int64_t whole = channels / per_byte;
-    for (int64_t b = 0; b < whole; b++)
-        for (int k = 0; k < per_byte; k++) codes[b * per_byte + k] = (uint8_t)((packed[b] >> (bits * k)) & mask);
+    if (bits == 2)
+        for (int64_t b = 0; b < whole; b++) {
+            const uint32_t x = packed[b], w = (x | x << 6 | x << 12 | x << 18) & 0x03030303u;
+            memcpy(codes + 4 * b, &w, sizeof w);
+        }
+    else if (bits == 4)
+        for (int64_t b = 0; b < whole; b++) {
+            const uint16_t w = (uint16_t)((packed[b] | packed[b] << 4) & 0x0F0F);
+            memcpy(codes + 2 * b, &w, sizeof w);
+        }
+    else memcpy(codes, packed, (size_t)whole);
     for (int64_t c = whole * per_byte; c < channels; c++)
         codes[c] = (uint8_t)((packed[c / per_byte] >> (bits * (c % per_byte))) & mask);
 }
 
-static void unpack_row(const uint8_t *packed, int64_t channels, int bits, uint8_t *codes) {
-    if (bits == 2) unpack_bits(packed, channels, 2, codes);
-    else if (bits == 4) unpack_bits(packed, channels, 4, codes);
-    else unpack_bits(packed, channels, 8, codes);
+/* `rows` rows of packed bytes, `packed` apart -> their codes, `channels` apart: one long run where no row ends in a
+ * part-filled byte (rows back to back, so the loop vectorises), else row by row. */
+static void unpack_rows(const uint8_t *packed, int64_t rows, int64_t channels, int bits, int64_t row_bytes,
+                        uint8_t *codes) {
+    if (channels % (8 / bits) == 0) unpack_row(packed, rows * channels, bits, codes);
+    else for (int64_t r = 0; r < rows; r++) unpack_row(packed + r * row_bytes, channels, bits, codes + r * channels);
 }
 
 /* Inverse of quantize_tokens: out (T, H*D) of `dtype`, a token `stride` elements after the previous one. 0, or -1
@@ -270,21 +289,21 @@ int dequantize_tokens(const uint8_t *codes, const half *scale_in, const half *lo
                       int dtype) {
     const int64_t columns = heads * channels;
     float *stats = scratch(3 * columns * sizeof(float));
-    uint8_t *row_codes = scratch(columns);
-    if (stats == NULL || row_codes == NULL) return free(stats), free(row_codes), -1;
+    uint8_t *group_codes = scratch((group < tokens ? group : tokens) * columns);  /* a group's codes, by token */
+    if (stats == NULL || group_codes == NULL) return free(stats), free(group_codes), -1;
     float *low = stats, *scale = stats + columns, *row = stats + 2 * columns;
     for (int64_t first = 0, g = 0; first < tokens; first += group, g++) {
         const int64_t last = first + group < tokens ? first + group : tokens;
         for (int64_t i = 0; i < columns; i++)
             low[i] = float_of_half(low_in[g * columns + i]), scale[i] = float_of_half(scale_in[g * columns + i]);
+        unpack_rows(codes + first * heads * packed, (last - first) * heads, channels, bits, packed, group_codes);
         for (int64_t t = first; t < last; t++) {
-            for (int64_t h = 0; h < heads; h++)
-                unpack_row(codes + (t * heads + h) * packed, channels, bits, row_codes + h * channels);
+            const uint8_t *row_codes = group_codes + (t - first) * columns;
             for (int64_t i = 0; i < columns; i++) row[i] = low[i] + (float)row_codes[i] * scale[i];
             store_row(row, columns, dtype, out, t * stride);
         }
     }
-    free(stats), free(row_codes);
+    free(stats), free(group_codes);
     return 0;
 }
 
@@ -296,7 +315,7 @@ static int dequantize_channel_rows(const uint8_t *codes, const half *scale_in, c
     float *values = scratch(n * sizeof(float));
     uint8_t *all_codes = scratch(n);
     if (values == NULL || all_codes == NULL) return free(values), free(all_codes), -1;
-    for (int64_t r = 0; r < rows; r++) unpack_row(codes + r * packed, channels, bits, all_codes + r * channels);
+    unpack_rows(codes, rows, channels, bits, packed, all_codes);
     for (int64_t r = 0, g = 0; r < rows; r++)
         for (int64_t first = 0; first < channels; first += group, g++) {
             const float low = float_of_half(low_in[g]), scale = float_of_half(scale_in[g]);
