@@ -198,14 +198,10 @@ static inline void group_range(const float *x, int64_t n, float *smallest, float
     for (; first + LANES <= n; first += LANES)
         for (int l = 0; l < LANES; l++) extend(x[first + l], lo + l, hi + l, nan + l);
     for (int l = 0; first + l < n; l++) extend(x[first + l], lo + l, hi + l, nan + l);
-    for (int w = LANES / 2; w > 0; w /= 2)
-        for (int l = 0; l < w; l++) {
-            nan[l] = nan[l] > nan[l + w] ? nan[l] : nan[l + w];
-            lo[l] = lo[l + w] < lo[l] ? lo[l + w] : lo[l];
-            hi[l] = hi[l + w] > hi[l] ? hi[l + w] : hi[l];
-        }
-    *smallest = nan[0] != 0.0f ? NAN : lo[0];
-    *largest = nan[0] != 0.0f ? NAN : hi[0];
+    float l = lo[0], h = hi[0], bad = nan[0];
+    for (int i = 1; i < LANES; i++) l = lo[i] < l ? lo[i] : l, h = hi[i] > h ? hi[i] : h, bad = nan[i] > bad ? nan[i] : bad;
+    *smallest = bad != 0.0f ? NAN : l;
+    *largest = bad != 0.0f ? NAN : h;
 }
 
 enum { ROW_BLOCK = 1024 };  /* value rows a pass covers: long passes, scratch bounded whatever the message */
