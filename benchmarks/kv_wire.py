@@ -91,7 +91,7 @@ def codec(args: argparse.Namespace, shape: ModelShape, heads: int, dtype: torch.
                 with native.reference_only() if kernel == "reference" else contextlib.nullcontext():
                     payloads = [encode_kv(kv, wire) for kv in others]
                     encode_s = median_seconds(lambda: encode_kv(own, wire), args.repeats)
-                    decode_s = median_seconds(lambda: [decode_checked(p, wire, dtype, size) for p in payloads],
+                    decode_s = median_seconds(lambda: decode_checked(payloads, wire, dtype, [size] * len(payloads)),
                                               args.repeats)
                 rows.append({"tokens": tokens, "wire": wire.value, "codec": kernel, "attention_ms": 1e3 * attention_s,
                              "encode_ms": 1e3 * encode_s, "decode_ms": 1e3 * decode_s,

@@ -14,6 +14,7 @@ is the size the cost model counts, equal to what the encoders produce.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,11 +38,12 @@ class LowBit:
     def encode(self, kv: KV) -> Payload:
         return quantize_kv(*kv, self.key_bits, self.key_group, self.value_bits, self.value_group)
 
-    def decode(self, payload: Payload, dtype: torch.dtype, shape: tuple[int, int, int]
+    def decode(self, payloads: Sequence[Payload], dtype: torch.dtype, shapes: Sequence[tuple[int, int, int]]
                ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(K, V, whether every value is finite), K and V of (T, H, D) `shape` (the receiver's: the payload is checked
-        against it). ValueError for anything but the two tensors of that shape's layout."""
-        return dequantize_kv(payload, shape, self.key_bits, self.key_group, self.value_bits, self.value_group,
+        """(K, V, whether every value is finite) of payloads of (T, H, D) `shapes` (the receiver's: each payload is
+        checked against its own), the sources' tokens one after another, in one kernel call. ValueError for anything
+        but the two tensors of a shape's layout."""
+        return dequantize_kv(payloads, shapes, self.key_bits, self.key_group, self.value_bits, self.value_group,
                              dtype)
 
     def layout(self, tokens: int, head_dim: int) -> PayloadLayout:
@@ -66,33 +68,40 @@ def encode_kv(kv: KV, wire: KVWire) -> Payload:
     return kv[0].clone(), kv[1].clone()
 
 
-def decode_kv(payload: Payload, wire: KVWire, dtype: torch.dtype, shape: tuple[int, int, int]) -> KV:
-    """(K, V) of (T, H, D) `shape` in the engine's `dtype` from a published payload."""
-    if wire in LOW_BIT:
-        return LOW_BIT[wire].decode(payload, dtype, shape)[:2]
+def decode_checked(payloads: Sequence[Payload], wire: KVWire, dtype: torch.dtype,
+                   shapes: Sequence[tuple[int, int, int]]) -> list[KV]:
+    """Payloads from other parties (a layer's, one a source) as (K, V) parts in the engine's `dtype`, the sources'
+    tokens in order: one part for low-bit payloads (decoded in one kernel call), each payload's own otherwise (exact
+    K/V are not copied). Each payload is checked to be what its (T, H_kv, D) shape encodes: its byte count, its
+    decoded shapes and dtypes, finite values; KVExchangeError if not."""
+    for payload, shape in zip(payloads, shapes, strict=True):
+        expected = payload_bytes(wire, *shape, dtype.itemsize)
+        if kv_nbytes(payload) != expected:
+            raise KVExchangeError(f"a {wire.value} payload of {shape} is {expected} bytes, got {kv_nbytes(payload)}")
+    if not payloads:
+        return []
+    try:
+        if wire in LOW_BIT:  # decoded into `shapes` and `dtype`, the finite check in the decoding kernel's call
+            k, v, fits = LOW_BIT[wire].decode(payloads, dtype, shapes)
+            parts = [(k, v)]
+        else:
+            parts = [_decode_exact_or_int8(payload, wire, dtype) for payload in payloads]
+            fits = all(t.shape == shape and t.dtype == dtype and all_finite(t)
+                       for kv, shape in zip(parts, shapes) for t in kv)
+    except (RuntimeError, ValueError, IndexError) as error:
+        raise KVExchangeError(f"malformed {wire.value} payload: {error}") from None
+    if not fits:
+        raise KVExchangeError(f"{wire.value} payloads that do not decode to finite {dtype} K/V of their shapes "
+                              f"{[tuple(shape) for shape in shapes]}")
+    return parts
+
+
+def _decode_exact_or_int8(payload: Payload, wire: KVWire, dtype: torch.dtype) -> KV:
+    """(K, V) of an exact payload (its own tensors) or an int8 one (dequantised to `dtype`)."""
     if wire is KVWire.INT8:
         k, v, k_scale, v_scale = payload
         return dequantize_int8(k, k_scale, dtype), dequantize_int8(v, v_scale, dtype)
     return payload[0], payload[1]
-
-
-def decode_checked(payload: Payload, wire: KVWire, dtype: torch.dtype, shape: tuple[int, int, int]) -> KV:
-    """decode_kv of a payload from another party, checked to be what a (T, H_kv, D) `shape` encodes:
-    its byte count, its decoded shapes and dtypes, finite values. KVExchangeError if not."""
-    expected = payload_bytes(wire, *shape, dtype.itemsize)
-    if kv_nbytes(payload) != expected:
-        raise KVExchangeError(f"a {wire.value} payload of {shape} is {expected} bytes, got {kv_nbytes(payload)}")
-    try:
-        if wire in LOW_BIT:  # decoded into `shape` and `dtype`, the finite check in the decoding kernel's call
-            k, v, fits = LOW_BIT[wire].decode(payload, dtype, shape)
-        else:
-            k, v = decode_kv(payload, wire, dtype, shape)
-            fits = all(t.shape == shape and t.dtype == dtype for t in (k, v)) and all_finite(k) and all_finite(v)
-    except (RuntimeError, ValueError, IndexError) as error:
-        raise KVExchangeError(f"malformed {wire.value} payload: {error}") from None
-    if not fits:
-        raise KVExchangeError(f"a {wire.value} payload that does not decode to finite {tuple(shape)} {dtype}")
-    return k, v
 
 
 def questions_checked(payload: Payload, dtype: torch.dtype, shape: tuple[int, int, int]) -> torch.Tensor:

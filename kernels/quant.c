@@ -364,24 +364,33 @@ int quantize_kv(const void *k, const void *v, int dtype, int64_t tokens, int64_t
 
 int all_finite(const void *data, int64_t n, int dtype);
 
-/* quantize_kv's inverse into k_out and v_out (T, H, D) of `dtype`, then their finite check (the payload came from
- * another party). 0; 1 where a decoded value is not finite; -1 where scratch could not be allocated. */
-int dequantize_kv(const half *stats, int64_t head_stats, const uint8_t *codes, int64_t head_codes, const Parts *at,
-                  int64_t tokens, int64_t heads, int64_t channels, int key_bits, int64_t key_group, int64_t key_packed,
-                  int value_bits, int64_t value_group, int64_t value_packed, void *k_out, void *v_out, int dtype) {
+/* One payload as dequantize_kv reads it: the addresses of its statistics and codes, a head's row of each (float16
+ * elements, bytes), its token count and its parts' place in a head's rows; every field an int64, so that the caller
+ * passes a flat array. */
+typedef struct { int64_t statistics, head_stats, codes, head_codes, tokens; Parts at; } Source;
+
+/* quantize_kv's inverse for n payloads (a layer's, one a source) into k_out and v_out (T, H, D) of `dtype`, each
+ * source's tokens after the previous source's, then their finite check (the payloads came from other parties).
+ * 0; 1 where a decoded value is not finite; -1 where scratch could not be allocated. */
+int dequantize_kv(const Source *sources, int64_t n, int64_t heads, int64_t channels, int key_bits, int64_t key_group,
+                  int64_t key_packed, int value_bits, int64_t value_group, int64_t value_packed, void *k_out,
+                  void *v_out, int dtype) {
     const int64_t stride = heads * channels, head_out = channels * element_bytes(dtype);
-    for (int64_t h = 0; h < heads; h++) {
-        const half *s = stats + h * head_stats;
-        const uint8_t *c = codes + h * head_codes;
-        if (dequantize_tokens(c + at->key_codes, s + at->key_scale, s + at->key_low, tokens, 1, channels, key_group,
-                              key_bits, key_packed, (uint8_t *)k_out + h * head_out, stride, dtype) ||
-            dequantize_channels(c + at->value_codes, s + at->value_scale, s + at->value_low, tokens, channels,
-                                value_group, value_bits, value_packed, (uint8_t *)v_out + h * head_out, stride,
-                                dtype))
-            return -1;
-    }
-    const int64_t n = tokens * heads * channels;
-    return all_finite(k_out, n, dtype) && all_finite(v_out, n, dtype) ? 0 : 1;
+    int64_t tokens = 0;  /* decoded so far */
+    for (const Source *source = sources; source < sources + n; tokens += source->tokens, source++)
+        for (int64_t h = 0; h < heads; h++) {
+            const half *s = (const half *)(intptr_t)source->statistics + h * source->head_stats;
+            const uint8_t *c = (const uint8_t *)(intptr_t)source->codes + h * source->head_codes;
+            const Parts *at = &source->at;
+            const int64_t out = (tokens * stride) * element_bytes(dtype) + h * head_out;
+            if (dequantize_tokens(c + at->key_codes, s + at->key_scale, s + at->key_low, source->tokens, 1, channels,
+                                  key_group, key_bits, key_packed, (uint8_t *)k_out + out, stride, dtype) ||
+                dequantize_channels(c + at->value_codes, s + at->value_scale, s + at->value_low, source->tokens,
+                                    channels, value_group, value_bits, value_packed, (uint8_t *)v_out + out, stride,
+                                    dtype))
+                return -1;
+        }
+    return all_finite(k_out, tokens * stride, dtype) && all_finite(v_out, tokens * stride, dtype) ? 0 : 1;
 }
 
 /* 1 where every one of n elements of `dtype` is finite (neither infinite nor NaN: not every exponent bit set),

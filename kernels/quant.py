@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -166,16 +167,28 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, key_bits: int, key_group: int,
                             for part in order], dim=1)[None] for order in (_STATISTICS, _CODES))
 
 
-def dequantize_kv(payload: tuple[torch.Tensor, ...], shape: tuple[int, int, int], key_bits: int, key_group: int,
-                  value_bits: int, value_group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """`quantize_kv`'s inverse: (K, V, whether every decoded value is finite), K and V of (T, H, D) `shape` in
-    `dtype`. ValueError where the payload is not that shape's."""
-    tokens, heads, channels = shape
-    layout = payload_layout(tokens, channels, key_bits, key_group, value_bits, value_group)
-    check_payload(payload, layout, heads)
-    k_codes, k_scale, k_low, v_codes, v_scale, v_low = split_payload(payload, layout)
-    k = dequantize_groups(k_codes, k_scale, k_low, key_bits, 0, key_group, channels, dtype)
-    v = dequantize_groups(v_codes, v_scale, v_low, value_bits, -1, value_group, channels, dtype)
+def common_heads(shapes: Sequence[tuple[int, int, int]]) -> tuple[int, int]:
+    """The (H, D) that the (T, H, D) shapes of a layer's payloads share (one model's); ValueError if none or not."""
+    if shapes and all(tuple(shape[1:]) == tuple(shapes[0][1:]) for shape in shapes):
+        return shapes[0][1], shapes[0][2]
+    raise ValueError(f"payloads of one (H, D): got shapes {list(shapes)}")
+
+
+def dequantize_kv(payloads: Sequence[tuple[torch.Tensor, ...]], shapes: Sequence[tuple[int, int, int]], key_bits: int,
+                  key_group: int, value_bits: int, value_group: int, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """`quantize_kv`'s inverse for payloads of (T, H, D) `shapes` (a layer's, one a source): (K, V, whether every
+    decoded value is finite), K and V (sum of T, H, D) in `dtype`, the sources' tokens one after another. ValueError
+    where a payload is not its shape's."""
+    heads, channels = common_heads(shapes)
+    keys, values = [], []
+    for payload, (tokens, *_) in zip(payloads, shapes, strict=True):
+        layout = payload_layout(tokens, channels, key_bits, key_group, value_bits, value_group)
+        check_payload(payload, layout, heads)
+        k_codes, k_scale, k_low, v_codes, v_scale, v_low = split_payload(payload, layout)
+        keys.append(dequantize_groups(k_codes, k_scale, k_low, key_bits, 0, key_group, channels, dtype))
+        values.append(dequantize_groups(v_codes, v_scale, v_low, value_bits, -1, value_group, channels, dtype))
+    k, v = torch.cat(keys), torch.cat(values)
     return k, v, bool(torch.isfinite(k).all() and torch.isfinite(v).all())
 
 

@@ -9,8 +9,10 @@ before the kernel reads a byte: payloads come from other parties.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
+from collections.abc import Sequence
 
 import torch
 
@@ -37,8 +39,7 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
         "all_finite": ([_PTR, _I64, _INT], _INT),
         "quantize_kv": ([_PTR, _PTR, _INT, _I64, _I64, _I64, _INT, _I64, _I64, _INT, _I64, _I64, _PTR, _I64, _PTR, _I64,
                          _PARTS], _INT),
-        "dequantize_kv": ([_PTR, _I64, _PTR, _I64, _PARTS, _I64, _I64, _I64, _INT, _I64, _I64, _INT, _I64, _I64, _PTR,
-                           _PTR, _INT], _INT),
+        "dequantize_kv": ([_PTR, _I64, _I64, _I64, _INT, _I64, _I64, _INT, _I64, _I64, _PTR, _PTR, _INT], _INT),
     }
     for name, (arguments, result) in signatures.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = arguments, result
@@ -148,23 +149,28 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, key_bits: int, key_group: int,
     return statistics, codes
 
 
-def dequantize_kv(payload: tuple[torch.Tensor, ...], shape: tuple[int, int, int], key_bits: int, key_group: int,
-                  value_bits: int, value_group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """`kernels.quant.dequantize_kv`: (K, V, whether every decoded value is finite), K and V of (T, H, D) `shape` in
-    `dtype`, in one kernel call. ValueError where the payload is not that shape's (payloads come from other
-    parties)."""
-    kernel = _kernel_for(payload[0], key_bits, 0, key_group, dtype) \
-        if len(payload) == 2 and payload[1].is_cpu and value_bits in (2, 4, 8) and value_group >= 1 else None
+def dequantize_kv(payloads: Sequence[tuple[torch.Tensor, ...]], shapes: Sequence[tuple[int, int, int]], key_bits: int,
+                  key_group: int, value_bits: int, value_group: int, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """`kernels.quant.dequantize_kv`: (K, V, whether every decoded value is finite), K and V (sum of T, H, D) in
+    `dtype`, the sources' tokens one after another, in one kernel call for all (a short message's cost is mostly per
+    call). ValueError where a payload is not its shape's (payloads come from other parties)."""
+    kernel = _kernel_for(payloads[0][0], key_bits, 0, key_group, dtype) if payloads and value_bits in (2, 4, 8) \
+        and value_group >= 1 and all(len(p) == 2 and p[0].is_cpu and p[1].is_cpu for p in payloads) else None
     if kernel is None:
-        return quant.dequantize_kv(payload, shape, key_bits, key_group, value_bits, value_group, dtype)
-    tokens, heads, channels = shape
-    layout = quant.payload_layout(tokens, channels, key_bits, key_group, value_bits, value_group)
-    quant.check_payload(payload, layout, heads)
-    statistics, codes = payload
-    k, v = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
-    status = kernel.dequantize_kv(statistics.data_ptr(), layout.statistics, codes.data_ptr(), layout.codes,
-                                  _parts(layout), tokens, heads, channels, key_bits, key_group, layout.shapes[0][1],
-                                  value_bits, value_group, layout.shapes[3][1], k.data_ptr(), v.data_ptr(),
+        return quant.dequantize_kv(payloads, shapes, key_bits, key_group, value_bits, value_group, dtype)
+    heads, channels = quant.common_heads(shapes)
+    sources = array.array("q")  # the kernel's Source of each payload, one after another
+    for payload, (tokens, *_) in zip(payloads, shapes, strict=True):
+        layout = quant.payload_layout(tokens, channels, key_bits, key_group, value_bits, value_group)
+        quant.check_payload(payload, layout, heads)
+        sources.extend((payload[0].data_ptr(), layout.statistics, payload[1].data_ptr(), layout.codes, tokens))
+        sources.extend(layout.offsets)
+    size = (sum(shape[0] for shape in shapes), heads, channels)
+    k, v = torch.empty(size, dtype=dtype), torch.empty(size, dtype=dtype)
+    status = kernel.dequantize_kv(sources.buffer_info()[0], len(payloads), heads, channels, key_bits, key_group,
+                                  quant.packed_channels(channels, key_bits), value_bits, value_group,
+                                  quant.packed_channels(channels, value_bits), k.data_ptr(), v.data_ptr(),
                                   _DTYPES[dtype])
     _check(min(status, 0))
     return k, v, status == 0

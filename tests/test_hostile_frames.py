@@ -247,17 +247,35 @@ def test_payloads_from_another_party_are_checked_before_they_are_used():
     carries: K/V that decode to the expected shape, finite; question queries as one finite (rows, H, D) tensor."""
     shape = (5, 2, 8)
     exact = encode_kv(kv(5), KVWire.NATIVE)
-    assert all(torch.equal(a, b) for a, b in zip(decode_checked(exact, KVWire.NATIVE, torch.float32, shape), exact))
+    assert all(torch.equal(a, b) for a, b in zip(*decode_checked([exact], KVWire.NATIVE, torch.float32, [shape]), exact))
     nan = (exact[0].clone().fill_(float("nan")), exact[1])
     for payload, wire in ((exact, KVWire.INT8), (encode_kv(kv(4), KVWire.NATIVE), KVWire.NATIVE),
                           (nan, KVWire.NATIVE), (encode_kv(kv(4), KVWire.K4V2), KVWire.K4V2)):
         with pytest.raises(KVExchangeError):
-            decode_checked(payload, wire, torch.float32, shape)
+            decode_checked([payload], wire, torch.float32, [shape])
     questions = torch.randn(*shape)
     assert torch.equal(questions_checked((questions,), torch.float32, shape), questions)
     for payload in ((questions, questions), (questions[:4],), (questions.double(),), (questions / 0,), ()):
         with pytest.raises(KVExchangeError, match="question queries"):
             questions_checked(payload, torch.float32, shape)
+
+
+@pytest.mark.parametrize("wire", [KVWire.NATIVE, KVWire.INT8, KVWire.K4V2])
+def test_a_layers_payloads_decode_to_its_sources_tokens_in_order_and_one_bad_one_refuses_them_all(wire):
+    """Low-bit payloads decode in one call into one part, each source's tokens what it decodes to alone; exact and
+    int8 ones one part a source (exact K/V not copied). Any source's payload failing its check refuses the layer."""
+    shapes = [(5, 2, 8), (1, 2, 8), (3, 2, 8)]
+    payloads = [encode_kv(kv(shape[0]), wire) for shape in shapes]
+    parts = decode_checked(payloads, wire, torch.float32, shapes)
+    alone = [decode_checked([payload], wire, torch.float32, [shape]) for payload, shape in zip(payloads, shapes)]
+    assert len(parts) == (1 if wire in LOW_BIT else 3)
+    for got, want in zip(map(torch.cat, zip(*parts)), map(torch.cat, zip(*(p for a in alone for p in a)))):
+        assert torch.equal(got, want)
+    if wire is KVWire.NATIVE:
+        assert all(k is payload[0] and v is payload[1] for (k, v), payload in zip(parts, payloads))
+    bad = [*payloads[:2], encode_kv(kv(4), wire)]  # a source that sent fewer tokens than its plan says
+    with pytest.raises(KVExchangeError, match="bytes"):
+        decode_checked(bad, wire, torch.float32, shapes)
 
 
 @pytest.mark.parametrize("on_the_reference", [False, True], ids=["C kernel", "torch reference"])
@@ -276,4 +294,4 @@ def test_low_bit_payloads_of_the_right_size_that_lie_about_their_layout_are_refu
         torch.uint8)), "heads folded": (statistics.view(1, 1, -1), codes.view(1, 1, -1))}.get(lie, (statistics, codes))
     assert kv_nbytes(lying) == payload_bytes(KVWire.K4V2, *shape, 4)
     with pytest.raises(KVExchangeError), native.reference_only() if on_the_reference else contextlib.nullcontext():
-        decode_checked(lying, KVWire.K4V2, torch.float32, shape)
+        decode_checked([lying], KVWire.K4V2, torch.float32, [shape])

@@ -150,7 +150,7 @@ def test_a_payload_in_one_call_equals_its_keys_and_values_through_the_reference(
     assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(parts, expected, strict=True))
     assert sum(t.nbytes for t in payload) == sum(t.nbytes for t in expected)  # nothing but the parts
     for out in (torch.float32, torch.bfloat16, torch.float16):
-        back_k, back_v, finite = quant_native.dequantize_kv(payload, shape, key_bits, key_group, value_bits,
+        back_k, back_v, finite = quant_native.dequantize_kv([payload], [shape], key_bits, key_group, value_bits,
                                                             value_group, out)
         assert torch.equal(_bits(back_k), _bits(quant.dequantize_groups(*expected[:3], key_bits, 0, key_group, 64, out)))
         assert torch.equal(_bits(back_v), _bits(quant.dequantize_groups(*expected[3:], value_bits, -1, value_group, 64,
@@ -159,7 +159,8 @@ def test_a_payload_in_one_call_equals_its_keys_and_values_through_the_reference(
         with native.reference_only():  # the same calls without the kernel
             assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(
                 quant_native.quantize_kv(k, v, key_bits, key_group, value_bits, value_group), payload, strict=True))
-            *back, flag = quant_native.dequantize_kv(payload, shape, key_bits, key_group, value_bits, value_group, out)
+            *back, flag = quant_native.dequantize_kv([payload], [shape], key_bits, key_group, value_bits, value_group,
+                                                     out)
             assert torch.equal(_bits(back[0]), _bits(back_k)) and torch.equal(_bits(back[1]), _bits(back_v))
             assert flag == finite
 
@@ -198,7 +199,7 @@ def test_a_payload_that_decodes_to_a_non_finite_value_is_flagged(codec, poison):
     else:
         v_scale[3, 1, 0] = 65504.0  # minimum + 3 * scale beyond float16's largest
     for out, finite in ((torch.float16, False), (torch.bfloat16, poison == "float16 overflow")):
-        assert codec.dequantize_kv(payload, (70, 2, 64), 4, 64, 2, 32, out)[2] is finite
+        assert codec.dequantize_kv([payload], [(70, 2, 64)], 4, 64, 2, 32, out)[2] is finite
 
 
 @CODECS
@@ -218,7 +219,32 @@ def test_a_payload_that_decodes_to_a_non_finite_value_is_flagged(codec, poison):
 def test_a_payload_decoder_checks_its_tensors_before_it_reads(codec, bad):
     payload = quant_native.quantize_kv(torch.randn(70, 2, 64), torch.randn(70, 2, 64), 4, 64, 2, 32)
     with pytest.raises(ValueError, match="a payload must be"):
-        codec.dequantize_kv(bad(*payload), (70, 2, 64), 4, 64, 2, 32, torch.float32)
+        codec.dequantize_kv([bad(*payload)], [(70, 2, 64)], 4, 64, 2, 32, torch.float32)
+
+
+@CODECS
+def test_a_layers_payloads_decode_in_one_call_each_as_it_decodes_alone(codec):
+    """Sources of different lengths (one with no token) decode one after another into one K and one V, each
+    source's tokens bit for bit what it decodes to alone; one source's non-finite value flags the call, one
+    source's malformed payload fails it, and shapes of different heads are refused."""
+    shapes = [(65, 2, 64), (0, 2, 64), (3, 2, 64), (130, 2, 64)]
+    payloads = [quant_native.quantize_kv(torch.randn(shape), torch.randn(shape), 4, 64, 2, 32) for shape in shapes]
+    k, v, finite = codec.dequantize_kv(payloads, shapes, 4, 64, 2, 32, torch.bfloat16)
+    assert finite and k.shape == v.shape == (198, 2, 64)
+    first = 0
+    for payload, shape in zip(payloads, shapes, strict=True):
+        alone = quant_native.dequantize_kv([payload], [shape], 4, 64, 2, 32, torch.bfloat16)
+        rows = slice(first, first + shape[0])
+        assert torch.equal(_bits(k[rows]), _bits(alone[0])) and torch.equal(_bits(v[rows]), _bits(alone[1]))
+        first += shape[0]
+    poisoned = [*payloads[:3], (payloads[3][0].clone(), payloads[3][1])]
+    poisoned[3][0][0, 1, 0] = float("nan")
+    assert codec.dequantize_kv(poisoned, shapes, 4, 64, 2, 32, torch.bfloat16)[2] is False
+    with pytest.raises(ValueError, match="a payload must be"):
+        codec.dequantize_kv([*payloads[:3], (payloads[3][0], payloads[3][1][..., 1:])], shapes, 4, 64, 2, 32,
+                            torch.bfloat16)
+    with pytest.raises(ValueError, match="payloads of one"):
+        codec.dequantize_kv(payloads[:2], [shapes[0], (0, 1, 64)], 4, 64, 2, 32, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from fedattn_vllm.exchange import KVExchangeError, PayloadKind
+from fedattn_vllm.exchange import KV, KVExchangeError, PayloadKind
 from fedattn_vllm.kv_wire import decode_checked, encode_kv, questions_checked
 from fedattn_vllm.selection import QUESTION_ROWS
 from fedattn_vllm.vllm_ext.batch import FedAttnBatch, ParticipantRows, current_batch
@@ -166,14 +166,15 @@ def _publish(e: ParticipantRows, layer: int, query: torch.Tensor, key: torch.Ten
 
 
 def _fetcher(e: ParticipantRows, layer: int, like: torch.Tensor):
-    """fetch(source) -> its K/V at `layer` as `e` may see them, decoded and checked (they come from another party)."""
+    """fetch(sources) -> their K/V at `layer` as `e` may see them, decoded and checked (they come from other
+    parties): (tokens, H_kv, D) parts, the sources' tokens in order."""
     state = e.session
 
-    def fetch(source: int):
-        payload = REGISTRY.exchange.fetch(state.session_id, e.participant, source, layer)
-        shape = (state.plan.shared_count(source, state.lengths[source]), *like.shape[1:])
-        k, v = decode_checked(payload, state.plan.config.kv_wire, like.dtype, shape)
-        return k.to(like.device), v.to(like.device)  # from the network they arrive on the CPU
+    def fetch(sources: list[int]) -> list[KV]:
+        payloads = [REGISTRY.exchange.fetch(state.session_id, e.participant, m, layer) for m in sources]
+        shapes = [(state.plan.shared_count(m, state.lengths[m]), *like.shape[1:]) for m in sources]
+        return [(k.to(like.device), v.to(like.device))  # from the network they arrive on the CPU
+                for k, v in decode_checked(payloads, state.plan.config.kv_wire, like.dtype, shapes)]
 
     return fetch
 

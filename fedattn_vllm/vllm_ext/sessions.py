@@ -61,8 +61,8 @@ class SessionState:
     prompt_kv: dict[tuple[int, int], KV] = field(default_factory=dict)
     # (generator, layer) -> every key/value its decode attends over: foreign, own segment, generated so far
     decode_kv: dict[tuple[int, int], GrowingKV | PagedKeys] = field(default_factory=dict)
-    # (generator, source, layer) -> foreign K/V fetched in prefill, kept for its first decode step
-    kept_foreign: dict[tuple[int, int, int], KV] = field(default_factory=dict)
+    # (generator, layer) -> the sources it fetched in prefill and their K/V parts, kept for its first decode step
+    kept_foreign: dict[tuple[int, int], tuple[tuple[int, ...], list[KV]]] = field(default_factory=dict)
     error: str | None = None  # set when the session failed; its rows are then left alone
     _sources: dict[tuple[int, int, bool], tuple[int, ...]] = field(default_factory=dict, repr=False)  # memoised
 
@@ -123,19 +123,20 @@ class SessionState:
                                                                  and self.sparse_local(participant))
 
     def foreign(self, participant: int, layer: int, prefill: bool, fetch) -> list[KV]:
-        """Foreign K/V `participant` attends to at `layer`, one (shared, H_kv, D) part per source in participant
-        order (empty: none).
+        """Foreign K/V `participant` attends to at `layer`: (tokens, H_kv, D) parts, the sources' shared tokens in
+        participant order (empty: none).
 
-        fetch(source) -> KV reads the exchange; each source is fetched once per layer (a generator
-        keeps what it fetched in prefill for its decode).
+        fetch(sources) -> [KV] reads the exchange, all of a layer's sources at once (low-bit payloads then decode
+        in one call, into one part); each source is fetched once per layer: a generator keeps what its prefill
+        fetched (the participants before it) for its decode, which fetches only those after it.
         """
-        keep = prefill and self.decodes_over_foreign(participant, layer)
-        parts = []
-        for m in self.sources(participant, layer, prefill):
-            kv = self.kept_foreign.pop((participant, m, layer), None) or fetch(m)
-            if keep:
-                self.kept_foreign[participant, m, layer] = kv
-            parts.append(kv)
+        sources = self.sources(participant, layer, prefill)
+        fetched, parts = self.kept_foreign.pop((participant, layer), ((), []))
+        assert sources[:len(fetched)] == fetched  # the visibility rule: prefill sees the earlier participants only
+        if len(sources) > len(fetched):
+            parts = [*parts, *fetch(list(sources[len(fetched):]))]
+        if prefill and self.decodes_over_foreign(participant, layer):
+            self.kept_foreign[participant, layer] = sources, parts
         return parts
 
     def decode_keys(self, participant: int, layer: int, kv: KV, fetch, max_tokens: int,
