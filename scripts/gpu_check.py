@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
 from fedattn_vllm.config import FedAttnConfig, KVWire  # noqa: E402
-from fedattn_vllm.kv_wire import decode_kv, encode_kv  # noqa: E402
+from fedattn_vllm.kv_wire import decode_checked, encode_kv  # noqa: E402
 from kernels import decode_attention, merge_attention, partial_attention  # noqa: E402
 
 SHAPES = {"qwen2.5-0.5b": (14, 2, 64), "qwen2.5-7b": (28, 4, 128)}  # heads, KV heads, head dim
@@ -121,7 +121,7 @@ def check_codecs(device: torch.device, report: Report, quick: bool) -> None:
         on_cpu = encode_kv(kv, wire)
         on_device = encode_kv(tuple(t.to(device) for t in kv), wire)
         same = all(torch.equal(a, b.cpu()) for a, b in zip(on_cpu, on_device))
-        decoded = [decode_kv(p, wire, torch.bfloat16, tuple(kv[0].shape))
+        decoded = [decode_checked([p], wire, torch.bfloat16, [tuple(kv[0].shape)])[0]
                    for p in (on_cpu, tuple(t.to(device) for t in on_cpu))]
         alike = all(torch.equal(a, b.cpu()) for a, b in zip(*decoded))
         report.check(f"{wire.value}", same and alike, f"codes identical {same}, decoded identical {alike}")
