@@ -155,6 +155,14 @@ static void pack_row(const uint8_t *codes, int64_t channels, int bits, uint8_t *
     }
 }
 
+/* `rows` rows of `channels` codes, back to back -> their packed bytes, rows `row_bytes` apart: one long run where
+ * no row ends in a part-filled byte (the loop vectorises), else row by row. */
+static void pack_rows(const uint8_t *codes, int64_t rows, int64_t channels, int bits, int64_t row_bytes,
+                      uint8_t *packed) {
+    if (channels % (8 / bits) == 0) pack_row(codes, rows * channels, bits, packed);
+    else for (int64_t r = 0; r < rows; r++) pack_row(codes + r * channels, channels, bits, packed + r * row_bytes);
+}
+
 /* Keys x (T, H*D) of `dtype`, a token's H*D elements `stride` elements after the previous token's, in groups of
  * `group` tokens per column -> packed codes (T, H, packed), scale and low (ceil(T / group), H*D). 0, or -1 where
  * its scratch could not be allocated. */
@@ -163,8 +171,8 @@ int quantize_tokens(const void *x, int dtype, int64_t tokens, int64_t heads, int
     const int levels = (1 << bits) - 1;
     const int64_t columns = heads * channels;
     float *stats = scratch(4 * columns * sizeof(float));
-    uint8_t *row_codes = scratch(columns);
-    if (stats == NULL || row_codes == NULL) return free(stats), free(row_codes), -1;
+    uint8_t *group_codes = scratch((group < tokens ? group : tokens) * columns);  /* a group's codes, by token */
+    if (stats == NULL || group_codes == NULL) return free(stats), free(group_codes), -1;
     float *smallest = stats, *largest = stats + columns, *nan = stats + 2 * columns, *row = stats + 3 * columns;
     for (int64_t first = 0, g = 0; first < tokens; first += group, g++) {
         const int64_t last = first + group < tokens ? first + group : tokens;
@@ -178,12 +186,11 @@ int quantize_tokens(const void *x, int dtype, int64_t tokens, int64_t heads, int
         stats_of(smallest, largest, columns, levels, scale_out + g * columns, low_out + g * columns);
         for (int64_t t = first; t < last; t++) {  /* smallest, largest: each column's minimum and step */
             load_row(x, t * stride, columns, dtype, row);
-            codes_of(row, smallest, largest, columns, levels, row_codes);
-            for (int64_t h = 0; h < heads; h++)
-                pack_row(row_codes + h * channels, channels, bits, codes + (t * heads + h) * packed);
+            codes_of(row, smallest, largest, columns, levels, group_codes + (t - first) * columns);
         }
+        pack_rows(group_codes, (last - first) * heads, channels, bits, packed, codes + first * heads * packed);
     }
-    free(stats), free(row_codes);
+    free(stats), free(group_codes);
     return 0;
 }
 
@@ -230,8 +237,7 @@ static int quantize_channel_rows(const void *x, int dtype, int64_t rows, int64_t
             const int64_t at = r * channels + first, last = at + (first + group < channels ? group : channels - first);
             for (int64_t i = at; i < last; i++) all_codes[i] = code_of(values[i], smallest[g], largest[g], levels);
         }
-    if (channels % (8 / bits) == 0) pack_row(all_codes, n, bits, codes);  /* rows back to back: one long run */
-    else for (int64_t r = 0; r < rows; r++) pack_row(all_codes + r * channels, channels, bits, codes + r * packed);
+    pack_rows(all_codes, rows, channels, bits, packed, codes);
     free(stats), free(all_codes);
     return 0;
 }
