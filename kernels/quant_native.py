@@ -134,8 +134,8 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, key_bits: int, key_group: int,
     """`kernels.quant.quantize_kv`: k and v (T, H, D) -> their payload (statistics float16 (1, H, S), codes uint8
     (1, H, C)), in one kernel call (a short message's cost is mostly per call)."""
     kernel = _kernel_for(k, key_bits, 0, key_group, k.dtype) if k.dim() == 3 and k.shape == v.shape \
-        and k.dtype == v.dtype and v.device == k.device else None
-    if kernel is None or _kernel_for(v, value_bits, -1, value_group, v.dtype) is None:
+        and k.dtype == v.dtype and v.device == k.device and value_bits in (2, 4, 8) and value_group >= 1 else None
+    if kernel is None:
         return quant.quantize_kv(k, v, key_bits, key_group, value_bits, value_group)
     k, v = k.contiguous(), v.contiguous()
     tokens, heads, channels = k.shape
