@@ -24,7 +24,9 @@ import argparse
 import contextlib
 import json
 import platform
+import shutil
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -189,11 +191,20 @@ def summarise(args, samples, plan: FedAttnPlan, num_layers: int, prompts) -> dic
         print(f"CURVE + sealed vs plaintext, pipelined: TTFT {security['ttft_ratio_secure_over_plaintext']:.3f}x; "
               f"bytes counted on the wire {wire:,} vs {plain_wire:,}")
     return {
-        "args": vars(args), "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform()},
+        "args": vars(args), "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform(),
+                                        "loopback_qdisc": loopback_qdisc()},
         "ttft_median_s": ttft, "compute_cpu_s": compute, "centralised_cpu_s": central_cpu,
         "projected_pipelined_s": projected, "projected_serial_s": projected_serial,
         "wire_bytes": wire, "payload_bytes": payload, **security, "samples": samples,
     }
+
+
+def loopback_qdisc() -> str | None:
+    """How the loopback the engines talk over is shaped (`tc qdisc show dev lo`: e.g. a tbf at 1 Gbit/s for a
+    measured link), None where tc is missing."""
+    if shutil.which("tc") is None:
+        return None
+    return subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True).stdout.strip()
 
 
 def _bytes(rows: list[dict]) -> tuple[int, int]:
