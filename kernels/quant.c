@@ -156,10 +156,11 @@ static void pack_row(const uint8_t *codes, int64_t channels, int bits, uint8_t *
 }
 
 /* `rows` rows of `channels` codes, back to back -> their packed bytes, rows `row_bytes` apart: one long run where
- * no row ends in a part-filled byte (the loop vectorises), else row by row. */
+ * no row ends in a part-filled byte and `row_bytes` is just a row's bytes (the loop vectorises), else row by row. */
 static void pack_rows(const uint8_t *codes, int64_t rows, int64_t channels, int bits, int64_t row_bytes,
                       uint8_t *packed) {
-    if (channels % (8 / bits) == 0) pack_row(codes, rows * channels, bits, packed);
+    if (channels % (8 / bits) == 0 && row_bytes * 8 == channels * bits)
+        pack_row(codes, rows * channels, bits, packed);
     else for (int64_t r = 0; r < rows; r++) pack_row(codes + r * channels, channels, bits, packed + r * row_bytes);
 }
 
@@ -276,11 +277,12 @@ static void unpack_row(const uint8_t *packed, int64_t channels, int bits, uint8_
         codes[c] = (uint8_t)((packed[c / per_byte] >> (bits * (c % per_byte))) & mask);
 }
 
-/* `rows` rows of packed bytes, `packed` apart -> their codes, `channels` apart: one long run where no row ends in a
- * part-filled byte (rows back to back, so the loop vectorises), else row by row. */
+/* `rows` rows of packed bytes, `row_bytes` apart -> their codes, `channels` apart: one long run where no row ends in
+ * a part-filled byte and `row_bytes` is just a row's bytes (the loop vectorises), else row by row. */
 static void unpack_rows(const uint8_t *packed, int64_t rows, int64_t channels, int bits, int64_t row_bytes,
                         uint8_t *codes) {
-    if (channels % (8 / bits) == 0) unpack_row(packed, rows * channels, bits, codes);
+    if (channels % (8 / bits) == 0 && row_bytes * 8 == channels * bits)
+        unpack_row(packed, rows * channels, bits, codes);
     else for (int64_t r = 0; r < rows; r++) unpack_row(packed + r * row_bytes, channels, bits, codes + r * channels);
 }
 

@@ -95,16 +95,17 @@ def _edge_kv(tokens: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,dim,group", [(4, 0, 64), (2, 0, 32), (4, 0, 7), (4, -1, 64), (2, -1, 32), (2, -1, 5)])
 @pytest.mark.parametrize("tokens", [1, 50, 64, 65, 203])
-def test_the_native_codec_equals_the_reference_bit_for_bit(dtype, bits, dim, group, tokens):
+@pytest.mark.parametrize("channels", [64, 62], ids=["whole bytes", "a part-filled byte a row"])
+def test_the_native_codec_equals_the_reference_bit_for_bit(dtype, bits, dim, group, tokens, channels):
     assert quant_native.available()  # a C compiler is part of the set-up; without one the reference serves
     for seed in range(3):
-        x = _edge_kv(tokens, dtype, seed + tokens)
+        x = _edge_kv(tokens, dtype, seed + tokens)[..., :channels].contiguous()
         ours, theirs = quant_native.quantize_groups(x, bits, dim, group), quant.quantize_groups(x, bits, dim, group)
         assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(ours, theirs))  # signed zeros included
         for out in (torch.float32, torch.bfloat16, torch.float16):
-            back = quant_native.dequantize_groups(*ours, bits, dim, group, 64, out)
+            back = quant_native.dequantize_groups(*ours, bits, dim, group, channels, out)
             assert back.dtype == out
-            assert torch.equal(_bits(back), _bits(quant.dequantize_groups(*theirs, bits, dim, group, 64, out)))
+            assert torch.equal(_bits(back), _bits(quant.dequantize_groups(*theirs, bits, dim, group, channels, out)))
 
 
 def test_the_native_codec_carries_a_nan_to_a_payload_that_fails_the_finite_check():
@@ -233,13 +234,15 @@ def test_a_layers_payloads_decode_in_one_call_each_as_it_decodes_alone(codec):
     assert finite and k.shape == v.shape == (198, 2, 64)
     first = 0
     for payload, shape in zip(payloads, shapes, strict=True):
-        alone = quant_native.dequantize_kv([payload], [shape], 4, 64, 2, 32, torch.bfloat16)
+        alone = quant.dequantize_kv([payload], [shape], 4, 64, 2, 32, torch.bfloat16)  # the reference, alone
         rows = slice(first, first + shape[0])
         assert torch.equal(_bits(k[rows]), _bits(alone[0])) and torch.equal(_bits(v[rows]), _bits(alone[1]))
         first += shape[0]
-    poisoned = [*payloads[:3], (payloads[3][0].clone(), payloads[3][1])]
-    poisoned[3][0][0, 1, 0] = float("nan")
-    assert codec.dequantize_kv(poisoned, shapes, 4, 64, 2, 32, torch.bfloat16)[2] is False
+    for source in (0, 2, 3):  # a non-finite value from any one source
+        poisoned = list(payloads)
+        poisoned[source] = (payloads[source][0].clone(), payloads[source][1])
+        poisoned[source][0][0, 1, 0] = float("nan")
+        assert codec.dequantize_kv(poisoned, shapes, 4, 64, 2, 32, torch.bfloat16)[2] is False
     with pytest.raises(ValueError, match="a payload must be"):
         codec.dequantize_kv([*payloads[:3], (payloads[3][0], payloads[3][1][..., 1:])], shapes, 4, 64, 2, 32,
                             torch.bfloat16)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedattn_vllm.config import FedAttnPlan
-from fedattn_vllm.exchange import KV, InProcessKVExchange, KVExchange
+from fedattn_vllm.exchange import KV, InProcessKVExchange, KVExchange, KVExchangeError
 from kernels import concat_kv
 from kernels.paged import PagedKeys, pool_for, trim_pools
 
@@ -132,7 +132,8 @@ class SessionState:
         """
         sources = self.sources(participant, layer, prefill)
         fetched, parts = self.kept_foreign.pop((participant, layer), ((), []))
-        assert sources[:len(fetched)] == fetched  # the visibility rule: prefill sees the earlier participants only
+        if sources[:len(fetched)] != fetched:  # cannot happen: prefill sees the earlier of decode's sources
+            raise KVExchangeError(f"kept foreign K/V of participants {fetched}, not the first of {sources}")
         if len(sources) > len(fetched):
             parts = [*parts, *fetch(list(sources[len(fetched):]))]
         if prefill and self.decodes_over_foreign(participant, layer):
