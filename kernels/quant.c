@@ -207,7 +207,11 @@ static inline void group_range(const float *x, int64_t n, float *smallest, float
         for (int l = 0; l < LANES; l++) extend(x[first + l], lo + l, hi + l, nan + l);
     for (int l = 0; first + l < n; l++) extend(x[first + l], lo + l, hi + l, nan + l);
     float l = lo[0], h = hi[0], bad = nan[0];
-    for (int i = 1; i < LANES; i++) l = lo[i] < l ? lo[i] : l, h = hi[i] > h ? hi[i] : h, bad = nan[i] > bad ? nan[i] : bad;
+    for (int i = 1; i < LANES; i++) {
+        l = lo[i] < l ? lo[i] : l;
+        h = hi[i] > h ? hi[i] : h;
+        bad = nan[i] > bad ? nan[i] : bad;
+    }
     *smallest = bad != 0.0f ? NAN : l;
     *largest = bad != 0.0f ? NAN : h;
 }

@@ -167,11 +167,18 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, key_bits: int, key_group: int,
                             for part in order], dim=1)[None] for order in (_STATISTICS, _CODES))
 
 
-def common_heads(shapes: Sequence[tuple[int, int, int]]) -> tuple[int, int]:
-    """The (H, D) that the (T, H, D) shapes of a layer's payloads share (one model's); ValueError if none or not."""
-    if shapes and all(tuple(shape[1:]) == tuple(shapes[0][1:]) for shape in shapes):
-        return shapes[0][1], shapes[0][2]
-    raise ValueError(f"payloads of one (H, D): got shapes {list(shapes)}")
+def check_payloads(payloads: Sequence[tuple[torch.Tensor, ...]], shapes: Sequence[tuple[int, int, int]],
+                   key_bits: int, key_group: int, value_bits: int, value_group: int
+                   ) -> tuple[int, int, list[PayloadLayout]]:
+    """(H, D, each payload's layout) of a layer's payloads of (T, H, D) `shapes` (one a source, one model's H and D),
+    each checked by `check_payload` against its own shape; ValueError if one is not its shape's."""
+    if not shapes or any(tuple(shape[1:]) != tuple(shapes[0][1:]) for shape in shapes):
+        raise ValueError(f"payloads of one (H, D): got shapes {list(shapes)}")
+    heads, channels = shapes[0][1], shapes[0][2]
+    layouts = [payload_layout(shape[0], channels, key_bits, key_group, value_bits, value_group) for shape in shapes]
+    for payload, layout in zip(payloads, layouts, strict=True):
+        check_payload(payload, layout, heads)
+    return heads, channels, layouts
 
 
 def dequantize_kv(payloads: Sequence[tuple[torch.Tensor, ...]], shapes: Sequence[tuple[int, int, int]], key_bits: int,
@@ -180,11 +187,9 @@ def dequantize_kv(payloads: Sequence[tuple[torch.Tensor, ...]], shapes: Sequence
     """`quantize_kv`'s inverse for payloads of (T, H, D) `shapes` (a layer's, one a source): (K, V, whether every
     decoded value is finite), K and V (sum of T, H, D) in `dtype`, the sources' tokens one after another. ValueError
     where a payload is not its shape's."""
-    heads, channels = common_heads(shapes)
+    _, channels, layouts = check_payloads(payloads, shapes, key_bits, key_group, value_bits, value_group)
     keys, values = [], []
-    for payload, (tokens, *_) in zip(payloads, shapes, strict=True):
-        layout = payload_layout(tokens, channels, key_bits, key_group, value_bits, value_group)
-        check_payload(payload, layout, heads)
+    for payload, layout in zip(payloads, layouts):
         k_codes, k_scale, k_low, v_codes, v_scale, v_low = split_payload(payload, layout)
         keys.append(dequantize_groups(k_codes, k_scale, k_low, key_bits, 0, key_group, channels, dtype))
         values.append(dequantize_groups(v_codes, v_scale, v_low, value_bits, -1, value_group, channels, dtype))

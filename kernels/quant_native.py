@@ -159,18 +159,15 @@ def dequantize_kv(payloads: Sequence[tuple[torch.Tensor, ...]], shapes: Sequence
         and value_group >= 1 and all(len(p) == 2 and p[0].is_cpu and p[1].is_cpu for p in payloads) else None
     if kernel is None:
         return quant.dequantize_kv(payloads, shapes, key_bits, key_group, value_bits, value_group, dtype)
-    heads, channels = quant.common_heads(shapes)
+    heads, channels, layouts = quant.check_payloads(payloads, shapes, key_bits, key_group, value_bits, value_group)
     sources = array.array("q")  # the kernel's Source of each payload, one after another
-    for payload, (tokens, *_) in zip(payloads, shapes, strict=True):
-        layout = quant.payload_layout(tokens, channels, key_bits, key_group, value_bits, value_group)
-        quant.check_payload(payload, layout, heads)
+    for payload, (tokens, *_), layout in zip(payloads, shapes, layouts):
         sources.extend((payload[0].data_ptr(), layout.statistics, payload[1].data_ptr(), layout.codes, tokens))
         sources.extend(layout.offsets)
     size = (sum(shape[0] for shape in shapes), heads, channels)
     k, v = torch.empty(size, dtype=dtype), torch.empty(size, dtype=dtype)
     status = kernel.dequantize_kv(sources.buffer_info()[0], len(payloads), heads, channels, key_bits, key_group,
-                                  quant.packed_channels(channels, key_bits), value_bits, value_group,
-                                  quant.packed_channels(channels, value_bits), k.data_ptr(), v.data_ptr(),
-                                  _DTYPES[dtype])
+                                  layouts[0].shapes[0][1], value_bits, value_group, layouts[0].shapes[3][1],
+                                  k.data_ptr(), v.data_ptr(), _DTYPES[dtype])
     _check(min(status, 0))
     return k, v, status == 0

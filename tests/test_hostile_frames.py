@@ -247,7 +247,8 @@ def test_payloads_from_another_party_are_checked_before_they_are_used():
     carries: K/V that decode to the expected shape, finite; question queries as one finite (rows, H, D) tensor."""
     shape = (5, 2, 8)
     exact = encode_kv(kv(5), KVWire.NATIVE)
-    assert all(torch.equal(a, b) for a, b in zip(*decode_checked([exact], KVWire.NATIVE, torch.float32, [shape]), exact))
+    [decoded] = decode_checked([exact], KVWire.NATIVE, torch.float32, [shape])
+    assert all(torch.equal(a, b) for a, b in zip(decoded, exact, strict=True))
     nan = (exact[0].clone().fill_(float("nan")), exact[1])
     for payload, wire in ((exact, KVWire.INT8), (encode_kv(kv(4), KVWire.NATIVE), KVWire.NATIVE),
                           (nan, KVWire.NATIVE), (encode_kv(kv(4), KVWire.K4V2), KVWire.K4V2)):

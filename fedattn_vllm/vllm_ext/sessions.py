@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedattn_vllm.config import FedAttnPlan
-from fedattn_vllm.exchange import KV, InProcessKVExchange, KVExchange, KVExchangeError
+from fedattn_vllm.exchange import KV, InProcessKVExchange, KVExchange
 from kernels import concat_kv
 from kernels.paged import PagedKeys, pool_for, trim_pools
 
@@ -61,8 +61,8 @@ class SessionState:
     prompt_kv: dict[tuple[int, int], KV] = field(default_factory=dict)
     # (generator, layer) -> every key/value its decode attends over: foreign, own segment, generated so far
     decode_kv: dict[tuple[int, int], GrowingKV | PagedKeys] = field(default_factory=dict)
-    # (generator, layer) -> the sources it fetched in prefill and their K/V parts, kept for its first decode step
-    kept_foreign: dict[tuple[int, int], tuple[tuple[int, ...], list[KV]]] = field(default_factory=dict)
+    # (generator, layer) -> the foreign K/V parts its prefill fetched, kept for its first decode step
+    kept_foreign: dict[tuple[int, int], list[KV]] = field(default_factory=dict)
     error: str | None = None  # set when the session failed; its rows are then left alone
     _sources: dict[tuple[int, int, bool], tuple[int, ...]] = field(default_factory=dict, repr=False)  # memoised
 
@@ -131,13 +131,13 @@ class SessionState:
         fetched (the participants before it) for its decode, which fetches only those after it.
         """
         sources = self.sources(participant, layer, prefill)
-        fetched, parts = self.kept_foreign.pop((participant, layer), ((), []))
-        if sources[:len(fetched)] != fetched:  # cannot happen: prefill sees the earlier of decode's sources
-            raise KVExchangeError(f"kept foreign K/V of participants {fetched}, not the first of {sources}")
-        if len(sources) > len(fetched):
-            parts = [*parts, *fetch(list(sources[len(fetched):]))]
+        kept = self.kept_foreign.pop((participant, layer), None)
+        # what prefill fetched: the participants before this one (`FedAttnPlan.sees`), so kept parts come first
+        fetched = self.sources(participant, layer, prefill=True) if kept is not None else ()
+        missing = [m for m in sources if m not in fetched]
+        parts = [*(kept or []), *(fetch(missing) if missing else [])]
         if prefill and self.decodes_over_foreign(participant, layer):
-            self.kept_foreign[participant, layer] = sources, parts
+            self.kept_foreign[participant, layer] = parts
         return parts
 
     def decode_keys(self, participant: int, layer: int, kv: KV, fetch, max_tokens: int,
