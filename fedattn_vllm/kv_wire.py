@@ -72,12 +72,16 @@ def decode_checked(payloads: Sequence[Payload], wire: KVWire, dtype: torch.dtype
                    shapes: Sequence[tuple[int, int, int]]) -> list[KV]:
     """Payloads from other parties (a layer's, one a source) as (K, V) parts in the engine's `dtype`, the sources'
     tokens in order: one part for low-bit payloads (decoded in one kernel call), each payload's own otherwise (exact
-    K/V are not copied). Each payload is checked to be what its (T, H_kv, D) shape encodes: its byte count, its
-    decoded shapes and dtypes, finite values; KVExchangeError if not."""
-    for payload, shape in zip(payloads, shapes, strict=True):
-        expected = payload_bytes(wire, *shape, dtype.itemsize)
-        if kv_nbytes(payload) != expected:
-            raise KVExchangeError(f"a {wire.value} payload of {shape} is {expected} bytes, got {kv_nbytes(payload)}")
+    K/V are not copied). Each payload is checked to be what its (T, H_kv, D) shape encodes: its tensors' shapes and
+    dtypes (so its byte count), its decoded shapes and dtypes, finite values; KVExchangeError if not."""
+    if len(payloads) != len(shapes):
+        raise KVExchangeError(f"{len(payloads)} payloads for {len(shapes)} sources")
+    if wire not in LOW_BIT:  # a low-bit payload's decoder checks each of its tensors against its shape's layout
+        for payload, shape in zip(payloads, shapes):
+            expected = payload_bytes(wire, *shape, dtype.itemsize)
+            if kv_nbytes(payload) != expected:
+                raise KVExchangeError(f"a {wire.value} payload of {shape} is {expected} bytes, "
+                                      f"got {kv_nbytes(payload)}")
     if not payloads:
         return []
     try:

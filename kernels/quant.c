@@ -195,25 +195,58 @@ int quantize_tokens(const void *x, int dtype, int64_t tokens, int64_t heads, int
     return 0;
 }
 
-enum { LANES = 8 };  /* independent running extremes, so the compiler vectorises a group's reduction */
+/* A float's bits as an int32 that orders as the floats do (a negative float's magnitude bits flipped), and back:
+ * extremes of these are integer reductions, which the compiler vectorises (float ones it may not reorder). */
+static inline int32_t ordered(float f) {
+    const int32_t i = (int32_t)bits_of(f);
+    return i ^ (int32_t)((uint32_t)(i >> 31) >> 1);
+}
+static inline float unordered(int32_t i) { return float_of((uint32_t)(i ^ (int32_t)((uint32_t)(i >> 31) >> 1))); }
 
-/* The smallest and largest of x[0..n) clamped to float16's range, both NaN where one is. The elements are reduced
- * in lanes: the extremes are the same values in any order, up to a zero's sign (stats_of makes that +0). */
+/* The smallest and largest of x[0..n) (n >= 1) clamped to float16's range, both NaN where one is. -0 orders below
+ * +0 here, where floats compare them equal: stats_of makes either +0, so no bit depends on it. */
 static inline void group_range(const float *x, int64_t n, float *smallest, float *largest) {
-    float lo[LANES], hi[LANES], nan[LANES];
-    for (int l = 0; l < LANES; l++) lo[l] = INFINITY, hi[l] = -INFINITY, nan[l] = 0.0f;
-    int64_t first = 0;
-    for (; first + LANES <= n; first += LANES)
-        for (int l = 0; l < LANES; l++) extend(x[first + l], lo + l, hi + l, nan + l);
-    for (int l = 0; first + l < n; l++) extend(x[first + l], lo + l, hi + l, nan + l);
-    float l = lo[0], h = hi[0], bad = nan[0];
-    for (int i = 1; i < LANES; i++) {
-        l = lo[i] < l ? lo[i] : l;
-        h = hi[i] > h ? hi[i] : h;
-        bad = nan[i] > bad ? nan[i] : bad;
+    int32_t lo = INT32_MAX, hi = INT32_MIN;
+    uint32_t nan = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t o = ordered(x[i]);
+        lo = o < lo ? o : lo;
+        hi = o > hi ? o : hi;
+        nan |= (bits_of(x[i]) & 0x7FFFFFFFu) > 0x7F800000u;
     }
-    *smallest = bad != 0.0f ? NAN : l;
-    *largest = bad != 0.0f ? NAN : h;
+    *smallest = nan ? NAN : clamp_f16(unordered(lo));
+    *largest = nan ? NAN : clamp_f16(unordered(hi));
+}
+
+/* Each group's extremes (group_range) of rows of `channels` values, groups of `group` channels (a row's last one
+ * shorter where `group` does not divide `channels`). Where every group is full, one flat run of equal groups: the
+ * loop the compiler vectorises best. */
+static void group_ranges(const float *values, int64_t rows, int64_t channels, int64_t group, float *smallest,
+                         float *largest) {
+    if (channels % group == 0)
+        for (int64_t g = 0; g < rows * channels / group; g++)
+            group_range(values + g * group, group, smallest + g, largest + g);
+    else
+        for (int64_t r = 0, g = 0; r < rows; r++)
+            for (int64_t first = 0; first < channels; first += group, g++)
+                group_range(values + r * channels + first, first + group < channels ? group : channels - first,
+                            smallest + g, largest + g);
+}
+
+/* Each value's code (code_of) against its group's minimum and step, groups as group_ranges takes them. */
+static void group_codes(const float *values, int64_t rows, int64_t channels, int64_t group, const float *low,
+                        const float *step, int levels, uint8_t *codes) {
+    if (channels % group == 0)
+        for (int64_t g = 0; g < rows * channels / group; g++)
+            for (int64_t i = g * group; i < (g + 1) * group; i++)
+                codes[i] = code_of(values[i], low[g], step[g], levels);
+    else
+        for (int64_t r = 0, g = 0; r < rows; r++)
+            for (int64_t first = 0; first < channels; first += group, g++) {
+                const int64_t at = r * channels + first;
+                const int64_t last = at + (first + group < channels ? group : channels - first);
+                for (int64_t i = at; i < last; i++) codes[i] = code_of(values[i], low[g], step[g], levels);
+            }
 }
 
 enum { ROW_BLOCK = 1024 };  /* value rows a pass covers: long passes, scratch bounded whatever the message */
@@ -232,16 +265,9 @@ static int quantize_channel_rows(const void *x, int dtype, int64_t rows, int64_t
     if (stats == NULL || all_codes == NULL) return free(stats), free(all_codes), -1;
     float *smallest = stats, *largest = stats + groups, *values = stats + 2 * groups;
     for (int64_t r = 0; r < rows; r++) load_row(x, r * stride, channels, dtype, values + r * channels);
-    for (int64_t r = 0, g = 0; r < rows; r++)
-        for (int64_t first = 0; first < channels; first += group, g++)
-            group_range(values + r * channels + first, first + group < channels ? group : channels - first,
-                        smallest + g, largest + g);
+    group_ranges(values, rows, channels, group, smallest, largest);
     stats_of(smallest, largest, groups, levels, scale_out, low_out);  /* smallest, largest: minimum, step */
-    for (int64_t r = 0, g = 0; r < rows; r++)
-        for (int64_t first = 0; first < channels; first += group, g++) {
-            const int64_t at = r * channels + first, last = at + (first + group < channels ? group : channels - first);
-            for (int64_t i = at; i < last; i++) all_codes[i] = code_of(values[i], smallest[g], largest[g], levels);
-        }
+    group_codes(values, rows, channels, group, smallest, largest, levels, all_codes);
     pack_rows(all_codes, rows, channels, bits, packed, codes);
     free(stats), free(all_codes);
     return 0;
@@ -315,6 +341,24 @@ int dequantize_tokens(const uint8_t *codes, const half *scale_in, const half *lo
     return 0;
 }
 
+/* Each value (minimum + code * scale) of its group's float16 statistics, groups as group_ranges takes them. */
+static void group_values(const uint8_t *codes, int64_t rows, int64_t channels, int64_t group, const half *low,
+                         const half *scale, float *values) {
+    if (channels % group == 0)
+        for (int64_t g = 0; g < rows * channels / group; g++) {
+            const float low_g = float_of_half(low[g]), scale_g = float_of_half(scale[g]);
+            for (int64_t i = g * group; i < (g + 1) * group; i++) values[i] = low_g + (float)codes[i] * scale_g;
+        }
+    else
+        for (int64_t r = 0, g = 0; r < rows; r++)
+            for (int64_t first = 0; first < channels; first += group, g++) {
+                const float low_g = float_of_half(low[g]), scale_g = float_of_half(scale[g]);
+                const int64_t at = r * channels + first;
+                const int64_t last = at + (first + group < channels ? group : channels - first);
+                for (int64_t i = at; i < last; i++) values[i] = low_g + (float)codes[i] * scale_g;
+            }
+}
+
 /* dequantize_channels over rows (at most ROW_BLOCK), each step a pass over them all. */
 static int dequantize_channel_rows(const uint8_t *codes, const half *scale_in, const half *low_in, int64_t rows,
                                    int64_t channels, int64_t group, int bits, int64_t packed, void *out,
@@ -324,12 +368,7 @@ static int dequantize_channel_rows(const uint8_t *codes, const half *scale_in, c
     uint8_t *all_codes = scratch(n);
     if (values == NULL || all_codes == NULL) return free(values), free(all_codes), -1;
     unpack_rows(codes, rows, channels, bits, packed, all_codes);
-    for (int64_t r = 0, g = 0; r < rows; r++)
-        for (int64_t first = 0; first < channels; first += group, g++) {
-            const float low = float_of_half(low_in[g]), scale = float_of_half(scale_in[g]);
-            const int64_t at = r * channels + first, last = at + (first + group < channels ? group : channels - first);
-            for (int64_t i = at; i < last; i++) values[i] = low + (float)all_codes[i] * scale;
-        }
+    group_values(all_codes, rows, channels, group, low_in, scale_in, values);
     for (int64_t r = 0; r < rows; r++) store_row(values + r * channels, channels, dtype, out, r * stride);
     free(values), free(all_codes);
     return 0;

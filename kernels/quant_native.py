@@ -56,7 +56,7 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel'
 
 def _kernel_for(tensor: torch.Tensor, bits: int, dim: int, group: int, dtype: torch.dtype) -> ctypes.CDLL | None:
     """The kernel where it serves these codes (CPU tensors of its widths and element types), else None."""
-    if tensor.device.type == "cpu" and bits in (2, 4, 8) and dim in (0, -1, 2) and group >= 1 and dtype in _DTYPES:
+    if tensor.is_cpu and bits in (2, 4, 8) and dim in (0, -1, 2) and group >= 1 and dtype in _DTYPES:
         return _kernel()
     return None
 
@@ -116,7 +116,7 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tenso
 def all_finite(tensor: torch.Tensor) -> bool:
     """`bool(torch.isfinite(tensor).all())`, in one C pass over float32 / bfloat16 / float16 CPU tensors (the torch
     ops take ~1.7 ns an element: most of a received payload's decode)."""
-    kernel = _kernel() if tensor.dtype in _DTYPES and tensor.device.type == "cpu" else None
+    kernel = _kernel() if tensor.dtype in _DTYPES and tensor.is_cpu else None
     if kernel is None:
         return bool(torch.isfinite(tensor).all())
     tensor = tensor.contiguous()
@@ -160,10 +160,10 @@ def dequantize_kv(payloads: Sequence[tuple[torch.Tensor, ...]], shapes: Sequence
     if kernel is None:
         return quant.dequantize_kv(payloads, shapes, key_bits, key_group, value_bits, value_group, dtype)
     heads, channels, layouts = quant.check_payloads(payloads, shapes, key_bits, key_group, value_bits, value_group)
-    sources = array.array("q")  # the kernel's Source of each payload, one after another
-    for payload, (tokens, *_), layout in zip(payloads, shapes, layouts):
-        sources.extend((payload[0].data_ptr(), layout.statistics, payload[1].data_ptr(), layout.codes, tokens))
-        sources.extend(layout.offsets)
+    fields = []  # the kernel's Source of each payload, one after another
+    for (statistics, codes), (tokens, *_), layout in zip(payloads, shapes, layouts):
+        fields += statistics.data_ptr(), layout.statistics, codes.data_ptr(), layout.codes, tokens, *layout.offsets
+    sources = array.array("q", fields)
     size = (sum(shape[0] for shape in shapes), heads, channels)
     k, v = torch.empty(size, dtype=dtype), torch.empty(size, dtype=dtype)
     status = kernel.dequantize_kv(sources.buffer_info()[0], len(payloads), heads, channels, key_bits, key_group,
