@@ -82,6 +82,10 @@ class KVExchange(ABC):
     def release(self, session: str) -> None:
         """Free everything the session published (idempotent)."""
 
+    def abandon(self, session: str, reason: str) -> None:
+        """This worker failed the session (`reason`), so nothing may wait on its part of it any longer. Nothing to
+        do but where workers share a session's payloads: tensor-parallel ranks (`federated.ranks`)."""
+
 
 def kv_nbytes(kv: Payload) -> int:
     return sum(t.numel() * t.element_size() for t in kv)

@@ -61,10 +61,17 @@ def test_a_batch_without_participants_is_left_alone():
 
 
 @pytest.mark.parametrize("done,scheduled", [(0, 2), (2, 3), (0, 6)], ids=["chunk", "rest-of-chunk", "recompute"])
-def test_a_segment_not_computed_whole_fails_its_session_instead_of_computing_something_else(done, scheduled):
-    batch = FedAttnBatch.from_runner(runner([("p2", 2, done, scheduled)]))
-    assert batch is None
-    assert "not computed whole" in REGISTRY.failed(["s"])["s"]
+def test_a_segment_not_computed_whole_fails_its_session_instead_of_computing_something_else(done, scheduled,
+                                                                                              monkeypatch):
+    """... and the worker abandons the session at its exchange, once (a tensor-parallel rank's peers then stop
+    waiting on it)."""
+    abandoned = []
+    monkeypatch.setattr(REGISTRY.exchange, "abandon", lambda session, reason: abandoned.append((session, reason)))
+    for _ in range(2):
+        batch = FedAttnBatch.from_runner(runner([("p2", 2, done, scheduled)]))
+        assert batch is None
+        assert "not computed whole" in REGISTRY.failed(["s"])["s"]
+    assert abandoned == [("s", REGISTRY.failed(["s"])["s"])]
 
 
 def test_another_vllm_series_is_refused_unless_allowed(monkeypatch):

@@ -121,6 +121,32 @@ def test_a_rank_whose_peer_never_sends_its_shard_is_reported_then_fails(gateway,
     assert "rank 0 has waited" in caplog.text and "shards in from ranks [0]" in caplog.text
 
 
+@pytest.mark.parametrize("gateway", [(2, 4, 2)], indirect=True)
+def test_a_session_one_rank_fails_on_its_own_fails_on_every_rank_at_once(gateway):
+    """A rank's own checks see only its heads (the model's values there; a peer's low-bit codes that overflow
+    float16 in them), so it may fail a session alone: it abandons the session at the gateway, and its peer, waiting
+    on a shard that will never come, fails now rather than after the longest wait (600 s), as does every later call
+    of the session on any rank; other sessions go on, and release leaves nothing behind."""
+    gateway, behind, clients = gateway
+    shard = (torch.randn(3, 1, 8), torch.randn(3, 1, 8))
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(clients[0].publish, "s", 0, 3, shard)  # rank 0's shard is in, rank 1's never comes
+        deadline = time.monotonic() + 10
+        while gateway.pending() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not waiting.done()
+        clients[1].abandon("s", "values that are not finite in its heads")
+        with pytest.raises(KVExchangeError, match="rank 1 failed the session: values that are not finite"):
+            waiting.result(timeout=10)
+    for call in (lambda c: c.publish("s", 0, 4, shard), lambda c: c.fetch("s", 1, 0, 3)):
+        errors = on_every_rank(clients, lambda r, c: call(c))
+        assert all(isinstance(e, KVExchangeError) and "rank 1 failed the session" in str(e) for e in errors), errors
+    assert on_every_rank(clients, lambda r, c: c.publish("t", 0, 3, shard)) == [None, None]  # another session
+    on_every_rank(clients, lambda r, c: c.release("s"))
+    on_every_rank(clients, lambda r, c: c.release("t"))
+    assert gateway.pending() == 0 and behind.live_sessions() == 0
+
+
 _RANK = """
 import sys, time
 from fedattn_vllm.exchange import KVExchangeError

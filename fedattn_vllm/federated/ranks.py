@@ -8,7 +8,9 @@ ranks' shards of a payload along the heads axis (dim 1 of every payload tensor: 
 scales, question queries) into what one device would publish, and splits a fetched payload into each rank's
 heads. With more ranks than KV heads vLLM gives several ranks a copy of one KV head: only the lowest of them
 contributes it. Every rank gets the same outcome for the same slot (published, fetched, or one error): the ranks
-run in lockstep, so a session fails on all of them or on none.
+run in lockstep, so a session fails on all of them or on none. A rank that fails a session on its own (a check
+that sees only its heads) abandons it at the gateway: the session's open slots and every later call of it fail,
+on every rank, at once.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class RankGateway:
         self.endpoints = [f"ipc://{Path(self._directory.name) / f'rank{r}'}" for r in range(shards.ranks)]
         self._changed = threading.Condition()
         self._slots: dict[tuple, _Slot] = {}
+        self._abandoned: dict[str, str] = {}  # session -> why a rank failed it: every rank's next call fails too
         self._stop = threading.Event()
         self._threads = []
         for rank, endpoint in enumerate(self.endpoints):
@@ -146,6 +149,9 @@ class RankGateway:
         if op == "release":
             self._release(session)
             return encode({"ok": True})
+        if op == "abandon":
+            self._abandon(rank, session, str(header["error"]))
+            return encode({"ok": True})
         if op == "publish":
             self._publish(rank, (op, session, header["participant"], header["layer"], kind), payload)
             return encode({"ok": True})
@@ -157,14 +163,16 @@ class RankGateway:
         _, session, participant, layer, kind = key
         contributors = self.shards.contributors(kind)
         with self._changed:
-            slot = self._slots.setdefault(key, _Slot())
+            slot, _ = self._open(key)
             last = False
             if rank in contributors and not slot.done:
                 slot.shards[rank] = shard
                 last = len(slot.shards) == len(contributors)  # true for exactly one contributor
         if last:
-            slot.error = self._publish_whole(session, participant, layer, kind, slot.shards)
+            error = self._publish_whole(session, participant, layer, kind, slot.shards)
             with self._changed:
+                if not slot.done:  # else abandoned meanwhile: every rank gets that
+                    slot.error = error
                 slot.shards, slot.done = {}, True
                 self._changed.notify_all()
         self._outcome(rank, key, slot)
@@ -185,23 +193,45 @@ class RankGateway:
         """The first rank to ask fetches the whole payload; every rank takes its own heads of it."""
         _, session, viewer, source, layer, kind = key
         with self._changed:
-            first = key not in self._slots
-            slot = self._slots.setdefault(key, _Slot())
+            slot, first = self._open(key)
         if first:
+            shards, error = {}, None
             try:
                 payload = self.exchange.fetch(session, viewer, source, layer, kind)
-                slot.shards = {r: self.shards.split(self.shards.checked(payload, kind), r, kind)
-                               for r in range(self.shards.ranks)}
-            except KVExchangeError as error:
-                slot.error = str(error)
-            except Exception as error:  # a bug: the waiting ranks get it too
+                shards = {r: self.shards.split(self.shards.checked(payload, kind), r, kind)
+                          for r in range(self.shards.ranks)}
+            except KVExchangeError as failure:
+                error = str(failure)
+            except Exception as failure:  # a bug: the waiting ranks get it too
                 log.exception("fetching for the ranks failed")
-                slot.error = f"rank gateway: {type(error).__name__}: {error}"
+                error = f"rank gateway: {type(failure).__name__}: {failure}"
             with self._changed:
+                if not slot.done:  # else abandoned meanwhile: every rank gets that
+                    slot.shards, slot.error = shards, error
                 slot.done = True
                 self._changed.notify_all()
         self._outcome(rank, key, slot)
         return slot.shards.pop(rank)
+
+    def _open(self, key: tuple) -> tuple[_Slot, bool]:
+        """(The key's slot, whether it is new); KVExchangeError where a rank has abandoned its session. Called with
+        the lock held, so that a slot is either opened before its session is abandoned (and failed by it) or not
+        at all."""
+        if key[1] in self._abandoned:
+            raise KVExchangeError(self._abandoned[key[1]])
+        new = key not in self._slots
+        return self._slots.setdefault(key, _Slot()), new
+
+    def _abandon(self, rank: int, session: str, error: str) -> None:
+        """A rank failed the session on its own (a check of only its heads, the model's values in its heads): the
+        session's slots fail now, and so does every later call of it, on every rank, instead of stalling the ranks
+        still waiting on this one's shards for the longest wait."""
+        with self._changed:
+            reason = self._abandoned.setdefault(session, f"rank {rank} failed the session: {error}")
+            for key, slot in self._slots.items():
+                if key[1] == session and not slot.done:
+                    slot.error, slot.done = reason, True
+            self._changed.notify_all()
 
     def _outcome(self, rank: int, key: tuple, slot: _Slot) -> None:
         """Wait until the slot is done; forget it once every rank has seen it; raise its error."""
@@ -229,6 +259,7 @@ class RankGateway:
         with self._changed:
             for key in [k for k in self._slots if k[1] == session]:
                 del self._slots[key]
+            self._abandoned.pop(session, None)
         self.exchange.release(session)
 
 
@@ -282,6 +313,12 @@ class RankExchange(KVExchange):
                          "kind": kind.value})
         self._count_received(session, viewer, kv, kind)
         return kv
+
+    def abandon(self, session: str, reason: str) -> None:
+        try:
+            self._call({"op": "abandon", "session": session, "error": reason})
+        except KVExchangeError as error:  # the gateway is gone: so is every rank's wait on it
+            log.warning("could not tell the rank gateway that session %s failed: %s", session, error)
 
     def release(self, session: str) -> None:
         self._call({"op": "release", "session": session})

@@ -131,7 +131,7 @@ def _isolated(entry: ParticipantRows, step, *args):
     try:
         return step(entry, *args)
     except KVExchangeError as error:
-        entry.session.fail(str(error))
+        REGISTRY.fail(entry.session, str(error))
         return None
 
 

@@ -49,7 +49,8 @@ class FedAttnBatch:
             if prefill and (local_start, end - start) != (0, state.request_len(n)):
                 # A segment split across steps (chunked prefill, prefix caching) or recomputed after a
                 # preemption: its sync layers cannot be reproduced, so the session fails (the engine lives on).
-                state.fail(f"participant {n}'s segment was not computed whole in one step (preempted or chunked)")
+                REGISTRY.fail(state, f"participant {n}'s segment was not computed whole in one step (preempted or "
+                                     "chunked)")
             if state.error is not None:
                 continue
             entries.append(ParticipantRows(state, n, slice(start, end), prefill, params.max_tokens or 1))

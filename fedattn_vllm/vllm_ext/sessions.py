@@ -181,6 +181,14 @@ class SessionRegistry:
                     metadata.session_id, metadata.plan, list(metadata.lengths), metadata.prefix_len)
             return state
 
+    def fail(self, state: SessionState, message: str) -> None:
+        """Fail the session on this worker and say so to the exchange, so that no other worker (a tensor-parallel
+        rank, in lockstep with this one) waits on this one's part of it."""
+        first = state.error is None
+        state.fail(message)
+        if first:
+            self.exchange.abandon(state.session_id, message)
+
     def failed(self, session_ids) -> dict[str, str]:
         """The error of each of `session_ids` that failed."""
         with self._lock:
