@@ -8,7 +8,7 @@ codec: per sync layer, on the model's shape and dtype (random K/V: the cost does
     values), the generator's attention over every other participant's tokens and its own (causal)
     as the engine computes it (on the CPU vLLM's kernel over keys copied into its paged layout,
     the copy included) beside each encoding's encode (one publish) and checked decode (one fetch
-    per other participant), with the time its bytes take on a 1 Gbit/s link. The low-bit codecs
+    per other participant), with the time its bytes take on a 1 Gbit/s link. The int8 and low-bit codecs
     run twice, on the C kernel and on the torch reference (`kernels.native.reference_only`).
     Medians over --repeats.
 fidelity: the same GSM8K sessions in one colocated engine once per encoding (both transports
@@ -32,7 +32,7 @@ from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from fedattn_vllm.config import FedAttnConfig, KVWire
 from fedattn_vllm.cost import ModelShape
-from fedattn_vllm.kv_wire import LOW_BIT, decode_checked, encode_kv
+from fedattn_vllm.kv_wire import CODECS, decode_checked, encode_kv
 from fedattn_vllm.models import resolve_model
 from kernels import concat_kv, fused_partial_attention, merge_attention, native, quant_native
 from kernels.paged import PagedKeys, available, paged_attention, pool_for
@@ -87,7 +87,7 @@ def codec(args: argparse.Namespace, shape: ModelShape, heads: int, dtype: torch.
         size = (tokens, shape.num_kv_heads, shape.head_dim)
         for wire in KVWire:
             layer_bytes = shape.shared_layer_bytes(tokens, wire) * args.participants  # one publish + N-1 fetches
-            for kernel in ("native", "reference") if wire in LOW_BIT else ("torch",):  # side by side, one run
+            for kernel in ("native", "reference") if wire in CODECS else ("torch",):  # side by side, one run
                 with native.reference_only() if kernel == "reference" else contextlib.nullcontext():
                     payloads = [encode_kv(kv, wire) for kv in others]
                     encode_s = median_seconds(lambda: encode_kv(own, wire), args.repeats)

@@ -21,7 +21,7 @@ import torch
 
 from fedattn_vllm.config import KVWire
 from fedattn_vllm.exchange import KV, KVExchangeError, Payload, kv_nbytes
-from kernels import all_finite, dequantize_int8, dequantize_kv, quantize_int8, quantize_kv
+from kernels import all_finite, dequantize_int8_kv, dequantize_kv, quantize_int8, quantize_kv
 from kernels.quant import PayloadLayout, payload_layout
 
 
@@ -58,40 +58,47 @@ LOW_BIT = {
 }
 
 
-def encode_kv(kv: KV, wire: KVWire) -> Payload:
-    """What a participant publishes: (K, V) owned copies, or their encoding with its scales."""
-    if wire is KVWire.INT8:
+class Int8:
+    """Symmetric int8 codes: a payload is (K codes int8 (T, H, D), V codes, K scales float32 (1, H, D), one a head
+    and channel, V scales (T, H, 1), one a token and head)."""
+
+    def encode(self, kv: KV) -> Payload:
         (k, k_scale), (v, v_scale) = quantize_int8(kv[0], dim=0), quantize_int8(kv[1], dim=-1)
         return k, v, k_scale, v_scale
-    if wire in LOW_BIT:
-        return LOW_BIT[wire].encode(kv)
+
+    def decode(self, payloads: Sequence[Payload], dtype: torch.dtype, shapes: Sequence[tuple[int, int, int]]
+               ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """As `LowBit.decode`: ValueError for anything but the four tensors of a shape's payload."""
+        return dequantize_int8_kv(payloads, shapes, dtype)
+
+
+CODECS: dict[KVWire, LowBit | Int8] = {KVWire.INT8: Int8(), **LOW_BIT}  # every encoding but exact K/V
+
+
+def encode_kv(kv: KV, wire: KVWire) -> Payload:
+    """What a participant publishes: (K, V) owned copies, or their encoding with its scales."""
+    if wire in CODECS:
+        return CODECS[wire].encode(kv)
     return kv[0].clone(), kv[1].clone()
 
 
 def decode_checked(payloads: Sequence[Payload], wire: KVWire, dtype: torch.dtype,
                    shapes: Sequence[tuple[int, int, int]]) -> list[KV]:
     """Payloads from other parties (a layer's, one a source) as (K, V) parts in the engine's `dtype`, the sources'
-    tokens in order: one part for low-bit payloads (decoded in one kernel call), each payload's own otherwise (exact
-    K/V are not copied). Each payload is checked to be what its (T, H_kv, D) shape encodes: its tensors' shapes and
-    dtypes (so its byte count), its decoded shapes and dtypes, finite values; KVExchangeError if not."""
+    tokens in order: one part for encoded payloads (decoded in one kernel call), each payload's own for exact K/V
+    (not copied). Each payload is checked to be what its (T, H_kv, D) shape encodes: its tensors' shapes and dtypes
+    (so its byte count), finite decoded values; KVExchangeError if not."""
     if len(payloads) != len(shapes):
         raise KVExchangeError(f"{len(payloads)} payloads for {len(shapes)} sources")
-    if wire not in LOW_BIT:  # a low-bit payload's decoder checks each of its tensors against its shape's layout
-        for payload, shape in zip(payloads, shapes):
-            expected = payload_bytes(wire, *shape, dtype.itemsize)
-            if kv_nbytes(payload) != expected:
-                raise KVExchangeError(f"a {wire.value} payload of {shape} is {expected} bytes, "
-                                      f"got {kv_nbytes(payload)}")
     if not payloads:
         return []
     try:
-        if wire in LOW_BIT:  # decoded into `shapes` and `dtype`, the finite check in the decoding kernel's call
-            k, v, fits = LOW_BIT[wire].decode(payloads, dtype, shapes)
+        if wire in CODECS:  # each payload's tensors checked against its shape, the finite check in the kernel's call
+            k, v, fits = CODECS[wire].decode(payloads, dtype, shapes)
             parts = [(k, v)]
         else:
-            parts = [_decode_exact_or_int8(payload, wire, dtype) for payload in payloads]
-            fits = all(t.shape == shape and t.dtype == dtype and all_finite(t)
-                       for kv, shape in zip(parts, shapes) for t in kv)
+            parts = [_exact(payload, dtype, shape) for payload, shape in zip(payloads, shapes)]
+            fits = all(all_finite(t) for kv in parts for t in kv)
     except (RuntimeError, ValueError, IndexError) as error:
         raise KVExchangeError(f"malformed {wire.value} payload: {error}") from None
     if not fits:
@@ -100,11 +107,12 @@ def decode_checked(payloads: Sequence[Payload], wire: KVWire, dtype: torch.dtype
     return parts
 
 
-def _decode_exact_or_int8(payload: Payload, wire: KVWire, dtype: torch.dtype) -> KV:
-    """(K, V) of an exact payload (its own tensors) or an int8 one (dequantised to `dtype`)."""
-    if wire is KVWire.INT8:
-        k, v, k_scale, v_scale = payload
-        return dequantize_int8(k, k_scale, dtype), dequantize_int8(v, v_scale, dtype)
+def _exact(payload: Payload, dtype: torch.dtype, shape: tuple[int, int, int]) -> KV:
+    """An exact payload's own (K, V); ValueError unless it is two `dtype` tensors of `shape`."""
+    if len(payload) != 2 or any(t.dtype != dtype or t.shape != shape for t in payload):
+        raise ValueError(f"exact K/V must be two {dtype} tensors {tuple(shape)} ({kv_nbytes(payload)} bytes, "
+                         f"{payload_bytes(KVWire.NATIVE, *shape, dtype.itemsize)} expected): got "
+                         f"{[(t.dtype, tuple(t.shape)) for t in payload]}")
     return payload[0], payload[1]
 
 

@@ -415,6 +415,95 @@ int quantize_kv(const void *k, const void *v, int dtype, int64_t tokens, int64_t
 
 int all_finite(const void *data, int64_t n, int dtype);
 
+/* Symmetric int8 codes (kernels/quant.py's quantize_int8) of x (rows, columns) of `dtype`, rows `stride` elements
+ * apart, a float32 scale per column over the rows (per_row = 0: keys, rows T, columns H*D) or per row over its
+ * columns (per_row = 1: values, rows T*H, columns D): scale = max |x| / 127 (1 where that is 0; NaN where an
+ * element is, infinite where one is), q = x / scale rounded half to even and clamped to +-127 (0 where NaN).
+ * 0, or -1 where scratch could not be allocated. */
+int quantize_int8(const void *x, int dtype, int64_t rows, int64_t columns, int64_t stride, int per_row, int8_t *q,
+                  float *scale) {
+    float *row = scratch(columns * sizeof(float));
+    uint32_t *largest = per_row ? NULL : scratch(columns * sizeof(uint32_t));
+    if (row == NULL || (!per_row && largest == NULL)) return free(row), free(largest), -1;
+    /* |x|'s bits order as |x| does, and every NaN's above infinity's: their maximum is torch's amax */
+    if (!per_row) {
+        for (int64_t i = 0; i < columns; i++) largest[i] = 0;
+        for (int64_t r = 0; r < rows; r++) {
+            load_row(x, r * stride, columns, dtype, row);
+            for (int64_t i = 0; i < columns; i++) {
+                const uint32_t a = bits_of(row[i]) & 0x7FFFFFFFu;
+                largest[i] = a > largest[i] ? a : largest[i];
+            }
+        }
+        for (int64_t i = 0; i < columns; i++) {
+            const float s = float_of(largest[i]) / 127.0f;
+            scale[i] = s == 0.0f ? 1.0f : s;
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        load_row(x, r * stride, columns, dtype, row);
+        const float *s = scale;
+        if (per_row) {
+            uint32_t a_max = 0;
+            for (int64_t i = 0; i < columns; i++) {
+                const uint32_t a = bits_of(row[i]) & 0x7FFFFFFFu;
+                a_max = a > a_max ? a : a_max;
+            }
+            const float one = float_of(a_max) / 127.0f;
+            scale[r] = one == 0.0f ? 1.0f : one;
+            s = scale + r;
+        }
+        for (int64_t i = 0; i < columns; i++) {
+            float v = row[i] / s[per_row ? 0 : i];
+            v = v == v ? v : 0.0f;
+            v = v < -127.0f ? -127.0f : v > 127.0f ? 127.0f : v;
+            q[r * columns + i] = (int8_t)(int)((v + 12582912.0f) - 12582912.0f);  /* half to even, as code_of */
+        }
+    }
+    free(row), free(largest);
+    return 0;
+}
+
+/* Inverse of quantize_int8 into out (rows, columns) of `dtype`: q * its scale, rounded as torch converts. 0, or -1
+ * where scratch could not be allocated. */
+static int dequantize_int8_rows(const int8_t *q, const float *scale, int64_t rows, int64_t columns, int per_row,
+                                void *out, int dtype) {
+    float *row = scratch(columns * sizeof(float));
+    if (row == NULL) return -1;
+    for (int64_t r = 0; r < rows; r++) {
+        if (per_row)
+            for (int64_t i = 0; i < columns; i++) row[i] = (float)q[r * columns + i] * scale[r];
+        else
+            for (int64_t i = 0; i < columns; i++) row[i] = (float)q[r * columns + i] * scale[i];
+        store_row(row, columns, dtype, out, r * columns);
+    }
+    free(row);
+    return 0;
+}
+
+/* One int8 payload as dequantize_int8_kv reads it: the addresses of its key codes, value codes, key scales (one a
+ * head and channel) and value scales (one a token and head), and its token count; every field an int64. */
+typedef struct { int64_t keys, values, key_scales, value_scales, tokens; } Int8Source;
+
+/* n int8 payloads (a layer's, one a source) into k_out and v_out (T, H, D) of `dtype`, each source's tokens after
+ * the previous source's, then their finite check (the payloads came from other parties). 0; 1 where a decoded
+ * value is not finite; -1 where scratch could not be allocated. */
+int dequantize_int8_kv(const Int8Source *sources, int64_t n, int64_t heads, int64_t channels, void *k_out,
+                       void *v_out, int dtype) {
+    const int64_t stride = heads * channels;
+    int64_t tokens = 0;  /* decoded so far */
+    for (const Int8Source *source = sources; source < sources + n; tokens += source->tokens, source++) {
+        const int64_t out = tokens * stride * element_bytes(dtype);
+        if (dequantize_int8_rows((const int8_t *)(intptr_t)source->keys, (const float *)(intptr_t)source->key_scales,
+                                 source->tokens, stride, 0, (uint8_t *)k_out + out, dtype) ||
+            dequantize_int8_rows((const int8_t *)(intptr_t)source->values,
+                                 (const float *)(intptr_t)source->value_scales, source->tokens * heads, channels, 1,
+                                 (uint8_t *)v_out + out, dtype))
+            return -1;
+    }
+    return all_finite(k_out, tokens * stride, dtype) && all_finite(v_out, tokens * stride, dtype) ? 0 : 1;
+}
+
 /* One payload as dequantize_kv reads it: the addresses of its statistics and codes, a head's row of each (float16
  * elements, bytes), its token count and its parts' place in a head's rows; every field an int64, so that the caller
  * passes a flat array. */

@@ -30,16 +30,52 @@ def quantize_int8(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor
     """x (T, H, D) -> (q int8 (T, H, D), float32 scales reduced over `dim`, kept as size 1).
 
     x ~ q * scale with |x - q * scale| <= scale / 2; keys: dim=0 (scale (1, H, D)), values: dim=-1 ((T, H, 1)).
+    A slice holding a NaN or an infinity gets a NaN or infinite scale (its decode is not finite: receivers refuse
+    it) and q 0 where x / scale is NaN.
     """
     scale = x.abs().amax(dim=dim, keepdim=True).float() / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero slice stays exactly zero
-    q = torch.round(x.float() / scale).clamp_(-127, 127).to(torch.int8)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero slice stays exactly zero
+    q = torch.round(x.float() / scale).nan_to_num_(0.0).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(T, H, D) in `dtype` from `quantize_int8`'s output."""
     return (q.float() * scale).to(dtype)
+
+
+def check_int8_payloads(payloads: Sequence[tuple[torch.Tensor, ...]], shapes: Sequence[tuple[int, int, int]]
+                        ) -> tuple[int, int]:
+    """(H, D) of a layer's int8 payloads of (T, H, D) `shapes` (one a source, one model's H and D), each checked to be
+    contiguous (K codes int8 (T, H, D), V codes int8 (T, H, D), K scales float32 (1, H, D), V scales float32 (T, H,
+    1)), the scales at addresses a float32 may have (they came from another party); ValueError if one is not."""
+    heads, channels = _one_model(shapes)
+    for payload, (tokens, *_) in zip(payloads, shapes, strict=True):
+        expected = ((tokens, heads, channels), (tokens, heads, channels), (1, heads, channels), (tokens, heads, 1))
+        if len(payload) != 4 or any(t.dtype != dtype or t.shape != shape or not t.is_contiguous() for t, shape, dtype
+                                    in zip(payload, expected, (torch.int8, torch.int8, torch.float32, torch.float32))) \
+                or payload[2].data_ptr() % 4 or payload[3].data_ptr() % 4:
+            raise ValueError(f"an int8 payload must be contiguous int8 codes {expected[0]} (keys, values) and float32 "
+                             f"scales {expected[2]}, {expected[3]}: got {[(t.dtype, tuple(t.shape)) for t in payload]}")
+    return heads, channels
+
+
+def _one_model(shapes: Sequence[tuple[int, int, int]]) -> tuple[int, int]:
+    """The (H, D) every one of a layer's (T, H, D) `shapes` has; ValueError if they differ (or there are none)."""
+    if not shapes or any(tuple(shape[1:]) != tuple(shapes[0][1:]) for shape in shapes):
+        raise ValueError(f"payloads of one (H, D): got shapes {list(shapes)}")
+    return shapes[0][1], shapes[0][2]
+
+
+def dequantize_int8_kv(payloads: Sequence[tuple[torch.Tensor, ...]], shapes: Sequence[tuple[int, int, int]],
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """A layer's int8 payloads (K codes, V codes, K scales, V scales) of (T, H, D) `shapes`: (K, V, whether every
+    decoded value is finite), K and V (sum of T, H, D) in `dtype`, the sources' tokens one after another.
+    ValueError where a payload is not its shape's."""
+    check_int8_payloads(payloads, shapes)
+    k = torch.cat([dequantize_int8(p[0], p[2], dtype) for p in payloads])
+    v = torch.cat([dequantize_int8(p[1], p[3], dtype) for p in payloads])
+    return k, v, bool(torch.isfinite(k).all() and torch.isfinite(v).all())
 
 
 def quantize_groups(x: torch.Tensor, bits: int, dim: int, group: int) -> tuple[torch.Tensor, ...]:
@@ -172,9 +208,7 @@ def check_payloads(payloads: Sequence[tuple[torch.Tensor, ...]], shapes: Sequenc
                    ) -> tuple[int, int, list[PayloadLayout]]:
     """(H, D, each payload's layout) of a layer's payloads of (T, H, D) `shapes` (one a source, one model's H and D),
     each checked by `check_payload` against its own shape; ValueError if one is not its shape's."""
-    if not shapes or any(tuple(shape[1:]) != tuple(shapes[0][1:]) for shape in shapes):
-        raise ValueError(f"payloads of one (H, D): got shapes {list(shapes)}")
-    heads, channels = shapes[0][1], shapes[0][2]
+    heads, channels = _one_model(shapes)
     layouts = [payload_layout(shape[0], channels, key_bits, key_group, value_bits, value_group) for shape in shapes]
     for payload, layout in zip(payloads, layouts, strict=True):
         check_payload(payload, layout, heads)

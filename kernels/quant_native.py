@@ -37,6 +37,8 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
         "dequantize_tokens": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _I64, _PTR, _I64, _INT], _INT),
         "dequantize_channels": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _I64, _INT], _INT),
         "all_finite": ([_PTR, _I64, _INT], _INT),
+        "quantize_int8": ([_PTR, _INT, _I64, _I64, _I64, _INT, _PTR, _PTR], _INT),
+        "dequantize_int8_kv": ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _INT], _INT),
         "quantize_kv": ([_PTR, _PTR, _INT, _I64, _I64, _I64, _INT, _I64, _I64, _INT, _I64, _I64, _PTR, _I64, _PTR, _I64,
                          _PARTS], _INT),
         "dequantize_kv": ([_PTR, _I64, _I64, _I64, _INT, _I64, _I64, _INT, _I64, _I64, _PTR, _PTR, _INT], _INT),
@@ -113,6 +115,50 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tenso
     return out
 
 
+def quantize_int8(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernels.quant.quantize_int8`: x (T, H, D) -> (q int8 (T, H, D), float32 scale (1, H, D) for dim 0 or (T, H,
+    1) for dim -1), in one call."""
+    kernel = _kernel() if x.dim() == 3 and x.is_cpu and x.dtype in _DTYPES and dim in (0, -1, 2) else None
+    if kernel is None:
+        return quant.quantize_int8(x, dim)
+    x = x.contiguous()
+    tokens, heads, channels = x.shape
+    q = torch.empty(x.shape, dtype=torch.int8)
+    per_row = dim != 0
+    scale = torch.empty((tokens, heads, 1) if per_row else (1, heads, channels), dtype=torch.float32)
+    rows, columns = (tokens * heads, channels) if per_row else (tokens, heads * channels)
+    _check(kernel.quantize_int8(x.data_ptr(), _DTYPES[x.dtype], rows, columns, columns, per_row, q.data_ptr(),
+                                scale.data_ptr()))
+    return q, scale
+
+
+def dequantize_int8_kv(payloads: Sequence[tuple[torch.Tensor, ...]], shapes: Sequence[tuple[int, int, int]],
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """`kernels.quant.dequantize_int8_kv`, in one kernel call for a layer's payloads. ValueError where a payload is
+    not its shape's (payloads come from other parties)."""
+    kernel = _kernel() if payloads and dtype in _DTYPES and all(t.is_cpu for p in payloads for t in p) else None
+    if kernel is None:
+        return quant.dequantize_int8_kv(payloads, shapes, dtype)
+    heads, channels = quant.check_int8_payloads(payloads, shapes)
+    fields = []  # the kernel's Int8Source of each payload, one after another
+    for (k, v, k_scale, v_scale), (tokens, *_) in zip(payloads, shapes):
+        fields += k.data_ptr(), v.data_ptr(), k_scale.data_ptr(), v_scale.data_ptr(), tokens
+    return _decoded(kernel.dequantize_int8_kv, fields, shapes, heads, channels, dtype)
+
+
+def _decoded(decode, fields: list[int], shapes: Sequence[tuple[int, int, int]], heads: int, channels: int,
+             dtype: torch.dtype, *arguments) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(K, V, whether every value is finite): K and V (sum of T, H, D) in `dtype`, filled by the kernel's `decode`
+    from its sources' records (`fields`, one after another) and its `arguments`."""
+    sources = array.array("q", fields)
+    size = (sum(shape[0] for shape in shapes), heads, channels)
+    k, v = torch.empty(size, dtype=dtype), torch.empty(size, dtype=dtype)
+    status = decode(sources.buffer_info()[0], len(shapes), heads, channels, *arguments, k.data_ptr(), v.data_ptr(),
+                    _DTYPES[dtype])
+    _check(min(status, 0))
+    return k, v, status == 0
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """`bool(torch.isfinite(tensor).all())`, in one C pass over float32 / bfloat16 / float16 CPU tensors (the torch
     ops take ~1.7 ns an element: most of a received payload's decode)."""
@@ -163,11 +209,5 @@ def dequantize_kv(payloads: Sequence[tuple[torch.Tensor, ...]], shapes: Sequence
     fields = []  # the kernel's Source of each payload, one after another
     for (statistics, codes), (tokens, *_), layout in zip(payloads, shapes, layouts):
         fields += statistics.data_ptr(), layout.statistics, codes.data_ptr(), layout.codes, tokens, *layout.offsets
-    sources = array.array("q", fields)
-    size = (sum(shape[0] for shape in shapes), heads, channels)
-    k, v = torch.empty(size, dtype=dtype), torch.empty(size, dtype=dtype)
-    status = kernel.dequantize_kv(sources.buffer_info()[0], len(payloads), heads, channels, key_bits, key_group,
-                                  layouts[0].shapes[0][1], value_bits, value_group, layouts[0].shapes[3][1],
-                                  k.data_ptr(), v.data_ptr(), _DTYPES[dtype])
-    _check(min(status, 0))
-    return k, v, status == 0
+    return _decoded(kernel.dequantize_kv, fields, shapes, heads, channels, dtype, key_bits, key_group,
+                    layouts[0].shapes[0][1], value_bits, value_group, layouts[0].shapes[3][1])

@@ -37,6 +37,7 @@ from server.unsupported import inherited_defaults
 from server.worker import QueueFull
 
 log = logging.getLogger("server")
+DISCONNECT_POLL_S = 0.1  # how often a request waiting on its session looks for a client that left
 
 
 def errors_as_values(method):
@@ -123,10 +124,10 @@ class Serving:
 
     @staticmethod
     async def unless_disconnected(request: Request, awaitable):
-        """The awaitable's result, or None if the client disconnects first."""
+        """The awaitable's result, or None if the client disconnects first (seen within DISCONNECT_POLL_S)."""
         task = asyncio.ensure_future(awaitable)
         while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if done:
                 return task.result()
             if await request.is_disconnected():

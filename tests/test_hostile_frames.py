@@ -26,7 +26,7 @@ from fedattn_vllm.federated import messages as m
 from fedattn_vllm.federated.client import CoordinatorError, NetworkKVExchange, SessionAdmin
 from fedattn_vllm.federated.coordinator import Coordinator
 from fedattn_vllm.federated.wire import WireError, decode, encode
-from fedattn_vllm.kv_wire import LOW_BIT, decode_checked, encode_kv, payload_bytes, questions_checked
+from fedattn_vllm.kv_wire import CODECS, LOW_BIT, decode_checked, encode_kv, payload_bytes, questions_checked
 from kernels import native, quant
 
 KEY = b"hostile-test-admin-key"
@@ -263,19 +263,20 @@ def test_payloads_from_another_party_are_checked_before_they_are_used():
 
 @pytest.mark.parametrize("wire", [KVWire.NATIVE, KVWire.INT8, KVWire.K4V2])
 def test_a_layers_payloads_decode_to_its_sources_tokens_in_order_and_one_bad_one_refuses_them_all(wire):
-    """Low-bit payloads decode in one call into one part, each source's tokens what it decodes to alone; exact and
-    int8 ones one part a source (exact K/V not copied). Any source's payload failing its check refuses the layer."""
+    """Encoded payloads decode in one call into one part, each source's tokens what it decodes to alone; exact ones
+    one part a source (not copied). Any source's payload failing its check refuses the layer."""
     shapes = [(5, 2, 8), (1, 2, 8), (3, 2, 8)]
     payloads = [encode_kv(kv(shape[0]), wire) for shape in shapes]
     parts = decode_checked(payloads, wire, torch.float32, shapes)
     alone = [decode_checked([payload], wire, torch.float32, [shape]) for payload, shape in zip(payloads, shapes)]
-    assert len(parts) == (1 if wire in LOW_BIT else 3)
+    assert len(parts) == (1 if wire in CODECS else 3)
     for got, want in zip(map(torch.cat, zip(*parts)), map(torch.cat, zip(*(p for a in alone for p in a)))):
         assert torch.equal(got, want)
     if wire is KVWire.NATIVE:
         assert all(k is payload[0] and v is payload[1] for (k, v), payload in zip(parts, payloads))
     short = [*payloads[:2], encode_kv(kv(4), wire)]  # a source that sent fewer tokens than its plan says
-    with pytest.raises(KVExchangeError, match="statistics and uint8" if wire in LOW_BIT else "bytes"):
+    with pytest.raises(KVExchangeError, match={KVWire.NATIVE: "bytes", KVWire.INT8: "an int8 payload"}.get(
+            wire, "statistics and uint8")):
         decode_checked(short, wire, torch.float32, shapes)
     nan = [payloads[0], tuple(t.clone() for t in payloads[1]), payloads[2]]  # the right size, a NaN within
     next(t for t in nan[1] if t.is_floating_point()).view(-1)[0] = float("nan")  # K, a scale, a statistic

@@ -4,7 +4,7 @@ and the finite check of received payloads."""
 import pytest
 import torch
 
-from kernels import dequantize_int8, native, quant, quant_native, quantize_int8
+from kernels import native, quant, quant_native
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -12,12 +12,12 @@ from kernels import dequantize_int8, native, quant, quant_native, quantize_int8
 def test_int8_quantisation_error_is_within_half_a_step_of_each_scale(dtype, dim, scale_shape):
     x = (torch.randn(37, 3, 64) * torch.logspace(-3, 2, 37)[:, None, None] * torch.logspace(-1, 1, 64)).to(dtype)
     x[5] = 0  # an all-zero token stays zero
-    q, scale = quantize_int8(x, dim)
+    q, scale = quant_native.quantize_int8(x, dim)
     assert q.dtype == torch.int8 and scale.shape == scale_shape
-    back = dequantize_int8(q, scale, torch.float32)
+    back = quant.dequantize_int8(q, scale, torch.float32)
     assert torch.all((back - x.float()).abs() <= scale * (0.5 + 1e-5))  # half a step, up to float rounding
     assert torch.all(back[5] == 0) and q.abs().amax() == 127
-    assert dequantize_int8(q, scale, dtype).dtype == dtype
+    assert quant.dequantize_int8(q, scale, dtype).dtype == dtype
 
 
 def _outlier_kv(tokens: int, channels: int, dtype: torch.dtype) -> torch.Tensor:
@@ -106,6 +106,59 @@ def test_the_native_codec_equals_the_reference_bit_for_bit(dtype, bits, dim, gro
             back = quant_native.dequantize_groups(*ours, bits, dim, group, channels, out)
             assert back.dtype == out
             assert torch.equal(_bits(back), _bits(quant.dequantize_groups(*theirs, bits, dim, group, channels, out)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [0, -1], ids=["keys", "values"])
+@pytest.mark.parametrize("tokens", [1, 50, 203])
+@pytest.mark.parametrize("special", [None, float("nan"), float("inf"), float("-inf")])
+def test_the_native_int8_codec_equals_the_reference_bit_for_bit(dtype, dim, tokens, special):
+    """Outliers, subnormals, signed zeros and a slice too small for its scale (max / 127 underflows to 0) alike; a
+    NaN or an infinity gives its slice a scale whose decode is not finite, so a receiver refuses it."""
+    for seed in range(3):
+        x = _edge_kv(tokens, dtype, seed + tokens)
+        x[0, 0, :5] = torch.tensor([1e-44, -1e-45, 0.0, -0.0, 1e-44]).to(dtype)  # keys' column, values' row: tiny
+        if dim == -1:
+            x[0, 0, 5:] = 0
+        if special is not None:
+            x[tokens // 3, 1, 7] = special
+        ours, theirs = quant_native.quantize_int8(x, dim), quant.quantize_int8(x, dim)
+        assert torch.equal(ours[0], theirs[0])
+        torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=0, equal_nan=True)
+        for out in (torch.float32, torch.bfloat16, torch.float16):
+            back, reference = _int8_decoded(quant_native, ours, dim, out), _int8_decoded(quant, theirs, dim, out)
+            assert back.dtype == out
+            torch.testing.assert_close(back, reference, rtol=0, atol=0, equal_nan=True)
+            finite = torch.isfinite(reference)
+            assert torch.equal(_bits(back)[finite], _bits(reference)[finite])  # signed zeros included
+            assert quant_native.all_finite(back) == bool(torch.isfinite(reference).all())
+            if not torch.isfinite(x).all():  # the edge values' float16 overflows too
+                assert not quant_native.all_finite(back)
+
+
+def _int8_decoded(codec, codes: tuple[torch.Tensor, torch.Tensor], dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """`codes` of keys (dim 0) or values decoded by `codec`'s decoder of a layer's int8 payloads."""
+    q, scale = codes
+    other = quant.quantize_int8(torch.zeros(q.shape), -1 - dim)  # the payload's other half, zeros
+    k, v, _ = codec.dequantize_int8_kv([(q, other[0], scale, other[1]) if dim == 0 else (other[0], q, other[1], scale)],
+                                       [tuple(q.shape)], dtype)
+    return k if dim == 0 else v
+
+
+@CODECS
+@pytest.mark.parametrize("bad", ["codes not int8", "scales not float32", "value scales a channel", "too few tensors",
+                                 "strided codes", "a misaligned scale"])
+def test_the_int8_decoder_checks_its_tensors_before_it_reads(codec, bad):
+    x = torch.randn(5, 2, 8)
+    (k, k_scale), (v, v_scale) = quant.quantize_int8(x, 0), quant.quantize_int8(x, -1)
+    payload = {"codes not int8": (k.to(torch.int16), v, k_scale, v_scale),
+               "scales not float32": (k, v, k_scale.double(), v_scale),
+               "value scales a channel": (k, v, k_scale, k_scale), "too few tensors": (k, v, k_scale),
+               "strided codes": (k.transpose(0, 1).contiguous().transpose(0, 1), v, k_scale, v_scale),
+               "a misaligned scale": (k, v, torch.frombuffer(bytearray(4 * 16 + 1), dtype=torch.float32, offset=1,
+                                                             count=16).view(1, 2, 8), v_scale)}[bad]
+    with pytest.raises(ValueError, match="an int8 payload"):
+        codec.dequantize_int8_kv([payload], [(5, 2, 8)], torch.float32)
 
 
 def test_the_native_codec_carries_a_nan_to_a_payload_that_fails_the_finite_check():

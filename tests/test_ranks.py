@@ -122,12 +122,14 @@ def test_a_rank_whose_peer_never_sends_its_shard_is_reported_then_fails(gateway,
 
 
 @pytest.mark.parametrize("gateway", [(2, 4, 2)], indirect=True)
-def test_a_session_one_rank_fails_on_its_own_fails_on_every_rank_at_once(gateway):
+def test_a_session_one_rank_fails_on_its_own_fails_on_every_rank_at_once(gateway, monkeypatch):
     """A rank's own checks see only its heads (the model's values there; a peer's low-bit codes that overflow
     float16 in them), so it may fail a session alone: it abandons the session at the gateway, and its peer, waiting
     on a shard that will never come, fails now rather than after the longest wait (600 s), as does every later call
     of the session on any rank; other sessions go on, and release leaves nothing behind."""
     gateway, behind, clients = gateway
+    monkeypatch.setattr(ranks, "MAX_WAIT_S", 5.0)  # without the abandon the waiting publish ends "no outcome"
+    monkeypatch.setattr(ranks, "REPLY_MARGIN_S", 1.0)
     shard = (torch.randn(3, 1, 8), torch.randn(3, 1, 8))
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(clients[0].publish, "s", 0, 3, shard)  # rank 0's shard is in, rank 1's never comes
@@ -145,6 +147,36 @@ def test_a_session_one_rank_fails_on_its_own_fails_on_every_rank_at_once(gateway
     on_every_rank(clients, lambda r, c: c.release("s"))
     on_every_rank(clients, lambda r, c: c.release("t"))
     assert gateway.pending() == 0 and behind.live_sessions() == 0
+
+
+@pytest.mark.parametrize("here, elsewhere", [(True, True), (True, False), (False, True), (False, False)])
+def test_what_a_rank_received_is_used_only_where_every_rank_accepted_it(monkeypatch, here, elsewhere):
+    """A rank checks only its heads of what it receives, so its outcome is agreed with the others' (vLLM's group,
+    `surface.rank_agreement`) before any goes on: a refusal anywhere is a KVExchangeError everywhere, and this rank's
+    own error is the one it raises."""
+    from fedattn_vllm.vllm_ext import attention
+
+    asked = []
+
+    def agree(ok, device):
+        asked.append(ok)
+        return ok and elsewhere
+
+    monkeypatch.setattr(attention, "rank_agreement", lambda: agree)
+
+    def read(value):
+        if not here:
+            raise KVExchangeError("a value that overflows in this rank's heads")
+        return value
+
+    if here and elsewhere:
+        assert attention._agreed(read, torch.device("cpu"), 7) == 7
+    else:
+        with pytest.raises(KVExchangeError, match="overflows" if not here else "another tensor-parallel rank"):
+            attention._agreed(read, torch.device("cpu"), 7)
+    assert asked == [here]
+    monkeypatch.setattr(attention, "rank_agreement", lambda: None)  # one rank: its own outcome, nothing asked
+    assert attention._agreed(lambda: 3, torch.device("cpu")) == 3 and asked == [here]
 
 
 _RANK = """

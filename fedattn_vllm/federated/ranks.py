@@ -35,6 +35,7 @@ from kernels import all_finite
 log = logging.getLogger(__name__)
 REPLY_MARGIN_S = 30.0  # beyond the longest fetch wait, before a rank gives its gateway up
 STALL_REPORT_S = 60.0  # a rank waiting this long on a slot is logged, with the ranks whose shards are in
+ABANDON_WAIT_S = 5.0  # the longest a rank waits for its gateway to take note of a session it failed
 HOST_CHECK_S = 0.5  # how often a rank waiting on its gateway checks that the engine process is still there
 
 
@@ -278,11 +279,12 @@ class RankExchange(KVExchange):
         self._contributes_kv = PayloadKind.KV in counted  # a copy of another rank's KV heads sends none
         self._host = os.getppid()  # the engine process, which serves the gateway and started this rank
 
-    def _call(self, header: dict, payload: Payload | None = None) -> Payload | None:
+    def _call(self, header: dict, payload: Payload | None = None, wait_s: float | None = None) -> Payload | None:
+        """The gateway's answer to one request (wait_s: how long to wait for it; None: the longest wait)."""
         with self._lock:
             try:
                 self._socket.send_multipart(encode(header, payload), copy=False)
-                self._await_reply()
+                self._await_reply(MAX_WAIT_S + 2 * REPLY_MARGIN_S if wait_s is None else wait_s)
                 reply, tensors = decode(self._socket.recv_multipart(copy=False))
             except (zmq.ZMQError, WireError) as error:
                 raise KVExchangeError(f"the engine's rank gateway: {error}") from None
@@ -290,10 +292,10 @@ class RankExchange(KVExchange):
             raise KVExchangeError(reply.get("error", "refused"))
         return tensors
 
-    def _await_reply(self) -> None:
+    def _await_reply(self, wait_s: float) -> None:
         """Until the gateway answers: KVExchangeError once the engine process is gone (a rank blocked here must not
-        outlive it: vLLM's own watch of its parent acts only between steps) or the longest wait has passed."""
-        deadline = time.monotonic() + MAX_WAIT_S + 2 * REPLY_MARGIN_S
+        outlive it: vLLM's own watch of its parent acts only between steps) or `wait_s` has passed."""
+        deadline = time.monotonic() + wait_s
         while not self._socket.poll(int(1000 * HOST_CHECK_S)):
             if os.getppid() != self._host:
                 raise KVExchangeError("the engine process that hosts the rank gateway is gone")
@@ -315,8 +317,8 @@ class RankExchange(KVExchange):
         return kv
 
     def abandon(self, session: str, reason: str) -> None:
-        try:
-            self._call({"op": "abandon", "session": session, "error": reason})
+        try:  # answered at once by a live gateway: a wait as long as a fetch's would stall the step again
+            self._call({"op": "abandon", "session": session, "error": reason}, wait_s=ABANDON_WAIT_S)
         except KVExchangeError as error:  # the gateway is gone: so is every rank's wait on it
             log.warning("could not tell the rank gateway that session %s failed: %s", session, error)
 

@@ -27,7 +27,7 @@ from fedattn_vllm.kv_wire import decode_checked, encode_kv, questions_checked
 from fedattn_vllm.selection import QUESTION_ROWS
 from fedattn_vllm.vllm_ext.batch import FedAttnBatch, ParticipantRows, current_batch
 from fedattn_vllm.vllm_ext.sessions import REGISTRY, GrowingKV
-from fedattn_vllm.vllm_ext.surface import cpu_paging, head_combine, stock_forward_skippable
+from fedattn_vllm.vllm_ext.surface import cpu_paging, head_combine, rank_agreement, stock_forward_skippable
 from kernels import concat_kv, decode_attention, fused_partial_attention, gather_tokens, merge_attention
 from kernels.paged import PagedKeys, fits_output, paged_attention, pool_for
 
@@ -148,12 +148,16 @@ def _questions(e: ParticipantRows, layer: int, like: torch.Tensor) -> torch.Tens
     askers = state.plan.asks(e.participant, layer, state.lengths[e.participant])
     if not askers:
         return None
-    questions = []
-    for g in askers:
-        payload = REGISTRY.exchange.fetch(state.session_id, e.participant, g, layer, PayloadKind.QUESTIONS)
-        shape = (min(QUESTION_ROWS, state.lengths[g]), *like.shape[1:])
-        questions.append(questions_checked(payload, like.dtype, shape).to(like.device))
-    return torch.cat(questions)
+
+    def fetch() -> torch.Tensor:
+        questions = []
+        for g in askers:
+            payload = REGISTRY.exchange.fetch(state.session_id, e.participant, g, layer, PayloadKind.QUESTIONS)
+            shape = (min(QUESTION_ROWS, state.lengths[g]), *like.shape[1:])
+            questions.append(questions_checked(payload, like.dtype, shape).to(like.device))
+        return torch.cat(questions)
+
+    return _agreed(fetch, like.device)
 
 
 def _publish(e: ParticipantRows, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -176,7 +180,23 @@ def _fetcher(e: ParticipantRows, layer: int, like: torch.Tensor):
         return [(k.to(like.device), v.to(like.device))  # from the network they arrive on the CPU
                 for k, v in decode_checked(payloads, state.plan.config.kv_wire, like.dtype, shapes)]
 
-    return fetch
+    return lambda sources: _agreed(fetch, like.device, sources)
+
+
+def _agreed(read, device: torch.device, *args):
+    """read(*args): what other parties sent, checked, as an outcome every tensor-parallel rank shares. Each rank
+    checks only its own heads (a value that overflows in one of them, a non-finite one in colocated mode), so the
+    ranks agree on success before any goes on: a session fails on every rank or on none (`surface.rank_agreement`)."""
+    agree = rank_agreement()
+    if agree is None:
+        return read(*args)
+    try:
+        result, error = read(*args), None
+    except KVExchangeError as failure:
+        result, error = None, failure
+    if not agree(error is None, device):
+        raise error or KVExchangeError("another tensor-parallel rank refused what it received")
+    return result
 
 
 def _decode_keys(e: ParticipantRows, layer: int, key, value, paging) -> GrowingKV | PagedKeys:

@@ -158,6 +158,23 @@ def head_combine():
     return combine
 
 
+@functools.cache
+def rank_agreement():
+    """agree(ok, device) -> whether `ok` holds on every rank of this worker's tensor-parallel group (None with one
+    rank), through vLLM's own group: a check that sees only this rank's heads must fail a session on every rank or
+    on none, since the ranks meet in collectives in the same order (vLLM's all-reduces, selection's all-gathers)."""
+    from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
+
+    if get_tensor_model_parallel_world_size() == 1:
+        return None
+    group = get_tp_group()
+
+    def agree(ok: bool, device: torch.device) -> bool:  # float32: vLLM's CPU all-gather takes no integers
+        return bool(group.all_gather(torch.tensor([float(ok)], device=device), dim=0).min() > 0)
+
+    return agree
+
+
 def kv_head_span(rank: int, ranks: int, kv_heads: int) -> tuple[int, int]:
     """(first KV head, KV heads) that tensor-parallel `rank` of `ranks` holds: vLLM's split, contiguous blocks, and
     with more ranks than KV heads one head copied to ranks // kv_heads consecutive ranks."""
