@@ -2,15 +2,17 @@
 
     .venv/bin/python benchmarks/colocated.py --problems 8 --shots 2 --max-tokens 32 --rounds 3
 
-Modes, interleaved round by round so machine noise hits them alike:
+Modes, interleaved round by round so machine noise hits them alike (each round starts one mode
+later, so every mode runs in every position of a round in turn):
   plain    stock vLLM (the model's own architecture) on each concatenated prompt;
   fedattn  N participants (TokEx split), for each --sync-interval given (H = 1 computes the
            same answer as plain, so its ratio is the extension's overhead), and for each H > 1
            once more with each --generator-sync-interval (the generator also reads every H_g layers);
            and the server's default (fedattn_vllm.config.RECOMMENDED: its K/V are encoded as on a
            wire even in one process, so the codec's cost shows).
-Prints median throughput and ratios to plain, per-participant bytes (measured at the
-exchange) against the analytic cost model, and writes the numbers as JSON.
+Prints median throughput and ratios to plain (of the medians, and the median of each round's
+plain / mode ratio with its range: a drift over the run cancels within a round), per-participant
+bytes (measured at the exchange) against the analytic cost model, and writes the numbers as JSON.
 """
 
 from __future__ import annotations
@@ -82,13 +84,15 @@ def main() -> None:
     print(f"warm-up {time.perf_counter() - started:.1f} s", flush=True)
     seconds: dict[str, list[float]] = {"plain": [], **{name: [] for name in configs}}
     last_results = {}
+    modes = list(seconds)
     for round_index in range(args.rounds):
-        start = time.perf_counter()
-        run_plain()
-        seconds["plain"].append(time.perf_counter() - start)
-        for name, config in configs.items():
+        first = round_index % len(modes)
+        for name in modes[first:] + modes[:first]:
             start = time.perf_counter()
-            last_results[name] = run_fedattn(config)
+            if name == "plain":
+                run_plain()
+            else:
+                last_results[name] = run_fedattn(configs[name])
             seconds[name].append(time.perf_counter() - start)
         print(f"round {round_index + 1}: " + ", ".join(f"{name} {runs[-1]:.2f} s" for name, runs in seconds.items()),
               flush=True)
@@ -103,10 +107,13 @@ def main() -> None:
           f"median of {args.rounds} rounds:")
     for name, runs in seconds.items():
         median = statistics.median(runs)
+        paired = [p / s for p, s in zip(seconds["plain"], runs)]  # each round's plain / this mode
         mode = {"seconds": runs, "median_s": median, "tokens_per_s": (prompt_tokens + output_tokens) / median,
-                "output_tokens_per_s": output_tokens / median, "throughput_ratio_to_plain": plain_median / median}
+                "output_tokens_per_s": output_tokens / median, "throughput_ratio_to_plain": plain_median / median,
+                "round_ratios_to_plain": paired, "median_round_ratio_to_plain": statistics.median(paired)}
         print(f"  {name:<36} {median:7.2f} s  {mode['tokens_per_s']:8.1f} tok/s  "
-              f"x{mode['throughput_ratio_to_plain']:.3f} of plain")
+              f"x{mode['throughput_ratio_to_plain']:.3f} of plain, a round's ratio x{statistics.median(paired):.3f} "
+              f"(x{min(paired):.3f}-{max(paired):.3f})")
         if name in configs:
             mode["bytes"] = bytes_report(last_results[name], configs[name], prompts, shape, federated.num_layers)
         report["modes"][name] = mode

@@ -198,10 +198,13 @@ int quantize_tokens(const void *x, int dtype, int64_t tokens, int64_t heads, int
 /* A float's bits as an int32 that orders as the floats do (a negative float's magnitude bits flipped), and back:
  * extremes of these are integer reductions, which the compiler vectorises (float ones it may not reorder). */
 static inline int32_t ordered(float f) {
-    const int32_t i = (int32_t)bits_of(f);
-    return i ^ (int32_t)((uint32_t)(i >> 31) >> 1);
+    const uint32_t u = bits_of(f);
+    return (int32_t)(u ^ ((0u - (u >> 31)) >> 1));  /* the sign bit set: flip the other 31 */
 }
-static inline float unordered(int32_t i) { return float_of((uint32_t)(i ^ (int32_t)((uint32_t)(i >> 31) >> 1))); }
+static inline float unordered(int32_t i) {
+    const uint32_t u = (uint32_t)i;
+    return float_of(u ^ ((0u - (u >> 31)) >> 1));
+}
 
 /* The smallest and largest of x[0..n) (n >= 1) clamped to float16's range, both NaN where one is. -0 orders below
  * +0 here, where floats compare them equal: stats_of makes either +0, so no bit depends on it. */

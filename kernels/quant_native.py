@@ -118,7 +118,8 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tenso
 def quantize_int8(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`kernels.quant.quantize_int8`: x (T, H, D) -> (q int8 (T, H, D), float32 scale (1, H, D) for dim 0 or (T, H,
     1) for dim -1), in one call."""
-    kernel = _kernel() if x.dim() == 3 and x.is_cpu and x.dtype in _DTYPES and dim in (0, -1, 2) else None
+    kernel = _kernel() if x.dim() == 3 and x.numel() and x.is_cpu and x.dtype in _DTYPES and dim in (0, -1, 2) \
+        else None  # an empty x: the reference's error
     if kernel is None:
         return quant.quantize_int8(x, dim)
     x = x.contiguous()

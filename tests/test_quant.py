@@ -146,6 +146,13 @@ def _int8_decoded(codec, codes: tuple[torch.Tensor, torch.Tensor], dim: int, dty
 
 
 @CODECS
+def test_int8_codes_round_half_to_even(codec):
+    x = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5, -126.5]).view(1, 1, 8)  # a scale of exactly 1
+    q, scale = codec.quantize_int8(x, -1)
+    assert float(scale) == 1.0 and q.flatten().tolist() == [127, 0, 2, 2, 0, -2, 126, -126]
+
+
+@CODECS
 @pytest.mark.parametrize("bad", ["codes not int8", "scales not float32", "value scales a channel", "too few tensors",
                                  "strided codes", "a misaligned scale"])
 def test_the_int8_decoder_checks_its_tensors_before_it_reads(codec, bad):

@@ -179,6 +179,22 @@ def test_what_a_rank_received_is_used_only_where_every_rank_accepted_it(monkeypa
     assert attention._agreed(lambda: 3, torch.device("cpu")) == 3 and asked == [here]
 
 
+def test_any_error_in_what_a_rank_reads_is_agreed_on_before_it_is_raised(monkeypatch):
+    """Not only a refusal: a rank that left the agreement by raising anything would leave the others waiting in
+    it."""
+    from fedattn_vllm.vllm_ext import attention
+
+    asked = []
+    monkeypatch.setattr(attention, "rank_agreement", lambda: lambda ok, device: asked.append(ok) or ok)
+
+    def read():
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        attention._agreed(read, torch.device("cpu"))
+    assert asked == [False]
+
+
 _RANK = """
 import sys, time
 from fedattn_vllm.exchange import KVExchangeError

@@ -192,7 +192,7 @@ def _agreed(read, device: torch.device, *args):
         return read(*args)
     try:
         result, error = read(*args), None
-    except KVExchangeError as failure:
+    except Exception as failure:  # agreed on too, so that no rank waits in the agreement for one that left it
         result, error = None, failure
     if not agree(error is None, device):
         raise error or KVExchangeError("another tensor-parallel rank refused what it received")
