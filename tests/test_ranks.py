@@ -197,13 +197,12 @@ def test_any_error_in_what_a_rank_reads_is_agreed_on_before_it_is_raised(monkeyp
 
 _RANK = """
 import sys, time
-from fedattn_vllm.exchange import KVExchangeError
-from fedattn_vllm.federated.ranks import RankExchange
+from fedattn_vllm.federated.ranks import RankExchange, RankGatewayError
 rank = RankExchange([sys.argv[1]], 0)
 start = time.monotonic()
 try:
     rank.fetch("s", 0, 1, 0)
-except KVExchangeError as error:
+except RankGatewayError as error:
     print(f"{time.monotonic() - start:.1f} {error}", flush=True)
 """
 _ENGINE = """

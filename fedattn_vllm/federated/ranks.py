@@ -39,6 +39,12 @@ ABANDON_WAIT_S = 5.0  # the longest a rank waits for its gateway to take note of
 HOST_CHECK_S = 0.5  # how often a rank waiting on its gateway checks that the engine process is still there
 
 
+class RankGatewayError(RuntimeError):
+    """A rank lost its gateway (the link failed, the engine process is gone, no answer in the longest wait): not one
+    session's failure but the engine's, so it is not a KVExchangeError that would fail a session on this rank alone
+    and leave the ranks out of step; the step fails instead."""
+
+
 @dataclass(frozen=True)
 class HeadShards:
     """Which heads each of `ranks` tensor-parallel ranks holds (query heads in contiguous blocks; KV heads as
@@ -287,20 +293,20 @@ class RankExchange(KVExchange):
                 self._await_reply(MAX_WAIT_S + 2 * REPLY_MARGIN_S if wait_s is None else wait_s)
                 reply, tensors = decode(self._socket.recv_multipart(copy=False))
             except (zmq.ZMQError, WireError) as error:
-                raise KVExchangeError(f"the engine's rank gateway: {error}") from None
+                raise RankGatewayError(f"the engine's rank gateway: {error}") from None
         if not reply.get("ok"):
             raise KVExchangeError(reply.get("error", "refused"))
         return tensors
 
     def _await_reply(self, wait_s: float) -> None:
-        """Until the gateway answers: KVExchangeError once the engine process is gone (a rank blocked here must not
+        """Until the gateway answers: RankGatewayError once the engine process is gone (a rank blocked here must not
         outlive it: vLLM's own watch of its parent acts only between steps) or `wait_s` has passed."""
         deadline = time.monotonic() + wait_s
         while not self._socket.poll(int(1000 * HOST_CHECK_S)):
             if os.getppid() != self._host:
-                raise KVExchangeError("the engine process that hosts the rank gateway is gone")
+                raise RankGatewayError("the engine process that hosts the rank gateway is gone")
             if time.monotonic() > deadline:
-                raise KVExchangeError("the engine's rank gateway did not answer")
+                raise RankGatewayError("the engine's rank gateway did not answer")
 
     def publish(self, session: str, participant: int, layer: int, kv: Payload,
                 kind: PayloadKind = PayloadKind.KV) -> None:
@@ -319,7 +325,7 @@ class RankExchange(KVExchange):
     def abandon(self, session: str, reason: str) -> None:
         try:  # answered at once by a live gateway: a wait as long as a fetch's would stall the step again
             self._call({"op": "abandon", "session": session, "error": reason}, wait_s=ABANDON_WAIT_S)
-        except KVExchangeError as error:  # the gateway is gone: so is every rank's wait on it
+        except RankGatewayError as error:  # the gateway is gone: so is every rank's wait on it
             log.warning("could not tell the rank gateway that session %s failed: %s", session, error)
 
     def release(self, session: str) -> None:
