@@ -418,46 +418,44 @@ int quantize_kv(const void *k, const void *v, int dtype, int64_t tokens, int64_t
 
 int all_finite(const void *data, int64_t n, int dtype);
 
-/* Symmetric int8 codes (kernels/quant.py's quantize_int8) of x (rows, columns) of `dtype`, rows `stride` elements
- * apart, a float32 scale per column over the rows (per_row = 0: keys, rows T, columns H*D) or per row over its
- * columns (per_row = 1: values, rows T*H, columns D): scale = max |x| / 127 (1 where that is 0; NaN where an
- * element is, infinite where one is), q = x / scale rounded half to even and clamped to +-127 (0 where NaN).
- * 0, or -1 where scratch could not be allocated. */
-int quantize_int8(const void *x, int dtype, int64_t rows, int64_t columns, int64_t stride, int per_row, int8_t *q,
-                  float *scale) {
+/* |f|'s bits: they order as |f| does, every NaN's above infinity's, so their maximum is torch's amax. */
+static inline uint32_t magnitude(float f) { return bits_of(f) & 0x7FFFFFFFu; }
+
+/* The int8 scale of a slice whose largest magnitude has the bits `largest`: that / 127, 1 where it is 0. */
+static inline float int8_scale(uint32_t largest) {
+    const float s = float_of(largest) / 127.0f;
+    return s == 0.0f ? 1.0f : s;
+}
+
+/* Symmetric int8 codes (kernels/quant.py's quantize_int8) of x (rows, columns) of `dtype`, a float32 scale per
+ * column over the rows (per_row = 0: keys, rows T, columns H*D) or per row over its columns (per_row = 1: values,
+ * rows T*H, columns D): scale = max |x| / 127 (1 where that is 0; NaN where an element is, infinite where one
+ * is), q = x / scale rounded half to even and clamped to +-127 (0 where NaN). 0, or -1 where scratch could not be
+ * allocated. */
+int quantize_int8(const void *x, int dtype, int64_t rows, int64_t columns, int per_row, int8_t *q, float *scale) {
     float *row = scratch(columns * sizeof(float));
     uint32_t *largest = per_row ? NULL : scratch(columns * sizeof(uint32_t));
     if (row == NULL || (!per_row && largest == NULL)) return free(row), free(largest), -1;
-    /* |x|'s bits order as |x| does, and every NaN's above infinity's: their maximum is torch's amax */
     if (!per_row) {
         for (int64_t i = 0; i < columns; i++) largest[i] = 0;
         for (int64_t r = 0; r < rows; r++) {
-            load_row(x, r * stride, columns, dtype, row);
+            load_row(x, r * columns, columns, dtype, row);
             for (int64_t i = 0; i < columns; i++) {
-                const uint32_t a = bits_of(row[i]) & 0x7FFFFFFFu;
-                largest[i] = a > largest[i] ? a : largest[i];
+                const uint32_t m = magnitude(row[i]);
+                largest[i] = m > largest[i] ? m : largest[i];
             }
         }
-        for (int64_t i = 0; i < columns; i++) {
-            const float s = float_of(largest[i]) / 127.0f;
-            scale[i] = s == 0.0f ? 1.0f : s;
-        }
+        for (int64_t i = 0; i < columns; i++) scale[i] = int8_scale(largest[i]);
     }
     for (int64_t r = 0; r < rows; r++) {
-        load_row(x, r * stride, columns, dtype, row);
-        const float *s = scale;
+        load_row(x, r * columns, columns, dtype, row);
         if (per_row) {
-            uint32_t a_max = 0;
-            for (int64_t i = 0; i < columns; i++) {
-                const uint32_t a = bits_of(row[i]) & 0x7FFFFFFFu;
-                a_max = a > a_max ? a : a_max;
-            }
-            const float one = float_of(a_max) / 127.0f;
-            scale[r] = one == 0.0f ? 1.0f : one;
-            s = scale + r;
+            uint32_t most = 0;
+            for (int64_t i = 0; i < columns; i++) most = magnitude(row[i]) > most ? magnitude(row[i]) : most;
+            scale[r] = int8_scale(most);
         }
         for (int64_t i = 0; i < columns; i++) {
-            float v = row[i] / s[per_row ? 0 : i];
+            float v = row[i] / scale[per_row ? r : i];
             v = v == v ? v : 0.0f;
             v = v < -127.0f ? -127.0f : v > 127.0f ? 127.0f : v;
             q[r * columns + i] = (int8_t)(int)((v + 12582912.0f) - 12582912.0f);  /* half to even, as code_of */

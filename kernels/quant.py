@@ -49,7 +49,7 @@ def check_int8_payloads(payloads: Sequence[tuple[torch.Tensor, ...]], shapes: Se
     """(H, D) of a layer's int8 payloads of (T, H, D) `shapes` (one a source, one model's H and D), each checked to be
     contiguous (K codes int8 (T, H, D), V codes int8 (T, H, D), K scales float32 (1, H, D), V scales float32 (T, H,
     1)), the scales at addresses a float32 may have (they came from another party); ValueError if one is not."""
-    heads, channels = _one_model(shapes)
+    heads, channels = common_heads(shapes)
     for payload, (tokens, *_) in zip(payloads, shapes, strict=True):
         expected = ((tokens, heads, channels), (tokens, heads, channels), (1, heads, channels), (tokens, heads, 1))
         if len(payload) != 4 or any(t.dtype != dtype or t.shape != shape or not t.is_contiguous() for t, shape, dtype
@@ -60,7 +60,7 @@ def check_int8_payloads(payloads: Sequence[tuple[torch.Tensor, ...]], shapes: Se
     return heads, channels
 
 
-def _one_model(shapes: Sequence[tuple[int, int, int]]) -> tuple[int, int]:
+def common_heads(shapes: Sequence[tuple[int, int, int]]) -> tuple[int, int]:
     """The (H, D) every one of a layer's (T, H, D) `shapes` has; ValueError if they differ (or there are none)."""
     if not shapes or any(tuple(shape[1:]) != tuple(shapes[0][1:]) for shape in shapes):
         raise ValueError(f"payloads of one (H, D): got shapes {list(shapes)}")
@@ -208,7 +208,7 @@ def check_payloads(payloads: Sequence[tuple[torch.Tensor, ...]], shapes: Sequenc
                    ) -> tuple[int, int, list[PayloadLayout]]:
     """(H, D, each payload's layout) of a layer's payloads of (T, H, D) `shapes` (one a source, one model's H and D),
     each checked by `check_payload` against its own shape; ValueError if one is not its shape's."""
-    heads, channels = _one_model(shapes)
+    heads, channels = common_heads(shapes)
     layouts = [payload_layout(shape[0], channels, key_bits, key_group, value_bits, value_group) for shape in shapes]
     for payload, layout in zip(payloads, layouts, strict=True):
         check_payload(payload, layout, heads)

@@ -37,7 +37,7 @@ def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
         "dequantize_tokens": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _INT, _I64, _PTR, _I64, _INT], _INT),
         "dequantize_channels": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _I64, _INT], _INT),
         "all_finite": ([_PTR, _I64, _INT], _INT),
-        "quantize_int8": ([_PTR, _INT, _I64, _I64, _I64, _INT, _PTR, _PTR], _INT),
+        "quantize_int8": ([_PTR, _INT, _I64, _I64, _INT, _PTR, _PTR], _INT),
         "dequantize_int8_kv": ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _INT], _INT),
         "quantize_kv": ([_PTR, _PTR, _INT, _I64, _I64, _I64, _INT, _I64, _I64, _INT, _I64, _I64, _PTR, _I64, _PTR, _I64,
                          _PARTS], _INT),
@@ -128,7 +128,7 @@ def quantize_int8(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor
     per_row = dim != 0
     scale = torch.empty((tokens, heads, 1) if per_row else (1, heads, channels), dtype=torch.float32)
     rows, columns = (tokens * heads, channels) if per_row else (tokens, heads * channels)
-    _check(kernel.quantize_int8(x.data_ptr(), _DTYPES[x.dtype], rows, columns, columns, per_row, q.data_ptr(),
+    _check(kernel.quantize_int8(x.data_ptr(), _DTYPES[x.dtype], rows, columns, per_row, q.data_ptr(),
                                 scale.data_ptr()))
     return q, scale
 

@@ -8,9 +8,9 @@ ranks' shards of a payload along the heads axis (dim 1 of every payload tensor: 
 scales, question queries) into what one device would publish, and splits a fetched payload into each rank's
 heads. With more ranks than KV heads vLLM gives several ranks a copy of one KV head: only the lowest of them
 contributes it. Every rank gets the same outcome for the same slot (published, fetched, or one error): the ranks
-run in lockstep, so a session fails on all of them or on none. A rank that fails a session on its own (a check
-that sees only its heads) abandons it at the gateway: the session's open slots and every later call of it fail,
-on every rank, at once.
+run in lockstep, so a session fails on all of them or on none. (What a rank checks of its own heads alone the
+ranks agree on first: `vllm_ext.attention._agreed`.) A rank that still fails a session on its own (a bug)
+abandons it at the gateway: the session's open slots and every later call of it fail, on every rank, at once.
 """
 
 from __future__ import annotations
@@ -230,9 +230,8 @@ class RankGateway:
         return self._slots.setdefault(key, _Slot()), new
 
     def _abandon(self, rank: int, session: str, error: str) -> None:
-        """A rank failed the session on its own (a check of only its heads, the model's values in its heads): the
-        session's slots fail now, and so does every later call of it, on every rank, instead of stalling the ranks
-        still waiting on this one's shards for the longest wait."""
+        """A rank failed the session on its own: the session's slots fail now, and so does every later call of it,
+        on every rank, instead of stalling the ranks still waiting on this one's shards for the longest wait."""
         with self._changed:
             reason = self._abandoned.setdefault(session, f"rank {rank} failed the session: {error}")
             for key, slot in self._slots.items():
