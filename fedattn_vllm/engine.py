@@ -84,6 +84,8 @@ class FederatedLLM:
                 os.environ.pop(CPU_BINDING_ENV, None)
         self.engine = EngineHandle(self.llm)
         self.workers = Workers(self.llm)  # FedAttn's state where the model runs (one worker per rank)
+        if self.tensor_parallel_size > 1:  # the ranks are processes of their own: no compile inside a step
+            self.workers.run_eager()
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.engine.max_model_len
         self.admission = GangAdmission(EngineCapacity(

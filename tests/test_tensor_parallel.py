@@ -27,9 +27,15 @@ def _cases(vocab: int, num_layers: int, selections: tuple[str, ...]) -> list:
     return [random_case(rng, vocab, num_layers, WIRES, selections) for _ in range(16)]
 
 
-def _run_colocated_tp2() -> tuple[list[list[tuple]], dict]:
+def _graphs_compiled(worker) -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _run_colocated_tp2() -> tuple[list[list[tuple]], dict, list[int]]:
     """In a child process: every grid's sessions on a colocated TP = 2 engine, as (error, tokens, published bytes,
-    received bytes), and what the engine holds afterwards. A child, because in-process vLLM engines share the
+    received bytes), what the engine holds afterwards and the graphs each rank compiled. A child, because in-process vLLM engines share the
     process's distributed state and one that stops tears it down: the other tests' TP = 1 engine stays clear."""
     from fedattn_vllm.engine import FederatedLLM
 
@@ -39,7 +45,7 @@ def _run_colocated_tp2() -> tuple[list[list[tuple]], dict]:
         results = llm.generate([c.session() for c in _cases(len(llm.tokenizer), llm.num_layers, selections)])
         grids.append([(r.error, {g: o.token_ids for g, o in r.outputs.items()}, r.cost.published_bytes,
                        r.cost.received_bytes) for r in results])
-    return grids, llm.holdings()
+    return grids, llm.holdings(), llm.llm.collective_rpc(_graphs_compiled)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +71,13 @@ def test_tp2_equals_tp1_token_for_token_and_bytes_match_the_cost_model(colocated
         assert received == [c.download_bytes for c in costs], case
     # nothing left on either rank
     assert colocated_tp2[1] == {"sessions": 0, "paged_blocks": 0, "requests": 0, "unfinished": 0}
+
+
+def test_tp2_ranks_compile_nothing_inside_a_step(colocated_tp2):
+    """vLLM compiles the vocab-parallel embedding's masking at a rank's first step unless torch.compile is off in
+    the ranks (`surface.run_eager`); inside a federated step every other party waits on that build (minutes on a
+    loaded machine: the orchestrator gave such an engine up as stalled)."""
+    assert colocated_tp2[2] == [0, 0]
 
 
 @pytest.fixture(scope="module")

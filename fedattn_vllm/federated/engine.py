@@ -42,13 +42,16 @@ from fedattn_vllm.federated.coordinator import write_ready_file
 from fedattn_vllm.federated.curve import ClientCurve, ServerCurve, bind_or_close
 from fedattn_vllm.federated.lifeline import exit_with_parent
 from fedattn_vllm.federated.ranks import HeadShards, RankExchange, RankGateway
+from fedattn_vllm.federated.stall import StepWatch
 from fedattn_vllm.federated.wire import Dropped, WireError, decode, encode
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
+from fedattn_vllm.vllm_ext.surface import run_eager
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
 MAX_CONSECUTIVE_FAILURES = 3  # failed rounds in a row after which the engine process exits
 MAX_COMMAND_BYTES = 64 << 20  # a submit carries the hosted segments (text or ids) and the public prefix
+STEP_REPORT_S = 60.0  # a step running this long has every thread's stack logged (stall.py)
 
 
 class EngineServer:
@@ -80,6 +83,7 @@ class EngineServer:
         self.driver = SessionDriver(llm)
         self._orchestrators: dict[str, bytes] = {}  # session -> the orchestrator that submitted it
         self._last_beat = 0.0
+        self._step_watch: StepWatch | None = None  # while serving
         self.dropped = Dropped(__name__)  # control messages dropped unanswered, by reason
         self._stop = False
 
@@ -88,6 +92,7 @@ class EngineServer:
         """The engine loop. A round that raises fails the sessions this engine holds, and the loop goes on;
         after MAX_CONSECUTIVE_FAILURES such rounds the engine exits (a local launcher restarts it)."""
         failures = 0
+        self._step_watch = StepWatch(STEP_REPORT_S)
         try:
             while not self._stop:
                 try:
@@ -100,6 +105,7 @@ class EngineServer:
                     if failures >= MAX_CONSECUTIVE_FAILURES:
                         raise
         finally:
+            self._step_watch.close()
             self.driver.fail_all("engine shutting down")
             self._socket.close(0)
             if self._authenticator is not None:
@@ -110,7 +116,8 @@ class EngineServer:
 
     def _round(self) -> None:
         self._receive(timeout_ms=0 if self.driver.stepping else 100)
-        progress = self.driver.advance()
+        with self._step_watch.step():
+            progress = self.driver.advance()
         for run in progress.reserved:
             log.debug("session %s reserved (participants %s)", run.session_id, list(run.prompts))
             self._send(self._orchestrators[run.session_id], {
@@ -242,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("set FEDATTN_ENGINE_KEY (the orchestrator's secret for this engine's control socket)")
     curve = link_security.server_curve(args, parser)
     coordinator_curve = link_security.coordinator_client_curve(args, parser)
+    run_eager()  # this process is the engine's: nothing compiles inside a step that other parties wait on
     llm = FederatedLLM(args.model, **json.loads(args.engine_args))
     server = EngineServer(llm, args.bind, args.coordinator, control_key=key.encode(), curve=curve,
                           coordinator_curve=coordinator_curve)

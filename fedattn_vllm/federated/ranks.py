@@ -281,6 +281,7 @@ class RankExchange(KVExchange):
         self._socket.setsockopt(zmq.REQ_RELAXED, 1)  # a new request after an unanswered one
         self._socket.setsockopt(zmq.REQ_CORRELATE, 1)  # ... and the late answer to the old one dropped
         self._socket.connect(endpoints[rank])
+        self._rank = rank
         self._contributes_kv = PayloadKind.KV in counted  # a copy of another rank's KV heads sends none
         self._host = os.getppid()  # the engine process, which serves the gateway and started this rank
 
@@ -289,7 +290,7 @@ class RankExchange(KVExchange):
         with self._lock:
             try:
                 self._socket.send_multipart(encode(header, payload), copy=False)
-                self._await_reply(MAX_WAIT_S + 2 * REPLY_MARGIN_S if wait_s is None else wait_s)
+                self._await_reply(header, MAX_WAIT_S + 2 * REPLY_MARGIN_S if wait_s is None else wait_s)
                 reply, tensors = decode(self._socket.recv_multipart(copy=False))
             except (zmq.ZMQError, WireError) as error:
                 raise RankGatewayError(f"the engine's rank gateway: {error}") from None
@@ -297,15 +298,20 @@ class RankExchange(KVExchange):
             raise KVExchangeError(reply.get("error", "refused"))
         return tensors
 
-    def _await_reply(self, wait_s: float) -> None:
+    def _await_reply(self, header: dict, wait_s: float) -> None:
         """Until the gateway answers: RankGatewayError once the engine process is gone (a rank blocked here must not
         outlive it: vLLM's own watch of its parent acts only between steps) or `wait_s` has passed."""
-        deadline = time.monotonic() + wait_s
+        start = time.monotonic()
+        report = start + STALL_REPORT_S
         while not self._socket.poll(int(1000 * HOST_CHECK_S)):
             if os.getppid() != self._host:
                 raise RankGatewayError("the engine process that hosts the rank gateway is gone")
-            if time.monotonic() > deadline:
+            if (now := time.monotonic()) > start + wait_s:
                 raise RankGatewayError("the engine's rank gateway did not answer")
+            if now >= report:  # the gateway's own report says whether the call reached it
+                log.warning("rank %d has waited %.0f s for its gateway's answer to %s of session %s", self._rank,
+                            now - start, header["op"], header["session"])
+                report += STALL_REPORT_S
 
     def publish(self, session: str, participant: int, layer: int, kv: Payload,
                 kind: PayloadKind = PayloadKind.KV) -> None:

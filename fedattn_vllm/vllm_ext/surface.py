@@ -128,6 +128,18 @@ def install_forward_hook(hook: Callable) -> None:
 CPU_BINDING_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # the CPUs of each rank's OpenMP threads, "0-3|4-7"
 
 
+def run_eager() -> None:
+    """torch.compile off in this process: vLLM's helpers that still compile under `enforce_eager` (under tensor
+    parallelism the vocab-parallel embedding's input masking, at every rank's first step; logprob counting at the
+    first request for logprobs) run as the plain torch ops they are. Compiled just in time, they would run inside
+    a step, and in federated mode every other party of that step's sessions waits on it: a TP = 2 engine's first
+    step took 118 s on a loaded 2-core machine with a cold inductor cache (one rank building and probing C++, its
+    peer spinning in the all-reduce). Only for processes FedAttn owns (a rank, a federated engine)."""
+    import torch._dynamo
+
+    torch._dynamo.config.disable = True
+
+
 def cpu_rank_binding(ranks: int) -> str | None:
     """This process's CPUs split evenly among `ranks` CPU workers where vLLM's own choice ("auto", a NUMA node per
     rank) would refuse them for want of nodes; None where it would not."""

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from fedattn_vllm.exchange import ExchangeStats, KVExchange, PayloadKind
 from fedattn_vllm.vllm_ext.sessions import REGISTRY
-from fedattn_vllm.vllm_ext.surface import tensor_parallel_rank
+from fedattn_vllm.vllm_ext.surface import run_eager, tensor_parallel_rank
 from kernels.paged import blocks_in_use
 
 
@@ -36,6 +36,10 @@ def _sessions(worker) -> int:
 
 def _paged_blocks(worker) -> int:
     return blocks_in_use()
+
+
+def _run_eager(worker) -> None:
+    run_eager()
 
 
 def _install(worker, make: Callable[[int, frozenset[PayloadKind]], KVExchange]) -> None:
@@ -73,6 +77,10 @@ class Workers:
     def install_exchange(self, make: Callable[[int, frozenset[PayloadKind]], KVExchange]) -> None:
         """Give every worker the exchange `make(rank, kinds it counts)` (picklable: it travels to the workers)."""
         self._rpc(_install, args=(make,))
+
+    def run_eager(self) -> None:
+        """torch.compile off in every worker (`surface.run_eager`): for workers in processes of their own."""
+        self._rpc(_run_eager)
 
     def sessions(self) -> int:
         """Sessions some worker still holds state of."""
