@@ -133,35 +133,51 @@ class PagedKeys:
     def append(self, *parts: KV) -> None:
         """Add rows (T, H_kv, D), part after part, after those held (rows may be strided: a view of the batch's
         keys is read in place, as vLLM's own cache update reads it)."""
+        row = self._reserve(sum(k.shape[0] for k, _ in parts))
+        keys, values = self.pool.halves()
+        for k, v in parts:
+            if k.shape[0]:
+                ops.cpu_attn_reshape_and_cache(_rows(k), _rows(v), keys, values, self._slots[row: row + k.shape[0]],
+                                               self.pool.isa)
+                row += k.shape[0]
+
+    def _reserve(self, count: int) -> int:
+        """Room for `count` more rows (blocks taken as needed, a new last block's rows past the end zeroed): the
+        first of them, whose slots the caller then writes."""
         if self.released:
             raise ValueError("keys added after their blocks were released")
-        end = self.size + sum(k.shape[0] for k, _ in parts)
-        if end == self.size:
-            return
+        start, end = self.size, self.size + count
         pool, block = self.pool, self.pool.block_size
-        grown = (more := -(-end // block) - len(self._ids)) > 0
-        if grown:
+        if (more := -(-end // block) - len(self._ids)) > 0:
             ids = pool.allocate(more)
             self._ids.extend(ids)
             fresh = torch.tensor(ids, device=self._slots.device)
             self._slots = torch.cat([self._slots, (fresh[:, None] * block + pool.offsets).flatten()])
             self.block_table = torch.tensor(self._ids, dtype=torch.int32, device=self._slots.device)
-        keys, values = pool.halves()
-        for k, v in parts:
-            if k.shape[0]:
-                stop = self.size + k.shape[0]
-                ops.cpu_attn_reshape_and_cache(_rows(k), _rows(v), keys, values, self._slots[self.size: stop],
-                                               pool.isa)
-                self.size = stop
-        if grown and end % block:  # the new last block's rows past the end
-            tail = self._slots[end:]
-            zeros = pool.zeros[: tail.shape[0]]
-            ops.cpu_attn_reshape_and_cache(zeros, zeros, keys, values, tail, pool.isa)
+            if end % block:
+                tail = self._slots[end:]
+                zeros = pool.zeros[: tail.shape[0]]
+                ops.cpu_attn_reshape_and_cache(zeros, zeros, *pool.halves(), tail, pool.isa)
+        self.size = end
+        return start
+
+    def _slot(self, row: int) -> int:
+        return self._ids[row // self.pool.block_size] * self.pool.block_size + row % self.pool.block_size
 
     def release(self) -> None:
         """Give the blocks back now (idempotent; nothing may be read from or added to these keys after)."""
         self._finalizer()
         self.size = 0
+
+
+def append_each(held: Sequence[PagedKeys], keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Row i of keys/values (G, H_kv, D) after held[i]'s rows (every held in one pool): a decode step's new tokens,
+    one per generator, in one cache write instead of one each."""
+    pool = held[0].pool
+    if any(h.pool is not pool for h in held) or keys.shape[0] != len(held):
+        raise ValueError("one row per key set, every key set in one pool")
+    slots = torch.tensor([h._slot(h._reserve(1)) for h in held], device=pool.blocks.device)
+    ops.cpu_attn_reshape_and_cache(_rows(keys), _rows(values), *pool.halves(), slots, pool.isa)
 
 
 def paged_attention(query: torch.Tensor, lengths: Sequence[int], held: Sequence[PagedKeys], scale: float,

@@ -256,6 +256,46 @@ def test_a_pool_reuses_released_blocks_and_gives_its_memory_back_when_trimmed_wi
     assert pool.blocks.shape[0] == 0
 
 
+@VLLM_CPU_KERNEL
+def test_a_decode_steps_tokens_appended_in_one_write_equal_appending_each_and_attend_over_everything():
+    """A layer's decoding generators get their new token in one cache write (`append_each`: rows of the batch's
+    strided keys) across block boundaries into reused, poisoned blocks: the pool holds what one append per
+    generator writes, and each generator's token attends over its keys so far."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from kernels.paged import PagedKeys, PagedPool, append_each, paged_attention
+
+    heads, kv_heads, d, block, scale = 14, 2, 64, 16, 64**-0.5
+    isa = _get_attn_isa(torch.float32, block, d)
+    batched, single = (PagedPool(kv_heads, d, torch.float32, torch.device("cpu"), block, isa) for _ in range(2))
+    poison = PagedKeys(batched)
+    poison.append((torch.randn(200, kv_heads, d), torch.randn(200, kv_heads, d)))
+    batched.blocks[:] = float("nan")
+    poison.release()  # the generators' blocks are these, whatever they held
+    prompts = [(torch.randn(t, kv_heads, d), torch.randn(t, kv_heads, d)) for t in (15, 16, 1, 40)]
+    held = [PagedKeys(batched) for _ in prompts]
+    alone = [PagedKeys(single) for _ in prompts]
+    for keys, kv in [*zip(held, prompts), *zip(alone, prompts)]:
+        keys.append(kv)
+    every = [list(kv) for kv in prompts]  # (keys, values) so far
+    for _ in range(20):  # the batch: a row of another request, then the generators' tokens at a fused stride
+        qkv = torch.randn(1 + len(held), (heads + 2 * kv_heads) * d)
+        q, k, v = (t.view(-1, h, d) for t, h in zip(qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1),
+                                                       (heads, kv_heads, kv_heads)))
+        append_each(held, k[1:], v[1:])
+        for i, keys in enumerate(alone):
+            keys.append((k[1 + i: 2 + i], v[1 + i: 2 + i]))
+            every[i] = [torch.cat([every[i][0], k[1 + i: 2 + i]]), torch.cat([every[i][1], v[1 + i: 2 + i]])]
+        out = paged_attention(q[1:], [1] * len(held), held, scale)
+        for i in range(len(held)):
+            assert_close(out[i:i + 1], decode_attention(q[1 + i: 2 + i], [every[i][0]], [every[i][1]], scale))
+    for batch_keys, one_keys in zip(held, alone):
+        assert batch_keys.size == one_keys.size
+        assert torch.equal(batched.blocks[batch_keys.block_table.long()], single.blocks[one_keys.block_table.long()])
+    with pytest.raises(ValueError, match="one row per key set"):
+        append_each(held, k[1:3], v[1:3])
+
+
 def test_lse_is_the_log_partition_function():
     q, k, v = torch.randn(3, 2, 8), torch.randn(5, 1, 8), torch.randn(5, 1, 8)
     _, lse = partial_attention(q, k, v, 0.5)

@@ -29,7 +29,7 @@ from fedattn_vllm.vllm_ext.batch import FedAttnBatch, ParticipantRows, current_b
 from fedattn_vllm.vllm_ext.sessions import REGISTRY, GrowingKV
 from fedattn_vllm.vllm_ext.surface import cpu_paging, head_combine, rank_agreement, stock_forward_skippable
 from kernels import concat_kv, decode_attention, fused_partial_attention, gather_tokens, merge_attention
-from kernels.paged import PagedKeys, fits_output, paged_attention, pool_for
+from kernels.paged import PagedKeys, append_each, fits_output, paged_attention, pool_for
 
 
 def apply_sync_layer(
@@ -59,6 +59,7 @@ def apply_sync_layer(
     paged: list[tuple[ParticipantRows, slice, PagedKeys, int | None]] = []
     temporary: list[PagedKeys] = []  # prefill keys, released after the call
     decoding: list[tuple[ParticipantRows, GrowingKV]] = []
+    growing: list[tuple[ParticipantRows, PagedKeys]] = []  # decoding generators' paged keys, before this token
     for e in batch.entries:
         if not e.session.recomputes(e.participant, layer):  # elsewhere vLLM's own output stands
             continue
@@ -70,11 +71,16 @@ def apply_sync_layer(
                     paged.append((e, slice(e.rows.start, e.segment_rows.start), held, e.session.prefix_len))
                 temporary.append(held)
         elif e.session.decodes_from_buffer(e.participant, layer):
-            held = _isolated(e, _decode_keys, layer, key, value, paging)
+            held = _isolated(e, _decode_keys, layer, key, paging)
             if isinstance(held, PagedKeys):
-                paged.append((e, e.rows, held, None))  # its new tokens are the keys' last rows
+                growing.append((e, held))
             elif held is not None:
+                held.append((key[e.rows], value[e.rows]))
                 decoding.append((e, held))
+    if growing:  # every generator's new token in one cache write; it is then its keys' last row
+        rows = torch.tensor([e.rows.start for e, _ in growing], device=key.device)
+        append_each([held for _, held in growing], key[rows], value[rows])
+        paged.extend((e, e.rows, held, None) for e, held in growing)
     # A session that failed after its rows were gathered (a later participant's exchange error) is left out: its
     # keys are released and its rows are the driver's to discard.
     live = sorted(((rows, held, seen) for e, rows, held, seen in paged if e.session.error is None),
@@ -199,10 +205,10 @@ def _agreed(read, device: torch.device, *args):
     return result
 
 
-def _decode_keys(e: ParticipantRows, layer: int, key, value, paging) -> GrowingKV | PagedKeys:
-    """A generator's token: every key/value it attends to at `layer` (foreign + own kept prompt + generated)."""
-    return e.session.decode_keys(e.participant, layer, (key[e.rows], value[e.rows]), _fetcher(e, layer, key),
-                                 e.max_tokens, paging)
+def _decode_keys(e: ParticipantRows, layer: int, key, paging) -> GrowingKV | PagedKeys:
+    """A generator's token: every key/value it attends to at `layer` before it (foreign + own kept prompt +
+    generated)."""
+    return e.session.decode_keys(e.participant, layer, _fetcher(e, layer, key), e.max_tokens, paging)
 
 
 def _attend_prefill(e: ParticipantRows, layer: int, query, key, value, output, scale: float,

@@ -140,10 +140,10 @@ class SessionState:
             self.kept_foreign[participant, layer] = parts
         return parts
 
-    def decode_keys(self, participant: int, layer: int, kv: KV, fetch, max_tokens: int,
+    def decode_keys(self, participant: int, layer: int, fetch, max_tokens: int,
                     paging: tuple[int, str] | None) -> GrowingKV | PagedKeys:
-        """Keys/values a generator's new tokens `kv` attend to at `layer`: foreign (if any) + own prompt (kept
-        tokens) + generated, this step's included.
+        """Keys/values a generator's decode attends to at `layer` before this step's tokens (the caller appends
+        them): foreign (if any) + own prompt (kept tokens) + generated.
 
         Built once at the first decode step (the foreign set never changes after prefill), then grown: in
         vLLM's CPU cache layout where `paging` gives its (block size, instruction set), so that vLLM's kernel
@@ -152,11 +152,10 @@ class SessionState:
         """
         held = self.decode_kv.get((participant, layer))
         if held is not None:
-            held.append(kv)
             return held
-        parts = [*self.foreign(participant, layer, False, fetch), self.prompt_kv.pop((participant, layer)), kv]
+        parts = [*self.foreign(participant, layer, False, fetch), self.prompt_kv.pop((participant, layer))]
         if paging is not None:
-            held = PagedKeys(pool_for(kv[0], *paging))
+            held = PagedKeys(pool_for(parts[-1][0], *paging))
             held.append(*parts)
         else:
             held = GrowingKV(parts[0], sum(k.shape[0] for k, _ in parts) + max_tokens)
