@@ -57,7 +57,7 @@ def apply_sync_layer(
     # decoding generators are one padded torch call.
     # (entry, batch rows, keys whose last rows of the first `seen` (None: all) they are)
     paged: list[tuple[ParticipantRows, slice, PagedKeys, int | None]] = []
-    temporary: list[PagedKeys] = []  # prefill keys, released after the call
+    temporary: list[PagedKeys] = []  # prefill keys no decode reads, released after the call
     decoding: list[tuple[ParticipantRows, GrowingKV]] = []
     growing: list[tuple[ParticipantRows, PagedKeys]] = []  # decoding generators' paged keys, before this token
     for e in batch.entries:
@@ -69,7 +69,8 @@ def apply_sync_layer(
                 paged.append((e, e.segment_rows, held, None))
                 if whole and e.session.prefix_len:  # the public prefix's rows over the prefix alone
                     paged.append((e, slice(e.rows.start, e.segment_rows.start), held, e.session.prefix_len))
-                temporary.append(held)
+                if not e.session.decodes_from_buffer(e.participant, layer):  # else kept for its decode
+                    temporary.append(held)
         elif e.session.decodes_from_buffer(e.participant, layer):
             held = _isolated(e, _decode_keys, layer, key, paging)
             if isinstance(held, PagedKeys):
@@ -223,17 +224,21 @@ def _attend_prefill(e: ParticipantRows, layer: int, query, key, value, output, s
     prefix, length = state.prefix_len, state.lengths[n]
     kept = state.plan.kept_positions(n, layer, length, key[e.segment_rows], head_combine()) \
         if state.sparse_local(n) else None
-    if state.decodes_from_buffer(n, layer):
+    on_kernel = kept is None and paging is not None  # one causal softmax over [prefix, foreign, segment]
+    buffered = state.decodes_from_buffer(n, layer)  # a generator whose decode needs these keys again
+    if buffered and not on_kernel:
         rows = None if kept is None else torch.cat([torch.arange(prefix, device=kept.device), prefix + kept])
         state.prompt_kv[n, layer] = (gather_tokens(own[0], rows).clone(), gather_tokens(own[1], rows).clone())
     foreign = state.foreign(n, layer, True, fetch)
-    if not foreign and kept is None and not whole:
-        return None
     # Only the segment's rows change (the prefix precedes every foreign token and keeps all of itself).
-    if kept is None and paging is not None:  # one causal softmax over [prefix, foreign, segment] on vLLM's kernel
+    if on_kernel and (foreign or whole or buffered):
         held = PagedKeys(pool_for(own[0], *paging))
         held.append((own[0][:prefix], own[1][:prefix]), *foreign, (own[0][prefix:], own[1][prefix:]))
-        return held
+        if buffered:
+            state.keep_for_decode(n, layer, held)
+        return held if foreign or whole else None
+    if not foreign and kept is None and not whole:
+        return None
     q = query[e.segment_rows]
     mask = None if kept is None else _local_mask(prefix, length, kept.to(q.device))
     out_own, lse_own = fused_partial_attention(q, own[0], own[1], scale, causal=True, mask=mask)

@@ -59,6 +59,9 @@ class SessionState:
     # (generator, layer) -> its own prompt's K/V (public prefix and the segment's kept tokens), kept from its
     # prefill to its first decode step
     prompt_kv: dict[tuple[int, int], KV] = field(default_factory=dict)
+    # (generator, layer) -> its prefill's paged keys (public prefix, the foreign K/V before it, its segment), which
+    # its first decode step goes on from
+    prefill_keys: dict[tuple[int, int], PagedKeys] = field(default_factory=dict)
     # (generator, layer) -> every key/value its decode attends over: foreign, own segment, generated so far
     decode_kv: dict[tuple[int, int], GrowingKV | PagedKeys] = field(default_factory=dict)
     # (generator, layer) -> the foreign K/V parts its prefill fetched, kept for its first decode step
@@ -74,10 +77,11 @@ class SessionState:
 
     def drop_kv(self) -> None:
         """Free the K/V this worker keeps for the session (paged decode keys give their blocks back)."""
-        for held in self.decode_kv.values():
+        for held in [*self.decode_kv.values(), *self.prefill_keys.values()]:
             if isinstance(held, PagedKeys):
                 held.release()
         self.prompt_kv.clear()
+        self.prefill_keys.clear()
         self.decode_kv.clear()
         self.kept_foreign.clear()
 
@@ -140,18 +144,32 @@ class SessionState:
             self.kept_foreign[participant, layer] = parts
         return parts
 
+    def keep_for_decode(self, participant: int, layer: int, keys: PagedKeys) -> None:
+        """A generator's prefill keys at `layer` (public prefix, the foreign K/V before it, its whole segment) stay
+        for its decode, which appends those of the participants after it: nothing of them is copied again."""
+        self.kept_foreign.pop((participant, layer), None)  # in `keys` now
+        self.prefill_keys[participant, layer] = keys
+
     def decode_keys(self, participant: int, layer: int, fetch, max_tokens: int,
                     paging: tuple[int, str] | None) -> GrowingKV | PagedKeys:
         """Keys/values a generator's decode attends to at `layer` before this step's tokens (the caller appends
         them): foreign (if any) + own prompt (kept tokens) + generated.
 
-        Built once at the first decode step (the foreign set never changes after prefill), then grown: in
+        Its prefill's paged keys where it kept them (`keep_for_decode`), else built once at the first decode step
+        (the foreign set never changes after prefill); then grown: in
         vLLM's CPU cache layout where `paging` gives its (block size, instruction set), so that vLLM's kernel
         attends over it (kernels/paged.py; its blocks go back to their pool when the session drops it), else
         with room for the generator's `max_tokens`.
         """
         held = self.decode_kv.get((participant, layer))
         if held is not None:
+            return held
+        held = self.prefill_keys.pop((participant, layer), None)
+        if held is not None:  # the participants after it join its prefill's keys
+            self.decode_kv[participant, layer] = held
+            before = self.sources(participant, layer, prefill=True)
+            if later := [m for m in self.sources(participant, layer, prefill=False) if m not in before]:
+                held.append(*fetch(later))
             return held
         parts = [*self.foreign(participant, layer, False, fetch), self.prompt_kv.pop((participant, layer))]
         if paging is not None:
