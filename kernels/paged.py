@@ -162,6 +162,7 @@ class PagedKeys:
         return start
 
     def _slot(self, row: int) -> int:
+        """Row `row`'s slot in the pool (what `_slots` holds for it), computed without a tensor op."""
         return self._ids[row // self.pool.block_size] * self.pool.block_size + row % self.pool.block_size
 
     def release(self) -> None:
