@@ -26,7 +26,7 @@ from fedattn_vllm.exchange import KV, KVExchangeError, PayloadKind
 from fedattn_vllm.kv_wire import decode_checked, encode_kv, questions_checked
 from fedattn_vllm.selection import QUESTION_ROWS
 from fedattn_vllm.vllm_ext.batch import FedAttnBatch, ParticipantRows, current_batch
-from fedattn_vllm.vllm_ext.sessions import REGISTRY, GrowingKV
+from fedattn_vllm.vllm_ext.sessions import REGISTRY, GrowingKV, SessionState
 from fedattn_vllm.vllm_ext.surface import cpu_paging, head_combine, rank_agreement, stock_forward_skippable
 from kernels import concat_kv, decode_attention, fused_partial_attention, gather_tokens, merge_attention
 from kernels.paged import PagedKeys, append_each, fits_output, paged_attention, pool_for
@@ -60,16 +60,18 @@ def apply_sync_layer(
     temporary: list[PagedKeys] = []  # prefill keys no decode reads, released after the call
     decoding: list[tuple[ParticipantRows, GrowingKV]] = []
     growing: list[tuple[ParticipantRows, PagedKeys]] = []  # decoding generators' paged keys, before this token
-    for e in batch.entries:
+    chains, chain_keepers = _key_chains(batch, layer, key, value, paging)
+    for i, e in enumerate(batch.entries):
         if not e.session.recomputes(e.participant, layer):  # elsewhere vLLM's own output stands
             continue
         if e.prefill:
-            held = _isolated(e, _attend_prefill, layer, query, key, value, output, scale, paging, whole)
+            chain, seen = chains.get(i, (None, None))
+            held = _isolated(e, _attend_prefill, layer, query, key, value, output, scale, paging, whole, chain)
             if held is not None:
-                paged.append((e, e.segment_rows, held, None))
+                paged.append((e, e.segment_rows, held, seen))
                 if whole and e.session.prefix_len:  # the public prefix's rows over the prefix alone
                     paged.append((e, slice(e.rows.start, e.segment_rows.start), held, e.session.prefix_len))
-                if not e.session.decodes_from_buffer(e.participant, layer):  # else kept for its decode
+                if chain is None and not e.session.decodes_from_buffer(e.participant, layer):  # else kept
                     temporary.append(held)
         elif e.session.decodes_from_buffer(e.participant, layer):
             held = _isolated(e, _decode_keys, layer, key, paging)
@@ -90,6 +92,9 @@ def apply_sync_layer(
         _attend_paged(live, query, output, scale)
     for held in temporary:
         held.release()
+    for held, state, last in chain_keepers:  # a chain its last user did not keep for its decode
+        if state.prefill_keys.get((last, layer)) is not held:
+            held.release()
     if whole:  # a session that failed in this step: rows the driver discards, zeros rather than what memory held
         for e in batch.entries:
             if e.session.error is not None:
@@ -99,6 +104,41 @@ def apply_sync_layer(
         keys = [held.rows() for _, held in decoding]
         attended = decode_attention(query[rows], [k for k, _ in keys], [v for _, v in keys], scale)
         output[rows] = attended.to(output.dtype)
+
+
+def _key_chains(batch: FedAttnBatch, layer: int, key: torch.Tensor, value: torch.Tensor,
+                paging: tuple[int, str] | None
+                ) -> tuple[dict[int, tuple[PagedKeys, int]], list[tuple[PagedKeys, SessionState, int]]]:
+    """Key sets shared by a session's prefilling participants on vLLM's kernel: where participants' keys at `layer`
+    are [public prefix, segment 0, ..., their own segment] (`SessionState.prefill_keys_chain`), one key set of the
+    session's segments, in order, serves them all (each seeing its first rows), copied into the pool once instead
+    of a segment once for every participant that sees it. The prefix is the first participant's rows (every
+    participant's are the same computation: prefix rows see the prefix alone).
+
+    Returns ({batch entry index: (its chain, how many rows it sees)}, [(chain, session, its last user)]). A
+    generator whose decode goes on from its prefill keys uses a chain only as its last user; the chain is then
+    kept for that decode, else released after the layer."""
+    if paging is None:
+        return {}, []
+    sessions: dict[str, dict[int, tuple[int, ParticipantRows]]] = {}  # session id -> participant -> (index, rows)
+    for i, e in enumerate(batch.entries):
+        if e.prefill and e.session.error is None:
+            sessions.setdefault(e.session.session_id, {})[e.participant] = (i, e)
+    chains, keepers = {}, []
+    for present in sessions.values():
+        state = next(iter(present.values()))[1].session
+        users = [n for n in sorted(present) if all(m in present for m in range(n))
+                 and state.recomputes(n, layer) and state.prefill_keys_chain(n, layer)]
+        users = [n for n in users if n == users[-1] or not state.decodes_from_buffer(n, layer)]
+        if len(users) < 2:
+            continue
+        prefix = slice(present[0][1].rows.start, present[0][1].segment_rows.start)
+        segments = [present[m][1].segment_rows for m in range(users[-1] + 1)]
+        held = PagedKeys(pool_for(key, *paging))
+        held.append(*((key[rows], value[rows]) for rows in [prefix, *segments]))
+        chains |= {present[n][0]: (held, state.offset(n) + state.lengths[n]) for n in users}
+        keepers.append((held, state, users[-1]))
+    return chains, keepers
 
 
 def _attend_paged(requests: list[tuple[slice, PagedKeys, int | None]], query: torch.Tensor, output: torch.Tensor,
@@ -213,10 +253,11 @@ def _decode_keys(e: ParticipantRows, layer: int, key, paging) -> GrowingKV | Pag
 
 
 def _attend_prefill(e: ParticipantRows, layer: int, query, key, value, output, scale: float,
-                    paging, whole: bool) -> PagedKeys | None:
+                    paging, whole: bool, chain: PagedKeys | None = None) -> PagedKeys | None:
     """The participant's segment rows over own (kept) + foreign K/V: on vLLM's CPU kernel the keys, paged, for the
-    layer's one call (its rows are their last rows; `whole`: even where it sees no foreign K/V, vLLM's own
-    attention having not run); elsewhere (or sparse local) attended here. None: done."""
+    layer's one call (its rows are their last rows, or the first rows of its session's `chain` where given:
+    `_key_chains`; `whole`: even where it sees no foreign K/V, vLLM's own attention having not run); elsewhere (or
+    sparse local) attended here. None: done."""
     state, n = e.session, e.participant
     own = key[e.rows], value[e.rows]  # public prefix + segment
     fetch = _fetcher(e, layer, key)
@@ -230,6 +271,10 @@ def _attend_prefill(e: ParticipantRows, layer: int, query, key, value, output, s
         rows = None if kept is None else torch.cat([torch.arange(prefix, device=kept.device), prefix + kept])
         state.prompt_kv[n, layer] = (gather_tokens(own[0], rows).clone(), gather_tokens(own[1], rows).clone())
     foreign = state.foreign(n, layer, True, fetch)
+    if on_kernel and chain is not None:  # the foreign K/V fetched (checked, counted) are the chain's rows
+        if buffered:
+            state.keep_for_decode(n, layer, chain)
+        return chain if foreign or whole else None
     # Only the segment's rows change (the prefix precedes every foreign token and keeps all of itself).
     if on_kernel and (foreign or whole or buffered):
         held = PagedKeys(pool_for(own[0], *paging))

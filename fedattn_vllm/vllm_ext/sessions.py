@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedattn_vllm.config import FedAttnPlan
+from fedattn_vllm.config import FedAttnPlan, KVWire
 from fedattn_vllm.exchange import KV, InProcessKVExchange, KVExchange
 from kernels import concat_kv
 from kernels.paged import PagedKeys, pool_for, trim_pools
@@ -119,6 +119,15 @@ class SessionState:
         """Whether the participant's rows at `layer` differ from vLLM's own attention over its request: someone
         in the session shares there, or it attends to only some of its own tokens."""
         return layer in self.plan.sync_layers or self.sparse_local(participant)
+
+    def prefill_keys_chain(self, participant: int, layer: int) -> bool:
+        """Whether the participant's prefill keys at `layer` are exactly [public prefix, segment 0, ..., its own
+        segment]: it sees every earlier participant (and no other) at `layer`, each sharing its whole segment as
+        exact K/V, and keeps all of its own. Such participants' keys are the first rows of one key set."""
+        earlier = range(participant)
+        return (self.plan.config.kv_wire is KVWire.NATIVE and not self.sparse_local(participant)
+                and self.sources(participant, layer, prefill=True) == tuple(earlier)
+                and all(self.plan.shared_count(m, self.lengths[m]) == self.lengths[m] for m in earlier))
 
     def decodes_from_buffer(self, participant: int, layer: int) -> bool:
         """Whether a generator's decode at `layer` needs keys the paged cache cannot give alone: foreign K/V, or
