@@ -12,6 +12,7 @@ from fedattn_vllm.exchange import KV, InProcessKVExchange, KVExchange
 from kernels import concat_kv
 from kernels.paged import PagedKeys, pool_for, trim_pools
 
+POOL_IDLE_S = 10.0  # seconds an idle worker keeps its paged pools' memory for the next sessions
 METADATA_KEY = "fedattn"  # SamplingParams.extra_args[METADATA_KEY]: a ParticipantMetadata marks a participant
 
 
@@ -194,10 +195,11 @@ class SessionState:
 class SessionRegistry:
     """Sessions this worker has seen, keyed by id, and the exchange they publish to."""
 
-    def __init__(self, exchange: KVExchange):
-        self.exchange = exchange
+    def __init__(self, exchange: KVExchange, pool_idle_s: float = POOL_IDLE_S):
+        self.exchange, self.pool_idle_s = exchange, pool_idle_s
         self._lock = threading.Lock()
         self._sessions: dict[str, SessionState] = {}
+        self._trim: threading.Timer | None = None  # the pending `_trim_when_idle`
 
     def get_or_create(self, metadata: ParticipantMetadata) -> SessionState:
         with self._lock:
@@ -223,13 +225,31 @@ class SessionRegistry:
 
     def release(self, session_id: str) -> None:
         """Free the session's own and published K/V (idempotent); with no session left, the paged buffers' memory
-        too."""
+        too once the worker has stayed idle (`_trim_when_idle`)."""
         with self._lock:
             state = self._sessions.pop(session_id, None)
             idle = not self._sessions
         if state is not None:
             state.drop_kv()
         self.exchange.release(session_id)
+        if idle:
+            self._trim_when_idle()
+
+    def _trim_when_idle(self) -> None:
+        """Give the paged pools' memory back if the worker still holds no session `pool_idle_s` from now: sessions
+        back to back reuse it (growing a pool again copies it and faults its pages in anew), as vLLM keeps its own
+        cache. A pool whose blocks are in use by then keeps them."""
+        timer = threading.Timer(self.pool_idle_s, self._trim_if_idle)
+        timer.daemon = True
+        with self._lock:
+            if self._trim is not None:
+                self._trim.cancel()
+            self._trim = timer
+        timer.start()
+
+    def _trim_if_idle(self) -> None:
+        with self._lock:
+            idle = not self._sessions
         if idle:
             trim_pools()
 
