@@ -271,14 +271,12 @@ def _attend_prefill(e: ParticipantRows, layer: int, query, key, value, output, s
         rows = None if kept is None else torch.cat([torch.arange(prefix, device=kept.device), prefix + kept])
         state.prompt_kv[n, layer] = (gather_tokens(own[0], rows).clone(), gather_tokens(own[1], rows).clone())
     foreign = state.foreign(n, layer, True, fetch)
-    if on_kernel and chain is not None:  # the foreign K/V fetched (checked, counted) are the chain's rows
-        if buffered:
-            state.keep_for_decode(n, layer, chain)
-        return chain if foreign or whole else None
     # Only the segment's rows change (the prefix precedes every foreign token and keeps all of itself).
     if on_kernel and (foreign or whole or buffered):
-        held = PagedKeys(pool_for(own[0], *paging))
-        held.append((own[0][:prefix], own[1][:prefix]), *foreign, (own[0][prefix:], own[1][prefix:]))
+        held = chain  # its first rows: the foreign K/V fetched above (checked, counted), exactly
+        if held is None:
+            held = PagedKeys(pool_for(own[0], *paging))
+            held.append((own[0][:prefix], own[1][:prefix]), *foreign, (own[0][prefix:], own[1][prefix:]))
         if buffered:
             state.keep_for_decode(n, layer, held)
         return held if foreign or whole else None
